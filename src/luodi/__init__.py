@@ -1,0 +1,66 @@
+"""luodi: take a trained model into a product on any hardware.
+
+One Session API over many inference engines, an offline compiler to a self-contained .luodi package,
+and accuracy verified against a float reference. Engines are imported only when used.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .backends import Availability, Backend, Engine, backend_names, get_backend  # noqa: E402
+from .compiler import compile  # noqa: E402
+from .errors import (  # noqa: E402
+    BackendError,
+    BackendNotFoundError,
+    BackendUnavailableError,
+    CompileError,
+    DTypeError,
+    InputError,
+    IntegrityError,
+    LuodiError,
+    MissingExtraError,
+    MissingInputError,
+    ModelError,
+    PackageError,
+    PipelineError,
+    ShapeError,
+    StateError,
+    UnknownTensorError,
+    UnsupportedOpError,
+    VerificationError,
+)
+from .package import Package  # noqa: E402
+from .session import Session  # noqa: E402
+from .tensor import TensorSpec  # noqa: E402
+
+__all__ = [
+    "Availability",
+    "Backend",
+    "BackendError",
+    "BackendNotFoundError",
+    "BackendUnavailableError",
+    "CompileError",
+    "DTypeError",
+    "Engine",
+    "InputError",
+    "IntegrityError",
+    "LuodiError",
+    "MissingExtraError",
+    "MissingInputError",
+    "ModelError",
+    "Package",
+    "PackageError",
+    "PipelineError",
+    "Session",
+    "ShapeError",
+    "StateError",
+    "TensorSpec",
+    "UnknownTensorError",
+    "UnsupportedOpError",
+    "VerificationError",
+    "__version__",
+    "backend_names",
+    "compile",
+    "get_backend",
+]

@@ -1,0 +1,83 @@
+"""The backend registry: every ``luodi/backends/<name>.py`` file, plus the ``luodi.backends`` entry points.
+
+A backend is found by name; its engine library is imported only when the backend is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from importlib.metadata import entry_points
+from typing import Any
+
+from ..errors import BackendError, BackendNotFoundError
+from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
+
+__all__ = [
+    "Artifact",
+    "Availability",
+    "Backend",
+    "CompileOptions",
+    "Engine",
+    "LoadOptions",
+    "get_backend",
+    "backend_names",
+]
+
+ENTRY_POINT_GROUP = "luodi.backends"
+_NOT_BACKENDS = {"base"}
+_cache: dict[str, Backend] = {}
+
+
+def _builtin_names() -> list[str]:
+    return sorted(
+        m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_BACKENDS and not m.name.startswith("_")
+    )
+
+
+def _plugins() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def backend_names() -> list[str]:
+    """Every known backend name: built-in files first, then plugins."""
+    names = _builtin_names()
+    return names + sorted(n for n in _plugins() if n not in names)
+
+
+def _backend_class_in(module: Any) -> type[Backend]:
+    found = [
+        v
+        for v in vars(module).values()
+        if isinstance(v, type) and issubclass(v, Backend) and v is not Backend and v.__module__ == module.__name__
+    ]
+    if len(found) != 1:
+        raise BackendError(f"module {module.__name__} must define exactly one Backend subclass, found {len(found)}")
+    return found[0]
+
+
+def get_backend(name: str) -> Backend:
+    """The Backend called ``name``; raises BackendNotFoundError listing the known names."""
+    if name in _cache:
+        return _cache[name]
+    if name in _builtin_names():
+        cls = _backend_class_in(importlib.import_module(f"{__name__}.{name}"))
+    else:
+        ep = _plugins().get(name)
+        if ep is None:
+            raise BackendNotFoundError(
+                f"no backend named '{name}'; known backends: {', '.join(backend_names())}. "
+                "Run `luodi backends` to see which can run here."
+            )
+        try:
+            obj = ep.load()
+        except Exception as exc:  # a broken plugin must not take luodi down with a raw traceback
+            raise BackendError(f"plugin backend '{name}' ({ep.value}) failed to load: {exc}") from exc
+        cls = obj if isinstance(obj, type) else _backend_class_in(obj)
+        if not issubclass(cls, Backend):
+            raise BackendError(f"plugin backend '{name}' ({ep.value}) is not a luodi Backend subclass")
+    backend = cls()
+    if getattr(cls, "name", None) != name:
+        raise BackendError(f"backend class {cls.__qualname__} is registered as '{name}' but names itself '{getattr(cls, 'name', None)}'")
+    _cache[name] = backend
+    return backend

@@ -1,0 +1,153 @@
+"""The contract between luodi and an inference engine: Backend (available/compile/load) and Engine.
+
+A backend module imports its engine library lazily, inside these methods; nothing here imports one.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, StateError, UnknownTensorError
+from ..tensor import TensorSpec
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run on this host, and if not, why and what to do."""
+
+    ok: bool
+    reason: str = ""
+    install: str = ""
+    devices: tuple[str, ...] = ()
+    precisions: tuple[str, ...] = ()
+    version: str = ""
+
+
+@dataclass
+class Artifact:
+    """What a backend's compile() produces: engine files (name -> bytes) and engine options.
+
+    The package stores ``files`` under ``targets/<backend>-<precision>/`` and ``options`` in the
+    manifest; load() gets the same Artifact back.
+    """
+
+    backend: str
+    precision: str
+    files: dict[str, bytes] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        return f"{self.backend}-{self.precision}"
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    precision: str = "fp32"
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    device: str = "cpu"
+    threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine:
+    """A loaded model on one engine. Subclasses implement ``run``; the six verbs come with it.
+
+    ``run`` must be safe to call from several threads at once unless ``thread_safe`` is False,
+    in which case the Session serialises calls with a lock.
+    """
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    thread_safe: ClassVar[bool] = True
+
+    def __init__(self, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+        self._bound: dict[str, np.ndarray] = {}
+        self._results: dict[str, np.ndarray] = {}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def reshape(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Prepare for these input shapes. Engines with dynamic shapes need do nothing."""
+
+    def set_tensor(self, name: str, array: np.ndarray) -> None:
+        self._bound[name] = array
+
+    def forward(self) -> None:
+        self._results = self.run(self._bound)
+
+    def get_tensor(self, name: str) -> np.ndarray:
+        if name in self._results:
+            return self._results[name]
+        if name in self._bound:
+            return self._bound[name]
+        if any(o.name == name for o in self.outputs):
+            raise StateError(f"output '{name}' has no value yet: call forward() first")
+        raise UnknownTensorError(f"no tensor named '{name}'")
+
+    def close(self) -> None:
+        self._bound.clear()
+        self._results.clear()
+
+
+class Backend:
+    """One inference engine. Subclasses live in ``luodi/backends/<name>.py`` or in a plugin."""
+
+    name: ClassVar[str]
+    precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    extra: ClassVar[str | None] = None
+    """The pip extra that installs the engine, e.g. "openvino" for ``luodi[openvino]``."""
+    module: ClassVar[str | None] = None
+    """The engine's Python module, imported lazily to tell availability."""
+
+    def available(self) -> Availability:
+        if self.module is None:
+            return Availability(True, devices=self.devices, precisions=self.precisions)
+        try:
+            mod = importlib.import_module(self.module)
+        except ImportError as exc:
+            return Availability(
+                False,
+                reason=f"{self.module} is not installed ({exc.msg})",
+                install=self.install_hint(),
+                precisions=self.precisions,
+            )
+        return Availability(
+            True,
+            devices=self.devices,
+            precisions=self.precisions,
+            version=str(getattr(mod, "__version__", "")),
+        )
+
+    def install_hint(self) -> str:
+        return f"pip install 'luodi[{self.extra}]'" if self.extra else ""
+
+    def require(self) -> Any:
+        """Import and return the engine module, or raise BackendUnavailableError saying why."""
+        avail = self.available()
+        if not avail.ok:
+            hint = f"; install it with: {avail.install}" if avail.install else ""
+            raise BackendUnavailableError(f"backend '{self.name}' cannot run here: {avail.reason}{hint}")
+        return importlib.import_module(self.module) if self.module else None
+
+    def compile(self, model: Any, options: CompileOptions) -> Artifact:
+        raise NotImplementedError
+
+    def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.name}>"

@@ -1,0 +1,192 @@
+"""ONNX Runtime: CPU, and the CUDA / TensorRT execution providers behind device="cuda".
+
+Compile saves the graph after ORT's portable (basic) optimisations; it never picks a device.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, CompileError, ModelError, UnsupportedOpError
+from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
+
+_NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'")
+
+
+def _raise_engine_error(exc: Exception, backend: str) -> None:
+    msg = str(exc)
+    m = _NO_KERNEL.search(msg)
+    if m:
+        op, version, node = m.groups()
+        raise UnsupportedOpError(
+            f"{backend} cannot run operator {op} (opset {version}) at node '{node}'; "
+            "try another target or replace the operator before export"
+        ) from exc
+    raise CompileError(f"{backend} could not build the model: {msg.strip().splitlines()[-1][:500]}") from exc
+
+
+class _CudaStream:
+    """A CUDA stream owned by one session, so two sessions on one GPU do not serialise."""
+
+    def __init__(self, device_id: int) -> None:
+        self._lib = self._cudart()
+        self._lib.cudaSetDevice(device_id)
+        handle = ctypes.c_void_p()
+        rc = self._lib.cudaStreamCreateWithFlags(ctypes.byref(handle), 1)  # cudaStreamNonBlocking
+        if rc != 0:
+            raise BackendUnavailableError(f"cudaStreamCreateWithFlags failed with CUDA error {rc}")
+        self.handle = handle
+
+    @staticmethod
+    def _cudart() -> ctypes.CDLL:
+        candidates = [ctypes.util.find_library("cudart")]
+        try:
+            import nvidia.cuda_runtime  # type: ignore[import-not-found]
+
+            lib_dir = Path(next(iter(nvidia.cuda_runtime.__path__))) / "lib"
+            candidates += [str(p) for p in sorted(lib_dir.glob("libcudart.so*"))]
+        except ImportError:
+            pass
+        for c in filter(None, candidates):
+            try:
+                return ctypes.CDLL(c)
+            except OSError:
+                continue
+        raise BackendUnavailableError(
+            "device='cuda' needs the CUDA runtime (libcudart); install it with: pip install 'luodi[cuda]'"
+        )
+
+    def close(self) -> None:
+        if self.handle:
+            self._lib.cudaStreamDestroy(self.handle)
+            self.handle = ctypes.c_void_p()
+
+
+class OnnxRuntimeEngine(Engine):
+    def __init__(self, session: Any, stream: _CudaStream | None) -> None:
+        inputs, outputs = _specs_of_session(session)
+        super().__init__(inputs, outputs)
+        self._sess = session
+        self._out_names = [o.name for o in outputs]
+        self._stream = stream
+        self.providers = session.get_providers()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self._out_names, self._sess.run(self._out_names, feeds)))
+
+    def close(self) -> None:
+        super().close()
+        self._sess = None
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+
+def _specs_of_session(session: Any) -> tuple[list, list]:
+    from ..tensor import TensorSpec
+
+    def conv(arg: Any) -> TensorSpec:
+        t = arg.type  # e.g. "tensor(float)"
+        dtype = {"float": "float32", "double": "float64", "float16": "float16"}.get(
+            t[7:-1], t[7:-1]
+        )
+        shape = tuple(d if isinstance(d, int) else (d or None) for d in arg.shape)
+        return TensorSpec(arg.name, dtype, shape)
+
+    return [conv(a) for a in session.get_inputs()], [conv(a) for a in session.get_outputs()]
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    precisions = ("fp32",)
+    module = "onnxruntime"
+    extra = None  # part of the default install
+
+    def available(self) -> Availability:
+        base = super().available()
+        if not base.ok:
+            return base
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+        devices = ["cpu"]
+        if "CUDAExecutionProvider" in providers:
+            devices.append("cuda")
+        if "TensorrtExecutionProvider" in providers:
+            devices.append("tensorrt")
+        return Availability(True, devices=tuple(devices), precisions=self.precisions, version=ort.__version__)
+
+    def compile(self, model: Any, options: CompileOptions) -> Artifact:
+        ort = self.require()
+        if options.precision not in self.precisions:
+            raise CompileError(
+                f"{self.name} has no precision '{options.precision}'; choose one of {list(self.precisions)}"
+            )
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.log_severity_level = 3
+        with tempfile.TemporaryDirectory(prefix="luodi-ort-") as tmp:
+            out = os.path.join(tmp, "model.onnx")
+            so.optimized_model_filepath = out
+            try:
+                ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # ORT raises its own exception types; translate them
+                _raise_engine_error(exc, self.name)
+            data = Path(out).read_bytes()
+        return Artifact(self.name, options.precision, {"model.onnx": data}, {"optimization": "basic"})
+
+    def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
+        ort = self.require()
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if options.threads:
+            so.intra_op_num_threads = options.threads
+        # The artifact already holds the portable optimisations; the rest are hardware-specific.
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers, stream = self._providers(options)
+        try:
+            sess = ort.InferenceSession(artifact.files["model.onnx"], so, providers=providers)
+        except KeyError:
+            raise ModelError(f"{artifact.target} artifact has no model.onnx") from None
+        except Exception as exc:
+            if stream is not None:
+                stream.close()
+            _raise_engine_error(exc, self.name)
+        return OnnxRuntimeEngine(sess, stream)
+
+    def _providers(self, options: LoadOptions) -> tuple[list[Any], _CudaStream | None]:
+        device = options.device
+        if device == "cpu":
+            return ["CPUExecutionProvider"], None
+        kind, _, index = device.partition(":")
+        if kind not in ("cuda", "tensorrt"):
+            raise BackendUnavailableError(
+                f"{self.name} has no device '{device}'; choose 'cpu', 'cuda[:N]' or 'tensorrt[:N]'"
+            )
+        avail = self.available()
+        if kind not in avail.devices:
+            raise BackendUnavailableError(
+                f"device '{device}' needs onnxruntime with the {kind.upper()} execution provider "
+                f"(this onnxruntime has devices {list(avail.devices)}); install it with: pip install 'luodi[cuda]'"
+            )
+        device_id = int(index or 0)
+        stream = _CudaStream(device_id)
+        cuda = {
+            "device_id": device_id,
+            "has_user_compute_stream": "1",
+            "user_compute_stream": str(stream.handle.value),
+        }
+        providers: list[Any] = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+        if kind == "tensorrt" or options.extra.get("tensorrt"):
+            trt = {"device_id": device_id, "has_user_compute_stream": "1", "user_compute_stream": str(stream.handle.value)}
+            providers.insert(0, ("TensorrtExecutionProvider", trt))
+        return providers, stream
+

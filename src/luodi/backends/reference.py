@@ -1,0 +1,62 @@
+"""The float reference: onnx.reference.ReferenceEvaluator, op by op in numpy, slow and exact.
+
+Verification compares every compiled target against this backend; it must stay simple and faithful.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import CompileError, ModelError, UnsupportedOpError
+from ..tensor import specs_from_onnx
+from .base import Artifact, Backend, CompileOptions, Engine, LoadOptions
+
+
+class ReferenceEngine(Engine):
+    # ReferenceEvaluator keeps per-node state objects; serialise calls to be safe.
+    thread_safe = False
+
+    def __init__(self, model: Any) -> None:
+        from onnx.reference import ReferenceEvaluator
+
+        inputs, outputs = specs_from_onnx(model)
+        super().__init__(inputs, outputs)
+        try:
+            self._ev = ReferenceEvaluator(model)
+        except Exception as exc:  # the evaluator reports missing ops as plain exceptions
+            _translate(exc)
+        self._out_names = [o.name for o in outputs]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self._ev.run(self._out_names, feeds)
+        return {n: np.asarray(r) for n, r in zip(self._out_names, results)}
+
+
+def _translate(exc: Exception) -> None:
+    msg = str(exc)
+    if "No implementation" in msg or "not implemented" in msg.lower():
+        raise UnsupportedOpError(f"the reference evaluator cannot run this model: {msg}") from exc
+    raise CompileError(f"the reference evaluator could not load the model: {msg}") from exc
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    precisions = ("fp32",)
+    module = "onnx"
+
+    def compile(self, model: Any, options: CompileOptions) -> Artifact:
+        if options.precision != "fp32":
+            raise CompileError(f"reference runs fp32 only, not '{options.precision}'")
+        ReferenceEngine(model)  # fail at compile time, not at first forward
+        # The same bytes as the canonical model.onnx: the package stores them once.
+        return Artifact(self.name, "fp32", {"model.onnx": model.SerializeToString()})
+
+    def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
+        import onnx
+
+        data = artifact.files.get("model.onnx")
+        if data is None:
+            raise ModelError("reference artifact has no model.onnx")
+        return ReferenceEngine(onnx.load_model_from_string(data))

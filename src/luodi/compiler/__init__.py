@@ -1,0 +1,176 @@
+"""The offline compiler: source model -> canonical graph -> one artifact per target -> verified package.
+
+It runs on the host and may use heavy libraries; what it writes must run with numpy + one engine.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import platform
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..backends import CompileOptions, LoadOptions, get_backend
+from ..backends.base import Artifact
+from ..errors import CompileError, LuodiError, VerificationError
+from ..frontends import SourceModel, load_model
+from ..package import FORMAT, SCHEMA_VERSION, Package, write_package
+from ..package.archive import MODEL, target_dir
+from ..tensor import specs_from_onnx
+from ..verify import compare, sample_inputs, verification_record
+
+Log = Callable[[str], None]
+
+
+def parse_target(spec: str) -> tuple[str, str]:
+    """``"onnxruntime"`` -> ("onnxruntime", "fp32"); ``"openvino:bf16"`` -> ("openvino", "bf16")."""
+    backend, _, precision = spec.partition(":")
+    if not backend:
+        raise CompileError(f"empty target in '{spec}'; write BACKEND or BACKEND:PRECISION, e.g. onnxruntime:fp32")
+    return backend, precision or "fp32"
+
+
+def compile(  # noqa: A001 - the field's word for it
+    model: Any,
+    output: str | os.PathLike[str],
+    targets: Iterable[str] = ("onnxruntime",),
+    *,
+    name: str | None = None,
+    samples: Sequence[dict[str, np.ndarray]] | None = None,
+    verify: bool = True,
+    strict: bool = False,
+    log: Log | None = None,
+) -> Package:
+    """Compile ``model`` for every target and write a verified .luodi package to ``output``.
+
+    ``model`` is a path to an .onnx file, ``"zoo:<name>"``, an ``onnx.ModelProto`` or a
+    ``SourceModel``. Each target is ``BACKEND`` or ``BACKEND:PRECISION``. With ``verify`` every
+    target runs the sample inputs and is compared with the ``reference`` backend; the results are
+    stored in the manifest. With ``strict`` a target outside its tolerance aborts the compile and
+    nothing is written.
+    """
+    say = log or (lambda _msg: None)
+    src = load_model(model, name=name)
+    wanted = [parse_target(t) for t in targets]
+    if not wanted:
+        raise CompileError("no targets given; add at least one, e.g. --target onnxruntime")
+    if len(set(wanted)) != len(wanted):
+        raise CompileError(f"a target is listed twice in {list(targets)}")
+    backends = {b: get_backend(b) for b, _ in wanted}
+    for b in backends.values():
+        b.require()  # every engine must be here before any work is done
+
+    inputs, outputs = specs_from_onnx(src.model)
+    model_bytes = src.model.SerializeToString()
+    members: dict[str, bytes] = {MODEL: model_bytes}
+    by_sha = {hashlib.sha256(model_bytes).hexdigest(): MODEL}
+
+    feeds = list(samples) if samples is not None else _samples_for(src, inputs)
+    reference_outputs: list[dict[str, np.ndarray]] | None = None
+    if verify:
+        say(f"running the reference on {len(feeds)} sample input(s)")
+        reference_outputs = _reference_outputs(src.model, feeds)
+
+    target_entries = []
+    for backend_name, precision in wanted:
+        say(f"compiling {backend_name}:{precision}")
+        backend = backends[backend_name]
+        artifact = backend.compile(src.model, CompileOptions(precision=precision))
+        files = {}
+        for rel, data in artifact.files.items():
+            digest = hashlib.sha256(data).hexdigest()
+            member = by_sha.get(digest) or f"{target_dir(backend_name, precision)}/{rel}"
+            by_sha.setdefault(digest, member)
+            members.setdefault(member, data)
+            files[rel] = member
+        entry: dict[str, Any] = {
+            "backend": backend_name,
+            "precision": precision,
+            "files": files,
+            "options": artifact.options,
+            "engine_version": backend.available().version,
+        }
+        if reference_outputs is not None:
+            say(f"verifying {backend_name}:{precision} against reference")
+            record = _verify(backend, artifact, feeds, reference_outputs, precision)
+            entry["verification"] = record
+            if strict and not record["passed"]:
+                worst = max(record["outputs"].items(), key=lambda kv: kv[1]["max_abs"])
+                raise VerificationError(
+                    f"target {backend_name}:{precision} is outside its tolerance on output '{worst[0]}' "
+                    f"(max abs error {worst[1]['max_abs']:.3g}, cosine {worst[1]['cosine']:.6f}); "
+                    "nothing was written. Drop --strict to keep it with the failure recorded."
+                )
+        target_entries.append(entry)
+
+    manifest = {
+        "format": FORMAT,
+        "schema": SCHEMA_VERSION,
+        "name": src.name,
+        "version": src.version,
+        "description": src.description,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "inputs": [s.to_dict() for s in inputs],
+        "outputs": [s.to_dict() for s in outputs],
+        "pipeline": src.pipeline,
+        "targets": target_entries,
+        "toolchain": _toolchain(backends),
+    }
+    path = write_package(output, manifest, members)
+    say(f"wrote {path}")
+    return Package(path)
+
+
+def _samples_for(src: SourceModel, inputs: list) -> list[dict[str, np.ndarray]]:
+    if src.samples and src.pipeline:
+        from ..pipeline import Pipeline
+
+        pipe = Pipeline.from_spec(src.pipeline, inputs)
+        return [pipe.preprocess(raw)[0] for raw in src.samples]
+    return sample_inputs(inputs, count=2)
+
+
+def _reference_outputs(model: Any, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    ref = get_backend("reference")
+    engine = ref.load(ref.compile(model, CompileOptions()), LoadOptions())
+    try:
+        return [engine.run(f) for f in feeds]
+    finally:
+        engine.close()
+
+
+def _verify(
+    backend: Any,
+    artifact: Artifact,
+    feeds: list[dict[str, np.ndarray]],
+    reference_outputs: list[dict[str, np.ndarray]],
+    precision: str,
+) -> dict[str, Any]:
+    try:
+        engine = backend.load(artifact, LoadOptions())
+    except LuodiError as exc:
+        return {"against": "reference", "passed": False, "error": str(exc)}
+    try:
+        got = [engine.run(f) for f in feeds]
+    except Exception as exc:  # an engine failing at run time is a verification result, not a crash
+        return {"against": "reference", "passed": False, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        engine.close()
+    return verification_record(precision, compare(reference_outputs, got), len(feeds))
+
+
+def _toolchain(backends: dict[str, Any]) -> dict[str, str]:
+    import onnx
+
+    versions = {"luodi": __version__, "python": platform.python_version(), "onnx": onnx.__version__}
+    for name, b in backends.items():
+        versions[name] = b.available().version
+    return versions
+
+
+__all__ = ["compile", "parse_target"]

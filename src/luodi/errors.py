@@ -1,0 +1,81 @@
+"""Every failure a user can cause, as a LuodiError subclass whose message says what to do.
+
+Only exception classes live here; raising sites build the message, because they know the context.
+"""
+
+from __future__ import annotations
+
+
+class LuodiError(Exception):
+    """Base class of every error luodi raises on purpose."""
+
+
+class InputError(LuodiError, ValueError):
+    """A tensor given to a session does not fit the model."""
+
+
+class UnknownTensorError(InputError, KeyError):
+    """A tensor name that the model does not have."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ShapeError(InputError):
+    """A tensor whose shape does not match the model's input."""
+
+
+class DTypeError(InputError, TypeError):
+    """A tensor whose element type does not match the model's input."""
+
+
+class MissingInputError(InputError):
+    """forward() was called before every input was set."""
+
+
+class StateError(LuodiError, RuntimeError):
+    """A call made in the wrong order, e.g. get_tensor on an output before forward()."""
+
+
+class ModelError(LuodiError):
+    """The model file or graph given to luodi is not a valid model."""
+
+
+class PackageError(LuodiError):
+    """A .luodi package is corrupt, truncated, or not a luodi package at all."""
+
+
+class IntegrityError(PackageError):
+    """A package member does not match the checksum its manifest pins."""
+
+
+class BackendError(LuodiError):
+    """Something about an inference engine: not known, not installed, or it failed."""
+
+
+class BackendNotFoundError(BackendError):
+    """No backend of that name is registered."""
+
+
+class BackendUnavailableError(BackendError):
+    """The backend is known but cannot run here (engine not installed, no device)."""
+
+
+class UnsupportedOpError(BackendError):
+    """The engine cannot run one of the model's operators."""
+
+
+class CompileError(LuodiError):
+    """Compiling a target failed."""
+
+
+class VerificationError(CompileError):
+    """A compiled target's outputs are further from the reference than its tolerance."""
+
+
+class PipelineError(LuodiError):
+    """A pre/post-processing step could not handle its input or its spec."""
+
+
+class MissingExtraError(LuodiError, ImportError):
+    """A feature needs a Python package that is not installed; the message names the luodi extra."""

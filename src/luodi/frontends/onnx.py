@@ -1,0 +1,84 @@
+"""ONNX frontend: load and validate an ONNX model (file, bytes or ModelProto), infer shapes.
+
+Every failure here is a ModelError that names the file and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+
+
+@dataclass
+class SourceModel:
+    """A canonical float graph plus what travels with it into a package."""
+
+    model: Any  # onnx.ModelProto
+    name: str
+    pipeline: dict[str, Any] | None = None
+    version: str = "1"
+    description: str = ""
+    samples: list[Any] = field(default_factory=list)
+    """Raw inputs (e.g. image paths) that the pipeline turns into realistic verification inputs."""
+
+
+def load_model(src: Any, name: str | None = None) -> SourceModel:
+    """Load ``src`` (path to .onnx, ``zoo:<name>``, bytes, ModelProto or SourceModel) and check it."""
+    import onnx
+
+    if isinstance(src, SourceModel):
+        out = src
+    elif isinstance(src, str) and src.startswith("zoo:"):
+        from .. import zoo
+
+        out = zoo.get(src[4:])
+    elif isinstance(src, onnx.ModelProto):
+        out = SourceModel(src, name or (src.graph.name or "model"))
+    elif isinstance(src, bytes):
+        out = SourceModel(_parse(src, "<bytes>"), name or "model")
+    elif isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if not path.is_file():
+            raise ModelError(f"{path}: no such model file")
+        if path.suffix == ".luodi":
+            raise ModelError(f"{path} is already a luodi package; open it with luodi.Session or `luodi info`")
+        out = SourceModel(_parse(path.read_bytes(), str(path)), name or path.stem)
+    else:
+        raise ModelError(
+            f"cannot compile a {type(src).__name__}; give a path to an .onnx file, "
+            "an onnx.ModelProto, or 'zoo:<name>' (see `luodi zoo`)"
+        )
+    if name:
+        out.name = name
+    out.model = _check(out.model, out.name)
+    return out
+
+
+def _parse(data: bytes, where: str) -> Any:
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf DecodeError
+        raise ModelError(f"{where} is not an ONNX model ({exc.__class__.__name__}: {exc})") from exc
+    if not model.graph.node and not model.graph.output:
+        raise ModelError(f"{where} is not an ONNX model (it parsed to an empty graph)")
+    return model
+
+
+def _check(model: Any, name: str) -> Any:
+    import onnx
+
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelError(f"model '{name}' is not a valid ONNX graph: {first}") from exc
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=True)
+    except Exception as exc:  # shape inference errors are InferenceError in recent onnx
+        raise ModelError(f"model '{name}' fails ONNX shape inference: {exc}") from exc

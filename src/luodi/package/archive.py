@@ -1,0 +1,180 @@
+"""Reading and writing the .luodi zip; raises PackageError for anything that is not a sound package.
+
+It knows the file layout and the manifest, never how an engine uses the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from ..backends.base import Artifact
+from ..errors import IntegrityError, PackageError
+from ..tensor import TensorSpec
+
+FORMAT = "luodi"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL = "model.onnx"
+# Members at least this big are stored, not deflated: weights barely compress and load faster raw.
+_STORE_ABOVE = 1 << 20
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def target_dir(backend: str, precision: str) -> str:
+    return f"targets/{backend}-{precision}"
+
+
+def write_package(path: str | os.PathLike[str], manifest: dict[str, Any], members: dict[str, bytes]) -> Path:
+    """Write ``members`` and the manifest (with every member's sha256 pinned) to ``path`` atomically.
+
+    The zip is written to a temporary file in the destination folder and renamed over ``path`` only
+    when complete, so an interrupted write never leaves a file at the destination.
+    """
+    dest = Path(path)
+    if dest.is_dir():
+        raise PackageError(f"{dest} is a folder; give a file name such as {dest / 'model.luodi'}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    manifest = dict(manifest)
+    manifest["files"] = {name: {"sha256": sha256(data), "size": len(data)} for name, data in sorted(members.items())}
+    blob = json.dumps(manifest, indent=2, sort_keys=False).encode()
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w") as zf:
+            zf.writestr(MANIFEST, blob, compress_type=zipfile.ZIP_DEFLATED)
+            for name, data in sorted(members.items()):
+                method = zipfile.ZIP_STORED if len(data) >= _STORE_ABOVE else zipfile.ZIP_DEFLATED
+                zf.writestr(name, data, compress_type=method)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+class Package:
+    """An opened .luodi file. Members are read on demand and checked against the manifest."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.manifest = self._read_manifest()
+        self._specs_in = [TensorSpec.from_dict(d) for d in self.manifest["inputs"]]
+        self._specs_out = [TensorSpec.from_dict(d) for d in self.manifest["outputs"]]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Package:
+        return cls(path)
+
+    # -- reading ---------------------------------------------------------------------------
+    def _zip(self) -> zipfile.ZipFile:
+        if not self.path.exists():
+            raise PackageError(f"{self.path}: no such file")
+        if self.path.is_dir():
+            raise PackageError(f"{self.path} is a folder, not a .luodi package")
+        try:
+            return zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            raise PackageError(
+                f"{self.path} is not a luodi package (not a readable zip: {exc}); "
+                "it may be truncated or corrupt: compile it again with `luodi compile`"
+            ) from exc
+
+    def _read_manifest(self) -> dict[str, Any]:
+        with self._zip() as zf:
+            names = set(zf.namelist())
+            if MANIFEST not in names:
+                raise PackageError(f"{self.path} is a zip file but not a luodi package: it has no {MANIFEST}")
+            try:
+                manifest = json.loads(zf.read(MANIFEST))
+            except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
+                raise PackageError(f"{self.path}: {MANIFEST} is unreadable ({exc}); the package is corrupt") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise PackageError(f"{self.path}: {MANIFEST} is not a luodi manifest")
+        schema = manifest.get("schema")
+        if not isinstance(schema, int) or schema > SCHEMA_VERSION:
+            raise PackageError(
+                f"{self.path} uses package schema {schema}, this luodi reads up to {SCHEMA_VERSION}: upgrade luodi"
+            )
+        for key in ("inputs", "outputs", "targets", "files"):
+            if key not in manifest:
+                raise PackageError(f"{self.path}: manifest has no '{key}'; the package is corrupt")
+        missing = sorted(set(manifest["files"]) - names)
+        if missing:
+            raise PackageError(f"{self.path} is missing members {missing}; the package is corrupt")
+        return manifest
+
+    def read(self, name: str) -> bytes:
+        """The bytes of member ``name``, checked against the sha256 pinned in the manifest."""
+        pinned = self.manifest["files"].get(name)
+        if pinned is None:
+            raise PackageError(f"{self.path} has no member '{name}'")
+        with self._zip() as zf:
+            try:
+                data = zf.read(name)
+            except (zipfile.BadZipFile, OSError, EOFError, KeyError) as exc:
+                raise PackageError(f"{self.path}: member '{name}' is unreadable ({exc}); the package is corrupt") from exc
+        if sha256(data) != pinned["sha256"]:
+            raise IntegrityError(
+                f"{self.path}: member '{name}' does not match its sha256 in the manifest; "
+                "the package was modified or damaged: do not use it, compile it again"
+            )
+        return data
+
+    # -- views -----------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("name", self.path.stem))
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return list(self._specs_in)
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return list(self._specs_out)
+
+    @property
+    def targets(self) -> list[dict[str, Any]]:
+        return list(self.manifest["targets"])
+
+    @property
+    def pipeline(self) -> dict[str, Any] | None:
+        return self.manifest.get("pipeline")
+
+    def model_bytes(self) -> bytes:
+        return self.read(MODEL)
+
+    def model(self) -> Any:
+        import onnx
+
+        try:
+            return onnx.load_model_from_string(self.model_bytes())
+        except Exception as exc:  # protobuf DecodeError and friends
+            raise PackageError(f"{self.path}: {MODEL} is not a valid ONNX model ({exc})") from exc
+
+    def find_target(self, backend: str, precision: str | None = None) -> dict[str, Any]:
+        for t in self.manifest["targets"]:
+            if t["backend"] == backend and (precision is None or t["precision"] == precision):
+                return t
+        have = ", ".join(f"{t['backend']}:{t['precision']}" for t in self.manifest["targets"]) or "none"
+        want = f"{backend}:{precision}" if precision else backend
+        raise PackageError(
+            f"{self.path} has no target {want} (it has: {have}); "
+            f"add it with `luodi compile MODEL -o {self.path.name} --target {want}`"
+        )
+
+    def artifact(self, target: dict[str, Any]) -> Artifact:
+        files = {rel: self.read(member) for rel, member in target["files"].items()}
+        return Artifact(target["backend"], target["precision"], files, dict(target.get("options", {})))
+
+    def __repr__(self) -> str:
+        ts = ", ".join(f"{t['backend']}:{t['precision']}" for t in self.targets)
+        return f"<Package {self.name} targets=[{ts}] at {self.path}>"

@@ -1,0 +1,9 @@
+"""Pre- and post-processing that travels inside the package as a declarative spec.
+
+A spec is plain JSON data (a list of ops before and after the model); ops are small, one job each.
+"""
+
+from .spec import Pipeline, register_op
+from .classify import Prediction
+
+__all__ = ["Pipeline", "Prediction", "register_op"]

@@ -1,0 +1,274 @@
+"""Session: the six verbs of a deployment SDK (init, prepare, set_tensor, get_tensor, forward, close).
+
+It validates tensors at the boundary and delegates to one Engine; it never reaches into an engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends import LoadOptions, get_backend
+from .backends.base import Artifact, CompileOptions, Engine
+from .errors import (
+    BackendUnavailableError,
+    LuodiError,
+    MissingInputError,
+    PipelineError,
+    ShapeError,
+    StateError,
+    UnknownTensorError,
+)
+from .package import Package
+from .tensor import TensorSpec
+
+log = logging.getLogger("luodi")
+
+
+class Session:
+    """A model loaded on one engine, ready to run.
+
+    ``model`` is a .luodi package (path or :class:`Package`), or an ONNX model (path or
+    ``onnx.ModelProto``) which is compiled in memory for ``backend``. ``backend="auto"`` picks the
+    first target in the package that runs on this host and passed verification.
+
+    Thread safety: tensors bound with :meth:`set_tensor` and results of :meth:`forward` are kept
+    per thread, so several threads may share one session; engines whose run is not reentrant are
+    serialised by a lock (``Engine.thread_safe``).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        backend: str = "auto",
+        device: str = "cpu",
+        *,
+        precision: str | None = None,
+        threads: int | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        self.device = device
+        self.package: Package | None = None
+        self._closed = False
+        load_options = LoadOptions(device=device, threads=threads, extra=dict(options or {}))
+        if isinstance(model, Package) or _is_package_path(model):
+            self.package = model if isinstance(model, Package) else Package(model)
+            target, self.selection = _select_target(self.package, backend, precision, device)
+            self.backend, self.precision = target["backend"], target["precision"]
+            artifact = self.package.artifact(target)
+            self._inputs = self.package.inputs
+            self._outputs = self.package.outputs
+        else:
+            from .frontends import load_model
+            from .tensor import specs_from_onnx
+
+            src = load_model(model)
+            self.backend = "onnxruntime" if backend == "auto" else backend
+            self.precision = precision or "fp32"
+            self.selection = f"{self.backend}: compiled in memory from an ONNX model"
+            artifact = get_backend(self.backend).compile(src.model, CompileOptions(precision=self.precision))
+            self._inputs, self._outputs = specs_from_onnx(src.model)
+        self._engine: Engine = _load(artifact, load_options)
+        self._input_by_name = {s.name: s for s in self._inputs}
+        self._output_names = {s.name for s in self._outputs}
+        self._lock = None if self._engine.thread_safe else threading.Lock()
+        self._local = threading.local()
+        self._pipeline: Any = None
+        log.info("luodi session: %s", self.selection)
+
+    # -- description --------------------------------------------------------------------------
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return list(self._inputs)
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return list(self._outputs)
+
+    @property
+    def pipeline(self) -> Any:
+        """The package's pre/post-processing Pipeline, or None when the package has none."""
+        if self._pipeline is None and self.package is not None and self.package.pipeline:
+            from .pipeline import Pipeline
+
+            self._pipeline = Pipeline.from_spec(self.package.pipeline, self._inputs)
+        return self._pipeline
+
+    # -- the six verbs --------------------------------------------------------------------------
+    def prepare(self, shapes: dict[str, tuple[int, ...]] | None = None) -> Session:
+        """Fix input shapes (symbolic dims default to 1), let the engine allocate, and warm it up."""
+        self._check_open()
+        shapes = dict(shapes or {})
+        for name in shapes:
+            self._spec(name)
+        concrete = {}
+        for spec in self._inputs:
+            shape = tuple(int(d) for d in shapes.get(spec.name, spec.concrete(1)))
+            if len(shape) != len(spec.shape) or any(
+                isinstance(d, int) and d != n for d, n in zip(spec.shape, shape)
+            ):
+                raise ShapeError(f"input '{spec.name}' expects shape {spec.shape_str()}, got {list(shape)}")
+            concrete[spec.name] = shape
+        self._engine.reshape(concrete)
+        self._execute({n: np.zeros(s, dtype=self._input_by_name[n].np_dtype) for n, s in concrete.items()})
+        return self
+
+    def set_tensor(self, name: str, array: Any) -> None:
+        """Bind input ``name`` for the next forward() on this thread."""
+        self._check_open()
+        self._state()[0][name] = self._validated(name, array)
+
+    def forward(self) -> None:
+        """Run the model on the tensors this thread bound with set_tensor()."""
+        self._check_open()
+        bound, _ = self._state()
+        missing = [n for n in self._input_by_name if n not in bound]
+        if missing:
+            raise MissingInputError(f"forward() needs input(s) {missing} set first with set_tensor()")
+        self._local.results = self._execute(bound)
+
+    def get_tensor(self, name: str) -> np.ndarray:
+        """An output of this thread's last forward(), or an input it bound."""
+        self._check_open()
+        bound, results = self._state()
+        if name in results:
+            return results[name]
+        if name in bound:
+            return bound[name]
+        if name in self._output_names:
+            raise StateError(f"output '{name}' has no value yet on this thread: call forward() first")
+        if name in self._input_by_name:
+            raise StateError(f"input '{name}' has not been set on this thread: call set_tensor() first")
+        raise UnknownTensorError(self._unknown(name))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._engine.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- conveniences --------------------------------------------------------------------------
+    def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Validate ``feeds`` (every input, by name) and return every output by name."""
+        if self._closed:
+            raise StateError("this session is closed")
+        checked = {name: self._validated(name, value) for name, value in feeds.items()}
+        if len(checked) != len(self._input_by_name):
+            missing = [n for n in self._input_by_name if n not in checked]
+            raise MissingInputError(f"run() is missing input(s) {missing}")
+        return self._execute(checked)
+
+    def predict(self, raw: Any, **options: Any) -> Any:
+        """Pre-process ``raw`` (e.g. an image path or array), run, post-process, with the package's pipeline."""
+        pipe = self.pipeline
+        if pipe is None:
+            raise PipelineError(
+                "this model has no pre/post-processing pipeline; call run() with tensors, "
+                "or compile a model that carries one (e.g. zoo:efficientnet-lite0)"
+            )
+        feeds, context = pipe.preprocess(raw)
+        return pipe.postprocess(self.run(feeds), context, **options)
+
+    # -- internals -------------------------------------------------------------------------------
+    def _execute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._lock is None:
+            return self._engine.run(feeds)
+        with self._lock:
+            return self._engine.run(feeds)
+
+    def _validated(self, name: str, value: Any) -> np.ndarray:
+        spec = self._input_by_name.get(name)
+        if spec is None:
+            raise UnknownTensorError(self._unknown(name))
+        array = value if isinstance(value, np.ndarray) else np.asarray(value, dtype=spec.np_dtype)
+        spec.check(array)
+        return array
+
+    def _spec(self, name: str) -> TensorSpec:
+        spec = self._input_by_name.get(name)
+        if spec is None:
+            raise UnknownTensorError(self._unknown(name))
+        return spec
+
+    def _unknown(self, name: str) -> str:
+        return (
+            f"the model has no tensor named '{name}'; inputs: {list(self._input_by_name)}, "
+            f"outputs: {sorted(self._output_names)}"
+        )
+
+    def _state(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        local = self._local
+        try:
+            return local.bound, local.results
+        except AttributeError:
+            local.bound, local.results = {}, {}
+            return local.bound, local.results
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StateError("this session is closed")
+
+    def __repr__(self) -> str:
+        return f"<Session {self.backend}:{self.precision} on {self.device}>"
+
+
+def _is_package_path(model: Any) -> bool:
+    if not isinstance(model, (str, os.PathLike)):
+        return False
+    path = Path(model)
+    if path.suffix == ".luodi":
+        return True
+    return path.is_file() and path.suffix != ".onnx" and zipfile.is_zipfile(path)
+
+
+def _select_target(
+    package: Package, backend: str, precision: str | None, device: str
+) -> tuple[dict[str, Any], str]:
+    if backend != "auto":
+        target = package.find_target(backend, precision)
+        return target, f"{backend}:{target['precision']}: asked for by name"
+    reasons = []
+    for target in package.targets:
+        label = f"{target['backend']}:{target['precision']}"
+        if precision is not None and target["precision"] != precision:
+            continue
+        if target["backend"] == "reference":
+            reasons.append(f"{label}: the reference is for verification, chosen only by name")
+            continue
+        ver = target.get("verification")
+        if ver is not None and not ver.get("passed", False):
+            reasons.append(f"{label}: failed verification at compile time")
+            continue
+        try:
+            avail = get_backend(target["backend"]).available()
+        except LuodiError as exc:
+            reasons.append(f"{label}: {exc}")
+            continue
+        if not avail.ok:
+            reasons.append(f"{label}: {avail.reason}")
+            continue
+        if device.partition(":")[0] not in avail.devices:
+            reasons.append(f"{label}: no device '{device}' here")
+            continue
+        skipped = f" (skipped {'; '.join(reasons)})" if reasons else ""
+        return target, f"{label}: first target in the package that runs here{skipped}"
+    raise BackendUnavailableError(
+        f"no target in {package.path} can run here on device '{device}': "
+        + ("; ".join(reasons) or "the package has no targets")
+        + ". Run `luodi backends` to see what is installed."
+    )
+
+
+def _load(artifact: Artifact, options: LoadOptions) -> Engine:
+    return get_backend(artifact.backend).load(artifact, options)

@@ -1,0 +1,134 @@
+"""TensorSpec: what a model input or output is (name, dtype, shape with symbolic dims, quantisation).
+
+It carries dtype as run-time data, never as a type parameter; it must not import any engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import DTypeError, ShapeError
+
+Dim = int | str | None
+"""A dimension: a fixed size, a symbolic name such as "batch", or None when unnamed and free."""
+
+# ONNX TensorProto element types we accept at a model boundary, as numpy dtype names.
+_ONNX_TO_NUMPY = {
+    1: "float32",
+    2: "uint8",
+    3: "int8",
+    4: "uint16",
+    5: "int16",
+    6: "int32",
+    7: "int64",
+    9: "bool",
+    10: "float16",
+    11: "float64",
+    12: "uint32",
+    13: "uint64",
+}
+
+
+def numpy_dtype_of_onnx(elem_type: int) -> str:
+    """Map an ONNX element type to a numpy dtype name."""
+    try:
+        return _ONNX_TO_NUMPY[elem_type]
+    except KeyError:
+        from .errors import ModelError
+
+        raise ModelError(
+            f"ONNX element type {elem_type} is not supported at a model boundary; "
+            f"supported: {sorted(_ONNX_TO_NUMPY.values())}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output.
+
+    ``shape`` holds ints for fixed dims and strings (or None) for symbolic ones.
+    ``scale``/``zero_point`` are set when the tensor is quantised integer data.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+    scale: float | None = None
+    zero_point: int | None = None
+    _np: np.dtype = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_np", np.dtype(self.dtype))
+        object.__setattr__(self, "shape", tuple(self.shape))
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return self._np
+
+    @property
+    def is_dynamic(self) -> bool:
+        return any(not isinstance(d, int) for d in self.shape)
+
+    def shape_str(self) -> str:
+        return "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
+
+    def check(self, array: np.ndarray) -> None:
+        """Raise DTypeError/ShapeError naming this input when ``array`` does not fit it."""
+        if array.dtype != self._np:
+            raise DTypeError(
+                f"input '{self.name}' expects dtype {self.dtype}, got {array.dtype}; "
+                f"convert it first, e.g. array.astype(numpy.{self.dtype})"
+            )
+        shape = self.shape
+        if array.ndim != len(shape) or any(
+            isinstance(d, int) and d != n for d, n in zip(shape, array.shape)
+        ):
+            raise ShapeError(
+                f"input '{self.name}' expects shape {self.shape_str()}, got {list(array.shape)}"
+            )
+
+    def concrete(self, fill: int = 1) -> tuple[int, ...]:
+        """This shape with every symbolic dimension replaced by ``fill``."""
+        return tuple(d if isinstance(d, int) else fill for d in self.shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.scale is not None:
+            d["scale"] = self.scale
+            d["zero_point"] = self.zero_point
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(
+            name=d["name"],
+            dtype=d["dtype"],
+            shape=tuple(d["shape"]),
+            scale=d.get("scale"),
+            zero_point=d.get("zero_point"),
+        )
+
+
+def specs_from_onnx(model: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs (initializers excluded) and outputs of an onnx.ModelProto as TensorSpecs."""
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+
+    def spec(vi: Any) -> TensorSpec:
+        tt = vi.type.tensor_type
+        dims: list[Dim] = []
+        for i, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param") and d.dim_param:
+                dims.append(d.dim_param)
+            else:
+                dims.append(f"{vi.name}_d{i}")
+        return TensorSpec(vi.name, numpy_dtype_of_onnx(tt.elem_type), tuple(dims))
+
+    inputs = [spec(vi) for vi in graph.input if vi.name not in initializers]
+    outputs = [spec(vi) for vi in graph.output]
+    return inputs, outputs
