@@ -110,9 +110,7 @@ class Session:
         concrete = {}
         for spec in self._inputs:
             shape = tuple(int(d) for d in shapes.get(spec.name, spec.concrete(1)))
-            if len(shape) != len(spec.shape) or any(
-                isinstance(d, int) and d != n for d, n in zip(spec.shape, shape)
-            ):
+            if len(shape) != len(spec.shape) or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, shape)):
                 raise ShapeError(f"input '{spec.name}' expects shape {spec.shape_str()}, got {list(shape)}")
             concrete[spec.name] = shape
         self._engine.reshape(concrete)
@@ -232,10 +230,9 @@ def _is_package_path(model: Any) -> bool:
     return path.is_file() and path.suffix != ".onnx" and zipfile.is_zipfile(path)
 
 
-def _select_target(
-    package: Package, backend: str, precision: str | None, device: str
-) -> tuple[dict[str, Any], str]:
+def _select_target(package: Package, backend: str, precision: str | None, device: str) -> tuple[dict[str, Any], str]:
     if backend != "auto":
+        get_backend(backend)  # an unknown name is a BackendNotFoundError listing the known ones
         target = package.find_target(backend, precision)
         return target, f"{backend}:{target['precision']}: asked for by name"
     reasons = []

@@ -83,12 +83,8 @@ class TensorSpec:
                 f"convert it first, e.g. array.astype(numpy.{self.dtype})"
             )
         shape = self.shape
-        if array.ndim != len(shape) or any(
-            isinstance(d, int) and d != n for d, n in zip(shape, array.shape)
-        ):
-            raise ShapeError(
-                f"input '{self.name}' expects shape {self.shape_str()}, got {list(array.shape)}"
-            )
+        if array.ndim != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(shape, array.shape)):
+            raise ShapeError(f"input '{self.name}' expects shape {self.shape_str()}, got {list(array.shape)}")
 
     def concrete(self, fill: int = 1) -> tuple[int, ...]:
         """This shape with every symbolic dimension replaced by ``fill``."""

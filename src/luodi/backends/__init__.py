@@ -76,8 +76,9 @@ def get_backend(name: str) -> Backend:
         cls = obj if isinstance(obj, type) else _backend_class_in(obj)
         if not issubclass(cls, Backend):
             raise BackendError(f"plugin backend '{name}' ({ep.value}) is not a luodi Backend subclass")
+    own = getattr(cls, "name", None)
+    if own != name:
+        raise BackendError(f"backend class {cls.__qualname__} is registered as '{name}' but names itself '{own}'")
     backend = cls()
-    if getattr(cls, "name", None) != name:
-        raise BackendError(f"backend class {cls.__qualname__} is registered as '{name}' but names itself '{getattr(cls, 'name', None)}'")
     _cache[name] = backend
     return backend

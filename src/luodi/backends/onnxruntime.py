@@ -95,9 +95,7 @@ def _specs_of_session(session: Any) -> tuple[list, list]:
 
     def conv(arg: Any) -> TensorSpec:
         t = arg.type  # e.g. "tensor(float)"
-        dtype = {"float": "float32", "double": "float64", "float16": "float16"}.get(
-            t[7:-1], t[7:-1]
-        )
+        dtype = {"float": "float32", "double": "float64", "float16": "float16"}.get(t[7:-1], t[7:-1])
         shape = tuple(d if isinstance(d, int) else (d or None) for d in arg.shape)
         return TensorSpec(arg.name, dtype, shape)
 
@@ -186,7 +184,10 @@ class OnnxRuntimeBackend(Backend):
         }
         providers: list[Any] = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
         if kind == "tensorrt" or options.extra.get("tensorrt"):
-            trt = {"device_id": device_id, "has_user_compute_stream": "1", "user_compute_stream": str(stream.handle.value)}
+            trt = {
+                "device_id": device_id,
+                "has_user_compute_stream": "1",
+                "user_compute_stream": str(stream.handle.value),
+            }
             providers.insert(0, ("TensorrtExecutionProvider", trt))
         return providers, stream
-

@@ -120,7 +120,9 @@ class Package:
             try:
                 data = zf.read(name)
             except (zipfile.BadZipFile, OSError, EOFError, KeyError) as exc:
-                raise PackageError(f"{self.path}: member '{name}' is unreadable ({exc}); the package is corrupt") from exc
+                raise PackageError(
+                    f"{self.path}: member '{name}' is unreadable ({exc}); the package is corrupt"
+                ) from exc
         if sha256(data) != pinned["sha256"]:
             raise IntegrityError(
                 f"{self.path}: member '{name}' does not match its sha256 in the manifest; "

@@ -3,7 +3,7 @@
 A spec is plain JSON data (a list of ops before and after the model); ops are small, one job each.
 """
 
-from .spec import Pipeline, register_op
 from .classify import Prediction
+from .spec import Pipeline, register_op
 
 __all__ = ["Pipeline", "Prediction", "register_op"]

@@ -49,5 +49,3 @@ class TopK:
 
     def _label(self, i: int) -> str:
         return self.labels[i] if self.labels and i < len(self.labels) else str(i)
-
-

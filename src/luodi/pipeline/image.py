@@ -65,7 +65,9 @@ class Resize:
 
     op = "resize"
 
-    def __init__(self, short_side: int | None = None, size: list[int] | None = None, interpolation: str = "bilinear") -> None:
+    def __init__(
+        self, short_side: int | None = None, size: list[int] | None = None, interpolation: str = "bilinear"
+    ) -> None:
         if (short_side is None) == (size is None):
             raise PipelineError("resize needs exactly one of 'short_side' or 'size'")
         self.short_side, self.size, self.resample = short_side, size, _resample(interpolation)

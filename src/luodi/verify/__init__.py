@@ -58,9 +58,7 @@ def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray) -> OutputCompari
     )
 
 
-def compare(
-    reference: list[dict[str, np.ndarray]], target: list[dict[str, np.ndarray]]
-) -> dict[str, OutputComparison]:
+def compare(reference: list[dict[str, np.ndarray]], target: list[dict[str, np.ndarray]]) -> dict[str, OutputComparison]:
     """Per output, the worst case over all samples (largest error, smallest cosine)."""
     worst: dict[str, OutputComparison] = {}
     for ref_out, got_out in zip(reference, target):

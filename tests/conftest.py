@@ -1,0 +1,57 @@
+"""Shared fixtures: a small real CNN built with onnx.helper, and the real EfficientNet-Lite0 package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import luodi
+
+
+def small_cnn(seed: int = 0) -> onnx.ModelProto:
+    """Conv(3->8, 3x3) -> Relu -> GlobalAveragePool -> Flatten -> Gemm(8->5), dynamic batch."""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")
+    fw = numpy_helper.from_array(rng.standard_normal((5, 8)).astype(np.float32), "fw")
+    fb = numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "fb")
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "small_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])],
+        initializer=[w, b, fw, fb],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture(scope="session")
+def cnn_model() -> onnx.ModelProto:
+    return small_cnn()
+
+
+@pytest.fixture(scope="session")
+def cnn_package(tmp_path_factory: pytest.TempPathFactory, cnn_model: onnx.ModelProto) -> Path:
+    out = tmp_path_factory.mktemp("pkg") / "cnn.luodi"
+    luodi.compile(cnn_model, out, targets=["onnxruntime", "reference"], name="small-cnn")
+    return out
+
+
+@pytest.fixture(scope="session")
+def effnet_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("zoo") / "efficientnet-lite0.luodi"
+    luodi.compile("zoo:efficientnet-lite0", out, targets=["onnxruntime"])
+    return out

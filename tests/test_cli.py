@@ -1,0 +1,51 @@
+"""The `luodi` command, run as a user runs it (a real subprocess), on real packages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from luodi.zoo.images import skimage_picture
+
+
+def luodi_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "luodi", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_backends_lists_builtins_with_availability():
+    r = luodi_cli("backends")
+    assert r.returncode == 0, r.stderr
+    lines = {line.split()[1]: line for line in r.stdout.splitlines() if line.startswith("│")}
+    assert "yes" in lines["onnxruntime"] and "yes" in lines["reference"]
+
+
+def test_compile_info_and_errors(tmp_path, cnn_model):
+    model = tmp_path / "cnn.onnx"
+    model.write_bytes(cnn_model.SerializeToString())
+    out = tmp_path / "cnn.luodi"
+    r = luodi_cli("compile", str(model), "-o", str(out), "--target", "onnxruntime", "--target", "reference")
+    assert r.returncode == 0, r.stderr
+    assert out.exists() and "onnxruntime:fp32" in r.stdout and "pass" in r.stdout
+    r = luodi_cli("info", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "[batch, 3, 16, 16]" in r.stdout and "reference:fp32" in r.stdout
+    bad = tmp_path / "bad.luodi"
+    bad.write_bytes(b"garbage" * 100)
+    r = luodi_cli("info", str(bad))
+    assert r.returncode == 2 and "not a luodi package" in r.stderr and "Traceback" not in r.stderr
+    r = luodi_cli("compile", str(model), "-o", str(tmp_path / "y.luodi"), "--target", "nosuch")
+    assert r.returncode == 2 and "no backend named 'nosuch'" in r.stderr
+    assert not (tmp_path / "y.luodi").exists()
+
+
+def test_predict_prints_top_labels(effnet_package):
+    r = luodi_cli("predict", str(effnet_package), str(skimage_picture("coffee")), "-k", "3")
+    assert r.returncode == 0, r.stderr
+    assert "espresso" in r.stdout and "%" in r.stdout
+
+
+@pytest.mark.parametrize("args", [("predict",), ("info",), ("compile", "x.onnx")])
+def test_usage_errors_exit_nonzero(args):
+    assert luodi_cli(*args).returncode != 0
