@@ -6,6 +6,7 @@ A backend is found by name; its engine library is imported only when the backend
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from importlib.metadata import entry_points
 from typing import Any
@@ -73,12 +74,15 @@ def get_backend(name: str) -> Backend:
             obj = ep.load()
         except Exception as exc:  # a broken plugin must not take luodi down with a raw traceback
             raise BackendError(f"plugin backend '{name}' ({ep.value}) failed to load: {exc}") from exc
-        cls = obj if isinstance(obj, type) else _backend_class_in(obj)
-        if not issubclass(cls, Backend):
+        cls = _backend_class_in(obj) if inspect.ismodule(obj) else obj
+        if not (isinstance(cls, type) and issubclass(cls, Backend)):
             raise BackendError(f"plugin backend '{name}' ({ep.value}) is not a luodi Backend subclass")
     own = getattr(cls, "name", None)
     if own != name:
         raise BackendError(f"backend class {cls.__qualname__} is registered as '{name}' but names itself '{own}'")
-    backend = cls()
+    try:
+        backend = cls()
+    except Exception as exc:  # a plugin's constructor is foreign code
+        raise BackendError(f"backend '{name}' failed to start: {exc}") from exc
     _cache[name] = backend
     return backend

@@ -70,13 +70,8 @@ def compile(  # noqa: A001 - the field's word for it
     members: dict[str, bytes] = {MODEL: model_bytes}
     by_sha = {hashlib.sha256(model_bytes).hexdigest(): MODEL}
 
-    feeds = list(samples) if samples is not None else _samples_for(src, inputs)
-    reference_outputs: list[dict[str, np.ndarray]] | None = None
-    if verify:
-        say(f"running the reference on {len(feeds)} sample input(s)")
-        reference_outputs = _reference_outputs(src.model, feeds)
-
-    target_entries = []
+    # Compile every target first: an unsupported operator is reported before the slow reference run.
+    compiled = []
     for backend_name, precision in wanted:
         say(f"compiling {backend_name}:{precision}")
         backend = backends[backend_name]
@@ -84,8 +79,7 @@ def compile(  # noqa: A001 - the field's word for it
         files = {}
         for rel, data in artifact.files.items():
             digest = hashlib.sha256(data).hexdigest()
-            member = by_sha.get(digest) or f"{target_dir(backend_name, precision)}/{rel}"
-            by_sha.setdefault(digest, member)
+            member = by_sha.setdefault(digest, f"{target_dir(backend_name, precision)}/{rel}")
             members.setdefault(member, data)
             files[rel] = member
         entry: dict[str, Any] = {
@@ -95,18 +89,23 @@ def compile(  # noqa: A001 - the field's word for it
             "options": artifact.options,
             "engine_version": backend.available().version,
         }
-        if reference_outputs is not None:
-            say(f"verifying {backend_name}:{precision} against reference")
-            record = _verify(backend, artifact, feeds, reference_outputs, precision)
+        compiled.append((backend, artifact, entry))
+
+    if verify:
+        feeds = list(samples) if samples is not None else _samples_for(src, inputs)
+        say(f"running the reference on {len(feeds)} sample input(s)")
+        reference_outputs = _reference_outputs(src.model, feeds)
+        for backend, artifact, entry in compiled:
+            label = f"{entry['backend']}:{entry['precision']}"
+            say(f"verifying {label} against reference")
+            record = _verify(backend, artifact, feeds, reference_outputs, entry["precision"])
             entry["verification"] = record
             if strict and not record["passed"]:
-                worst = max(record["outputs"].items(), key=lambda kv: kv[1]["max_abs"])
                 raise VerificationError(
-                    f"target {backend_name}:{precision} is outside its tolerance on output '{worst[0]}' "
-                    f"(max abs error {worst[1]['max_abs']:.3g}, cosine {worst[1]['cosine']:.6f}); "
-                    "nothing was written. Drop --strict to keep it with the failure recorded."
+                    f"target {label} {_failure(record)}; nothing was written. "
+                    "Drop --strict to keep it with the failure recorded."
                 )
-        target_entries.append(entry)
+    target_entries = [entry for _, _, entry in compiled]
 
     manifest = {
         "format": FORMAT,
@@ -124,6 +123,16 @@ def compile(  # noqa: A001 - the field's word for it
     path = write_package(output, manifest, members)
     say(f"wrote {path}")
     return Package(path)
+
+
+def _failure(record: dict[str, Any]) -> str:
+    if "error" in record:
+        return f"failed to run: {record['error']}"
+    name, worst = max(record["outputs"].items(), key=lambda kv: kv[1]["max_abs"])
+    return (
+        f"is outside its tolerance on output '{name}' "
+        f"(max abs error {worst['max_abs']:.3g}, cosine {worst['cosine']:.6f})"
+    )
 
 
 def _samples_for(src: SourceModel, inputs: list) -> list[dict[str, np.ndarray]]:
