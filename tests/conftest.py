@@ -38,6 +38,21 @@ def small_cnn(seed: int = 0) -> onnx.ModelProto:
     return model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Auto-selection caches timings; keep the tests' timings out of the user's ~/.cache."""
+    import os
+
+    os.environ["LUODI_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+
+
+def installed(backend: str) -> bool:
+    try:
+        return luodi.get_backend(backend).available().ok
+    except luodi.LuodiError:
+        return False
+
+
 @pytest.fixture(scope="session")
 def cnn_model() -> onnx.ModelProto:
     return small_cnn()
@@ -51,7 +66,15 @@ def cnn_package(tmp_path_factory: pytest.TempPathFactory, cnn_model: onnx.ModelP
 
 
 @pytest.fixture(scope="session")
-def effnet_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def effnet_source():
+    """EfficientNet-Lite0 exported once per test run (torch export takes a few seconds)."""
+    from luodi.zoo import efficientnet_lite0
+
+    return efficientnet_lite0()
+
+
+@pytest.fixture(scope="session")
+def effnet_package(tmp_path_factory: pytest.TempPathFactory, effnet_source) -> Path:
     out = tmp_path_factory.mktemp("zoo") / "efficientnet-lite0.luodi"
-    luodi.compile("zoo:efficientnet-lite0", out, targets=["onnxruntime"])
+    luodi.compile(effnet_source, out, targets=["onnxruntime"])
     return out

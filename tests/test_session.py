@@ -46,7 +46,7 @@ def test_backends_agree_and_batch_is_dynamic(cnn_package):
 def test_auto_picks_a_runnable_target_and_says_why(cnn_package):
     with luodi.Session(cnn_package) as s:
         assert s.backend == "onnxruntime"
-        assert s.selection.startswith("onnxruntime:fp32: first target in the package that runs here")
+        assert s.selection.startswith("onnxruntime:fp32: the only target that runs here")
 
 
 def test_session_on_a_plain_onnx_file(tmp_path, cnn_model):

@@ -17,8 +17,6 @@ import numpy as np
 from .backends import LoadOptions, get_backend
 from .backends.base import Artifact, CompileOptions, Engine
 from .errors import (
-    BackendUnavailableError,
-    LuodiError,
     MissingInputError,
     PipelineError,
     ShapeError,
@@ -26,6 +24,7 @@ from .errors import (
     UnknownTensorError,
 )
 from .package import Package
+from .selection import select_target
 from .tensor import TensorSpec
 
 log = logging.getLogger("luodi")
@@ -36,7 +35,9 @@ class Session:
 
     ``model`` is a .luodi package (path or :class:`Package`), or an ONNX model (path or
     ``onnx.ModelProto``) which is compiled in memory for ``backend``. ``backend="auto"`` picks the
-    first target in the package that runs on this host and passed verification.
+    fastest target measured on this host among those that run here and whose compile-time error fits
+    ``accuracy_budget`` (a precision class: "fp32" unless the package was compiled with another);
+    ``Session.selection`` says which and why. See luodi.selection.
 
     Thread safety: tensors bound with :meth:`set_tensor` and results of :meth:`forward` are kept
     per thread, so several threads may share one session; engines whose run is not reentrant are
@@ -52,6 +53,7 @@ class Session:
         precision: str | None = None,
         threads: int | None = None,
         options: dict[str, Any] | None = None,
+        accuracy_budget: str | None = None,
     ) -> None:
         self.device = device
         self.package: Package | None = None
@@ -59,7 +61,7 @@ class Session:
         load_options = LoadOptions(device=device, threads=threads, extra=dict(options or {}))
         if isinstance(model, Package) or _is_package_path(model):
             self.package = model if isinstance(model, Package) else Package(model)
-            target, self.selection = _select_target(self.package, backend, precision, device)
+            target, self.selection = select_target(self.package, backend, precision, device, accuracy_budget)
             self.backend, self.precision = target["backend"], target["precision"]
             artifact = self.package.artifact(target)
             self._inputs = self.package.inputs
@@ -228,43 +230,6 @@ def _is_package_path(model: Any) -> bool:
     if path.suffix == ".luodi":
         return True
     return path.is_file() and path.suffix != ".onnx" and zipfile.is_zipfile(path)
-
-
-def _select_target(package: Package, backend: str, precision: str | None, device: str) -> tuple[dict[str, Any], str]:
-    if backend != "auto":
-        get_backend(backend)  # an unknown name is a BackendNotFoundError listing the known ones
-        target = package.find_target(backend, precision)
-        return target, f"{backend}:{target['precision']}: asked for by name"
-    reasons = []
-    for target in package.targets:
-        label = f"{target['backend']}:{target['precision']}"
-        if precision is not None and target["precision"] != precision:
-            continue
-        if target["backend"] == "reference":
-            reasons.append(f"{label}: the reference is for verification, chosen only by name")
-            continue
-        ver = target.get("verification")
-        if ver is not None and not ver.get("passed", False):
-            reasons.append(f"{label}: failed verification at compile time")
-            continue
-        try:
-            avail = get_backend(target["backend"]).available()
-        except LuodiError as exc:
-            reasons.append(f"{label}: {exc}")
-            continue
-        if not avail.ok:
-            reasons.append(f"{label}: {avail.reason}")
-            continue
-        if device.partition(":")[0] not in avail.devices:
-            reasons.append(f"{label}: no device '{device}' here")
-            continue
-        skipped = f" (skipped {'; '.join(reasons)})" if reasons else ""
-        return target, f"{label}: first target in the package that runs here{skipped}"
-    raise BackendUnavailableError(
-        f"no target in {package.path} can run here on device '{device}': "
-        + ("; ".join(reasons) or "the package has no targets")
-        + ". Run `luodi backends` to see what is installed."
-    )
 
 
 def _load(artifact: Artifact, options: LoadOptions) -> Engine:

@@ -77,7 +77,24 @@ def backends() -> None:
 @click.option("--name", help="model name stored in the package (default: the file name)")
 @click.option("--no-verify", is_flag=True, help="skip the comparison with the reference backend")
 @click.option("--strict", is_flag=True, help="fail, writing nothing, if a target is outside its tolerance")
-def compile(model: str, output: str, targets: tuple[str, ...], name: str | None, no_verify: bool, strict: bool) -> None:
+@click.option(
+    "--accuracy-budget",
+    default="fp32",
+    show_default=True,
+    type=click.Choice(["fp32", "fp16", "bf16", "int8"]),
+    help="how far from the reference a target may be for backend=auto to pick it",
+)
+@click.option("--tune", is_flag=True, help="measure every target's latency on this host and store it")
+def compile(
+    model: str,
+    output: str,
+    targets: tuple[str, ...],
+    name: str | None,
+    no_verify: bool,
+    strict: bool,
+    accuracy_budget: str,
+    tune: bool,
+) -> None:
     """Compile MODEL (an .onnx file or zoo:NAME) into a verified .luodi package."""
     from .. import compiler
 
@@ -89,6 +106,8 @@ def compile(model: str, output: str, targets: tuple[str, ...], name: str | None,
             name=name,
             verify=not no_verify,
             strict=strict,
+            accuracy_budget=accuracy_budget,
+            tune=tune,
             log=lambda msg: status.update(msg),
         )
     out.print(f"wrote [bold]{pkg.path}[/] ({pkg.path.stat().st_size / 1e6:.1f} MB)")
@@ -97,7 +116,8 @@ def compile(model: str, output: str, targets: tuple[str, ...], name: str | None,
 
 @cli.command()
 @click.argument("package", type=click.Path(dir_okay=False))
-def info(package: str) -> None:
+@click.option("-d", "--device", default="cpu", show_default=True, help="the device auto-selection is shown for")
+def info(package: str, device: str) -> None:
     """Show a package's inputs, outputs, targets and verification results."""
     from ..package import Package
 
@@ -118,24 +138,33 @@ def info(package: str) -> None:
         steps += " -> ".join(s["op"] for s in pipe.get("post", []))
         out.print(f"pipeline ({pipe.get('task', '?')}): {escape(steps)}")
     _print_verification(pkg)
+    from ..selection import select_target
+
+    try:
+        _, why = select_target(pkg, device=device)
+        out.print(f"backend=auto on {device} here: {escape(why)}")
+    except LuodiError as exc:
+        out.print(f"[yellow]backend=auto on {device} here: {escape(str(exc))}[/]")
 
 
 def _print_verification(pkg: Any) -> None:
     from ..verify import OutputComparison
 
     table = Table(title="targets, verified against the float reference")
-    for col in ("target", "MB", "output", "max abs err", "mean abs err", "cosine", "allowed max abs", "result"):
+    for col in ("target", "MB", "output", "max abs err", "mean abs err", "cosine", "allowed max abs", "result", "ms"):
         table.add_column(col)
     sizes = {n: f["size"] for n, f in pkg.manifest["files"].items()}
+    timings = _timings_here(pkg)
     for t in pkg.targets:
         label = f"{t['backend']}:{t['precision']}"
         mb = f"{sum(sizes.get(m, 0) for m in t['files'].values()) / 1e6:.1f}"
+        ms = f"{timings[label]:.2f}" if label in timings else ""
         ver = t.get("verification")
         if ver is None:
-            table.add_row(label, mb, "", "", "", "", "", "[yellow]not verified[/]")
+            table.add_row(label, mb, "", "", "", "", "", "[yellow]not verified[/]", ms)
             continue
         if "error" in ver:
-            table.add_row(label, mb, "", "", "", "", "", f"[red]FAILED: {ver['error']}[/]")
+            table.add_row(label, mb, "", "", "", "", "", f"[red]FAILED: {escape(ver['error'])}[/]", ms)
             continue
         tol = ver["tolerance"]
         for name, r in ver["outputs"].items():
@@ -150,9 +179,22 @@ def _print_verification(pkg: Any) -> None:
                 f"{r['cosine']:.7f}",
                 f"{allowed:.1e} (cos ≥ {tol['min_cosine']})",
                 "[green]pass[/]" if ok else "[red]FAIL[/]",
+                ms,
             )
-            label, mb = "", ""
+            label, mb, ms = "", "", ""
     out.print(table)
+
+
+def _timings_here(pkg: Any) -> dict[str, float]:
+    """Batch-1 latencies measured on this host: stored by --tune, else cached by auto-selection."""
+    from ..selection import TimingCache, host_key
+
+    found = TimingCache().get(f"{pkg.manifest_sha256}:cpu")
+    for t in pkg.targets:
+        timing = t.get("timing", {})
+        if timing.get("host") == host_key() and timing.get("device") == "cpu":
+            found[f"{t['backend']}:{t['precision']}"] = timing["median_ms"]
+    return found
 
 
 @cli.command()

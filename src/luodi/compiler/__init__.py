@@ -21,8 +21,9 @@ from ..errors import CompileError, LuodiError, VerificationError
 from ..frontends import SourceModel, load_model
 from ..package import FORMAT, SCHEMA_VERSION, Package, write_package
 from ..package.archive import MODEL, target_dir
+from ..selection import host_key, measure
 from ..tensor import specs_from_onnx
-from ..verify import compare, sample_inputs, verification_record
+from ..verify import TOLERANCES, compare, sample_inputs, verification_record
 
 Log = Callable[[str], None]
 
@@ -44,6 +45,8 @@ def compile(  # noqa: A001 - the field's word for it
     samples: Sequence[dict[str, np.ndarray]] | None = None,
     verify: bool = True,
     strict: bool = False,
+    accuracy_budget: str = "fp32",
+    tune: bool = False,
     log: Log | None = None,
 ) -> Package:
     """Compile ``model`` for every target and write a verified .luodi package to ``output``.
@@ -53,8 +56,15 @@ def compile(  # noqa: A001 - the field's word for it
     target runs the sample inputs and is compared with the ``reference`` backend; the results are
     stored in the manifest. With ``strict`` a target outside its tolerance aborts the compile and
     nothing is written.
+
+    ``accuracy_budget`` (a precision class: fp32, fp16, bf16, int8) is how far from the reference a
+    target may be for ``backend="auto"`` to choose it: with the default "fp32" a bf16 target is never
+    picked silently. ``tune`` measures every target's latency on this host and stores it, so that
+    ``auto`` does not have to measure at first load here.
     """
     say = log or (lambda _msg: None)
+    if accuracy_budget not in TOLERANCES:
+        raise CompileError(f"unknown accuracy budget '{accuracy_budget}'; choose one of {sorted(TOLERANCES)}")
     src = load_model(model, name=name)
     wanted = [parse_target(t) for t in targets]
     if not wanted:
@@ -105,6 +115,12 @@ def compile(  # noqa: A001 - the field's word for it
                     f"target {label} {_failure(record)}; nothing was written. "
                     "Drop --strict to keep it with the failure recorded."
                 )
+    if tune:
+        for _, artifact, entry in compiled:
+            if entry.get("verification", {}).get("passed", True) and entry["backend"] != "reference":
+                say(f"timing {entry['backend']}:{entry['precision']}")
+                ms = measure(artifact, inputs)
+                entry["timing"] = {"host": host_key(), "device": "cpu", "median_ms": round(ms, 4)}
     target_entries = [entry for _, _, entry in compiled]
 
     manifest = {
@@ -117,6 +133,7 @@ def compile(  # noqa: A001 - the field's word for it
         "inputs": [s.to_dict() for s in inputs],
         "outputs": [s.to_dict() for s in outputs],
         "pipeline": src.pipeline,
+        "accuracy_budget": accuracy_budget,
         "targets": target_entries,
         "toolchain": _toolchain(backends),
     }

@@ -5,6 +5,7 @@ Every failure here is a ModelError that names the file and what is wrong with it
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ def load_model(src: Any, name: str | None = None) -> SourceModel:
     import onnx
 
     if isinstance(src, SourceModel):
-        out = src
+        out = dataclasses.replace(src)  # the caller's object may be compiled again under another name
     elif isinstance(src, str) and src.startswith("zoo:"):
         from .. import zoo
 

@@ -93,7 +93,8 @@ class Package:
             if MANIFEST not in names:
                 raise PackageError(f"{self.path} is a zip file but not a luodi package: it has no {MANIFEST}")
             try:
-                manifest = json.loads(zf.read(MANIFEST))
+                raw = zf.read(MANIFEST)
+                manifest = json.loads(raw)
             except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
                 raise PackageError(f"{self.path}: {MANIFEST} is unreadable ({exc}); the package is corrupt") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -109,6 +110,8 @@ class Package:
         missing = sorted(set(manifest["files"]) - names)
         if missing:
             raise PackageError(f"{self.path} is missing members {missing}; the package is corrupt")
+        # The manifest pins every member's sha256, so its own hash identifies the whole package.
+        self.manifest_sha256 = sha256(raw)
         return manifest
 
     def read(self, name: str) -> bytes:

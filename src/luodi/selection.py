@@ -1,0 +1,180 @@
+"""Which compiled target a Session runs: by name, or "auto" = the fastest measured within the accuracy budget.
+
+Timings are measured on this host (at compile time with tune=True, or at first load) and cached per host
+and package hash; every choice comes with the reasons for it. It loads engines only to time them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends import Artifact, LoadOptions, get_backend
+from .errors import BackendUnavailableError, LuodiError, PackageError
+from .package import Package
+from .tensor import TensorSpec
+from .verify import TOLERANCES, OutputComparison, sample_inputs
+
+TIMING_RUNS = 10
+
+
+def label(target: dict[str, Any]) -> str:
+    return f"{target['backend']}:{target['precision']}"
+
+
+def host_key() -> str:
+    """What makes timings comparable: CPU model, core count, OS and machine."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    raw = f"{platform.system()}|{platform.machine()}|{cpu}|{os.cpu_count()}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LUODI_CACHE_DIR") or Path.home() / ".cache" / "luodi")
+
+
+def within_budget(target: dict[str, Any], budget: str) -> bool:
+    """Whether the target's compile-time errors fit the tolerance of precision class ``budget``."""
+    ver = target.get("verification")
+    if ver is None or "outputs" not in ver:
+        return False
+    return all(OutputComparison(n, **r).passes(budget) for n, r in ver["outputs"].items())
+
+
+def measure(artifact: Artifact, inputs: list[TensorSpec], device: str = "cpu", runs: int = TIMING_RUNS) -> float:
+    """Median batch-1 latency of a compiled target on this host, in milliseconds."""
+    feeds = sample_inputs(inputs, count=1)[0]
+    engine = get_backend(artifact.backend).load(artifact, LoadOptions(device=device))
+    try:
+        engine.run(feeds)  # warm-up: first runs allocate and may compile kernels
+        engine.run(feeds)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            engine.run(feeds)
+            times.append(time.perf_counter() - t0)
+    finally:
+        engine.close()
+    return float(np.median(times) * 1e3)
+
+
+class TimingCache:
+    """``<cache>/timings.json``: {host: {package sha256: {target: median ms}}}."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or cache_dir() / "timings.json"
+
+    def load(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, package_id: str) -> dict[str, float]:
+        return dict(self.load().get(host_key(), {}).get(package_id, {}))
+
+    def put(self, package_id: str, timings: dict[str, float]) -> None:
+        data = self.load()
+        data.setdefault(host_key(), {}).setdefault(package_id, {}).update(timings)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".timings.")
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh, indent=1)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only home must not stop inference; we measure again next time
+
+
+def select_target(
+    package: Package,
+    backend: str = "auto",
+    precision: str | None = None,
+    device: str = "cpu",
+    accuracy_budget: str | None = None,
+) -> tuple[dict[str, Any], str]:
+    """The target to load and a sentence saying why."""
+    if backend != "auto":
+        get_backend(backend)  # an unknown name is a BackendNotFoundError listing the known ones
+        target = package.find_target(backend, precision)
+        return target, f"{label(target)}: asked for by name"
+
+    budget = accuracy_budget or package.manifest.get("accuracy_budget", "fp32")
+    if budget not in TOLERANCES:
+        raise PackageError(f"unknown accuracy budget '{budget}'; choose one of {sorted(TOLERANCES)}")
+    candidates, skipped = [], []
+    for target in package.targets:
+        name = label(target)
+        if precision is not None and target["precision"] != precision:
+            continue
+        why = _unusable(target, device, budget)
+        if why:
+            skipped.append(f"{name}: {why}")
+        else:
+            candidates.append(target)
+    if not candidates:
+        raise BackendUnavailableError(
+            f"no target in {package.path} can run here on device '{device}' within the '{budget}' accuracy budget: "
+            + ("; ".join(skipped) or "the package has no targets")
+            + ". Run `luodi backends` to see what is installed."
+        )
+    note = f" (not considered: {'; '.join(skipped)})" if skipped else ""
+    if len(candidates) == 1:
+        return candidates[0], f"{label(candidates[0])}: the only target that runs here within budget '{budget}'{note}"
+
+    timings = _timings(package, candidates, device)
+    best = min(candidates, key=lambda t: timings[label(t)])
+    table = ", ".join(f"{label(t)} {timings[label(t)]:.2f} ms" for t in candidates)
+    return best, f"{label(best)}: fastest measured on this host within budget '{budget}' ({table}){note}"
+
+
+def _unusable(target: dict[str, Any], device: str, budget: str) -> str:
+    if target["backend"] == "reference":
+        return "the reference is for verification, chosen only by name"
+    ver = target.get("verification")
+    if ver is not None and not ver.get("passed", False):
+        return "failed verification at compile time"
+    if ver is not None and not within_budget(target, budget):
+        return f"its measured error is outside the '{budget}' accuracy budget"
+    try:
+        avail = get_backend(target["backend"]).available()
+    except LuodiError as exc:
+        return str(exc)
+    if not avail.ok:
+        return avail.reason
+    if device.partition(":")[0] not in avail.devices:
+        return f"no device '{device}' here"
+    return ""
+
+
+def _timings(package: Package, candidates: list[dict[str, Any]], device: str) -> dict[str, float]:
+    here = host_key()
+    timings = {
+        label(t): t["timing"]["median_ms"]
+        for t in candidates
+        if t.get("timing", {}).get("host") == here and t["timing"].get("device") == device
+    }
+    cache = TimingCache()
+    package_id = f"{package.manifest_sha256}:{device}"
+    timings = {**cache.get(package_id), **timings}
+    missing = [t for t in candidates if label(t) not in timings]
+    if missing:
+        measured = {label(t): measure(package.artifact(t), package.inputs, device) for t in missing}
+        cache.put(package_id, measured)
+        timings.update(measured)
+    return timings

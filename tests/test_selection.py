@@ -1,0 +1,73 @@
+"""backend="auto": the fastest target measured on this host within the accuracy budget, with reasons."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import installed
+
+import luodi
+from luodi import selection
+
+
+def test_single_candidate_needs_no_timing(cnn_package):
+    target, why = selection.select_target(luodi.Package(cnn_package))
+    assert target["backend"] == "onnxruntime"
+    assert "the only target" in why and "reference" in why
+
+
+def test_by_name_is_taken_as_given(cnn_package):
+    target, why = selection.select_target(luodi.Package(cnn_package), backend="reference")
+    assert target["backend"] == "reference" and why.endswith("asked for by name")
+
+
+def test_unknown_budget_is_an_error(cnn_package, tmp_path, cnn_model):
+    with pytest.raises(luodi.PackageError, match="accuracy budget"):
+        selection.select_target(luodi.Package(cnn_package), accuracy_budget="fp8")
+    with pytest.raises(luodi.CompileError, match="accuracy budget"):
+        luodi.compile(cnn_model, tmp_path / "x.luodi", accuracy_budget="fp8")
+
+
+def test_tune_stores_timings_for_this_host(tmp_path, cnn_model):
+    pkg = luodi.compile(cnn_model, tmp_path / "t.luodi", targets=["onnxruntime", "reference"], tune=True)
+    ort_t, ref_t = pkg.targets
+    assert ort_t["timing"]["host"] == selection.host_key() and ort_t["timing"]["median_ms"] > 0
+    assert "timing" not in ref_t  # the reference is never a candidate
+    assert pkg.manifest["accuracy_budget"] == "fp32"
+
+
+@pytest.mark.skipif(not installed("openvino"), reason="needs a second engine: pip install 'luodi[openvino]'")
+def test_auto_picks_the_fastest_measured_and_caches_it(tmp_path, cnn_model, monkeypatch):
+    pkg = luodi.compile(cnn_model, tmp_path / "two.luodi", targets=["onnxruntime", "openvino"])
+    calls = []
+    real_measure = selection.measure
+    monkeypatch.setattr(selection, "measure", lambda *a, **k: calls.append(a[0].backend) or real_measure(*a, **k))
+    with luodi.Session(pkg.path) as s:
+        assert sorted(calls) == ["onnxruntime", "openvino"]
+        cached = selection.TimingCache().get(f"{pkg.manifest_sha256}:cpu")
+        assert set(cached) == {"onnxruntime:fp32", "openvino:fp32"}
+        fastest = min(cached, key=cached.get)
+        assert f"{s.backend}:{s.precision}" == fastest
+        assert "fastest measured on this host" in s.selection and "ms" in s.selection
+        x = np.ones((2, 3, 16, 16), np.float32)
+        assert s.run({"x": x})["y"].shape == (2, 5)
+    calls.clear()
+    with luodi.Session(pkg.path) as again:  # measured once per host and package
+        assert calls == [] and again.backend == s.backend
+    data = json.loads((selection.cache_dir() / "timings.json").read_text())
+    assert pkg.manifest_sha256 + ":cpu" in data[selection.host_key()]
+
+
+@pytest.mark.skipif(not installed("openvino"), reason="needs OpenVINO for a bf16 target: pip install 'luodi[openvino]'")
+def test_bf16_is_never_chosen_silently(tmp_path, effnet_source):
+    strict = luodi.compile(effnet_source, tmp_path / "b.luodi", targets=["openvino:bf16", "onnxruntime"])
+    bf16 = strict.find_target("openvino", "bf16")
+    assert bf16["verification"]["passed"]  # fine for bf16 ...
+    assert not selection.within_budget(bf16, "fp32")  # ... but not fp32-accurate
+    with luodi.Session(strict.path) as s:
+        assert s.backend == "onnxruntime"
+        assert "openvino:bf16: its measured error is outside the 'fp32' accuracy budget" in s.selection
+    with luodi.Session(strict.path, accuracy_budget="bf16") as s:
+        assert "openvino:bf16" in s.selection  # now a candidate, measured against onnxruntime
