@@ -19,6 +19,7 @@ from ..errors import BackendUnavailableError, CompileError, ModelError, Unsuppor
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
 
 _NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'")
+_NO_OP = re.compile(r"(?:([\w.]+):)?(\w+)\((-?\d+)\) is not a registered function/op")
 
 
 def _raise_engine_error(exc: Exception, backend: str) -> None:
@@ -29,6 +30,13 @@ def _raise_engine_error(exc: Exception, backend: str) -> None:
         raise UnsupportedOpError(
             f"{backend} cannot run operator {op} (opset {version}) at node '{node}'; "
             "try another target or replace the operator before export"
+        ) from exc
+    m = _NO_OP.search(msg)
+    if m:
+        domain, op, version = m.groups()
+        where = f"{domain}:{op}" if domain else op
+        raise UnsupportedOpError(
+            f"{backend} cannot run operator {where} (opset {version}): it is not registered in this onnxruntime"
         ) from exc
     raise CompileError(f"{backend} could not build the model: {msg.strip().splitlines()[-1][:500]}") from exc
 
@@ -90,12 +98,26 @@ class OnnxRuntimeEngine(Engine):
             self._stream = None
 
 
+_ORT_DTYPES = {
+    f"tensor({k})": v
+    for k, v in {
+        "float": "float32",
+        "double": "float64",
+        "float16": "float16",
+        "bool": "bool",
+        **{t: t for t in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")},
+    }.items()
+}
+
+
 def _specs_of_session(session: Any) -> tuple[list, list]:
     from ..tensor import TensorSpec
 
     def conv(arg: Any) -> TensorSpec:
         t = arg.type  # e.g. "tensor(float)"
-        dtype = {"float": "float32", "double": "float64", "float16": "float16"}.get(t[7:-1], t[7:-1])
+        dtype = _ORT_DTYPES.get(t)
+        if dtype is None:
+            raise ModelError(f"{arg.name} has type {t}, which luodi does not pass across a model boundary")
         shape = tuple(d if isinstance(d, int) else (d or None) for d in arg.shape)
         return TensorSpec(arg.name, dtype, shape)
 
