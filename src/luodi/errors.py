@@ -61,6 +61,10 @@ class BackendUnavailableError(BackendError):
     """The backend is known but cannot run here (engine not installed, no device)."""
 
 
+class NotApplicableError(BackendError):
+    """The backend cannot compile this kind of model at all (e.g. torch for a model that came from ONNX)."""
+
+
 class UnsupportedOpError(BackendError):
     """The engine cannot run one of the model's operators."""
 

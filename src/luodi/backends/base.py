@@ -50,6 +50,8 @@ class CompileOptions:
     precision: str = "fp32"
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
+    source: Any = None
+    """The frontend's SourceModel, for backends that compile from more than the ONNX graph (torch)."""
 
 
 @dataclass(frozen=True)

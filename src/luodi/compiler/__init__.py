@@ -85,7 +85,7 @@ def compile(  # noqa: A001 - the field's word for it
     for backend_name, precision in wanted:
         say(f"compiling {backend_name}:{precision}")
         backend = backends[backend_name]
-        artifact = backend.compile(src.model, CompileOptions(precision=precision))
+        artifact = backend.compile(src.model, CompileOptions(precision=precision, source=src))
         files = {}
         for rel, data in artifact.files.items():
             digest = hashlib.sha256(data).hexdigest()

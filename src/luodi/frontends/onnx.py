@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ class SourceModel:
     description: str = ""
     samples: list[Any] = field(default_factory=list)
     """Raw inputs (e.g. image paths) that the pipeline turns into realistic verification inputs."""
+    torch_program: bytes | Callable[[], bytes] | None = None
+    """A ``torch.export`` program saved with ``torch.export.save`` (or a function making it on demand),
+    when the model came from PyTorch."""
 
 
 def load_model(src: Any, name: str | None = None) -> SourceModel:

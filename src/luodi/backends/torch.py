@@ -1,0 +1,103 @@
+"""PyTorch: runs the ``torch.export`` program stored in packages that came from PyTorch.
+
+A model that came from ONNX has no such program, and this backend says so (NotApplicableError) at
+compile time. The program keeps the dynamic batch of the export; fp32 runs as exported, bf16 runs it
+under CPU autocast (AMX on recent Xeons). torch is imported only when this backend is used.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, CompileError, ModelError, NotApplicableError
+from ..tensor import specs_from_onnx
+from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
+
+
+class TorchEngine(Engine):
+    def __init__(self, module: Any, inputs: list, outputs: list, device: str, precision: str) -> None:
+        super().__init__(inputs, outputs)
+        import torch
+
+        self._torch = torch
+        self._module = module
+        self._in = [s.name for s in inputs]
+        self._out = [s.name for s in outputs]
+        self._device = torch.device(device)
+        self._autocast = precision == "bf16"
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self._device) for n in self._in]
+        with torch.inference_mode(), torch.autocast(self._device.type, torch.bfloat16, enabled=self._autocast):
+            out = self._module(*args)
+        if isinstance(out, torch.Tensor):
+            out = (out,)
+        # .float(): under autocast outputs may be bf16; the package promises the ONNX dtypes.
+        return {
+            n: t.detach().float().cpu().numpy() if t.dtype == torch.bfloat16 else t.detach().cpu().numpy()
+            for n, t in zip(self._out, out)
+        }
+
+    def close(self) -> None:
+        super().close()
+        self._module = None
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    precisions = ("fp32", "bf16")
+    module = "torch"
+    extra = "torch"
+
+    def available(self) -> Availability:
+        base = super().available()
+        if not base.ok:
+            return base
+        import torch
+
+        devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+        return Availability(True, devices=devices, precisions=self.precisions, version=torch.__version__)
+
+    def compile(self, model: Any, options: CompileOptions) -> Artifact:
+        torch = self.require()
+        if options.precision not in self.precisions:
+            raise CompileError(f"torch has no precision '{options.precision}'; choose one of {list(self.precisions)}")
+        program = getattr(options.source, "torch_program", None)
+        if program is None:
+            raise NotApplicableError(
+                "the torch backend runs models exported from PyTorch (a torch.export program in the package); "
+                "this model came from ONNX: choose another target, e.g. onnxruntime or openvino"
+            )
+        data = program() if callable(program) else program
+        try:
+            torch.export.load(io.BytesIO(data))
+        except Exception as exc:  # torch raises many types for a bad archive
+            raise ModelError(f"the stored torch.export program cannot be loaded: {exc}") from exc
+        inputs, outputs = specs_from_onnx(model)
+        return Artifact(
+            self.name,
+            options.precision,
+            {"model.pt2": data},
+            {"inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs]},
+        )
+
+    def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
+        torch = self.require()
+        from ..tensor import TensorSpec
+
+        device = options.device
+        if device.partition(":")[0] not in self.available().devices:
+            raise BackendUnavailableError(
+                f"torch has no device '{device}' here (it has {list(self.available().devices)})"
+            )
+        if options.threads:
+            torch.set_num_threads(options.threads)  # process-wide in torch; documented as such
+        program = torch.export.load(io.BytesIO(artifact.files["model.pt2"]))
+        module = program.module().to(device)
+        inputs = [TensorSpec.from_dict(d) for d in artifact.options["inputs"]]
+        outputs = [TensorSpec.from_dict(d) for d in artifact.options["outputs"]]
+        return TorchEngine(module, inputs, outputs, device, artifact.precision)
