@@ -1,0 +1,205 @@
+"""The MNN backend: compile to .mnn, verification, dynamic batch, threads, unsupported ops, no telemetry."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+pytest.importorskip("MNN", reason="MNN is not installed (pip install 'luodi[mnn]')")
+
+import luodi  # noqa: E402
+from luodi.backends import CompileOptions, LoadOptions, get_backend  # noqa: E402
+
+
+def _ort(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _x(batch: int, seed: int = 0, size: int = 16) -> np.ndarray:
+    return np.random.default_rng(seed + batch).standard_normal((batch, 3, size, size)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def mnn_package(tmp_path_factory, cnn_model):
+    out = tmp_path_factory.mktemp("mnn") / "cnn.luodi"
+    luodi.compile(cnn_model, out, targets=["mnn", "mnn:fp16", "onnxruntime"], name="small-cnn")
+    return out
+
+
+def test_fp32_compile_and_verification(mnn_package):
+    pkg = luodi.Package(mnn_package)
+    target = pkg.find_target("mnn", "fp32")
+    assert list(target["files"]) == ["model.mnn"]
+    assert target["options"]["precision_mode"] == "high"
+    assert [d["name"] for d in target["options"]["inputs"]] == ["x"]
+    assert [d["name"] for d in target["options"]["outputs"]] == ["y"]
+    ver = target["verification"]
+    assert ver["passed"] and ver["outputs"]["y"]["max_abs"] <= 1e-4
+
+
+def test_session_matches_onnxruntime_with_dynamic_batch(mnn_package, cnn_model):
+    ort = _ort(cnn_model)
+    with luodi.Session(mnn_package, backend="mnn") as s:
+        assert s.precision == "fp32"
+        for batch in (1, 4, 2):
+            x = _x(batch)
+            got = s.run({"x": x})["y"]
+            ref = ort.run(None, {"x": x})[0]
+            assert got.shape == (batch, 5) and got.dtype == np.float32
+            np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+        # the six verbs too, and a result must not be overwritten by the next run
+        x1 = _x(1, seed=7)
+        s.set_tensor("x", x1)
+        s.forward()
+        first = s.get_tensor("y")
+        kept = first.copy()
+        s.run({"x": _x(3, seed=8)})
+        np.testing.assert_array_equal(first, kept)
+
+
+def test_fp16_target_is_lower_precision_and_within_tolerance(mnn_package, cnn_model):
+    pkg = luodi.Package(mnn_package)
+    target = pkg.find_target("mnn", "fp16")
+    assert target["options"]["fp16_weights"] and target["options"]["precision_mode"] == "low"
+    assert target["verification"]["passed"]
+    x = _x(4, seed=3)
+    ref = _ort(cnn_model).run(None, {"x": x})[0]
+    with luodi.Session(mnn_package, backend="mnn", precision="fp16") as s16:
+        got16 = s16.run({"x": x})["y"]
+    err = float(np.abs(got16 - ref).max())
+    assert 1e-5 < err <= 1e-2 * max(1.0, float(np.abs(ref).max()))  # really lowered, and within fp16 tolerance
+    fp32_file = pkg.find_target("mnn", "fp32")["files"]["model.mnn"]
+    assert len(pkg.read(target["files"]["model.mnn"])) < len(pkg.read(fp32_file))  # fp16 weights
+
+
+def test_bf16_is_not_claimed(cnn_model):
+    backend = get_backend("mnn")
+    assert "bf16" not in backend.available().precisions
+    with pytest.raises(luodi.CompileError, match="bf16"):
+        backend.compile(cnn_model, CompileOptions(precision="bf16"))
+
+
+def test_eight_threads_bit_identical(mnn_package):
+    inputs = [_x(b, seed=11) for b in (1, 2, 3, 4)]
+    with luodi.Session(mnn_package, backend="mnn") as s:
+        expected = [s.run({"x": x})["y"] for x in inputs]
+        errors: list[str] = []
+
+        def worker(k: int) -> None:
+            for i in range(40):
+                j = (i + k) % len(inputs)
+                got = s.run({"x": inputs[j]})["y"]
+                if not np.array_equal(got, expected[j]):
+                    errors.append(f"thread {k} iteration {i}")
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+
+
+def _hardmax_model() -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["r"], name="relu"),
+            helper.make_node("Hardmax", ["r"], ["y"], name="pick_max"),
+        ],
+        "hardmax",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_unsupported_op_is_reported_at_compile_time_and_nothing_written(tmp_path):
+    out = tmp_path / "hardmax.luodi"
+    with pytest.raises(luodi.UnsupportedOpError) as info:
+        luodi.compile(_hardmax_model(), out, targets=["mnn"])
+    msg = str(info.value)
+    assert "Hardmax" in msg and "pick_max" in msg and "mnn" in msg
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_load_errors(cnn_model):
+    backend = get_backend("mnn")
+    artifact = backend.compile(cnn_model, CompileOptions())
+    with pytest.raises(luodi.BackendUnavailableError, match="cpu"):
+        backend.load(artifact, LoadOptions(device="cuda"))
+    artifact.files.clear()
+    with pytest.raises(luodi.ModelError, match="model.mnn"):
+        backend.load(artifact, LoadOptions())
+
+
+def test_no_telemetry(mnn_package):
+    # MNN.tools pip-installs aliyun-log-python-sdk and phones home at import; luodi must never touch it.
+    with luodi.Session(mnn_package, backend="mnn") as s:
+        s.run({"x": _x(2)})
+    assert "MNN" in sys.modules
+    assert "MNN.tools" not in sys.modules
+    assert importlib.util.find_spec("aliyun") is None
+
+
+@pytest.fixture(scope="module")
+def effnet_mnn(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zoo-mnn") / "efficientnet-lite0.luodi"
+    luodi.compile("zoo:efficientnet-lite0", out, targets=["mnn", "onnxruntime"])
+    return out
+
+
+def test_efficientnet_lite0_fp32(effnet_mnn):
+    from luodi.zoo.images import foolbox_imagenet
+
+    pkg = luodi.Package(effnet_mnn)
+    ver = pkg.find_target("mnn", "fp32")["verification"]
+    assert ver["passed"] and ver["outputs"]["logits"]["max_abs"] <= 2e-4
+    images = foolbox_imagenet()
+    assert len(images) == 20
+    with luodi.Session(effnet_mnn, backend="mnn") as sm, luodi.Session(effnet_mnn, backend="onnxruntime") as so:
+        for path, _label in images:
+            assert sm.predict(path, k=1)[0].index == so.predict(path, k=1)[0].index, path
+
+
+def test_pool_without_strides_is_legalised(tmp_path):
+    # MNN 3.6.1's converter turns a missing `strides` into 0 and the kernel dies of SIGFPE.
+    graph = helper.make_graph(
+        [
+            helper.make_node("MaxPool", ["x"], ["m"], name="maxpool", kernel_shape=[2, 2]),
+            helper.make_node("AveragePool", ["m"], ["y"], name="avgpool", kernel_shape=[3, 3]),
+        ],
+        "pools",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 13, 13])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    before = model.SerializeToString()
+    with luodi.Session(model, backend="mnn") as s:
+        x = _x(2)
+        np.testing.assert_allclose(s.run({"x": x})["y"], _ort(model).run(None, {"x": x})[0], rtol=0, atol=1e-6)
+    assert model.SerializeToString() == before  # the caller's model is not modified
+
+
+def test_engine_crash_is_an_unsupported_op_not_a_dead_process():
+    # MNN 3.6.1's converter dies of SIGSEGV on a one-input Max; compile runs it in a child process.
+    graph = helper.make_graph(
+        [helper.make_node("Max", ["x"], ["y"], name="lonely_max")],
+        "max1",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with pytest.raises(luodi.UnsupportedOpError, match=r"mnn crashed with SIG\w+ .*'Max'"):
+        get_backend("mnn").compile(model, CompileOptions())
