@@ -1,0 +1,517 @@
+"""ncnn (Tencent): a small, dependency-free CPU engine, with the ONNX -> ncnn conversion done by pnnx.
+
+Compile writes the canonical graph to a temporary folder and runs the ``pnnx`` executable that the
+``pnnx`` wheel ships (the ncnn wheels have no onnx2ncnn; pnnx's Python API needs torch and only
+wraps the same executable). Symbolic dimensions are traced at 1 (``inputshape``) and, when the
+graph has any, a second time with the batch at 4 (``inputshape2``) so pnnx keeps shape arithmetic
+dynamic. The result is ``model.param`` / ``model.bin``; ncnn names the blobs ``in0, in1, ...`` and
+``out0, out1, ...`` in the ONNX graph's input/output order, and the artifact options record that
+mapping. Compile then loads the param with ``ncnn.Net`` and extracts every output once on zeros,
+so an operator that pnnx or ncnn cannot handle (left as a raw ONNX op name, ``pnnx.Expression``,
+``torch.*``/``F.*``, ...) is an ``UnsupportedOpError`` naming the op, its node(s) and "ncnn" at
+compile time, not at the first forward.
+
+**Precision is explicit.** ncnn's default options silently compute in reduced precision
+(fp16/bf16 storage and packing: 3e-3 max error on EfficientNet-Lite0 logits instead of 6e-6).
+The fp32 target switches every ``use_fp16_* / use_bf16_* / use_int8_*`` option off before
+``load_param``; the fp16 target (weights stored as fp16 by pnnx) switches fp16 packing, storage and
+arithmetic on and bf16 off. The flags are recorded in the artifact options and applied at load.
+Threads: ``Session(threads=N)`` sets ``opt.num_threads``; default ``os.cpu_count()``.
+
+**Batch.** ncnn's unit of work is one item: a ``Mat`` has at most 4 dims and no batch axis. pnnx
+says, per blob, which axis it treated as the batch and dropped (``batch_index`` in the ncnn script
+it writes; 233 = none, the whole array is the Mat); compile records it in the artifact options.
+An input whose batch is symbolic is run item by item: ``run`` feeds ``x[i:i+1]`` (the traced batch
+of 1) to one ``Extractor`` per item and concatenates the outputs along axis 0. Cost: a batch of N
+takes about N times one item (ncnn parallelises inside each layer with ``num_threads``, not across
+items; measured 42 ms for 4 vs 10.6 ms for 1 on EfficientNet-Lite0, 1 thread) plus one concatenate
+copy of the outputs; batch 1 has no loop and no copy beyond ``np.array(mat)``. Inputs with fixed
+shapes are fed whole in one extraction. ``Engine.reshape`` is a no-op: ncnn allocates per
+extraction.
+
+**Lowering.** One ONNX rewrite runs before pnnx: ``Gemm(transB=1)`` whose weight is not a constant
+becomes ``Transpose + Gemm(transB=0)`` (pnnx would emit ``F.linear``, which ncnn cannot run with a
+run-time weight).
+
+**Threads and memory.** One ``ncnn.Net`` is shared; each ``run`` creates its own ``Extractor``
+(ncnn's per-thread state) and the extraction releases the GIL, so threads sharing a session run
+concurrently with identical results. An input is handed to ncnn as a ``Mat`` view of the
+caller's array (no copy), except when a layer reading it works in place (e.g. a leading ReLU):
+ncnn then dereferences the Mat's refcount, which a numpy-backed Mat lacks (a segfault), and would
+overwrite the caller's data, so that input is cloned into ncnn memory (about 20 us per 600 KB).
+Outputs are copied out with ``np.array(mat)``, so they never alias memory freed with the extractor.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import (
+    BackendError,
+    BackendUnavailableError,
+    CompileError,
+    ModelError,
+    ShapeError,
+    UnsupportedOpError,
+)
+from ..tensor import TensorSpec, specs_from_onnx
+from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
+
+_PARAM, _BIN, _PY = "model.param", "model.bin", "model_ncnn.py"
+_PNNX_TIMEOUT_S = 600
+_TRACE_BATCH2 = 4
+_NO_BATCH = 233  # pnnx's and ncnn's "this tensor has no batch axis": the whole array is one Mat
+_FP16_ON = ("use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic")
+# pnnx's names for what it could not lower, back to the ONNX operators they come from (for messages)
+_PNNX_TO_ONNX = {
+    "linear": ("Gemm", "MatMul"),
+    "interpolate": ("Resize", "Upsample"),
+    "upsample": ("Resize", "Upsample"),
+    "matmul": ("MatMul", "Gemm"),
+    "conv2d": ("Conv",),
+    "conv1d": ("Conv",),
+    "conv3d": ("Conv",),
+    "pad": ("Pad",),
+    "grid_sample": ("GridSample",),
+}
+_LOW_PRECISION = re.compile(r"^use_(fp16|bf16|int8)_")
+
+
+# -- pnnx -----------------------------------------------------------------------------------------
+def _pnnx_executable() -> Path | None:
+    """The ``pnnx`` binary inside the installed pnnx package, found without importing it (torch)."""
+    try:
+        spec = importlib.util.find_spec("pnnx")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    exe = "pnnx.exe" if sys.platform == "win32" else "pnnx"
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / exe
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def _shape_arg(shapes: list[tuple[int, ...]]) -> str:
+    return ",".join("[" + ",".join(str(d) for d in s) + "]f32" for s in shapes)
+
+
+def _tail(text: str, lines: int = 12) -> str:
+    kept = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return "\n".join(kept[-lines:])
+
+
+def _run_pnnx(exe: Path, tmp: str, args: list[str], timeout: float) -> str:
+    cmd = [str(exe), "model.onnx", *args, f"ncnnparam={_PARAM}", f"ncnnbin={_BIN}"]
+    try:
+        proc = subprocess.run(
+            cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        raise CompileError(f"pnnx did not convert the model for ncnn within {timeout:.0f} s:\n{_tail(out)}") from None
+    except OSError as exc:
+        raise BackendUnavailableError(
+            f"pnnx could not be started ({exc}); reinstall it: pip install 'luodi[ncnn]'"
+        ) from exc
+    produced = all((Path(tmp) / f).is_file() for f in (_PARAM, _BIN))
+    if proc.returncode != 0 or not produced:
+        raise CompileError(
+            f"pnnx could not convert the model for ncnn (exit code {proc.returncode}):\n{_tail(proc.stdout)}"
+        )
+    return proc.stdout
+
+
+def _batch_indexes(py: str) -> dict[str, int]:
+    """Each blob's batch axis from the ncnn test script pnnx writes (233: the blob has none)."""
+    found = {m[0]: int(m[1]) for m in re.findall(r'ex\.input\("(\w+)",\s*ncnn\.Mat\(.*?batch_index=(\d+)', py)}
+    mats = dict(re.findall(r'_,\s*(\w+)\s*=\s*ex\.extract\("(\w+)"\)', py))
+    for var, bi in re.findall(r"(\w+)\.numpy\(batch_index=(\d+)\)", py):
+        if var in mats:
+            found[mats[var]] = int(bi)
+    return found
+
+
+def _lower_for_pnnx(model: Any) -> Any:
+    """Rewrites that let pnnx map an ONNX pattern onto an ncnn layer; the model itself when none apply.
+
+    Gemm(transB=1) with a weight that is not a constant becomes F.linear in pnnx, which has no ncnn
+    layer with a run-time weight; Transpose(B) + Gemm(transB=0) lowers to Permute + ncnn Gemm.
+    """
+    from onnx import ModelProto, helper
+
+    graph = model.graph
+    constants = {t.name for t in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+
+    def trans_b(node: Any) -> bool:
+        return any(a.name == "transB" and a.i == 1 for a in node.attribute)
+
+    todo = [
+        i
+        for i, n in enumerate(graph.node)
+        if n.op_type == "Gemm" and len(n.input) > 1 and n.input[1] not in constants and trans_b(n)
+    ]
+    if not todo:
+        return model
+    lowered = ModelProto()
+    lowered.CopyFrom(model)
+    nodes = lowered.graph.node
+    for shift, i in enumerate(todo):
+        node = nodes[i + shift]
+        weight_t = f"{node.input[1]}__luodi_ncnn_T{i}"
+        transpose = helper.make_node(
+            "Transpose", [node.input[1]], [weight_t], name=f"{node.name}__luodi_T", perm=[1, 0]
+        )
+        node.input[1] = weight_t
+        for a in node.attribute:
+            if a.name == "transB":
+                a.i = 0
+        nodes.insert(i + shift, transpose)
+    return lowered
+
+
+# -- the .param file ------------------------------------------------------------------------------
+def _parse_param(text: str) -> list[tuple[str, str, list[str], list[str]]]:
+    """(type, name, bottoms, tops) per layer of an ncnn text .param."""
+    lines = [ln.split() for ln in text.splitlines() if ln.strip()]
+    if len(lines) < 2 or lines[0] != ["7767517"]:
+        raise CompileError("pnnx wrote an ncnn .param without the 7767517 magic; it is not a usable ncnn model")
+    layers = []
+    for parts in lines[2:]:
+        ltype, lname, nb, nt = parts[0], parts[1], int(parts[2]), int(parts[3])
+        layers.append((ltype, lname, parts[4 : 4 + nb], parts[4 + nb : 4 + nb + nt]))
+    return layers
+
+
+def _check_layers(ncnn: Any, model: Any, layers: list[tuple[str, str, list[str], list[str]]]) -> None:
+    """Raise UnsupportedOpError for every layer type ncnn has no implementation of."""
+    unknown = [(t, n, b, o) for t, n, b, o in layers if ncnn.layer_to_index(t) < 0]
+    if not unknown:
+        return
+    unknown_types = {t for t, *_ in unknown}
+    consumers: dict[str, list[str]] = {}
+    for ltype, _, bottoms, _ in layers:
+        for blob in bottoms:
+            consumers.setdefault(blob, []).append(ltype)
+    nodes_by_op: dict[str, list[str]] = {}
+    for i, node in enumerate(model.graph.node):
+        nodes_by_op.setdefault(node.op_type.lower(), []).append(node.name or f"#{i} ({node.op_type})")
+    problems: dict[str, str] = {}
+    for ltype, lname, _, tops in unknown:
+        if ltype.startswith("pnnx.Expression"):
+            users = sorted({u for blob in tops for u in consumers.get(blob, [])})
+            if any(u in unknown_types for u in users):
+                continue  # its consumer is reported by name; the expression is a by-product
+            problems.setdefault(
+                "pnnx.Expression",
+                "pnnx.Expression (shape/scalar arithmetic pnnx could not lower, feeding "
+                f"{', '.join(users) or 'nothing'}; layer '{lname}')",
+            )
+            continue
+        op = ltype.split("::")[-1].split(".")[-1]
+        nodes = nodes_by_op.get(op.lower(), [])
+        for onnx_op in _PNNX_TO_ONNX.get(op.lower(), ()) if not nodes else ():
+            if onnx_op.lower() in nodes_by_op:
+                op, nodes = onnx_op, nodes_by_op[onnx_op.lower()]
+                break
+        where = f"node(s) {', '.join(repr(n) for n in nodes[:5])}" if nodes else f"layer '{lname}'"
+        if len(nodes) > 5:
+            where += f" and {len(nodes) - 5} more"
+        label = op if ltype == op else f"{op} (pnnx layer type '{ltype}')"
+        problems.setdefault(ltype, f"{label} at {where}")
+    listing = "; ".join(problems.values())
+    raise UnsupportedOpError(
+        f"ncnn cannot run operator {listing}: pnnx left it unconverted and ncnn has no such layer; "
+        "try another target or replace the operator before export"
+    )
+
+
+# -- ncnn options ---------------------------------------------------------------------------------
+def _precision_flags(opt: Any, precision: str) -> dict[str, bool]:
+    names = sorted(a for a in dir(opt) if _LOW_PRECISION.match(a))
+    return {a: precision == "fp16" and a in _FP16_ON for a in names}
+
+
+def _new_net(ncnn: Any, flags: dict[str, bool], threads: int | None) -> Any:
+    net = ncnn.Net()
+    opt = net.opt
+    for name, value in flags.items():
+        if hasattr(opt, name):
+            setattr(opt, name, bool(value))
+    opt.use_vulkan_compute = False
+    opt.num_threads = int(threads or os.cpu_count() or 1)
+    return net
+
+
+def _load_net(ncnn: Any, param: bytes, weights: bytes, flags: dict[str, bool], threads: int | None) -> Any:
+    net = _new_net(ncnn, flags, threads)
+    # From files: ncnn's load_model_mem keeps pointers into memory the binding does not own.
+    with tempfile.TemporaryDirectory(prefix="luodi-ncnn-") as tmp:
+        p, b = os.path.join(tmp, _PARAM), os.path.join(tmp, _BIN)
+        Path(p).write_bytes(param)
+        Path(b).write_bytes(weights)
+        if net.load_param(p) != 0:
+            raise ModelError("ncnn could not read the target's model.param (ncnn printed why); recompile the package")
+        if net.load_model(b) != 0:
+            raise ModelError("ncnn could not read the target's model.bin weights; recompile the package")
+    return net
+
+
+# -- engine ---------------------------------------------------------------------------------------
+def _run_shape(spec: TensorSpec) -> tuple[int, ...] | None:
+    """The shape one extraction produces: batch 1 where the batch is symbolic; None if not all known."""
+    if not spec.shape:
+        return ()
+    dims = (1 if not isinstance(spec.shape[0], int) else spec.shape[0], *spec.shape[1:])
+    return tuple(dims) if all(isinstance(d, int) for d in dims) else None
+
+
+class NcnnEngine(Engine):
+    """One shared ``ncnn.Net``; each run creates its own Extractor per batch item."""
+
+    thread_safe = True
+
+    def __init__(self, ncnn: Any, net: Any, options: dict[str, Any]) -> None:
+        inputs = [TensorSpec(d["name"], d.get("dtype", "float32"), tuple(d["shape"])) for d in options["inputs"]]
+        outputs = [TensorSpec(d["name"], d.get("dtype", "float32"), tuple(d["shape"])) for d in options["outputs"]]
+        super().__init__(inputs, outputs)
+        self._Mat = ncnn.Mat
+        self._net = net
+        # Inputs are fed as views of the caller's array, except where a layer that reads the input
+        # works in place: ncnn dereferences the Mat's refcount there, which a numpy-backed Mat lacks
+        # (a crash), and would write into the caller's array; those inputs are cloned.
+        blob_names = [blob.name for blob in net.blobs()]
+        in_place = {
+            blob_names[i] for la in net.layers() if la.type != "Input" and la.support_inplace for i in la.bottoms
+        }
+        # (name, blob, pnnx batch index, sliced per item?, copy?): a symbolic batch is run item by item
+        self._ins = [
+            (
+                s.name,
+                d["blob"],
+                int(d.get("batch_index", 0)),
+                bool(s.shape) and not isinstance(s.shape[0], int),
+                d["blob"] in in_place,
+            )
+            for s, d in zip(inputs, options["inputs"])
+        ]
+        self._looped = any(sliced for _, _, _, sliced, _ in self._ins)
+        self._single = self._ins[0] if len(self._ins) == 1 and self._looped else None
+        # (name, blob, pnnx batch index, shape of one extraction when known, rank, dtype to cast to or None)
+        self._outs = [
+            (
+                s.name,
+                d["blob"],
+                int(d.get("batch_index", 0)),
+                _run_shape(s),
+                len(s.shape),
+                None if s.dtype == "float32" else s.np_dtype,
+            )
+            for s, d in zip(outputs, options["outputs"])
+        ]
+        self.num_threads = net.opt.num_threads
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        single = self._single
+        if single is not None:  # the common case: one input with a symbolic batch
+            name, blob, bi, _, copy = single
+            x = feeds[name]
+            n = x.shape[0]
+            if n == 1:
+                return self._extract([(blob, x, bi, copy)])
+            items = [self._extract([(blob, x[i : i + 1], bi, copy)]) for i in range(n)]
+        elif not self._looped:  # fixed shapes: one extraction on the whole arrays
+            return self._extract([(blob, feeds[name], bi, copy) for name, blob, bi, _, copy in self._ins])
+        else:
+            sizes = {name: int(feeds[name].shape[0]) for name, _, _, sliced, _ in self._ins if sliced}
+            n = next(iter(sizes.values()))
+            if any(v != n for v in sizes.values()):
+                raise ShapeError(f"ncnn runs a batch item by item: the batched inputs need one batch size, got {sizes}")
+            ins = self._ins
+            items = [
+                self._extract([(b, feeds[nm][i : i + 1] if sl else feeds[nm], bi, cp) for nm, b, bi, sl, cp in ins])
+                for i in range(n)
+            ]
+        return {name: np.concatenate([it[name] for it in items]) for name, *_ in self._outs}
+
+    def _extract(self, feeds: list[tuple[str, np.ndarray, int, bool]]) -> dict[str, np.ndarray]:
+        Mat = self._Mat
+        ex = self._net.create_extractor()
+        for blob, x, bi, copy in feeds:
+            # Drop pnnx's (size 1) batch axis with a view; ncnn.Mat(x, batch_index=0) would copy.
+            if bi == 0:
+                x = x[0]
+            elif bi != _NO_BATCH:
+                x = np.take(x, 0, axis=bi)
+            mat = Mat(np.ascontiguousarray(x))  # a view: ``x`` outlives the extraction
+            ex.input(blob, mat.clone() if copy else mat)
+        out = {}
+        for name, blob, bi, shape, rank, cast in self._outs:
+            rc, mat = ex.extract(blob)
+            if rc != 0:
+                raise BackendError(f"ncnn failed to compute output '{name}' (blob {blob}, error {rc})")
+            y = np.array(mat)  # a copy: the extractor frees the Mat's memory
+            if bi == 0:
+                y = y[None]
+            elif bi != _NO_BATCH:
+                y = np.expand_dims(y, bi)
+            if shape is not None:
+                if y.shape != shape:
+                    y = y.reshape(shape)
+            elif y.ndim < rank:
+                y = y.reshape((1,) * (rank - y.ndim) + y.shape)
+            out[name] = y if cast is None else y.astype(cast)
+        return out
+
+    def close(self) -> None:
+        super().close()
+        if self._net is not None:
+            self._net.clear()
+            self._net = None
+
+
+# -- backend --------------------------------------------------------------------------------------
+class NcnnBackend(Backend):
+    name = "ncnn"
+    precisions = ("fp32", "fp16")
+    devices = ("cpu",)
+    module = "ncnn"
+    extra = "ncnn"
+
+    def available(self) -> Availability:
+        base = super().available()
+        if not base.ok:
+            return base
+        return Availability(
+            True,
+            devices=self.devices,
+            precisions=self.precisions,
+            version=base.version or _dist_version("ncnn"),
+        )
+
+    def compile(self, model: Any, options: CompileOptions) -> Artifact:
+        ncnn = self.require()
+        if options.precision not in self.precisions:
+            raise CompileError(
+                f"{self.name} has no precision '{options.precision}'; choose one of {list(self.precisions)}"
+            )
+        exe = _pnnx_executable()
+        if exe is None:
+            raise BackendUnavailableError(
+                "compiling for ncnn needs the pnnx converter, which is not installed; "
+                f"install it with: {self.install_hint()}"
+            )
+        inputs, outputs = specs_from_onnx(model)
+        if not inputs:
+            raise CompileError("ncnn needs a model with at least one input")
+        for s in inputs:
+            if s.dtype != "float32":
+                raise CompileError(
+                    f"ncnn takes float32 inputs only; input '{s.name}' is {s.dtype}. "
+                    "Cast it inside the model before export, or choose another target."
+                )
+        # Trace shapes: a symbolic batch (axis 0) at 1, and at 4 for inputshape2 so pnnx keeps the
+        # batch dynamic; other symbolic dims at 1 unless options.extra["input_shapes"] gives them.
+        overrides = dict(options.extra.get("input_shapes") or {})
+        trace1, trace2 = [], []
+        for s in inputs:
+            given = overrides.get(s.name)
+            shape = [int(d) for d in given] if given is not None else list(s.concrete(1))
+            if len(shape) != len(s.shape):
+                raise CompileError(f"input_shapes['{s.name}'] = {given} does not match its shape {s.shape_str()}")
+            batched = bool(s.shape) and not isinstance(s.shape[0], int)
+            if batched:
+                shape[0] = 1
+            trace1.append(tuple(shape))
+            trace2.append((_TRACE_BATCH2, *shape[1:]) if batched else tuple(shape))
+        dynamic = trace1 != trace2
+        args = [f"inputshape={_shape_arg(trace1)}"]
+        if dynamic:
+            args.append(f"inputshape2={_shape_arg(trace2)}")
+        args += [f"fp16={1 if options.precision == 'fp16' else 0}", "device=cpu", f"ncnnpy={_PY}"]
+        timeout = float(options.extra.get("pnnx_timeout", _PNNX_TIMEOUT_S))
+
+        with tempfile.TemporaryDirectory(prefix="luodi-pnnx-") as tmp:
+            Path(tmp, "model.onnx").write_bytes(_lower_for_pnnx(model).SerializeToString())
+            _run_pnnx(exe, tmp, args, timeout)
+            param = Path(tmp, _PARAM).read_bytes()
+            weights = Path(tmp, _BIN).read_bytes()
+            py = Path(tmp, _PY)
+            batch_index = _batch_indexes(py.read_text(errors="replace") if py.is_file() else "")
+
+        layers = _parse_param(param.decode("utf-8", errors="replace"))
+        _check_layers(ncnn, model, layers)
+        in_blobs = [tops[0] for t, _, _, tops in layers if t == "Input"]
+        all_tops = {blob for *_, tops in layers for blob in tops}
+        out_blobs = [f"out{i}" for i in range(len(outputs))]
+        if in_blobs != [f"in{i}" for i in range(len(inputs))] or not set(out_blobs) <= all_tops:
+            raise CompileError(
+                f"pnnx produced blobs inputs={in_blobs}, missing outputs "
+                f"{sorted(set(out_blobs) - all_tops)} for a model with {len(inputs)} input(s) and "
+                f"{len(outputs)} output(s); ncnn cannot map them to the ONNX names"
+            )
+
+        def entry(blob: str, s: TensorSpec) -> dict[str, Any]:
+            # pnnx's batch axis for the blob (it drops it from the Mat), or 233: none, the whole array
+            guess = 0 if len(s.shape) > 1 and not (isinstance(s.shape[0], int) and s.shape[0] != 1) else _NO_BATCH
+            bi = batch_index.get(blob, guess)
+            return {"blob": blob, "name": s.name, "dtype": s.dtype, "shape": list(s.shape), "batch_index": bi}
+
+        artifact_options: dict[str, Any] = {
+            "converter": f"pnnx {_dist_version('pnnx')}",
+            "precision_flags": _precision_flags(ncnn.Option(), options.precision),
+            "trace_shapes": {s.name: list(t) for s, t in zip(inputs, trace1)},
+            "dynamic_batch": dynamic,
+            "batch": "item by item: one extraction per item of a symbolic batch (ncnn has no batch axis)",
+            "inputs": [entry(b, s) for b, s in zip(in_blobs, inputs)],
+            "outputs": [entry(b, s) for b, s in zip(out_blobs, outputs)],
+        }
+        artifact = Artifact(self.name, options.precision, {_PARAM: param, _BIN: weights}, artifact_options)
+        self._smoke_test(artifact, trace1)
+        return artifact
+
+    def _smoke_test(self, artifact: Artifact, trace: list[tuple[int, ...]]) -> None:
+        """Load the param with ncnn and extract every output once on zeros, to fail at compile time."""
+        engine = self.load(artifact, LoadOptions(threads=1))
+        try:
+            feeds = {d["name"]: np.zeros(t, np.float32) for d, t in zip(artifact.options["inputs"], trace)}
+            engine.run(feeds)
+        except (BackendError, ValueError) as exc:
+            raise CompileError(f"ncnn loaded the converted model but could not run it on zeros: {exc}") from exc
+        finally:
+            engine.close()
+
+    def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
+        ncnn = self.require()
+        if options.device.partition(":")[0] != "cpu":
+            raise BackendUnavailableError(f"{self.name} runs on device 'cpu' only here, not '{options.device}'")
+        missing = [f for f in (_PARAM, _BIN) if f not in artifact.files]
+        missing += [k for k in ("inputs", "outputs") if k not in artifact.options]
+        if missing:
+            raise ModelError(f"{artifact.target} artifact has no {', '.join(missing)}; recompile the package")
+        # The package's flags, but never a reduced precision in an fp32 target.
+        flags = dict(artifact.options.get("precision_flags") or {})
+        if artifact.precision == "fp32" or not flags:
+            flags = {**flags, **_precision_flags(ncnn.Option(), artifact.precision)}
+        net = _load_net(ncnn, artifact.files[_PARAM], artifact.files[_BIN], flags, options.threads)
+        return NcnnEngine(ncnn, net, artifact.options)
+
+
+def _dist_version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return ""

@@ -1,0 +1,228 @@
+"""The ncnn backend: pnnx conversion at compile time, explicit precision, batch loop, threads, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import luodi
+from luodi.backends import CompileOptions, LoadOptions, get_backend
+
+if importlib.util.find_spec("ncnn") is None or importlib.util.find_spec("pnnx") is None:
+    pytest.skip("ncnn and pnnx are not installed (pip install 'luodi[ncnn]')", allow_module_level=True)
+
+
+def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def tiny_model(nodes, inputs, outputs, inits=()) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "tiny", inputs, outputs, initializer=list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def vi(name: str, shape: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+@pytest.fixture(scope="module")
+def ncnn_package(tmp_path_factory, cnn_model):
+    out = tmp_path_factory.mktemp("ncnn") / "cnn.luodi"
+    return luodi.compile(cnn_model, out, targets=["ncnn", "ncnn:fp16", "onnxruntime"], name="small-cnn")
+
+
+@pytest.fixture(scope="module")
+def effnet_ncnn(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ncnn-zoo") / "efficientnet-lite0.luodi"
+    return luodi.compile("zoo:efficientnet-lite0", out, targets=["ncnn", "onnxruntime"])
+
+
+def target(pkg: luodi.Package, precision: str) -> dict:
+    return next(t for t in pkg.targets if t["backend"] == "ncnn" and t["precision"] == precision)
+
+
+def test_fp32_compile_verifies_and_maps_blobs(ncnn_package):
+    t = target(ncnn_package, "fp32")
+    ver = t["verification"]
+    assert ver["passed"], ver
+    assert ver["outputs"]["y"]["max_abs"] <= 1e-4
+    assert set(t["files"]) == {"model.param", "model.bin"}
+    opts = t["options"]
+    assert [(d["blob"], d["name"]) for d in opts["inputs"]] == [("in0", "x")]
+    assert [(d["blob"], d["name"]) for d in opts["outputs"]] == [("out0", "y")]
+    assert opts["converter"].startswith("pnnx ")
+
+
+def test_precision_flags_are_explicit(ncnn_package):
+    fp32 = target(ncnn_package, "fp32")["options"]["precision_flags"]
+    assert {"use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic", "use_bf16_storage"} <= set(fp32)
+    assert not any(fp32.values()), fp32
+    fp16_target = target(ncnn_package, "fp16")
+    fp16 = fp16_target["options"]["precision_flags"]
+    assert fp16["use_fp16_storage"] and fp16["use_fp16_arithmetic"] and not fp16["use_bf16_storage"]
+    assert fp16_target["verification"]["passed"], fp16_target["verification"]
+    # the loaded net really has them off (ncnn's defaults would lower precision)
+    backend = get_backend("ncnn")
+    artifact = ncnn_package.artifact(target(ncnn_package, "fp32"))
+    engine = backend.load(artifact, LoadOptions(threads=3))
+    try:
+        opt = engine._net.opt
+        assert engine.num_threads == 3
+        assert not (opt.use_fp16_storage or opt.use_fp16_arithmetic or opt.use_fp16_packed or opt.use_bf16_storage)
+    finally:
+        engine.close()
+
+
+def test_session_matches_onnxruntime_at_batch_1_4_2(ncnn_package, cnn_model):
+    with luodi.Session(ncnn_package, backend="ncnn") as s:
+        assert (s.backend, s.precision) == ("ncnn", "fp32")
+        for n in (1, 4, 2):
+            x = np.random.default_rng(n).standard_normal((n, 3, 16, 16)).astype(np.float32)
+            y = s.run({"x": x})["y"]
+            assert y.shape == (n, 5) and y.dtype == np.float32
+            np.testing.assert_allclose(y, ort_run(cnn_model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+        s.prepare({"x": (3, 3, 16, 16)})
+        x = np.ones((3, 3, 16, 16), np.float32)
+        s.set_tensor("x", x)
+        s.forward()
+        np.testing.assert_allclose(s.get_tensor("y"), ort_run(cnn_model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_fp16_session_within_fp16_tolerance(ncnn_package, cnn_model):
+    x = np.random.default_rng(5).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    ref = ort_run(cnn_model, {"x": x})[0]
+    with luodi.Session(ncnn_package, backend="ncnn", precision="fp16") as s:
+        y = s.run({"x": x})["y"]
+    err = np.abs(y - ref).max()
+    assert err <= 1e-2 * max(1.0, np.abs(ref).max()), err
+
+
+def test_eight_threads_bit_identical(ncnn_package):
+    rng = np.random.default_rng(7)
+    inputs = [rng.standard_normal((2, 3, 16, 16)).astype(np.float32) for _ in range(8)]
+    with luodi.Session(ncnn_package, backend="ncnn") as s:
+        expected = [s.run({"x": x})["y"].copy() for x in inputs]
+        barrier = threading.Barrier(8)
+        errors: list[BaseException] = []
+        mismatches: list[int] = []
+
+        def worker(i: int) -> None:
+            try:
+                barrier.wait()
+                for _ in range(25):
+                    if not np.array_equal(s.run({"x": inputs[i]})["y"], expected[i]):
+                        mismatches.append(i)
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors
+        assert not mismatches
+        assert all(not t.is_alive() for t in threads)
+
+
+def test_in_place_first_layer_multiple_inputs_and_outputs():
+    # A leading ReLU works in place in ncnn: a Mat aliasing numpy memory used to crash it.
+    model = tiny_model(
+        [
+            helper.make_node("Relu", ["b"], ["rb"]),
+            helper.make_node("Sigmoid", ["a"], ["sa"]),
+            helper.make_node("Tanh", ["rb"], ["z"]),
+        ],
+        [vi("b", ["n", 4, 5]), vi("a", ["n", 7])],
+        [vi("z", ["n", 4, 5]), vi("sa", ["n", 7])],
+    )
+    rng = np.random.default_rng(3)
+    with luodi.Session(model, backend="ncnn") as s:
+        for n in (1, 3):
+            b = rng.standard_normal((n, 4, 5)).astype(np.float32)
+            a = rng.standard_normal((n, 7)).astype(np.float32)
+            b0 = b.copy()
+            got = s.run({"b": b, "a": a})
+            z, sa = ort_run(model, {"b": b, "a": a})
+            np.testing.assert_allclose(got["z"], z, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got["sa"], sa, rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(b, b0)  # the caller's input is untouched
+
+
+def test_fixed_shapes_run_whole_and_gemm_with_a_runtime_weight():
+    # [3,4,5] has no batch axis for pnnx: one extraction on the whole array, softmax on axis 1.
+    # Gemm(transB=1) with a run-time weight is lowered to Transpose + Gemm before pnnx.
+    model = tiny_model(
+        [
+            helper.make_node("Softmax", ["x"], ["s"], axis=1),
+            helper.make_node("Gemm", ["a", "b"], ["g"], transB=1),
+        ],
+        [vi("x", [3, 4, 5]), vi("a", [3, 6]), vi("b", [4, 6])],
+        [vi("s", [3, 4, 5]), vi("g", [3, 4])],
+    )
+    rng = np.random.default_rng(4)
+    feeds = {
+        k: rng.standard_normal(shape).astype(np.float32)
+        for k, shape in [("x", (3, 4, 5)), ("a", (3, 6)), ("b", (4, 6))]
+    }
+    with luodi.Session(model, backend="ncnn") as s:
+        got = s.run(feeds)
+    want_s, want_g = ort_run(model, feeds)
+    np.testing.assert_allclose(got["s"], want_s, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["g"], want_g, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_op_fails_at_compile_and_writes_nothing(tmp_path):
+    # Hardmax: pnnx passes it through by its ONNX name and ncnn has no such layer.
+    model = tiny_model(
+        [
+            helper.make_node("Relu", ["x"], ["r"], name="relu"),
+            helper.make_node("Hardmax", ["r"], ["y"], name="pick_max", axis=1),
+        ],
+        [vi("x", ["batch", 3, 8, 8])],
+        [vi("y", ["batch", 3, 8, 8])],
+    )
+    out = tmp_path / "bad.luodi"
+    with pytest.raises(luodi.UnsupportedOpError, match=r"ncnn.*Hardmax.*pick_max") as info:
+        luodi.compile(model, out, targets=["ncnn"])
+    assert "ncnn" in str(info.value) and "Hardmax" in str(info.value)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    with pytest.raises(luodi.UnsupportedOpError, match="Hardmax"):
+        get_backend("ncnn").compile(model, CompileOptions())
+
+
+def test_missing_pnnx_names_the_extra(cnn_model, monkeypatch):
+    import luodi.backends.ncnn as ncnn_backend
+
+    monkeypatch.setattr(ncnn_backend, "_pnnx_executable", lambda: None)
+    with pytest.raises(luodi.BackendUnavailableError, match=r"pnnx.*luodi\[ncnn\]"):
+        get_backend("ncnn").compile(cnn_model, CompileOptions())
+
+
+def test_unknown_precision_is_a_compile_error(cnn_model):
+    with pytest.raises(luodi.CompileError, match="int8"):
+        get_backend("ncnn").compile(cnn_model, CompileOptions(precision="int8"))
+
+
+def test_efficientnet_lite0_verifies_and_agrees_with_onnxruntime(effnet_ncnn):
+    from luodi.zoo.images import foolbox_imagenet
+
+    ver = target(effnet_ncnn, "fp32")["verification"]
+    assert ver["passed"] and ver["outputs"]["logits"]["max_abs"] <= 2e-4, ver
+    images = foolbox_imagenet()
+    assert len(images) == 20
+    paths = [p for p, _ in images]
+    with luodi.Session(effnet_ncnn, backend="ncnn") as a, luodi.Session(effnet_ncnn, backend="onnxruntime") as b:
+        top_ncnn = [r[0].index for r in a.predict(paths, k=1)]
+        top_ort = [r[0].index for r in b.predict(paths, k=1)]
+    assert top_ncnn == top_ort
+    assert sum(t == label for t, (_, label) in zip(top_ncnn, images)) >= 16
