@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from conftest import installed
 
 import luodi
+from conftest import installed
 from luodi import selection
 
 

@@ -275,6 +275,7 @@ def _convert_and_probe_in_child(workdir: str, model: Any) -> bytes:
             [sys.executable, "-c", code, workdir],
             capture_output=True,
             env=env,
+            cwd=workdir,  # the converter drops scratch files (.__convert_external_data.bin) in the cwd
             timeout=_CHILD_TIMEOUT_S,
             check=False,
         )

@@ -78,7 +78,7 @@ def node_cases(names: list[str] | None = None) -> list[Any]:
 
 
 def freeze_integer_inputs(model: Any, feeds: dict[str, np.ndarray]) -> tuple[Any, dict[str, np.ndarray]]:
-    """Turn integer inputs (shapes, axes, starts/ends) into initializers, as a deployed model has them.
+    """Turn parameter inputs (shapes, axes, starts/ends, Resize scales) into initializers, as deployed.
 
     Deployment engines (ncnn, MNN, OpenVINO's static path) expect such parameters to be constants;
     the ONNX node tests pass them as inputs only because the tests are generic.
@@ -89,10 +89,11 @@ def freeze_integer_inputs(model: Any, feeds: dict[str, np.ndarray]) -> tuple[Any
     frozen = onnx.ModelProto()
     frozen.CopyFrom(model)
     graph = frozen.graph
+    params = _parameter_inputs(graph)
     keep = []
     for vi in graph.input:
         value = feeds.get(vi.name)
-        if value is not None and np.asarray(value).dtype.kind in "iu" and np.asarray(value).ndim <= 1:
+        if value is not None and (vi.name in params or _is_small_int(value)):
             graph.initializer.append(numpy_helper.from_array(np.asarray(value), vi.name))
         else:
             keep.append(vi)
@@ -111,7 +112,7 @@ def run_case(backend_name: str, case: Any) -> CaseResult:
     if first.status in (PASS, NOT_APPLICABLE):
         return first
     inputs = case.data_sets[0][0]
-    if not any(np.asarray(v).dtype.kind in "iu" and np.asarray(v).ndim <= 1 for v in inputs):
+    if not (any(_is_small_int(v) for v in inputs) or _parameter_inputs(case.model.graph)):
         return first
     second = _run_case(backend_name, case, freeze_integers=True)
     if second.status == PASS:
@@ -169,6 +170,25 @@ def _run_case(backend_name: str, case: Any, freeze_integers: bool) -> CaseResult
             result.status, result.detail = MISMATCH, f"output '{name}': max abs diff {diff:.3g}"
             return result
     return result
+
+
+# Inputs that are parameters, not data, whatever their dtype: Resize's roi/scales/sizes.
+_PARAMETER_SLOTS = {"Resize": (1, 2, 3), "Upsample": (1,)}
+
+
+def _parameter_inputs(graph: Any) -> set[str]:
+    names = {vi.name for vi in graph.input}
+    return {
+        n.input[i]
+        for n in graph.node
+        for i in _PARAMETER_SLOTS.get(n.op_type, ())
+        if i < len(n.input) and n.input[i] in names
+    }
+
+
+def _is_small_int(value: Any) -> bool:
+    arr = np.asarray(value)
+    return arr.dtype.kind in "iu" and arr.ndim <= 1
 
 
 def _tensor_only(model: Any) -> bool:
