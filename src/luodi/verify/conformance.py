@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..backends import CompileOptions, LoadOptions, get_backend
-from ..errors import LuodiError, UnsupportedOpError
+from ..errors import LuodiError, NotApplicableError, UnsupportedOpError
 
 # Statuses, best first.
 PASS, MISMATCH, UNSUPPORTED, COMPILE_ERROR, RUN_ERROR, NOT_APPLICABLE = (
@@ -139,6 +139,9 @@ def _run_case(backend_name: str, case: Any, freeze_integers: bool) -> CaseResult
         engine = backend.load(artifact, LoadOptions())
     except UnsupportedOpError as exc:
         result.status, result.detail = UNSUPPORTED, str(exc)
+        return result
+    except NotApplicableError as exc:
+        result.status, result.detail = NOT_APPLICABLE, str(exc)
         return result
     except Exception as exc:  # engines raise their own types; a conformance run records them all
         result.status, result.detail = COMPILE_ERROR, f"{type(exc).__name__}: {exc}"[:300]
