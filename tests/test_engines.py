@@ -108,3 +108,38 @@ def test_two_sessions_do_not_share_engine_state(all_targets_package):
         a.close()
         np.testing.assert_array_equal(b.run({"x": x})["y"], want)
         b.close()
+
+
+@pytest.fixture(scope="module")
+def fcn_package(tmp_path_factory):
+    """A fully convolutional model with dynamic batch, height and width."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+        "fcn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, "h", "w"])],
+        initializer=[w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    targets = [b for b in ENGINES if b in luodi.backend_names() and installed(b)]
+    return luodi.compile(model, tmp_path_factory.mktemp("fcn") / "fcn.luodi", targets=targets)
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_dynamic_spatial_shapes(backend, fcn_package):
+    need(backend)
+    rng = np.random.default_rng(1)
+    with (
+        luodi.Session(fcn_package.path, backend=backend) as s,
+        luodi.Session(fcn_package.path, backend="reference") as r,
+    ):
+        for shape in [(1, 3, 8, 8), (2, 3, 16, 12), (1, 3, 5, 7)]:
+            x = rng.standard_normal(shape).astype(np.float32)
+            s.prepare({"x": shape})
+            y = s.run({"x": x})["y"]
+            assert y.shape == (shape[0], 4, *shape[2:])
+            np.testing.assert_allclose(y, r.run({"x": x})["y"], rtol=1e-4, atol=1e-4)
