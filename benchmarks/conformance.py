@@ -156,6 +156,12 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="only the first N cases (a smoke run)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds one case may take")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "conformance.md")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        help="write the report from the .json files of earlier runs (e.g. backends run in parallel)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -164,6 +170,15 @@ def main() -> None:
         return
     import luodi
 
+    if args.merge:
+        results, seconds = {}, {}
+        for f in args.merge:
+            data = json.loads(f.read_text())
+            results.update(data["results"])
+            seconds.update(data["seconds"])
+        write_report(results, seconds, args.out)
+        print(f"wrote {args.out}")
+        return
     # torch runs torch.export programs, never ONNX graphs: every case would be not-applicable.
     backends = args.backends or [
         b for b in luodi.backend_names() if b != "torch" and luodi.get_backend(b).available().ok
@@ -177,7 +192,7 @@ def main() -> None:
         counts = collections.Counter(r["status"] for r in results[b])
         print(f"{b}: {dict(counts)} in {seconds[b]:.0f} s", file=sys.stderr, flush=True)
     write_report(results, seconds, args.out)
-    (args.out.with_suffix(".json")).write_text(json.dumps(results, indent=0))
+    args.out.with_suffix(".json").write_text(json.dumps({"results": results, "seconds": seconds}))
     print(f"wrote {args.out}")
 
 
