@@ -71,3 +71,20 @@ def test_bf16_is_never_chosen_silently(tmp_path, effnet_source):
         assert "openvino:bf16: its measured error is outside the 'fp32' accuracy budget" in s.selection
     with luodi.Session(strict.path, accuracy_budget="bf16") as s:
         assert "openvino:bf16" in s.selection  # now a candidate, measured against onnxruntime
+
+
+@pytest.mark.skipif(not installed("openvino"), reason="needs a second engine: pip install 'luodi[openvino]'")
+def test_a_damaged_target_does_not_stop_auto(tmp_path, cnn_model):
+    import zipfile
+
+    pkg = luodi.compile(cnn_model, tmp_path / "two.luodi", targets=["openvino", "onnxruntime"])
+    bad = tmp_path / "damaged.luodi"
+    with zipfile.ZipFile(pkg.path) as src, zipfile.ZipFile(bad, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename == "targets/openvino-fp32/model.bin":
+                data = bytes(len(data))
+            dst.writestr(info.filename, data)
+    with luodi.Session(bad) as s:
+        assert s.backend == "onnxruntime"
+        assert "openvino:fp32: could not be loaded to time it" in s.selection and "sha256" in s.selection

@@ -137,7 +137,12 @@ def select_target(
     if len(candidates) == 1:
         return candidates[0], f"{label(candidates[0])}: the only target that runs here within budget '{budget}'{note}"
 
-    timings = _timings(package, candidates, device)
+    timings, failed = _timings(package, candidates, device)
+    skipped += [f"{name}: could not be loaded to time it ({why})" for name, why in failed.items()]
+    note = f" (not considered: {'; '.join(skipped)})" if skipped else ""
+    candidates = [t for t in candidates if label(t) in timings]
+    if not candidates:
+        raise BackendUnavailableError(f"no target in {package.path} could be loaded here: {'; '.join(skipped)}")
     best = min(candidates, key=lambda t: timings[label(t)])
     table = ", ".join(f"{label(t)} {timings[label(t)]:.2f} ms" for t in candidates)
     return best, f"{label(best)}: fastest measured on this host within budget '{budget}' ({table}){note}"
@@ -162,7 +167,10 @@ def _unusable(target: dict[str, Any], device: str, budget: str) -> str:
     return ""
 
 
-def _timings(package: Package, candidates: list[dict[str, Any]], device: str) -> dict[str, float]:
+def _timings(
+    package: Package, candidates: list[dict[str, Any]], device: str
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Latency per target label (stored, cached or measured now) and the targets that failed to load."""
     here = host_key()
     timings = {
         label(t): t["timing"]["median_ms"]
@@ -172,9 +180,15 @@ def _timings(package: Package, candidates: list[dict[str, Any]], device: str) ->
     cache = TimingCache()
     package_id = f"{package.manifest_sha256}:{device}"
     timings = {**cache.get(package_id), **timings}
-    missing = [t for t in candidates if label(t) not in timings]
-    if missing:
-        measured = {label(t): measure(package.artifact(t), package.inputs, device) for t in missing}
+    measured: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    for t in candidates:
+        if label(t) not in timings:
+            try:
+                measured[label(t)] = measure(package.artifact(t), package.inputs, device)
+            except LuodiError as exc:  # one broken target must not stop the others from being chosen
+                failed[label(t)] = str(exc)
+    if measured:
         cache.put(package_id, measured)
         timings.update(measured)
-    return timings
+    return timings, failed
