@@ -21,8 +21,14 @@ $(VENV)/.demo: pyproject.toml | $(BIN)/python
 	$(PIP) install --no-deps foolbox  # only its 20 labelled ImageNet pictures are used
 	touch $@
 
+# Debian's Fashion-MNIST (60k/10k labelled images) for the model we train ourselves.
+FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+$(FASHION):
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; fi
+
 # Everything the tests need, so that nothing is skipped.
-$(VENV)/.test: pyproject.toml | $(BIN)/python
+$(VENV)/.test: pyproject.toml | $(BIN)/python $(FASHION)
 	$(PIP) install $(TORCH) -e '.[dev]'
 	$(PIP) install --no-deps foolbox
 	touch $@
