@@ -117,7 +117,7 @@ def specs_from_onnx(model: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
         tt = vi.type.tensor_type
         dims: list[Dim] = []
         for i, d in enumerate(tt.shape.dim):
-            if d.HasField("dim_value"):
+            if d.HasField("dim_value") and d.dim_value >= 0:  # paddle2onnx writes -1 for a free dim
                 dims.append(int(d.dim_value))
             elif d.HasField("dim_param") and d.dim_param:
                 dims.append(d.dim_param)

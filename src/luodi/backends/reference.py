@@ -24,7 +24,7 @@ class ReferenceEngine(Engine):
         inputs, outputs = specs_from_onnx(model)
         super().__init__(inputs, outputs)
         try:
-            self._ev = ReferenceEvaluator(model)
+            self._ev = ReferenceEvaluator(model, new_ops=_inference_ops())
         except Exception as exc:  # the evaluator reports missing ops as plain exceptions
             _translate(exc)
         self._out_names = [o.name for o in outputs]
@@ -32,6 +32,25 @@ class ReferenceEngine(Engine):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self._ev.run(self._out_names, feeds)
         return {n: np.asarray(r) for n, r in zip(self._out_names, results)}
+
+
+def _inference_ops() -> list[type]:
+    """Ops whose onnx.reference implementation departs from the inference semantics engines run."""
+    from onnx.reference.op_run import OpRun
+    from onnx.reference.ops.op_batch_normalization import BatchNormalization_14, _batchnorm_test_mode
+
+    class BatchNormalization(OpRun):
+        # onnx's BatchNormalization-9 takes a 'momentum' attribute as a sign of training and normalises
+        # with the batch's own statistics; exporters (paddle2onnx, PP-OCR) set it on inference graphs,
+        # where every engine uses the running mean/var. Only training_mode=1 (opset 14+) means training.
+        op_domain = ""
+
+        def _run(self, x, scale, bias, mean, var, epsilon=None, momentum=None, training_mode=None):  # type: ignore[no-untyped-def]
+            if training_mode:
+                return BatchNormalization_14._run(self, x, scale, bias, mean, var, epsilon, momentum, training_mode)
+            return (_batchnorm_test_mode(x, scale, bias, mean, var, epsilon=1e-5 if epsilon is None else epsilon),)
+
+    return [BatchNormalization]
 
 
 def _translate(exc: Exception) -> None:
