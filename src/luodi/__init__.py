@@ -16,6 +16,7 @@ from .errors import (  # noqa: E402
     BackendUnavailableError,
     CompileError,
     DTypeError,
+    ExportError,
     InputError,
     IntegrityError,
     LuodiError,
@@ -31,6 +32,7 @@ from .errors import (  # noqa: E402
     UnsupportedOpError,
     VerificationError,
 )
+from .frontends.torch import export  # noqa: E402
 from .package import Package  # noqa: E402
 from .session import Session  # noqa: E402
 from .tensor import TensorSpec  # noqa: E402
@@ -44,6 +46,7 @@ __all__ = [
     "CompileError",
     "DTypeError",
     "Engine",
+    "ExportError",
     "InputError",
     "IntegrityError",
     "LuodiError",
@@ -64,5 +67,6 @@ __all__ = [
     "__version__",
     "backend_names",
     "compile",
+    "export",
     "get_backend",
 ]

@@ -41,6 +41,10 @@ class ModelError(LuodiError):
     """The model file or graph given to luodi is not a valid model."""
 
 
+class ExportError(ModelError):
+    """A PyTorch model could not be exported (an unsupported operator or construct); names module and op."""
+
+
 class PackageError(LuodiError):
     """A .luodi package is corrupt, truncated, or not a luodi package at all."""
 

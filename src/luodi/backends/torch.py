@@ -12,13 +12,22 @@ from typing import Any
 
 import numpy as np
 
+from ..compiler.passes.normalize import FOLDED_KEY
 from ..errors import BackendUnavailableError, CompileError, ModelError, NotApplicableError
 from ..tensor import specs_from_onnx
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
 
 
 class TorchEngine(Engine):
-    def __init__(self, module: Any, inputs: list, outputs: list, device: str, precision: str) -> None:
+    def __init__(
+        self,
+        module: Any,
+        inputs: list,
+        outputs: list,
+        device: str,
+        precision: str,
+        normalization: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(inputs, outputs)
         import torch
 
@@ -28,10 +37,22 @@ class TorchEngine(Engine):
         self._out = [s.name for s in outputs]
         self._device = torch.device(device)
         self._autocast = precision == "bf16"
+        # The ONNX graph may have the pipeline's normalisation folded into its first Conv; the exported
+        # program has not, so it normalises here and takes the same pixel-valued input as every engine.
+        self._norm: tuple[str, Any, Any] | None = None
+        if normalization:
+            shape = (1, -1) + (1,) * (len(next(s for s in inputs if s.name == normalization["input"]).shape) - 2)
+            mean = torch.tensor(normalization["mean"], dtype=torch.float32, device=self._device).reshape(shape)
+            inv_std = 1.0 / torch.tensor(normalization["std"], dtype=torch.float32, device=self._device).reshape(shape)
+            self._norm = (normalization["input"], mean, inv_std)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
         args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self._device) for n in self._in]
+        if self._norm is not None:
+            name, mean, inv_std = self._norm
+            i = self._in.index(name)
+            args[i] = (args[i] - mean) * inv_std
         with torch.inference_mode(), torch.autocast(self._device.type, torch.bfloat16, enabled=self._autocast):
             out = self._module(*args)
         if isinstance(out, torch.Tensor):
@@ -78,12 +99,11 @@ class TorchBackend(Backend):
         except Exception as exc:  # torch raises many types for a bad archive
             raise ModelError(f"the stored torch.export program cannot be loaded: {exc}") from exc
         inputs, outputs = specs_from_onnx(model)
-        return Artifact(
-            self.name,
-            options.precision,
-            {"model.pt2": data},
-            {"inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs]},
-        )
+        opts: dict[str, Any] = {"inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs]}
+        folded = (getattr(options.source, "pipeline", None) or {}).get(FOLDED_KEY)
+        if folded:
+            opts["input_normalization"] = folded
+        return Artifact(self.name, options.precision, {"model.pt2": data}, opts)
 
     def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
         torch = self.require()
@@ -100,4 +120,5 @@ class TorchBackend(Backend):
         module = program.module().to(device)
         inputs = [TensorSpec.from_dict(d) for d in artifact.options["inputs"]]
         outputs = [TensorSpec.from_dict(d) for d in artifact.options["outputs"]]
-        return TorchEngine(module, inputs, outputs, device, artifact.precision)
+        normalization = artifact.options.get("input_normalization")
+        return TorchEngine(module, inputs, outputs, device, artifact.precision, normalization)

@@ -85,6 +85,14 @@ def backends() -> None:
     help="how far from the reference a target may be for backend=auto to pick it",
 )
 @click.option("--tune", is_flag=True, help="measure every target's latency on this host and store it")
+@click.option("--passes", "show_passes", is_flag=True, help="list the graph passes that ran, nodes before/after")
+@click.option(
+    "--pass",
+    "pass_names",
+    multiple=True,
+    help="run only these graph passes, in this order (repeat); see `luodi passes`",
+)
+@click.option("--no-passes", is_flag=True, help="compile the graph exactly as given")
 def compile(
     model: str,
     output: str,
@@ -94,6 +102,9 @@ def compile(
     strict: bool,
     accuracy_budget: str,
     tune: bool,
+    show_passes: bool,
+    pass_names: tuple[str, ...],
+    no_passes: bool,
 ) -> None:
     """Compile MODEL (an .onnx file or zoo:NAME) into a verified .luodi package."""
     from .. import compiler
@@ -108,10 +119,135 @@ def compile(
             strict=strict,
             accuracy_budget=accuracy_budget,
             tune=tune,
+            passes=_passes_arg(pass_names, no_passes),
             log=lambda msg: status.update(msg),
         )
+    _print_compiled(pkg, show_passes)
+
+
+def _passes_arg(pass_names: tuple[str, ...], no_passes: bool) -> Any:
+    return None if no_passes else (list(pass_names) if pass_names else "default")
+
+
+def _print_compiled(pkg: Any, show_passes: bool) -> None:
     out.print(f"wrote [bold]{pkg.path}[/] ({pkg.path.stat().st_size / 1e6:.1f} MB)")
+    if show_passes:
+        _print_passes(pkg.manifest.get("passes", []))
     _print_verification(pkg)
+
+
+def _print_passes(records: list[dict[str, Any]]) -> None:
+    table = Table(title="graph passes")
+    for col in ("pass", "nodes", "initializers", "ms", "what it did"):
+        table.add_column(col, justify="right" if col in ("nodes", "initializers", "ms") else "left")
+    for r in records:
+        table.add_row(
+            r["name"],
+            f"{r['nodes_before']} -> {r['nodes_after']}",
+            f"{r['initializers_before']} -> {r['initializers_after']}",
+            f"{r['ms']:.0f}",
+            escape("; ".join(r["notes"])),
+        )
+    if not records:
+        table.add_row("(none)", "", "", "", "the graph was compiled as given")
+    out.print(table)
+
+
+@cli.command()
+def passes() -> None:
+    """List the graph passes the compiler can run (the default ones are marked)."""
+    from ..compiler.passes import DEFAULT, available
+
+    table = Table(title="graph passes")
+    table.add_column("pass")
+    table.add_column("default")
+    table.add_column("what it does")
+    for name, summary in available().items():
+        table.add_row(name, "yes" if name in DEFAULT else "", summary)
+    out.print(table)
+
+
+@cli.command()
+@click.argument("builder")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="a checkpoint (state dict) to load")
+@click.option(
+    "--input-shape",
+    "input_shapes",
+    multiple=True,
+    required=True,
+    help="example input shape, e.g. 1,3,224,224 (repeat for several inputs); the batch axis stays dynamic",
+)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="the .luodi file to write")
+@click.option(
+    "-t",
+    "--target",
+    "targets",
+    multiple=True,
+    default=("onnxruntime", "torch"),
+    show_default=True,
+    help="BACKEND or BACKEND:PRECISION; repeat for several targets",
+)
+@click.option("--name", help="model name stored in the package (default: the module's class name)")
+@click.option("--input-name", "input_names", multiple=True, help="name of each input (repeat)")
+@click.option("--output-name", "output_names", multiple=True, help="name of each output (repeat)")
+@click.option("--pipeline", type=click.Path(exists=True, dir_okay=False), help="a pipeline spec (JSON) to store")
+@click.option("--static-batch", is_flag=True, help="keep the example's batch size instead of a dynamic one")
+@click.option("--strict", is_flag=True, help="fail, writing nothing, if a target is outside its tolerance")
+@click.option("--passes", "show_passes", is_flag=True, help="list the graph passes that ran, nodes before/after")
+@click.option("--no-passes", is_flag=True, help="compile the exported graph exactly as exported")
+def export(
+    builder: str,
+    weights: str | None,
+    input_shapes: tuple[str, ...],
+    output: str,
+    targets: tuple[str, ...],
+    name: str | None,
+    input_names: tuple[str, ...],
+    output_names: tuple[str, ...],
+    pipeline: str | None,
+    static_batch: bool,
+    strict: bool,
+    show_passes: bool,
+    no_passes: bool,
+) -> None:
+    """Export a PyTorch model (BUILDER = my_pkg.models:build) into a verified .luodi package."""
+    import json
+
+    from ..errors import ExportError
+    from ..frontends.torch import build_module
+    from ..frontends.torch import export as export_package
+
+    try:
+        shapes = [tuple(int(d) for d in s.split(",")) for s in input_shapes]
+    except ValueError:
+        raise ExportError(
+            f"--input-shape takes comma-separated integers, e.g. 1,3,224,224; got {input_shapes}"
+        ) from None
+    spec = None
+    if pipeline:
+        try:
+            spec = json.loads(Path(pipeline).read_text())
+        except json.JSONDecodeError as exc:
+            raise ExportError(f"{pipeline} is not valid JSON: {exc}") from exc
+    with err.status("exporting") as status:
+        module = build_module(builder, weights)  # a MissingExtraError if torch is not installed
+        import torch
+
+        pkg = export_package(
+            module,
+            tuple(torch.zeros(s) for s in shapes),
+            output,
+            targets,
+            name=name,
+            input_names=list(input_names) or None,
+            output_names=list(output_names) or None,
+            dynamic_batch=not static_batch,
+            pipeline=spec,
+            strict=strict,
+            passes=None if no_passes else "default",
+            log=lambda msg: status.update(msg),
+        )
+    _print_compiled(pkg, show_passes)
 
 
 @cli.command()

@@ -24,6 +24,7 @@ from ..package.archive import MODEL, target_dir
 from ..selection import host_key, measure
 from ..tensor import specs_from_onnx
 from ..verify import TOLERANCES, compare, sample_inputs, verification_record
+from .passes import run_passes
 
 Log = Callable[[str], None]
 
@@ -47,6 +48,7 @@ def compile(  # noqa: A001 - the field's word for it
     strict: bool = False,
     accuracy_budget: str = "fp32",
     tune: bool = False,
+    passes: str | Sequence[str] | None = "default",
     log: Log | None = None,
 ) -> Package:
     """Compile ``model`` for every target and write a verified .luodi package to ``output``.
@@ -61,11 +63,18 @@ def compile(  # noqa: A001 - the field's word for it
     target may be for ``backend="auto"`` to choose it: with the default "fp32" a bf16 target is never
     picked silently. ``tune`` measures every target's latency on this host and stores it, so that
     ``auto`` does not have to measure at first load here.
+
+    ``passes`` are the graph passes run on the canonical graph before any target is compiled
+    (``"default"``: see ``luodi.compiler.passes.DEFAULT``; ``None`` for none, or a list of names).
+    What each did is stored in the manifest under ``passes`` and shown by ``luodi compile --passes``.
     """
     say = log or (lambda _msg: None)
     if accuracy_budget not in TOLERANCES:
         raise CompileError(f"unknown accuracy budget '{accuracy_budget}'; choose one of {sorted(TOLERANCES)}")
     src = load_model(model, name=name)
+    src.model, src.pipeline, pass_records = run_passes(src.model, passes, src.pipeline)
+    for rec in pass_records:
+        say(f"pass {rec.name}: {rec.nodes_before} -> {rec.nodes_after} nodes; {'; '.join(rec.notes)}")
     wanted = [parse_target(t) for t in targets]
     if not wanted:
         raise CompileError("no targets given; add at least one, e.g. --target onnxruntime")
@@ -133,6 +142,7 @@ def compile(  # noqa: A001 - the field's word for it
         "inputs": [s.to_dict() for s in inputs],
         "outputs": [s.to_dict() for s in outputs],
         "pipeline": src.pipeline,
+        "passes": [r.to_dict() for r in pass_records],
         "accuracy_budget": accuracy_budget,
         "targets": target_entries,
         "toolchain": _toolchain(backends),

@@ -29,6 +29,9 @@ class SourceModel:
     torch_program: bytes | Callable[[], bytes] | None = None
     """A ``torch.export`` program saved with ``torch.export.save`` (or a function making it on demand),
     when the model came from PyTorch."""
+    models: dict[str, SourceModel] = field(default_factory=dict)
+    """Further models of a multi-model pipeline (e.g. OCR's "cls" and "rec"), by the name the pipeline's
+    graph calls them; this model is "main". Each is compiled for the same targets and verified alike."""
 
 
 def load_model(src: Any, name: str | None = None) -> SourceModel:
@@ -51,7 +54,7 @@ def load_model(src: Any, name: str | None = None) -> SourceModel:
             raise ModelError(f"{path}: no such model file")
         if path.suffix == ".luodi":
             raise ModelError(f"{path} is already a luodi package; open it with luodi.Session or `luodi info`")
-        out = SourceModel(_parse(path.read_bytes(), str(path)), name or path.stem)
+        out = SourceModel(_load_file(path), name or path.stem)
     else:
         raise ModelError(
             f"cannot compile a {type(src).__name__}; give a path to an .onnx file, "
@@ -60,7 +63,21 @@ def load_model(src: Any, name: str | None = None) -> SourceModel:
     if name:
         out.name = name
     out.model = _check(out.model, out.name)
+    out.models = {k: dataclasses.replace(m, model=_check(m.model, f"{out.name}/{k}")) for k, m in out.models.items()}
     return out
+
+
+def _load_file(path: Path) -> Any:
+    """An .onnx file, with its external data (weights in a side file, e.g. ``model.onnx.data``) read in."""
+    import onnx
+
+    model = _parse(path.read_bytes(), str(path))
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:  # a missing or short side file
+            raise ModelError(f"{path}: its external weight data cannot be read from {path.parent}: {exc}") from exc
+    return model
 
 
 def _parse(data: bytes, where: str) -> Any:
