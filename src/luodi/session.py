@@ -25,6 +25,7 @@ from .errors import (
 )
 from .package import Package
 from .selection import select_target
+from .stream import Stream
 from .tensor import TensorSpec
 
 log = logging.getLogger("luodi")
@@ -59,6 +60,9 @@ class Session:
         self.package: Package | None = None
         self._closed = False
         load_options = LoadOptions(device=device, threads=threads, extra=dict(options or {}))
+        self._load_args: dict[str, Any] = {"threads": threads, "options": options}
+        self._models: dict[str, Session] = {}
+        self._streams: dict[str, Any] = {}
         if isinstance(model, Package) or _is_package_path(model):
             self.package = model if isinstance(model, Package) else Package(model)
             target, self.selection = select_target(self.package, backend, precision, device, accuracy_budget)
@@ -99,8 +103,49 @@ class Session:
         if self._pipeline is None and self.package is not None and self.package.pipeline:
             from .pipeline import Pipeline
 
-            self._pipeline = Pipeline.from_spec(self.package.pipeline, self._inputs)
+            pkg = self.package
+            models = {name: (pkg.submodel(name).inputs, pkg.submodel(name).outputs) for name in pkg.model_names}
+            models["main"] = (self._inputs, self._outputs)
+            self._pipeline = Pipeline.from_spec(pkg.pipeline, self._inputs, models=models)
         return self._pipeline
+
+    def model(self, name: str) -> Session:
+        """Model ``name`` of a multi-model package ("main" is this one), on this session's engine and precision.
+
+        Loaded on first use and closed with this session.
+        """
+        self._check_open()
+        if name == "main":
+            return self
+        if name not in self._models:
+            if self.package is None or name not in self.package.model_names:
+                have = ["main", *(self.package.model_names if self.package else [])]
+                raise UnknownTensorError(f"this session has no model '{name}'; its models are {have}")
+            self._models[name] = Session(
+                self.package.submodel(name),
+                backend=self.backend,
+                precision=self.precision,
+                device=self.device,
+                **self._load_args,
+            )
+        return self._models[name]
+
+    def stream(self, name: str | None = None, *, state: dict[str, str] | None = None, batch: int = 1) -> Stream:
+        """A :class:`~luodi.stream.Stream` over this (stateful) model: it carries the state tensors between calls.
+
+        ``state`` maps state inputs to the outputs holding their next value; by default the package
+        pipeline's ``state``. With ``name`` the session keeps the stream, so ``stream("mic-1")`` returns
+        the same stream every time (one state per stream); without, each call makes a new one.
+        """
+        self._check_open()
+        if name is not None and name in self._streams:
+            return self._streams[name]
+        if state is None:
+            state = dict((self.package.pipeline or {}).get("state", {})) if self.package else {}
+        made = Stream(self, state, batch)
+        if name is not None:
+            self._streams[name] = made
+        return made
 
     # -- the six verbs --------------------------------------------------------------------------
     def prepare(self, shapes: dict[str, tuple[int, ...]] | None = None) -> Session:
@@ -150,6 +195,8 @@ class Session:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            for sub in self._models.values():
+                sub.close()
             self._engine.close()
 
     def __enter__(self) -> Session:
@@ -177,8 +224,7 @@ class Session:
                 "this model has no pre/post-processing pipeline; call run() with tensors, "
                 "or compile a model that carries one (e.g. zoo:efficientnet-lite0)"
             )
-        feeds, context = pipe.preprocess(raw)
-        return pipe.postprocess(self.run(feeds), context, **options)
+        return pipe.run(raw, self, **options)
 
     # -- internals -------------------------------------------------------------------------------
     def _execute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

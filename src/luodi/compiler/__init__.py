@@ -24,6 +24,7 @@ from ..package.archive import MODEL, target_dir
 from ..selection import host_key, measure
 from ..tensor import specs_from_onnx
 from ..verify import TOLERANCES, compare, sample_inputs, verification_record
+from .models import check_pipeline, compile_models
 from .passes import run_passes
 
 Log = Callable[[str], None]
@@ -85,6 +86,7 @@ def compile(  # noqa: A001 - the field's word for it
         b.require()  # every engine must be here before any work is done
 
     inputs, outputs = specs_from_onnx(src.model)
+    check_pipeline(src, inputs, outputs)  # a bad pipeline spec fails before any work is done
     model_bytes = src.model.SerializeToString()
     members: dict[str, bytes] = {MODEL: model_bytes}
     by_sha = {hashlib.sha256(model_bytes).hexdigest(): MODEL}
@@ -131,6 +133,7 @@ def compile(  # noqa: A001 - the field's word for it
                 ms = measure(artifact, inputs)
                 entry["timing"] = {"host": host_key(), "device": "cpu", "median_ms": round(ms, 4)}
     target_entries = [entry for _, _, entry in compiled]
+    models = compile_models(src, wanted, backends, members, by_sha, verify=verify, strict=strict, say=say)
 
     manifest = {
         "format": FORMAT,
@@ -147,6 +150,8 @@ def compile(  # noqa: A001 - the field's word for it
         "targets": target_entries,
         "toolchain": _toolchain(backends),
     }
+    if models:
+        manifest["models"] = models
     path = write_package(output, manifest, members)
     say(f"wrote {path}")
     return Package(path)
@@ -163,6 +168,8 @@ def _failure(record: dict[str, Any]) -> str:
 
 
 def _samples_for(src: SourceModel, inputs: list) -> list[dict[str, np.ndarray]]:
+    if src.samples and all(isinstance(s, dict) for s in src.samples):
+        return list(src.samples)  # already model feeds (multi-model and stateful pipelines give these)
     if src.samples and src.pipeline:
         from ..pipeline import Pipeline
 

@@ -5,6 +5,7 @@ It knows the file layout and the manifest, never how an engine uses the files.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -68,6 +69,7 @@ class Package:
         self.manifest = self._read_manifest()
         self._specs_in = [TensorSpec.from_dict(d) for d in self.manifest["inputs"]]
         self._specs_out = [TensorSpec.from_dict(d) for d in self.manifest["outputs"]]
+        self._model_member = MODEL
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Package:
@@ -154,8 +156,41 @@ class Package:
     def pipeline(self) -> dict[str, Any] | None:
         return self.manifest.get("pipeline")
 
+    @property
+    def model_names(self) -> list[str]:
+        """The extra models of a multi-model package (e.g. ["cls", "rec"] for OCR); the primary model is "main"."""
+        return sorted(self.manifest.get("models") or {})
+
+    def submodel(self, name: str) -> Package:
+        """A view of extra model ``name`` as a one-model package: its io specs, its targets, its model.onnx.
+
+        The view reads the same zip and the same pinned checksums; only what describes the model differs.
+        """
+        if name == "main":
+            return self
+        entry = (self.manifest.get("models") or {}).get(name)
+        if entry is None:
+            have = ", ".join(["main", *self.model_names])
+            raise PackageError(f"{self.path} has no model '{name}'; its models are: {have}")
+        view = copy.copy(self)
+        view.manifest = {
+            **self.manifest,
+            "name": f"{self.name}/{name}",
+            "inputs": entry["inputs"],
+            "outputs": entry["outputs"],
+            "targets": entry["targets"],
+            "pipeline": None,
+            "models": {},
+        }
+        view._specs_in = [TensorSpec.from_dict(d) for d in entry["inputs"]]
+        view._specs_out = [TensorSpec.from_dict(d) for d in entry["outputs"]]
+        view._model_member = entry["model"]
+        # Timings are cached per package hash: each model of the package needs a key of its own.
+        view.manifest_sha256 = sha256(f"{self.manifest_sha256}:{name}".encode())
+        return view
+
     def model_bytes(self) -> bytes:
-        return self.read(MODEL)
+        return self.read(self._model_member)
 
     def model(self) -> Any:
         import onnx

@@ -5,7 +5,9 @@ The op registry is a name -> class table filled by the op modules; there is no c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +24,8 @@ def register_op(cls: type) -> type:
     return cls
 
 
-def _build(step: dict[str, Any]) -> Any:
+def build_op(step: dict[str, Any]) -> Any:
+    """The op object a spec step ``{"op": name, **params}`` describes; PipelineError says what is wrong."""
     if not isinstance(step, dict) or "op" not in step:
         raise PipelineError(f"pipeline step {step!r} must be an object with an 'op' key")
     cls = _OPS.get(step["op"])
@@ -44,12 +47,45 @@ class Pipeline:
         self.spec = spec
         self.input = spec.get("input") or inputs[0].name
         self.output = spec.get("output")
-        self.pre = [_build(s) for s in spec.get("pre", [])]
-        self.post = [_build(s) for s in spec.get("post", [])]
+        self.pre = [build_op(s) for s in spec.get("pre", [])]
+        self.post = [build_op(s) for s in spec.get("post", [])]
+        self._local = threading.local()
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any], inputs: Sequence[TensorSpec]) -> Pipeline:
+    def from_spec(
+        cls,
+        spec: dict[str, Any],
+        inputs: Sequence[TensorSpec],
+        models: Mapping[str, tuple[Sequence[TensorSpec], Sequence[TensorSpec]]] | None = None,
+    ) -> Any:
+        """The pipeline ``spec`` describes: a ``graph`` (several steps and models) or the classic pre/post lists.
+
+        ``models`` ({name: (inputs, outputs)}, "main" for the primary model) lets a graph be checked
+        against the models it calls, as the compiler does before writing a package.
+        """
+        if not isinstance(spec, dict):
+            raise PipelineError(f"a pipeline spec must be a JSON object, got {type(spec).__name__}")
+        if "graph" in spec:
+            from .graph import GraphPipeline
+
+            return GraphPipeline(spec, models)
         return cls(spec, inputs)
+
+    @property
+    def last_timings(self) -> dict[str, float]:
+        """Seconds spent in pre-processing, the model and post-processing by this thread's last run."""
+        return dict(getattr(self._local, "timings", {}))
+
+    def run(self, raw: Any, session: Any, **options: Any) -> Any:
+        """pre -> ``session.run`` -> post, timed per stage."""
+        t0 = time.perf_counter()
+        feeds, context = self.preprocess(raw)
+        t1 = time.perf_counter()
+        outputs = session.run(feeds)
+        t2 = time.perf_counter()
+        result = self.postprocess(outputs, context, **options)
+        self._local.timings = {"pre": t1 - t0, "model": t2 - t1, "post": time.perf_counter() - t2}
+        return result
 
     def preprocess(self, raw: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Feeds for the model and a context for postprocess (whether ``raw`` was a batch)."""

@@ -11,9 +11,13 @@ from collections.abc import Callable
 from ..errors import ModelError
 from ..frontends import SourceModel
 from .efficientnet import efficientnet_lite0
+from .pipelines import ppocr_v4, silero_vad, yolov8n_nudenet
 
 MODELS: dict[str, Callable[[], SourceModel]] = {
     "efficientnet-lite0": efficientnet_lite0,
+    "yolov8n-nudenet": yolov8n_nudenet,
+    "pp-ocrv4": ppocr_v4,
+    "silero-vad": silero_vad,
 }
 
 
@@ -30,4 +34,4 @@ def get(name: str) -> SourceModel:
     return loader()
 
 
-__all__ = ["MODELS", "efficientnet_lite0", "get", "names"]
+__all__ = ["MODELS", "efficientnet_lite0", "get", "names", "ppocr_v4", "silero_vad", "yolov8n_nudenet"]
