@@ -8,6 +8,8 @@ PIP    := $(BIN)/python -m pip -q --disable-pip-version-check
 # An unpinned torch pulls a multi-GB CUDA build; this pin takes the CPU build.
 TORCH  := torch==2.13.0
 PKG    := build/efficientnet-lite0.luodi
+# Packages whose ONNX models the pipelines read from disk; installed without their dependencies (see pyproject).
+MODELS := rapidocr-onnxruntime
 
 .PHONY: demo test lint bench clean
 
@@ -17,8 +19,9 @@ $(BIN)/python:
 
 # Default engines + the model zoo + the picture packages the demo reads.
 $(VENV)/.demo: pyproject.toml | $(BIN)/python
-	$(PIP) install $(TORCH) -e '.[zoo]' scikit-image
+	$(PIP) install $(TORCH) -e '.[zoo,pipelines]' scikit-image
 	$(PIP) install --no-deps foolbox  # only its 20 labelled ImageNet pictures are used
+	$(PIP) install --no-deps $(MODELS)
 	touch $@
 
 # Debian's Fashion-MNIST (60k/10k labelled images) for the model we train ourselves.
@@ -30,7 +33,7 @@ $(FASHION):
 # Everything the tests need, so that nothing is skipped.
 $(VENV)/.test: pyproject.toml | $(BIN)/python $(FASHION)
 	$(PIP) install $(TORCH) -e '.[dev]'
-	$(PIP) install --no-deps foolbox
+	$(PIP) install --no-deps foolbox $(MODELS) silero-vad pyannote-audio  # pyannote: its real-speech sample.wav
 	touch $@
 
 demo: $(VENV)/.demo
