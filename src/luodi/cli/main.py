@@ -269,7 +269,12 @@ def info(package: str, device: str) -> None:
             io.add_row(kind, s.name, s.dtype, escape(s.shape_str()))
     out.print(io)
     pipe = pkg.pipeline
-    if pipe:
+    if pipe and "graph" in pipe:
+        steps = " -> ".join(s.get("op") or f"[model {s['model']}]" for s in pipe["graph"])
+        out.print(f"pipeline ({pipe.get('task', '?')}): {escape(steps)}")
+        if pkg.model_names:
+            out.print(f"models: main, {', '.join(pkg.model_names)} (each compiled for every target)")
+    elif pipe:
         steps = " -> ".join(s["op"] for s in pipe.get("pre", [])) + " -> [model] -> "
         steps += " -> ".join(s["op"] for s in pipe.get("post", []))
         out.print(f"pipeline ({pipe.get('task', '?')}): {escape(steps)}")
@@ -339,20 +344,59 @@ def _timings_here(pkg: Any) -> dict[str, float]:
 @click.option("-k", "--top", "k", default=5, show_default=True, help="how many classes to show")
 @click.option("-b", "--backend", default="auto", show_default=True)
 @click.option("-d", "--device", default="cpu", show_default=True)
-def predict(package: str, inputs: tuple[str, ...], k: int, backend: str, device: str) -> None:
-    """Run PACKAGE's pipeline on each input (e.g. image files) and print the result."""
+@click.option(
+    "--save-vis",
+    type=click.Path(dir_okay=False),
+    help="draw detection boxes / text boxes on the input and save the picture here (with several inputs: NAME-N.png)",
+)
+def predict(package: str, inputs: tuple[str, ...], k: int, backend: str, device: str, save_vis: str | None) -> None:
+    """Run PACKAGE's pipeline on each input (image or .wav files) and print the result."""
     from ..session import Session
 
     with Session(package, backend=backend, device=device) as s:
         err.print(f"[dim]{s.selection}[/]", highlight=False)
-        for item in inputs:
+        for n, item in enumerate(inputs):
             result = s.predict(item, k=k)
-            table = Table(title=Path(item).name)
-            for col in ("rank", "class", "label", "probability"):
-                table.add_column(col)
-            for rank, p in enumerate(result, 1):
-                table.add_row(str(rank), str(p.index), p.label, f"{p.score:.1%}")
-            out.print(table)
+            out.print(_result_table(Path(item).name, result))
+            if save_vis:
+                from ..pipeline.draw import draw_results
+
+                dest = Path(save_vis) if len(inputs) == 1 else Path(save_vis).with_stem(f"{Path(save_vis).stem}-{n}")
+                draw_results(item, result).save(dest)
+                err.print(f"[dim]saved {dest}[/]", highlight=False)
+
+
+def _result_table(title: str, result: Any) -> Table:
+    """A table of whatever a pipeline returned: top-k classes, detections, text lines or speech segments."""
+    from ..pipeline import Prediction
+    from ..pipeline.ops import Detection, SpeechSegment, TextLine
+
+    table = Table(title=title)
+    first = result[0] if result else None
+    if isinstance(first, Detection):
+        for col in ("label", "score", "box x1, y1, x2, y2"):
+            table.add_column(col)
+        for d in result:
+            table.add_row(d.label, f"{d.score:.2f}", ", ".join(f"{v:.0f}" for v in d.box))
+    elif isinstance(first, TextLine):
+        for col in ("line", "text", "confidence"):
+            table.add_column(col)
+        for i, t in enumerate(result, 1):
+            table.add_row(str(i), escape(t.text), f"{t.score:.3f}")
+    elif isinstance(first, SpeechSegment):
+        for col in ("segment", "start s", "end s"):
+            table.add_column(col)
+        for i, seg in enumerate(result, 1):
+            table.add_row(str(i), f"{seg.start_s:.2f}", f"{seg.end_s:.2f}")
+    elif isinstance(first, Prediction):
+        for col in ("rank", "class", "label", "probability"):
+            table.add_column(col)
+        for rank, p in enumerate(result, 1):
+            table.add_row(str(rank), str(p.index), p.label, f"{p.score:.1%}")
+    else:
+        table.add_column("result")
+        table.add_row(escape(repr(result)) if result else "(nothing found)")
+    return table
 
 
 @cli.command()
