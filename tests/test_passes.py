@@ -164,7 +164,9 @@ def test_fold_batchnorm_leaves_a_conv_whose_output_is_read_twice():
         helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["bn"]),
         helper.make_node("Add", ["bn", "c"], ["y"]),
     ]
-    model = _model(nodes, [_x(1, 1, 4, 4)], [_y(1, 2, 4, 4)], [_init("w", RNG.standard_normal((2, 1, 1, 1))), g, b, m, v])
+    model = _model(
+        nodes, [_x(1, 1, 4, 4)], [_y(1, 2, 4, 4)], [_init("w", RNG.standard_normal((2, 1, 1, 1))), g, b, m, v]
+    )
     out, _, _ = run_passes(model, ["fold-batchnorm"])
     assert "BatchNormalization" in _ops(out)
 
@@ -273,7 +275,9 @@ def test_compile_records_the_passes_and_cli_lists_them(tmp_path, cnn_model):
     assert "graph passes" in res.output and "fold-constants" in res.output and "->" in res.output
     res = runner.invoke(cli, ["passes"])
     assert res.exit_code == 0 and "fold-input-normalization" in res.output
-    res = runner.invoke(cli, ["compile", "-o", str(tmp_path / "d.luodi"), "--pass", "nope", _onnx_file(tmp_path, cnn_model)])
+    res = runner.invoke(
+        cli, ["compile", "-o", str(tmp_path / "d.luodi"), "--pass", "nope", _onnx_file(tmp_path, cnn_model)]
+    )
     assert res.exit_code == 2 and "unknown graph pass 'nope'" in res.output
     assert not (tmp_path / "d.luodi").exists()
 

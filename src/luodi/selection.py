@@ -6,6 +6,7 @@ and package hash; every choice comes with the reasons for it. It loads engines o
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -56,8 +57,20 @@ def within_budget(target: dict[str, Any], budget: str) -> bool:
     return all(OutputComparison(n, **r).passes(budget) for n, r in ver["outputs"].items())
 
 
-def measure(artifact: Artifact, inputs: list[TensorSpec], device: str = "cpu", runs: int = TIMING_RUNS) -> float:
-    """Median batch-1 latency of a compiled target on this host, in milliseconds."""
+def measure(
+    artifact: Artifact,
+    inputs: list[TensorSpec],
+    device: str = "cpu",
+    runs: int = TIMING_RUNS,
+    shapes: dict[str, list[int]] | None = None,
+) -> float:
+    """Median batch-1 latency of a compiled target on this host, in milliseconds.
+
+    ``shapes`` (the package's ``example_shapes``) fixes free dims a model cannot run at 1, such as the height
+    and width of a detector's image.
+    """
+    if shapes:
+        inputs = [dataclasses.replace(s, shape=tuple(shapes.get(s.name, s.shape))) for s in inputs]
     feeds = sample_inputs(inputs, count=1)[0]
     engine = get_backend(artifact.backend).load(artifact, LoadOptions(device=device))
     try:
@@ -185,9 +198,12 @@ def _timings(
     for t in candidates:
         if label(t) not in timings:
             try:
-                measured[label(t)] = measure(package.artifact(t), package.inputs, device)
+                shapes = package.manifest.get("example_shapes")
+                measured[label(t)] = measure(package.artifact(t), package.inputs, device, shapes=shapes)
             except LuodiError as exc:  # one broken target must not stop the others from being chosen
                 failed[label(t)] = str(exc)
+            except Exception as exc:  # an engine failing on the timing input: the same, with its own words
+                failed[label(t)] = f"{type(exc).__name__}: {exc}"
     if measured:
         cache.put(package_id, measured)
         timings.update(measured)

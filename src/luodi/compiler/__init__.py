@@ -130,7 +130,7 @@ def compile(  # noqa: A001 - the field's word for it
         for _, artifact, entry in compiled:
             if entry.get("verification", {}).get("passed", True) and entry["backend"] != "reference":
                 say(f"timing {entry['backend']}:{entry['precision']}")
-                ms = measure(artifact, inputs)
+                ms = measure(artifact, inputs, shapes=_example_shapes(src))
                 entry["timing"] = {"host": host_key(), "device": "cpu", "median_ms": round(ms, 4)}
     target_entries = [entry for _, _, entry in compiled]
     models = compile_models(src, wanted, backends, members, by_sha, verify=verify, strict=strict, say=say)
@@ -152,6 +152,8 @@ def compile(  # noqa: A001 - the field's word for it
     }
     if models:
         manifest["models"] = models
+    if _example_shapes(src):
+        manifest["example_shapes"] = _example_shapes(src)  # what auto-selection times the targets on
     path = write_package(output, manifest, members)
     say(f"wrote {path}")
     return Package(path)
@@ -165,6 +167,12 @@ def _failure(record: dict[str, Any]) -> str:
         f"is outside its tolerance on output '{name}' "
         f"(max abs error {worst['max_abs']:.3g}, cosine {worst['cosine']:.6f})"
     )
+
+
+def _example_shapes(src: SourceModel) -> dict[str, list[int]]:
+    """Input shapes of the first sample feeds, for models whose free dims cannot be timed at 1 (detectors, OCR)."""
+    first = src.samples[0] if src.samples and isinstance(src.samples[0], dict) else {}
+    return {name: list(np.shape(value)) for name, value in first.items()}
 
 
 def _samples_for(src: SourceModel, inputs: list) -> list[dict[str, np.ndarray]]:

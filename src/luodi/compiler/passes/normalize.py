@@ -139,8 +139,13 @@ class FoldInputNormalization(Pass):
             pads_name = fresh_name(graph, "normfolded_pads")
             replace_initializer(graph, pads_name, np.asarray(pads, dtype=np.int64))
             padded = fresh_name(graph, f"{conv.input[0]}_padded")
+            # mode written out: pnnx (ncnn) leaves a Pad without an explicit mode unconverted
             node = helper.make_node(
-                "Pad", [conv.input[0], pads_name, value_name], [padded], name=fresh_name(graph, "normfolded_pad")
+                "Pad",
+                [conv.input[0], pads_name, value_name],
+                [padded],
+                name=fresh_name(graph, "normfolded_pad"),
+                mode="constant",
             )
             index = list(graph.node).index(conv)
             graph.node.insert(index, node)
