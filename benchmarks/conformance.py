@@ -80,7 +80,10 @@ def run_backend(backend: str, limit: int | None, timeout: float) -> list[dict]:
                 else:
                     finished = True
                 break
-            msg = json.loads(line)
+            try:
+                msg = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # an engine printing to stdout itself (MNN's native logging), not a result line
             if "status" in msg:
                 results.append(msg)
                 current = None
