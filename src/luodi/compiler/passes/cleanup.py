@@ -33,25 +33,13 @@ class EliminateIdentity(Pass):
             if dst in graph_outputs:
                 if src in graph_inputs or src in graph_outputs:
                     continue  # a graph output that is an input's copy must stay a copy
-                self._rename_producer(graph, src, dst)
+                rename_tensor(graph, src, dst, producers=True)  # the graph output keeps its name
             else:
                 rename_tensor(graph, dst, src)
             graph.node.remove(node)
             removed.append(node.op_type)
         ctx.notes.append(f"{removed.count('Identity')} Identity and {removed.count('Dropout')} Dropout node(s) removed")
         return model
-
-    @staticmethod
-    def _rename_producer(graph: Any, src: str, dst: str) -> None:
-        """The graph output ``dst`` keeps its name: the node producing ``src`` writes ``dst`` directly."""
-        for node in graph.node:
-            for i, name in enumerate(node.output):
-                if name == src:
-                    node.output[i] = dst
-        for node in graph.node:
-            for i, name in enumerate(node.input):
-                if name == src:
-                    node.input[i] = dst
 
 
 class EliminateDeadNodes(Pass):

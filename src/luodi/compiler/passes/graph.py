@@ -53,12 +53,17 @@ def _subgraph_reads(node: Any) -> set[str]:
     return reads
 
 
-def rename_tensor(graph: Any, old: str, new: str) -> None:
-    """Make every reader of ``old`` read ``new`` instead (graph outputs included)."""
+def rename_tensor(graph: Any, old: str, new: str, producers: bool = False) -> None:
+    """Make every reader of ``old`` read ``new`` instead (graph outputs included); with ``producers``
+    the node writing ``old`` writes ``new`` too."""
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name == old:
                 node.input[i] = new
+        if producers:
+            for i, name in enumerate(node.output):
+                if name == old:
+                    node.output[i] = new
     for out in graph.output:
         if out.name == old:
             out.name = new
