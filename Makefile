@@ -40,6 +40,12 @@ demo: $(VENV)/.demo
 	$(BIN)/luodi compile zoo:efficientnet-lite0 -o $(PKG) --target onnxruntime
 	$(BIN)/luodi predict $(PKG) $$($(BIN)/python -c "from luodi.zoo.images import skimage_picture as p; print(p('chelsea'))") -k 3
 	$(BIN)/python examples/imagenet_demo.py $(PKG)
+	@echo "--- detection: nudenet's YOLOv8n with letterbox, decode, class-wise NMS (boxes drawn into build/astronaut-boxes.png)"
+	$(BIN)/luodi compile zoo:yolov8n-nudenet -o build/yolov8n-nudenet.luodi --target onnxruntime
+	$(BIN)/luodi predict build/yolov8n-nudenet.luodi $$($(BIN)/python -c "from luodi.zoo.images import skimage_picture as p; print(p('astronaut'))") --save-vis build/astronaut-boxes.png
+	@echo "--- OCR: PP-OCRv4 detector + orientation classifier + recogniser, one package of three models"
+	$(BIN)/luodi compile zoo:pp-ocrv4 -o build/pp-ocrv4.luodi --target onnxruntime
+	$(BIN)/luodi predict build/pp-ocrv4.luodi $$($(BIN)/python -c "from luodi.zoo.images import skimage_picture as p; print(p('page'))")
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q

@@ -289,9 +289,16 @@ def info(package: str, device: str) -> None:
 
 
 def _print_verification(pkg: Any) -> None:
+    """The verification table of the package's model, then one per further model of a multi-model package."""
+    _print_model_verification(pkg, "targets, verified against the float reference")
+    for name in pkg.model_names:
+        _print_model_verification(pkg.submodel(name), f"model '{name}': targets, verified against the float reference")
+
+
+def _print_model_verification(pkg: Any, title: str) -> None:
     from ..verify import OutputComparison
 
-    table = Table(title="targets, verified against the float reference")
+    table = Table(title=title)
     for col in ("target", "MB", "output", "max abs err", "mean abs err", "cosine", "allowed max abs", "result", "ms"):
         table.add_column(col)
     sizes = {n: f["size"] for n, f in pkg.manifest["files"].items()}
