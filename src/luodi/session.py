@@ -62,6 +62,7 @@ class Session:
         load_options = LoadOptions(device=device, threads=threads, extra=dict(options or {}))
         self._load_args: dict[str, Any] = {"threads": threads, "options": options}
         self._models: dict[str, Session] = {}
+        self._models_lock = threading.Lock()  # threads sharing a session load each further model once
         self._streams: dict[str, Any] = {}
         if isinstance(model, Package) or _is_package_path(model):
             self.package = model if isinstance(model, Package) else Package(model)
@@ -117,6 +118,10 @@ class Session:
         self._check_open()
         if name == "main":
             return self
+        with self._models_lock:
+            return self._models.get(name) or self._load_model(name)
+
+    def _load_model(self, name: str) -> Session:
         if name not in self._models:
             if self.package is None or name not in self.package.model_names:
                 have = ["main", *(self.package.model_names if self.package else [])]
