@@ -114,6 +114,11 @@ class Backend:
     """The pip extra that installs the engine, e.g. "openvino" for ``luodi[openvino]``."""
     module: ClassVar[str | None] = None
     """The engine's Python module, imported lazily to tell availability."""
+    int8_policy: ClassVar[dict[str, Any] | None] = None
+    """How the engine runs int8, as data that luodi.quant reads (see luodi/quant/policy.py): activation and
+    weight dtype/symmetry/granularity, rounding, which operators run in int8. None: no int8 target."""
+    int8_unsupported: ClassVar[str] = ""
+    """Why the engine has no int8 target here, shown by `luodi backends`."""
 
     def available(self) -> Availability:
         if self.module is None:

@@ -167,6 +167,10 @@ class MnnEngine(Engine):
 
 class MnnBackend(Backend):
     name = "mnn"
+    int8_unsupported = (
+        "MNN's int8 calibration is its mnnquant tool, which luodi never runs (it pip-installs a telemetry SDK and "
+        "sends data); weight-only int8 (--weightQuantBits) computes in float, so it is not an int8 target"
+    )
     precisions = tuple(_PRECISIONS)
     module = "MNN"
     extra = "mnn"

@@ -386,6 +386,10 @@ class NcnnEngine(Engine):
 # -- backend --------------------------------------------------------------------------------------
 class NcnnBackend(Backend):
     name = "ncnn"
+    int8_unsupported = (
+        "ncnn runs int8 from its own calibration table (ncnn2table + ncnn2int8), and the ncnn/pnnx wheels ship "
+        "neither tool"
+    )
     precisions = ("fp32", "fp16")
     devices = ("cpu",)
     module = "ncnn"

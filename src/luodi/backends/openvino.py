@@ -51,7 +51,7 @@ import re
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -67,8 +67,9 @@ from ..tensor import TensorSpec
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
 
 # luodi precision -> OpenVINO INFERENCE_PRECISION_HINT, and the OPTIMIZATION_CAPABILITIES entry it needs.
-_HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
-_CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16"}
+# int8: the QDQ graph's FakeQuantize ops run in int8 (OpenVINO's low-precision transformations); the rest in f32.
+_HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
+_CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16", "int8": "INT8"}
 _LUODI_DEVICE = {"CPU": "cpu", "GPU": "gpu", "NPU": "npu"}
 
 # OpenVINO's ONNX frontend report: "-- No conversion rule found for operations: Det-17, ai.onnx.ml.X"
@@ -235,10 +236,20 @@ def _specs_of(compiled: Any, input_names: list[str], output_names: list[str]) ->
 
 class OpenVinoBackend(Backend):
     name = "openvino"
-    precisions = ("fp32", "bf16", "fp16")
+    precisions = ("fp32", "bf16", "fp16", "int8")
     devices = ("cpu", "gpu", "npu")
     module = "openvino"
     extra = "openvino"
+    # OpenVINO reads the QDQ ONNX (not QOperator int8 ONNX) into FakeQuantize and runs u8 activations x s8
+    # weights on CPU (oneDNN); per-channel symmetric weights; the same saturation as ORT without VNNI.
+    int8_policy: ClassVar[dict[str, Any] | None] = {
+        "activations": {"dtype": "uint8", "symmetric": False},
+        "weights": {"dtype": "int8", "symmetric": True, "per_channel": True, "bits": 8},
+        "weight_bits_without_vnni": 7,
+        "rounding": "half_to_even",
+        "ops": ["Conv", "MatMul", "Gemm", "Add", "Relu", "Clip", "AveragePool", "GlobalAveragePool", "MaxPool"],
+        "format": "qdq",
+    }
 
     def __init__(self) -> None:
         self._core_obj: Any = None

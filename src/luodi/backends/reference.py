@@ -62,6 +62,7 @@ def _translate(exc: Exception) -> None:
 
 class ReferenceBackend(Backend):
     name = "reference"
+    int8_unsupported = "the reference is the float yardstick; a QDQ graph is simulated on onnxruntime instead"
     precisions = ("fp32",)
     module = "onnx"
 

@@ -42,13 +42,13 @@ def backends() -> None:
     from ..backends import backend_names, get_backend
 
     table = Table(title="luodi backends")
-    for col in ("backend", "available", "version", "devices", "precisions", "why not / how to install"):
+    for col in ("backend", "available", "version", "devices", "precisions", "int8", "why not / how to install"):
         table.add_column(col)
     for name in backend_names():
         try:
             a = get_backend(name).available()
         except LuodiError as exc:
-            table.add_row(name, "[red]no[/]", "", "", "", str(exc))
+            table.add_row(name, "[red]no[/]", "", "", "", "", str(exc))
             continue
         why = a.reason + (f" — {a.install}" if a.install else "")
         table.add_row(
@@ -57,9 +57,19 @@ def backends() -> None:
             a.version,
             ", ".join(a.devices),
             ", ".join(a.precisions),
+            _int8_column(get_backend(name)),
             why,
         )
     out.print(table)
+
+
+def _int8_column(backend: Any) -> str:
+    from ..quant.policy import policy_of
+
+    try:
+        return policy_of(backend).summary()
+    except LuodiError as exc:
+        return f"[yellow]no[/]: {escape(str(exc).split(': ', 1)[-1])}"
 
 
 @cli.command()
@@ -81,8 +91,8 @@ def backends() -> None:
     "--accuracy-budget",
     default="fp32",
     show_default=True,
-    type=click.Choice(["fp32", "fp16", "bf16", "int8"]),
-    help="how far from the reference a target may be for backend=auto to pick it",
+    help="fp32|fp16|bf16|int8: how far from the reference a target may be for backend=auto to pick it; or a "
+    "top-1 disagreement such as 1%: what int8 targets may lose (layers fall back to float until it holds)",
 )
 @click.option("--tune", is_flag=True, help="measure every target's latency on this host and store it")
 @click.option("--passes", "show_passes", is_flag=True, help="list the graph passes that ran, nodes before/after")
@@ -93,6 +103,20 @@ def backends() -> None:
     help="run only these graph passes, in this order (repeat); see `luodi passes`",
 )
 @click.option("--no-passes", is_flag=True, help="compile the graph exactly as given")
+@click.option("--precision", help="precision for every --target given without one, e.g. int8")
+@click.option(
+    "--calibration", help="int8 calibration data: a folder of images or .npy files, an .npy/.npz, or a dataset"
+)
+@click.option(
+    "--calib-method",
+    default="minmax",
+    show_default=True,
+    type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
+    help="how activation ranges are chosen from the calibration data",
+)
+@click.option("--calib-samples", type=int, help="how many calibration samples to use (spread over the set) [100]")
+@click.option("--validation", help="held-apart data int8 agreement is measured on (default: the calibration data)")
+@click.option("--no-fallback", is_flag=True, help="never keep layers in float to meet the accuracy budget")
 def compile(
     model: str,
     output: str,
@@ -105,9 +129,18 @@ def compile(
     show_passes: bool,
     pass_names: tuple[str, ...],
     no_passes: bool,
+    precision: str | None,
+    calibration: str | None,
+    calib_method: str,
+    calib_samples: int | None,
+    validation: str | None,
+    no_fallback: bool,
 ) -> None:
     """Compile MODEL (an .onnx file or zoo:NAME) into a verified .luodi package."""
     from .. import compiler
+
+    if precision:
+        targets = tuple(t if ":" in t else f"{t}:{precision}" for t in targets)
 
     with err.status("compiling") as status:
         pkg = compiler.compile(
@@ -120,6 +153,11 @@ def compile(
             accuracy_budget=accuracy_budget,
             tune=tune,
             passes=_passes_arg(pass_names, no_passes),
+            calibration=calibration,
+            calib_method=calib_method,
+            calib_samples=calib_samples,
+            validation=validation,
+            fallback=not no_fallback,
             log=lambda msg: status.update(msg),
         )
     _print_compiled(pkg, show_passes)
@@ -413,6 +451,131 @@ def zoo() -> None:
 
     for name in zoo_mod.names():
         out.print(f"zoo:{name}")
+
+
+def _feeds_for(pkg: Any, data: str | None, limit: int | None) -> list:
+    from ..quant.data import load_feeds
+    from ..verify import sample_inputs
+
+    if data is None:
+        return sample_inputs(pkg.inputs, count=2)
+    return load_feeds(data, pkg.inputs, pkg.pipeline, limit, "verification")
+
+
+@cli.command()
+@click.argument("package", type=click.Path(dir_okay=False))
+@click.option("-t", "--target", "targets", multiple=True, help="BACKEND[:PRECISION] to check (repeat); default all")
+@click.option("--against", default="reference", show_default=True, help="what to compare with: reference or a target")
+@click.option("--data", help="a folder of images or .npy files, an .npy/.npz, or a dataset (default: 2 random inputs)")
+@click.option("--limit", type=int, help="use this many samples of --data, spread over it")
+@click.option("--layerwise", is_flag=True, help="compare every intermediate tensor and mark where the error jumps")
+def verify(
+    package: str, targets: tuple[str, ...], against: str, data: str | None, limit: int | None, layerwise: bool
+) -> None:
+    """Compare PACKAGE's targets with the float reference (or another target) on real data."""
+    from ..package import Package
+    from ..verify.report import verify_package
+
+    pkg = Package(package)
+    chosen = [pkg.find_target(*(t.split(":", 1) if ":" in t else (t, None))) for t in targets] or None
+    feeds = _feeds_for(pkg, data, limit)
+    reports, ran = verify_package(pkg, feeds, chosen, against)
+    table = Table(title=f"against {against} ({escape(ran)}) on {len(feeds)} sample(s)")
+    for col in ("target", "output", "max abs err", "cosine", "SNR dB", "top-1 agreement"):
+        table.add_column(col)
+    for r in reports:
+        agree = "" if r.agreement is None else f"{r.agreement:.2%}"
+        table.add_row(r.target, escape(r.output), f"{r.max_abs:.3g}", f"{r.cosine:.6f}", f"{r.snr_db:.1f}", agree)
+    out.print(table)
+    if layerwise:
+        from ..verify.layerwise import JUMP_DB
+        from ..verify.layerwise import layerwise as compare_layers
+
+        if against == "reference":  # the canonical graph is in every package, a reference target or not
+            base = {"backend": "reference", "precision": "fp32"}
+        else:
+            base = pkg.find_target(*(against.split(":", 1) if ":" in against else (against, None)))
+        for t in chosen or [t for t in pkg.targets if t is not base and t["backend"] != "reference"]:
+            report = compare_layers(pkg, base, t, feeds[0])
+            lt = Table(title=f"layer-wise: {report.b} against {report.a} (first tensor below {JUMP_DB:.0f} dB marked)")
+            for col in ("#", "tensor", "op", "cosine", "SNR dB", "max abs"):
+                lt.add_column(col)
+            for i, row in enumerate(report.rows):
+                style = "bold red" if i == report.first_jump else None
+                lt.add_row(
+                    str(i),
+                    escape(row.tensor),
+                    row.op,
+                    f"{row.cosine:.6f}",
+                    f"{row.snr_db:.1f}",
+                    f"{row.max_abs:.3g}",
+                    style=style,
+                )
+            out.print(lt)
+            if report.first_jump is not None:
+                row = report.rows[report.first_jump]
+                out.print(f"error jumps first at [bold]{escape(row.tensor)}[/] ({row.op}, node {escape(row.node)})")
+
+
+@cli.command("quantize-analyse")
+@click.argument("model")
+@click.option("-t", "--target", "backend", default="onnxruntime", show_default=True, help="whose int8 policy to use")
+@click.option("--calibration", required=True, help="calibration data: a folder, an .npy/.npz, or a dataset")
+@click.option("--calib-method", default="minmax", show_default=True)
+@click.option("--calib-samples", type=int, help="calibration samples [100]")
+@click.option("--data", help="data the error is measured on (default: the calibration data)")
+@click.option("--limit", type=int, default=32, show_default=True, help="samples of --data used per layer")
+@click.option("--accuracy-budget", help="e.g. 1%: also run the fallback and say which layers stay float")
+def quantize_analyse(
+    model: str,
+    backend: str,
+    calibration: str,
+    calib_method: str,
+    calib_samples: int | None,
+    data: str | None,
+    limit: int,
+    accuracy_budget: str | None,
+) -> None:
+    """Per-layer int8 sensitivity of MODEL: the error each layer adds when it alone is quantised."""
+    from ..backends import get_backend
+    from ..frontends import load_model
+    from ..quant import PTQ, parse_budget, sensitivity
+    from ..tensor import specs_from_onnx
+
+    src = load_model(model)
+    inputs, _ = specs_from_onnx(src.model)
+    target = get_backend(backend.split(":")[0])
+    with err.status("quantising") as status:
+        ptq = PTQ(
+            src.model,
+            inputs,
+            calibration,
+            pipeline=src.pipeline,
+            method=calib_method,
+            samples=calib_samples,
+            validation=data,
+            log=lambda m: status.update(m),
+        )
+        from ..quant import policy_of
+
+        policy = policy_of(target)
+        ranking = sensitivity(ptq.model, ptq.calibration_for(policy), policy, ptq.validation_feeds[:limit])
+    table = Table(title=f"int8 sensitivity for {target.name} ({policy.summary()}), most sensitive first")
+    for col in ("#", "layer", "op", "SNR dB", "cosine", "top-1 agreement"):
+        table.add_column(col)
+    for i, r in enumerate(ranking, 1):
+        agree = "" if r.agreement is None else f"{r.agreement:.2%}"
+        table.add_row(str(i), escape(r.node), r.op, f"{r.snr_db:.1f}", f"{r.cosine:.6f}", agree)
+    out.print(table)
+    if accuracy_budget:
+        ptq._ranking[target.name] = ranking
+        _, record = ptq.for_backend(target, parse_budget(accuracy_budget))
+        kept = record["float_layers"]
+        out.print(
+            f"{target.name}:int8 top-1 agreement {record['agreement']:.2%} with {len(kept)} layer(s) kept in float"
+            + (f": {', '.join(kept)}" if kept else "")
+            + ("" if record["passed"] else " [red](budget not met)[/]")
+        )
 
 
 def main() -> None:

@@ -50,6 +50,11 @@ def compile(  # noqa: A001 - the field's word for it
     accuracy_budget: str = "fp32",
     tune: bool = False,
     passes: str | Sequence[str] | None = "default",
+    calibration: Any = None,
+    calib_method: str = "minmax",
+    calib_samples: int | None = None,
+    validation: Any = None,
+    fallback: bool = True,
     log: Log | None = None,
 ) -> Package:
     """Compile ``model`` for every target and write a verified .luodi package to ``output``.
@@ -68,10 +73,23 @@ def compile(  # noqa: A001 - the field's word for it
     ``passes`` are the graph passes run on the canonical graph before any target is compiled
     (``"default"``: see ``luodi.compiler.passes.DEFAULT``; ``None`` for none, or a list of names).
     What each did is stored in the manifest under ``passes`` and shown by ``luodi compile --passes``.
+
+    int8 targets (``BACKEND:int8``) are quantised by luodi.quant for that backend's policy from
+    ``calibration`` (a folder of images run through the model's pipeline, an .npy/.npz file, an array, a list
+    of feeds or a dataset name such as "ai-benchmark"), ``calib_samples`` of them, with observer
+    ``calib_method`` (minmax, percentile, entropy, mse). Each int8 target's top-1 agreement with the float
+    model is measured on the engine itself over ``validation`` (else the calibration samples) and must stay
+    within the budget: ``accuracy_budget`` may be a top-1 disagreement such as "1%" (auto may then pick int8
+    targets), else 1% applies to int8 targets. With ``fallback`` the most sensitive layers are kept in float
+    until the budget holds; a target that still misses it fails the compile and nothing is written.
     """
     say = log or (lambda _msg: None)
+    max_disagreement = None
     if accuracy_budget not in TOLERANCES:
-        raise CompileError(f"unknown accuracy budget '{accuracy_budget}'; choose one of {sorted(TOLERANCES)}")
+        from ..quant import parse_budget
+
+        max_disagreement = parse_budget(accuracy_budget)  # "1%": int8 targets within it may be chosen by auto
+        accuracy_budget = "int8"
     src = load_model(model, name=name)
     src.model, src.pipeline, pass_records = run_passes(src.model, passes, src.pipeline)
     for rec in pass_records:
@@ -91,12 +109,16 @@ def compile(  # noqa: A001 - the field's word for it
     members: dict[str, bytes] = {MODEL: model_bytes}
     by_sha = {hashlib.sha256(model_bytes).hexdigest(): MODEL}
 
+    ptq = _ptq_for(src, inputs, wanted, calibration, calib_method, calib_samples, validation, say)
     # Compile every target first: an unsupported operator is reported before the slow reference run.
     compiled = []
     for backend_name, precision in wanted:
         say(f"compiling {backend_name}:{precision}")
         backend = backends[backend_name]
-        artifact = backend.compile(src.model, CompileOptions(precision=precision, source=src))
+        target_model, quantization = src.model, None
+        if precision == "int8":
+            target_model, quantization = _quantise_for(ptq, backend, max_disagreement, fallback)
+        artifact = backend.compile(target_model, CompileOptions(precision=precision, source=src))
         files = {}
         for rel, data in artifact.files.items():
             digest = hashlib.sha256(data).hexdigest()
@@ -110,10 +132,23 @@ def compile(  # noqa: A001 - the field's word for it
             "options": artifact.options,
             "engine_version": backend.available().version,
         }
+        if quantization is not None:
+            # The QDQ graph itself, engine-neutral: what `luodi verify --layerwise` marks and what re-simulates.
+            qdq = target_model.SerializeToString()
+            member = by_sha.setdefault(
+                hashlib.sha256(qdq).hexdigest(), f"{target_dir(backend_name, precision)}/qdq.onnx"
+            )
+            members.setdefault(member, qdq)
+            entry["quantization"] = {**quantization, "model": member}
         compiled.append((backend, artifact, entry))
 
     if verify:
-        feeds = list(samples) if samples is not None else _samples_for(src, inputs)
+        if samples is not None:
+            feeds = list(samples)
+        elif ptq is not None:  # int8 is judged on real data: random inputs fall outside the calibrated ranges
+            feeds = ptq.validation_feeds[:4]
+        else:
+            feeds = _samples_for(src, inputs)
         say(f"running the reference on {len(feeds)} sample input(s)")
         reference_outputs = _reference_outputs(src.model, feeds)
         for backend, artifact, entry in compiled:
@@ -157,6 +192,53 @@ def compile(  # noqa: A001 - the field's word for it
     path = write_package(output, manifest, members)
     say(f"wrote {path}")
     return Package(path)
+
+
+def _ptq_for(
+    src: SourceModel, inputs: list, wanted: list, calibration: Any, method: str, samples: Any, validation: Any, say: Log
+) -> Any:
+    """One calibration shared by every int8 target (None when there is none)."""
+    if not any(p == "int8" for _, p in wanted):
+        if calibration is not None:
+            raise CompileError("calibration data was given but no target is int8; add e.g. --target onnxruntime:int8")
+        return None
+    if calibration is None:
+        raise CompileError(
+            "int8 targets need calibration data: pass calibration= (CLI: --calibration DIR_OR_DATASET), e.g. a "
+            "folder of representative images or the dataset 'ai-benchmark'"
+        )
+    from ..quant import PTQ
+
+    return PTQ(
+        src.model,
+        inputs,
+        calibration,
+        pipeline=src.pipeline,
+        method=method,
+        samples=samples,
+        validation=validation,
+        log=say,
+    )
+
+
+def _quantise_for(ptq: Any, backend: Any, max_disagreement: float | None, fallback: bool) -> tuple[Any, dict]:
+    """The QDQ graph for ``backend`` and its record; the compile-time gate: a target outside the budget stops
+    the compile before anything is written."""
+    from ..quant import DEFAULT_MAX_DISAGREEMENT
+
+    budget = DEFAULT_MAX_DISAGREEMENT if max_disagreement is None else max_disagreement
+    qdq, record = ptq.for_backend(backend, budget, allow_fallback=fallback)
+    if not record["passed"]:
+        floats = len(record["float_layers"])
+        raise VerificationError(
+            f"target {backend.name}:int8 agrees with the float model on top-1 for {record['agreement']:.2%} of "
+            f"{record['validation']['samples']} validation samples ({record['validation']['data']}), below the "
+            f"{1 - budget:.2%} the budget {budget:.2%} allows"
+            + (f", even with {floats} layers kept in float" if floats else "")
+            + "; nothing was written. Loosen --accuracy-budget, try another --calib-method, or "
+            + ("allow the fallback" if not fallback else "drop this int8 target")
+        )
+    return qdq, record
 
 
 def _failure(record: dict[str, Any]) -> str:

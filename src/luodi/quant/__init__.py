@@ -1,0 +1,201 @@
+"""Post-training int8 quantisation: calibration data, observers, PTQ into a QDQ graph per engine policy,
+per-layer sensitivity and the mixed-precision fallback. Compile-time only (onnxruntime.quantization);
+a package's runtime never imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from .calibrate import METHODS, Calibration, calibrate
+from .data import DATASETS, Feeds, batches, load_feeds
+from .policy import QuantPolicy, policy_of
+from .ptq import layers, prepare, quantizable_nodes, quantize
+from .sensitivity import (
+    FallbackResult,
+    LayerSensitivity,
+    agreement,
+    cosine,
+    fallback,
+    first_output,
+    sensitivity,
+    simulate,
+    snr_db,
+)
+
+#: Top-1 disagreement with the float model that an int8 target may have when no budget is given (1%).
+DEFAULT_MAX_DISAGREEMENT = 0.01
+DEFAULT_CALIB_SAMPLES = 100
+
+
+def parse_budget(value: str | float | None) -> float | None:
+    """``"1%"`` / ``"0.5%"`` / ``0.01`` -> a top-1 disagreement fraction; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        frac = float(value)
+    else:
+        text = value.strip()
+        try:
+            frac = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            raise InputError(
+                f"accuracy budget '{value}' is neither a precision class (fp32, fp16, bf16, int8) nor a top-1 "
+                "disagreement such as '1%'"
+            ) from None
+    if not 0 <= frac < 1:
+        raise InputError(f"a top-1 disagreement budget must be between 0% and 100%, not {value}")
+    return frac
+
+
+def run_on(backend: Any, model: Any, feeds: Sequence[Feeds], precision: str = "int8") -> list[dict[str, np.ndarray]]:
+    """Compile ``model`` for ``backend`` in memory, load it and run ``feeds`` (batched where the batch is
+    symbolic): the deployed engine's outputs, the figure an int8 target is judged by."""
+    from ..backends import CompileOptions, LoadOptions
+    from .calibrate import _batch_is_symbolic
+
+    engine = backend.load(backend.compile(model, CompileOptions(precision=precision)), LoadOptions())
+    try:
+        runs = batches(feeds, 16) if _batch_is_symbolic(model) else list(feeds)
+        return [engine.run(f) for f in runs]
+    finally:
+        engine.close()
+
+
+class PTQ:
+    """One float model calibrated once, then quantised for any number of engine policies.
+
+    ``calibration`` and ``validation`` are data sources for :func:`load_feeds`. Agreement is measured on
+    ``validation`` (held apart from calibration when given; else the calibration samples, recorded as such).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        inputs: Sequence[Any],
+        calibration: Any,
+        *,
+        pipeline: dict[str, Any] | None = None,
+        method: str = "minmax",
+        samples: int | None = None,
+        validation: Any = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.say = log or (lambda _m: None)
+        if method not in METHODS:
+            raise InputError(f"unknown calibration method '{method}'; choose one of {', '.join(METHODS)}")
+        self.method = method
+        self.say("preparing the float graph for quantisation")
+        self.model = prepare(model)
+        self.calibration_source = _describe(calibration)
+        self.feeds = load_feeds(calibration, inputs, pipeline, samples or DEFAULT_CALIB_SAMPLES, "calibration")
+        if validation is None:
+            self.validation_feeds, self.validation_source, self.held_apart = self.feeds, self.calibration_source, False
+        else:
+            self.validation_feeds = load_feeds(validation, inputs, pipeline, None, "validation")
+            self.validation_source, self.held_apart = _describe(validation), True
+        self._calibrations: dict[tuple, Calibration] = {}
+        self._float: np.ndarray | None = None
+        self._ranking: dict[str, list[LayerSensitivity]] = {}
+
+    def calibration_for(self, policy: QuantPolicy) -> Calibration:
+        key = (tuple(policy.ops), policy.activations)
+        if key not in self._calibrations:
+            self.say(f"calibrating ({self.method}) on {len(self.feeds)} samples")
+            self._calibrations[key] = calibrate(self.model, self.feeds, self.method, policy)
+        return self._calibrations[key]
+
+    def float_outputs(self) -> np.ndarray:
+        if self._float is None:
+            self._float = first_output(simulate(self.model, self.validation_feeds))
+        return self._float
+
+    def for_backend(
+        self, backend: Any, max_disagreement: float = DEFAULT_MAX_DISAGREEMENT, allow_fallback: bool = True
+    ) -> tuple[Any, dict[str, Any]]:
+        """The QDQ graph for ``backend``'s policy and the manifest record: policy, calibration, agreement with
+        the float model on the deployed engine and in simulation, and any layers kept in float."""
+        policy = policy_of(backend)
+        calib = self.calibration_for(policy)
+        ref = self.float_outputs()
+
+        def deployed(q: Any) -> list[dict[str, np.ndarray]]:
+            return run_on(backend, q, self.validation_feeds)
+
+        self.say(f"quantising for {backend.name} ({policy.summary()})")
+        if allow_fallback:
+            ranking = self._ranking.get(backend.name)
+            qdq = quantize(self.model, calib, policy)
+            first = agreement(ref, first_output(deployed(qdq)))
+            decision = None
+            if first is not None and 1 - first > max_disagreement + 1e-12:
+                if ranking is None:
+                    self.say(f"{backend.name}: agreement {first:.2%} misses the budget; ranking layers by sensitivity")
+                    ranking = sensitivity(self.model, calib, policy, self.validation_feeds[:32])
+                    self._ranking[backend.name] = ranking
+                qdq, decision = fallback(
+                    self.model, calib, policy, self.validation_feeds, max_disagreement, deployed, ranking
+                )
+        else:
+            qdq, decision = quantize(self.model, calib, policy), None
+        got = first_output(deployed(qdq))
+        sim = first_output(simulate(qdq, self.validation_feeds))
+        record = {
+            "policy": policy.summary(),
+            "calibration": {**calib.summary(), "data": self.calibration_source},
+            "validation": {
+                "data": self.validation_source,
+                "samples": len(self.validation_feeds),
+                "held_apart": self.held_apart,
+            },
+            "max_disagreement": max_disagreement,
+            "agreement": agreement(ref, got),
+            "simulated_agreement": agreement(ref, sim),
+            "snr_db": round(snr_db(ref, got), 2),
+            "cosine": round(cosine(ref, got), 6),
+            "float_layers": decision.float_nodes if decision else [],
+            "fallback": decision.record() if decision else None,
+        }
+        agree = record["agreement"]
+        record["passed"] = agree is None or 1 - agree <= max_disagreement + 1e-12
+        return qdq, record
+
+
+def _describe(source: Any) -> str:
+    if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+        return str(source)
+    if isinstance(source, np.ndarray):
+        return f"array {source.shape}"
+    return f"{type(source).__name__} of {len(source)}" if hasattr(source, "__len__") else type(source).__name__
+
+
+__all__ = [
+    "DATASETS",
+    "DEFAULT_MAX_DISAGREEMENT",
+    "METHODS",
+    "PTQ",
+    "Calibration",
+    "FallbackResult",
+    "LayerSensitivity",
+    "QuantPolicy",
+    "agreement",
+    "calibrate",
+    "cosine",
+    "fallback",
+    "first_output",
+    "layers",
+    "load_feeds",
+    "parse_budget",
+    "policy_of",
+    "prepare",
+    "quantizable_nodes",
+    "quantize",
+    "run_on",
+    "sensitivity",
+    "simulate",
+    "snr_db",
+]

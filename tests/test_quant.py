@@ -1,0 +1,192 @@
+"""int8: calibration methods, the compile-time gate, layer-wise diagnosis, the fallback, and the accuracy of the
+Fashion-MNIST CNN deployed on every int8 engine. Real engines, real data, a CNN trained here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import luodi
+from luodi.quant import PTQ, calibrate, load_feeds, policy_of, prepare, quantize, simulate
+from luodi.zoo import fashion_mnist as fm
+
+pytest.importorskip("torch")
+INT8_TARGETS = ["onnxruntime:int8", "openvino:int8"]
+
+
+@pytest.fixture(scope="session")
+def fashion():
+    try:
+        test_images, test_labels = fm.load("test")
+    except luodi.MissingExtraError as exc:
+        pytest.skip(str(exc))
+    import torch
+
+    torch.set_num_threads(2)
+    net = fm.train(epochs=0.2, seed=0)
+    return net, test_images, test_labels
+
+
+@pytest.fixture(scope="session")
+def fashion_pkg(fashion, tmp_path_factory):
+    import torch
+
+    net, images, _ = fashion
+    path = tmp_path_factory.mktemp("quant") / "fashion.luodi"
+    example = torch.from_numpy(fm.to_input(images[:2]))
+    pkg = luodi.export(
+        net,
+        example,
+        path,
+        targets=["onnxruntime", *INT8_TARGETS],
+        input_names=["images"],
+        output_names=["logits"],
+        calibration="fashion-mnist:train",
+        calib_samples=200,
+        validation=fm.to_input(images[-1000:]),
+        accuracy_budget="2%",
+    )
+    return pkg
+
+
+def _accuracy(pkg, target, images, labels):
+    backend, precision = target.split(":")
+    with luodi.Session(pkg.path, backend=backend, precision=precision) as s:
+        return fm.accuracy(lambda x: s.run({"images": x})["logits"], images, labels)[0]
+
+
+def test_int8_targets_keep_fashion_mnist_accuracy(fashion, fashion_pkg):
+    _, images, labels = fashion
+    fp32 = _accuracy(fashion_pkg, "onnxruntime:fp32", images, labels)
+    qdq = luodi.Package(fashion_pkg.path)
+    t = qdq.find_target("onnxruntime", "int8")
+    import onnx
+
+    simulated_model = onnx.load_model_from_string(qdq.read(t["quantization"]["model"]))
+    feeds = [{"images": fm.to_input(images[i : i + 500])} for i in range(0, len(labels), 500)]
+    sim_pred = np.concatenate([o["logits"].argmax(1) for o in simulate(simulated_model, feeds, batch=500)])
+    simulated = float((sim_pred == labels).mean())
+    for target in INT8_TARGETS:
+        entry = qdq.find_target(*target.split(":"))
+        assert entry["verification"]["passed"], entry["verification"]
+        q = entry["quantization"]
+        assert q["validation"]["held_apart"] and q["passed"] and q["agreement"] >= 0.98
+        deployed = _accuracy(fashion_pkg, target, images, labels)
+        assert abs(deployed - fp32) <= 0.003, (target, fp32, deployed)
+        assert abs(deployed - simulated) <= 0.001, (target, simulated, deployed)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_calibration_methods(fashion, method):
+    net, images, labels = fashion
+    model = prepare(_onnx(net, images))
+    policy = policy_of(luodi.get_backend("onnxruntime"))
+    calib = calibrate(model, load_feeds(fm.to_input(images[:64]), _inputs(model), limit=64), method, policy)
+    ranges = {k: _range(v) for k, v in calib.ranges.items()}
+    assert len(ranges) >= 5 and all(lo <= hi for lo, hi in ranges.values())
+    q = quantize(model, calib, policy)
+    x = fm.to_input(images[1000:3000])
+    ref = simulate(model, [{"images": x}], batch=2000)[0]["logits"].argmax(1)
+    got = simulate(q, [{"images": x}], batch=2000)[0]["logits"].argmax(1)
+    assert (ref == got).mean() >= 0.97, method
+    if method != "minmax":  # the histogram observers clip outliers that min-max keeps
+        mm = calibrate(model, load_feeds(fm.to_input(images[:64]), _inputs(model)), "minmax", policy)
+        assert any(ranges[k][1] < _range(mm.ranges[k])[1] - 1e-6 for k in ranges if k in mm.ranges)
+
+
+def test_gate_fails_an_over_tight_budget_and_writes_nothing(fashion, tmp_path):
+    net, images, _ = fashion
+    out = tmp_path / "tight.luodi"
+    with pytest.raises(luodi.VerificationError, match="nothing was written"):
+        luodi.compile(
+            _onnx(net, images),
+            out,
+            ["onnxruntime:int8"],
+            calibration=fm.to_input(images[:64]),
+            validation=fm.to_input(images[2000:4000]),
+            accuracy_budget="0%",
+            fallback=False,
+        )
+    assert not out.exists()
+
+
+def test_fallback_meets_a_budget_plain_int8_misses(fashion):
+    net, images, _ = fashion
+    backend = luodi.get_backend("onnxruntime")
+    ptq = PTQ(
+        _onnx(net, images),
+        _inputs(_onnx(net, images)),
+        fm.to_input(images[:32]),
+        samples=32,
+        validation=fm.to_input(images[4000:6000]),
+        method="minmax",
+    )
+    _, plain = ptq.for_backend(backend, 0.5, allow_fallback=False)
+    missed = 1 - plain["agreement"]
+    assert missed > 0, "plain int8 agrees on every sample; nothing for the fallback to do"
+    budget = missed / 2
+    _, fixed = ptq.for_backend(backend, budget)
+    assert fixed["passed"] and fixed["float_layers"], fixed
+    assert 1 - fixed["agreement"] <= budget
+    assert fixed["fallback"]["steps"][0]["float_layers"] == 0
+
+
+def test_layerwise_marks_where_the_error_jumps(fashion_pkg):
+    from luodi.verify.layerwise import layerwise
+
+    pkg = luodi.Package(fashion_pkg.path)
+    feeds = {"images": fm.to_input(fm.load("test")[0][:4])}
+    report = layerwise(pkg, {"backend": "reference", "precision": "fp32"}, pkg.find_target("openvino", "int8"), feeds)
+    ops = [r.op for r in report.rows]
+    assert {"Relu", "MaxPool", "Gemm"} <= set(ops) and len(report.rows) >= 6
+    assert all(r.cosine > 0.99 and 20 < r.snr_db < 80 for r in report.rows)
+    # fp32 against itself: no tensor drops below the jump threshold
+    same = layerwise(pkg, {"backend": "reference", "precision": "fp32"}, pkg.find_target("onnxruntime", "fp32"), feeds)
+    assert same.first_jump is None and all(r.snr_db > 60 for r in same.rows)
+
+
+def test_engines_without_int8_say_why():
+    for name in ("ncnn", "mnn"):
+        with pytest.raises(luodi.NotApplicableError, match="no int8 target"):
+            policy_of(luodi.get_backend(name))
+
+
+def test_int8_without_calibration_is_a_clear_error(fashion, tmp_path):
+    net, images, _ = fashion
+    with pytest.raises(luodi.CompileError, match="calibration data"):
+        luodi.compile(_onnx(net, images), tmp_path / "x.luodi", ["onnxruntime:int8"])
+
+
+def _range(data):
+    lo, hi = data.range_value
+    return float(np.min(lo)), float(np.max(hi))
+
+
+def _inputs(model):
+    from luodi.tensor import specs_from_onnx
+
+    return specs_from_onnx(model)[0]
+
+
+_ONNX = {}
+
+
+def _onnx(net, images):
+    if "m" not in _ONNX:
+        import io
+
+        import onnx
+        import torch
+
+        buf = io.BytesIO()
+        torch.onnx.export(
+            net,
+            (torch.from_numpy(fm.to_input(images[:2])),),
+            buf,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            dynamo=False,
+        )
+        _ONNX["m"] = onnx.load_model_from_string(buf.getvalue())
+    return _ONNX["m"]
