@@ -1,0 +1,106 @@
+"""fp32 vs int8 latency per engine on EfficientNet-Lite0, from one run, with top-1 agreement beside each.
+
+Calibrates on the 100 ai-benchmark classification photos, measures agreement on the held-apart real set
+(luodi.quant.data.imagenet_holdout) and labelled top-1 on the 20 foolbox ImageNet pictures.
+Usage: python benchmarks/int8.py [--budget 1%] [--method minmax] [--no-fallback]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import luodi
+from luodi.quant.data import load_feeds
+from luodi.zoo.images import foolbox_imagenet
+
+ENGINES = ["onnxruntime", "openvino"]
+
+
+def latency_ms(pkg: luodi.Package, target: str, x: np.ndarray, runs: int = 50) -> float:
+    backend, precision = target.split(":")
+    with luodi.Session(pkg.path, backend=backend, precision=precision) as s:
+        s.prepare({"images": x.shape})
+        for _ in range(5):
+            s.run({"images": x})
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            s.run({"images": x})
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def labelled_top1(pkg: luodi.Package, target: str) -> int:
+    backend, precision = target.split(":")
+    pictures = foolbox_imagenet()
+    with luodi.Session(pkg.path, backend=backend, precision=precision) as s:
+        return sum(int(s.predict(str(p), k=1)[0].index == label) for p, label in pictures)
+
+
+def holdout_agreement(pkg: luodi.Package, target: str, feeds: list, reference: np.ndarray) -> float:
+    backend, precision = target.split(":")
+    with luodi.Session(pkg.path, backend=backend, precision=precision) as s:
+        got = np.concatenate([s.run(f)["logits"] for f in feeds])
+    return float((got.argmax(1) == reference.argmax(1)).mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--budget", default="1%")
+    ap.add_argument("--method", default="minmax")
+    ap.add_argument("--no-fallback", action="store_true")
+    args = ap.parse_args()
+    targets = [f"{e}:{p}" for p in ("fp32", "int8") for e in ENGINES]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "effnet.luodi"
+        t0 = time.perf_counter()
+        try:
+            pkg = luodi.compile(
+                "zoo:efficientnet-lite0",
+                out,
+                targets,
+                calibration="ai-benchmark",
+                calib_method=args.method,
+                validation="imagenet-holdout",
+                accuracy_budget=args.budget,
+                fallback=not args.no_fallback,
+                log=lambda m: print(f"  [{time.perf_counter() - t0:6.1f}s] {m}", flush=True),
+            )
+        except luodi.VerificationError as exc:
+            print(f"the gate stopped the compile: {exc}")
+            return
+        print(f"compiled in {time.perf_counter() - t0:.0f} s")
+        holdout = load_feeds("imagenet-holdout", pkg.inputs, pkg.pipeline, what="validation")
+        batched = [
+            {"images": np.concatenate([f["images"] for f in holdout[i : i + 16]])} for i in range(0, len(holdout), 16)
+        ]
+        with luodi.Session(pkg.path, backend="onnxruntime", precision="fp32") as s:
+            reference = np.concatenate([s.run(f)["logits"] for f in batched])
+        x = holdout[0]["images"]
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
+        print(f"\nEfficientNet-Lite0, batch 1, median of 50 runs; {cpu}, {platform.machine()}")
+        agree_col = f"agree(held-out {len(holdout)})"
+        print(f"{'target':20s} {'ms':>8s} {agree_col:>22s} {'foolbox top-1':>14s}  float layers")
+        rows = {}
+        for target in targets:
+            entry = pkg.find_target(*target.split(":"))
+            ms = latency_ms(pkg, target, x)
+            agree = holdout_agreement(pkg, target, batched, reference)
+            top1 = labelled_top1(pkg, target)
+            floats = len(entry.get("quantization", {}).get("float_layers", [])) if "int8" in target else ""
+            rows[target] = ms
+            print(f"{target:20s} {ms:8.2f} {agree:22.2%} {top1:>11d}/20  {floats}")
+        best_fp32 = min(v for k, v in rows.items() if k.endswith("fp32"))
+        best_int8 = min(v for k, v in rows.items() if k.endswith("int8"))
+        print(f"best int8 vs best fp32: {best_fp32 / best_int8:.2f}x faster")
+
+
+if __name__ == "__main__":
+    main()
