@@ -51,6 +51,7 @@ def run_backend(backend: str, limit: int | None, timeout: float) -> list[dict]:
     results: list[dict] = []
     start = 0
     total = None
+    stalls = 0
     while True:
         cmd = [sys.executable, __file__, "--worker", backend, "--start", str(start)]
         if limit is not None:
@@ -65,6 +66,17 @@ def run_backend(backend: str, limit: int | None, timeout: float) -> list[dict]:
                 line = lines.get(timeout=timeout)
             except queue.Empty:
                 proc.kill()
+                if current is None:  # hung before announcing a case (e.g. starting up on a loaded machine)
+                    start = results[-1]["index"] + 1 if results else start
+                    stalls += 1
+                    if stalls <= 2:
+                        break  # start a fresh worker at the same case
+                    from luodi.verify.conformance import node_cases
+
+                    case = node_cases()[start]
+                    ops = sorted({n.op_type for n in case.model.graph.node})
+                    current = {"index": start, "case": case.name, "ops": ops}
+                stalls = 0
                 results.append(
                     {**current, "backend": backend, "status": "timeout", "detail": f"no answer in {timeout:.0f} s"}
                 )
