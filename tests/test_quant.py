@@ -94,6 +94,47 @@ def test_calibration_methods(fashion, method):
         assert any(ranges[k][1] < _range(mm.ranges[k])[1] - 1e-6 for k in ranges if k in mm.ranges)
 
 
+def test_bias_correction_removes_each_layers_mean_weight_error(fashion):
+    """For every corrected Conv, on the calibration data, the conv with its dequantised int8 weights and corrected
+    bias has the float conv's mean output per channel (padding borders included); without it, it does not."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from luodi.quant.bias import _dequantised_weights, correct_biases
+
+    net, images, _ = fashion
+    model = prepare(_onnx(net, images))
+    policy = policy_of(luodi.get_backend("onnxruntime"))
+    x = fm.to_input(images[:64])
+    calib = calibrate(model, load_feeds(x, _inputs(model)), "minmax", policy)
+    assert calib.input_means and policy.bias_correction
+    qdq = quantize(model, calib, policy)
+    corrected, fixed = correct_biases(model, qdq, calib.input_means)
+    assert fixed >= 2
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    first = convs[0]
+    assert first.input[0] == "images"  # its input is the data itself, so the check below is exact
+    weights = _dequantised_weights(qdq)
+    w = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == first.input[1]))
+    b = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == first.input[2]))
+    b2 = numpy_helper.to_array(next(i for i in corrected.graph.initializer if i.name == first.input[2]))
+    pads = next((list(a.ints) for a in first.attribute if a.name == "pads"), [0, 0, 0, 0])
+    strides = next((list(a.ints) for a in first.attribute if a.name == "strides"), [1, 1])
+
+    def mean_out(weight, bias):
+        xt = torch.nn.functional.pad(torch.from_numpy(x).double(), (pads[1], pads[3], pads[0], pads[2]))
+        y = torch.nn.functional.conv2d(xt, torch.tensor(weight).double(), torch.tensor(bias).double(), strides)
+        return y.mean((0, 2, 3)).numpy()
+
+    want = mean_out(w, b)
+    before = np.abs(mean_out(weights[first.name], b) - want).max()
+    after = np.abs(mean_out(weights[first.name], b2) - want).max()
+    assert before > 1e-4 and after < 1e-5 * max(1.0, np.abs(want).max()), (before, after)
+    assert not np.allclose(b, b2)
+    onnx.checker.check_model(corrected)
+
+
 def test_gate_fails_an_over_tight_budget_and_writes_nothing(fashion, tmp_path):
     net, images, _ = fashion
     out = tmp_path / "tight.luodi"

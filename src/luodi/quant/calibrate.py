@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CompileError, InputError
+from .bias import mean_inputs
 from .data import Feeds, batches, progress
 from .policy import QuantPolicy
 
@@ -37,6 +38,8 @@ class Calibration:
     method: str
     ranges: Any
     samples: int
+    # mean input of every Conv/Gemm over the samples, for bias correction (see bias.py); None: not measured
+    input_means: dict[str, np.ndarray] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {"method": self.method, "samples": self.samples, "tensors": len(list(self.ranges.keys()))}
@@ -110,7 +113,8 @@ def calibrate(
             raise CompileError(f"calibration ({method}) failed on onnxruntime: {exc}") from exc
         finally:
             logging.getLogger().setLevel(quiet)
-    return Calibration(method, ranges, len(feeds))
+    means = mean_inputs(model, runs) if policy is None or policy.bias_correction else None
+    return Calibration(method, ranges, len(feeds), means)
 
 
 def _batch_is_symbolic(model: Any) -> bool:

@@ -1,7 +1,8 @@
 """Post-training quantisation: the float graph + calibrated ranges + an engine's policy -> a QDQ ONNX graph.
 
 onnxruntime.quantization.quantize_static writes the graph (ranges handed over through its calibration cache, so
-one calibration serves many quantisations); this module only chooses its arguments and the nodes kept in float.
+one calibration serves many quantisations); this module chooses its arguments and the nodes kept in float, and
+adds the bias correction ORT lacks (bias.py: quantise, correct the float biases, quantise again).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CompileError
+from .bias import correct_biases
 from .calibrate import Calibration
 from .policy import QuantPolicy
 
@@ -98,17 +100,35 @@ def quantize(
     only: Iterable[str] | None = None,
 ) -> Any:
     """The QDQ ``onnx.ModelProto`` of ``model`` for ``policy``; nodes in ``exclude`` stay float, and with
-    ``only`` just those nodes are quantised (sensitivity analysis)."""
-    import onnx
-    from onnxruntime.quantization import quantize_static
-    from onnxruntime.quantization.calibrate import save_tensors_data
-
+    ``only`` just those nodes are quantised (sensitivity analysis). With the policy's bias correction, the
+    quantised layers' biases absorb the mean error of their rounded weights (bias.py)."""
     model = named(model)
     groups = layers(model, policy)
     exclude = [n for name in exclude for n in groups.get(name, [name])]
     if only is not None:
         only = [n for name in only for n in groups.get(name, [name])]
     args = policy.ort_arguments()
+    qdq = _quantize_static(model, calibration, policy, exclude, only, args)
+    if policy.bias_correction and calibration.input_means:
+        # the bias does not enter the weights' scales, so the second pass rounds the weights the same way
+        corrected, fixed = correct_biases(model, qdq, calibration.input_means)
+        if fixed:
+            qdq = _quantize_static(corrected, calibration, policy, exclude, only, args)
+    return qdq
+
+
+def _quantize_static(
+    model: Any,
+    calibration: Calibration,
+    policy: QuantPolicy,
+    exclude: list[str],
+    only: list[str] | None,
+    args: dict[str, Any],
+) -> Any:
+    import onnx
+    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
     with tempfile.TemporaryDirectory(prefix="luodi-ptq-") as tmp:
         cache = Path(tmp) / "ranges.json"
         save_tensors_data(calibration.ranges, cache)
