@@ -17,7 +17,7 @@ import numpy as np
 from .. import __version__
 from ..backends import CompileOptions, LoadOptions, get_backend
 from ..backends.base import Artifact
-from ..errors import CompileError, LuodiError, VerificationError
+from ..errors import CompileError, InputError, LuodiError, VerificationError
 from ..frontends import SourceModel, load_model
 from ..package import FORMAT, SCHEMA_VERSION, Package, write_package
 from ..package.archive import MODEL, target_dir
@@ -88,7 +88,10 @@ def compile(  # noqa: A001 - the field's word for it
     if accuracy_budget not in TOLERANCES:
         from ..quant import parse_budget
 
-        max_disagreement = parse_budget(accuracy_budget)  # "1%": int8 targets within it may be chosen by auto
+        try:  # "1%": int8 targets within it may be chosen by auto
+            max_disagreement = parse_budget(accuracy_budget)
+        except InputError as exc:
+            raise CompileError(str(exc)) from None
         accuracy_budget = "int8"
     src = load_model(model, name=name)
     src.model, src.pipeline, pass_records = run_passes(src.model, passes, src.pipeline)
