@@ -273,6 +273,8 @@ def test_compile_records_the_passes_and_cli_lists_them(tmp_path, cnn_model):
     res = runner.invoke(cli, ["compile", "-o", str(tmp_path / "c.luodi"), "--passes", _onnx_file(tmp_path, cnn_model)])
     assert res.exit_code == 0, res.output
     assert "graph passes" in res.output and "fold-constants" in res.output and "->" in res.output
+    res = runner.invoke(cli, ["info", str(pkg.path)])
+    assert res.exit_code == 0 and "graph passes:" in res.output, res.output
     res = runner.invoke(cli, ["passes"])
     assert res.exit_code == 0 and "fold-input-normalization" in res.output
     res = runner.invoke(

@@ -316,6 +316,19 @@ def info(package: str, device: str) -> None:
         steps = " -> ".join(s["op"] for s in pipe.get("pre", [])) + " -> [model] -> "
         steps += " -> ".join(s["op"] for s in pipe.get("post", []))
         out.print(f"pipeline ({pipe.get('task', '?')}): {escape(steps)}")
+    if pipe and pipe.get("folded_into_model"):
+        folded = pipe["folded_into_model"]
+        out.print(
+            f"input '{folded['input']}' takes pixel values: normalize(mean={folded['mean']}, std={folded['std']}) "
+            "is folded into the first Conv"
+        )
+    passes = m.get("passes") or []
+    if passes:
+        changed = [r["name"] for r in passes if r["nodes_before"] != r["nodes_after"] or r["name"].startswith("fold-")]
+        out.print(
+            f"graph passes: {passes[0]['nodes_before']} -> {passes[-1]['nodes_after']} nodes "
+            f"({', '.join(dict.fromkeys(changed))}); `luodi compile --passes` shows each"
+        )
     _print_verification(pkg)
     from ..selection import select_target
 
