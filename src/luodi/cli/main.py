@@ -324,7 +324,11 @@ def info(package: str, device: str) -> None:
         )
     passes = m.get("passes") or []
     if passes:
-        changed = [r["name"] for r in passes if r["nodes_before"] != r["nodes_after"] or r["name"].startswith("fold-")]
+        changed = [
+            r["name"]
+            for r in passes
+            if (r["nodes_before"], r["initializers_before"]) != (r["nodes_after"], r["initializers_after"])
+        ]
         out.print(
             f"graph passes: {passes[0]['nodes_before']} -> {passes[-1]['nodes_after']} nodes "
             f"({', '.join(dict.fromkeys(changed))}); `luodi compile --passes` shows each"
