@@ -175,7 +175,8 @@ def main() -> None:
         "--merge",
         nargs="+",
         type=Path,
-        help="write the report from the .json files of earlier runs (e.g. backends run in parallel)",
+        help="write the report from the .json files of earlier runs (e.g. backends run in parallel); a later "
+        "file's result for a case replaces an earlier one's",
     )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
@@ -186,11 +187,16 @@ def main() -> None:
     import luodi
 
     if args.merge:
-        results, seconds = {}, {}
+        # per backend and case: a later file's result replaces an earlier one's (e.g. cases re-run with --limit)
+        by_case: dict[str, dict[int, dict]] = {}
+        seconds = {}
         for f in args.merge:
             data = json.loads(f.read_text())
-            results.update(data["results"])
-            seconds.update(data["seconds"])
+            for b, rows in data["results"].items():
+                by_case.setdefault(b, {}).update({r["index"]: r for r in rows})
+            for b, sec in data["seconds"].items():
+                seconds[b] = max(seconds.get(b, 0.0), sec)
+        results = {b: [rows[i] for i in sorted(rows)] for b, rows in by_case.items()}
         write_report(results, seconds, args.out)
         print(f"wrote {args.out}")
         return
