@@ -47,9 +47,8 @@ def _pump(proc: subprocess.Popen, lines: queue.Queue) -> None:
     lines.put(None)
 
 
-def run_backend(backend: str, limit: int | None, timeout: float) -> list[dict]:
+def run_backend(backend: str, limit: int | None, timeout: float, start: int = 0) -> list[dict]:
     results: list[dict] = []
-    start = 0
     total = None
     stalls = 0
     while True:
@@ -92,9 +91,11 @@ def run_backend(backend: str, limit: int | None, timeout: float) -> list[dict]:
                 else:
                     finished = True
                 break
-            try:
-                msg = json.loads(line)
+            try:  # MNN's native logging may print without a newline, in front of our JSON
+                msg = json.loads(line[line.find("{") :]) if "{" in line else None
             except json.JSONDecodeError:
+                msg = None
+            if msg is None:
                 continue  # an engine printing to stdout itself (MNN's native logging), not a result line
             if "status" in msg:
                 results.append(msg)
@@ -168,7 +169,7 @@ def write_report(results: dict[str, list[dict]], seconds: dict[str, float], path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backends", nargs="*", help="default: every available backend")
-    ap.add_argument("--limit", type=int, help="only the first N cases (a smoke run)")
+    ap.add_argument("--limit", type=int, help="stop before case N (a smoke run: the first N cases)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds one case may take")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "conformance.md")
     ap.add_argument(
@@ -179,7 +180,7 @@ def main() -> None:
         "file's result for a case replaces an earlier one's",
     )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--start", type=int, default=0, help="begin at case N (with --limit: re-run a range, then --merge)")
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.start, args.limit)
@@ -208,7 +209,7 @@ def main() -> None:
     for b in backends:
         t0 = time.time()
         print(f"{b}: running", file=sys.stderr, flush=True)
-        results[b] = run_backend(b, args.limit, args.timeout)
+        results[b] = run_backend(b, args.limit, args.timeout, args.start)
         seconds[b] = time.time() - t0
         counts = collections.Counter(r["status"] for r in results[b])
         print(f"{b}: {dict(counts)} in {seconds[b]:.0f} s", file=sys.stderr, flush=True)
