@@ -42,8 +42,12 @@ def test_tune_stores_timings_for_this_host(tmp_path, cnn_model):
 def test_auto_picks_the_fastest_measured_and_caches_it(tmp_path, cnn_model, monkeypatch):
     pkg = luodi.compile(cnn_model, tmp_path / "two.luodi", targets=["onnxruntime", "openvino"])
     calls = []
-    real_measure = selection.measure
-    monkeypatch.setattr(selection, "measure", lambda *a, **k: calls.append(a[0].backend) or real_measure(*a, **k))
+    real_measure = selection.measure_many  # a spy: the real measurement runs, the calls are recorded
+    monkeypatch.setattr(
+        selection,
+        "measure_many",
+        lambda arts, *a, **k: calls.extend(x.backend for x in arts.values()) or real_measure(arts, *a, **k),
+    )
     with luodi.Session(pkg.path) as s:
         assert sorted(calls) == ["onnxruntime", "openvino"]
         cached = selection.TimingCache().get(f"{pkg.manifest_sha256}:cpu")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .backends import Artifact, LoadOptions, get_backend
-from .errors import BackendUnavailableError, LuodiError, PackageError
+from .errors import BackendError, BackendUnavailableError, LuodiError, PackageError
 from .package import Package
 from .tensor import TensorSpec
 from .verify import TOLERANCES, OutputComparison, sample_inputs
@@ -69,21 +69,54 @@ def measure(
     ``shapes`` (the package's ``example_shapes``) fixes free dims a model cannot run at 1, such as the height
     and width of a detector's image.
     """
+    timings, failed = measure_many({"target": artifact}, inputs, device, runs, shapes)
+    if failed:
+        raise BackendError(failed["target"])
+    return timings["target"]
+
+
+def measure_many(
+    artifacts: dict[str, Artifact],
+    inputs: list[TensorSpec],
+    device: str = "cpu",
+    runs: int = TIMING_RUNS,
+    shapes: dict[str, list[int]] | None = None,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Median batch-1 latency (ms) of several targets, measured side by side; and those that failed, with why.
+
+    The targets take turns in rounds (the order rotating each round), so a burst of load on a shared
+    machine slows every candidate alike instead of deciding the choice.
+    """
     if shapes:
         inputs = [dataclasses.replace(s, shape=tuple(shapes.get(s.name, s.shape))) for s in inputs]
     feeds = sample_inputs(inputs, count=1)[0]
-    engine = get_backend(artifact.backend).load(artifact, LoadOptions(device=device))
+    engines: dict[str, Any] = {}
+    failed: dict[str, str] = {}
+    times: dict[str, list[float]] = {}
     try:
-        engine.run(feeds)  # warm-up: first runs allocate and may compile kernels
-        engine.run(feeds)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            engine.run(feeds)
-            times.append(time.perf_counter() - t0)
+        for name, artifact in artifacts.items():
+            try:
+                engine = get_backend(artifact.backend).load(artifact, LoadOptions(device=device))
+                engines[name] = engine
+                engine.run(feeds)  # warm-up: first runs allocate and may compile kernels
+                engine.run(feeds)
+                times[name] = []
+            except LuodiError as exc:  # one broken target must not stop the others from being timed
+                failed[name] = str(exc)
+            except Exception as exc:  # an engine failing on the timing input: the same, in its own words
+                failed[name] = f"{type(exc).__name__}: {exc}"
+        order = list(times)
+        per_round = 2
+        for r in range((runs + per_round - 1) // per_round):
+            for name in order[r % len(order) :] + order[: r % len(order)] if order else []:
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    engines[name].run(feeds)
+                    times[name].append(time.perf_counter() - t0)
     finally:
-        engine.close()
-    return float(np.median(times) * 1e3)
+        for engine in engines.values():
+            engine.close()
+    return {name: float(np.median(t) * 1e3) for name, t in times.items()}, failed
 
 
 class TimingCache:
@@ -193,17 +226,19 @@ def _timings(
     cache = TimingCache()
     package_id = f"{package.manifest_sha256}:{device}"
     timings = {**cache.get(package_id), **timings}
-    measured: dict[str, float] = {}
+    artifacts: dict[str, Artifact] = {}
     failed: dict[str, str] = {}
     for t in candidates:
         if label(t) not in timings:
             try:
-                shapes = package.manifest.get("example_shapes")
-                measured[label(t)] = measure(package.artifact(t), package.inputs, device, shapes=shapes)
-            except LuodiError as exc:  # one broken target must not stop the others from being chosen
+                artifacts[label(t)] = package.artifact(t)
+            except LuodiError as exc:  # a damaged member: this target is left out, the others are timed
                 failed[label(t)] = str(exc)
-            except Exception as exc:  # an engine failing on the timing input: the same, with its own words
-                failed[label(t)] = f"{type(exc).__name__}: {exc}"
+    measured: dict[str, float] = {}
+    if artifacts:
+        shapes = package.manifest.get("example_shapes")
+        measured, failed_now = measure_many(artifacts, package.inputs, device, shapes=shapes)
+        failed.update(failed_now)
     if measured:
         cache.put(package_id, measured)
         timings.update(measured)

@@ -21,7 +21,7 @@ from ..errors import CompileError, InputError, LuodiError, VerificationError
 from ..frontends import SourceModel, load_model
 from ..package import FORMAT, SCHEMA_VERSION, Package, write_package
 from ..package.archive import MODEL, target_dir
-from ..selection import host_key, measure
+from ..selection import host_key, measure_many
 from ..tensor import specs_from_onnx
 from ..verify import TOLERANCES, compare, sample_inputs, verification_record
 from .models import check_pipeline, compile_models
@@ -165,11 +165,18 @@ def compile(  # noqa: A001 - the field's word for it
                     "Drop --strict to keep it with the failure recorded."
                 )
     if tune:
-        for _, artifact, entry in compiled:
-            if entry.get("verification", {}).get("passed", True) and entry["backend"] != "reference":
-                say(f"timing {entry['backend']}:{entry['precision']}")
-                ms = measure(artifact, inputs, shapes=_example_shapes(src))
-                entry["timing"] = {"host": host_key(), "device": "cpu", "median_ms": round(ms, 4)}
+        timed = {
+            id(entry): (artifact, entry)
+            for _, artifact, entry in compiled
+            if entry.get("verification", {}).get("passed", True) and entry["backend"] != "reference"
+        }
+        say(f"timing {len(timed)} target(s) side by side")
+        ms, failed = measure_many({k: a for k, (a, _) in timed.items()}, inputs, shapes=_example_shapes(src))
+        for k, (_, entry) in timed.items():
+            if k in ms:
+                entry["timing"] = {"host": host_key(), "device": "cpu", "median_ms": round(ms[k], 4)}
+            else:
+                say(f"{entry['backend']}:{entry['precision']} could not be timed: {failed[k]}")
     target_entries = [entry for _, _, entry in compiled]
     models = compile_models(src, wanted, backends, members, by_sha, verify=verify, strict=strict, say=say)
 
