@@ -214,20 +214,11 @@ _ONNX = {}
 
 def _onnx(net, images):
     if "m" not in _ONNX:
-        import io
-
-        import onnx
         import torch
 
-        buf = io.BytesIO()
-        torch.onnx.export(
-            net,
-            (torch.from_numpy(fm.to_input(images[:2])),),
-            buf,
-            input_names=["images"],
-            output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-            dynamo=False,
+        from luodi.frontends.torch import to_onnx
+
+        _ONNX["m"] = to_onnx(
+            net, torch.from_numpy(fm.to_input(images[:2])), input_names=["images"], output_names=["logits"]
         )
-        _ONNX["m"] = onnx.load_model_from_string(buf.getvalue())
     return _ONNX["m"]
