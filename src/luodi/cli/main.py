@@ -72,18 +72,29 @@ def _int8_column(backend: Any) -> str:
         return f"[yellow]no[/]: {escape(str(exc).split(': ', 1)[-1])}"
 
 
+def _package_options(default_targets: tuple[str, ...]) -> Any:
+    """``-o/--output`` and ``-t/--target``, shared by the commands that write a package."""
+
+    def add(fn: Any) -> Any:
+        fn = click.option(
+            "-t",
+            "--target",
+            "targets",
+            multiple=True,
+            default=default_targets,
+            show_default=True,
+            help="BACKEND or BACKEND:PRECISION; repeat for several targets",
+        )(fn)
+        return click.option(
+            "-o", "--output", required=True, type=click.Path(dir_okay=False), help="the .luodi file to write"
+        )(fn)
+
+    return add
+
+
 @cli.command()
 @click.argument("model")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="the .luodi file to write")
-@click.option(
-    "-t",
-    "--target",
-    "targets",
-    multiple=True,
-    default=("onnxruntime",),
-    show_default=True,
-    help="BACKEND or BACKEND:PRECISION; repeat for several targets",
-)
+@_package_options(("onnxruntime",))
 @click.option("--name", help="model name stored in the package (default: the file name)")
 @click.option("--no-verify", is_flag=True, help="skip the comparison with the reference backend")
 @click.option("--strict", is_flag=True, help="fail, writing nothing, if a target is outside its tolerance")
@@ -215,16 +226,7 @@ def passes() -> None:
     required=True,
     help="example input shape, e.g. 1,3,224,224 (repeat for several inputs); the batch axis stays dynamic",
 )
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="the .luodi file to write")
-@click.option(
-    "-t",
-    "--target",
-    "targets",
-    multiple=True,
-    default=("onnxruntime", "torch"),
-    show_default=True,
-    help="BACKEND or BACKEND:PRECISION; repeat for several targets",
-)
+@_package_options(("onnxruntime", "torch"))
 @click.option("--name", help="model name stored in the package (default: the module's class name)")
 @click.option("--input-name", "input_names", multiple=True, help="name of each input (repeat)")
 @click.option("--output-name", "output_names", multiple=True, help="name of each output (repeat)")
