@@ -24,6 +24,7 @@ from ..package.archive import MODEL, target_dir
 from ..selection import host_key, measure_many
 from ..tensor import specs_from_onnx
 from ..verify import TOLERANCES, compare, sample_inputs, verification_record
+from .entry import target_entry
 from .models import check_pipeline, compile_models
 from .passes import run_passes
 
@@ -122,19 +123,7 @@ def compile(  # noqa: A001 - the field's word for it
         if precision == "int8":
             target_model, quantization = _quantise_for(ptq, backend, max_disagreement, fallback)
         artifact = backend.compile(target_model, CompileOptions(precision=precision, source=src))
-        files = {}
-        for rel, data in artifact.files.items():
-            digest = hashlib.sha256(data).hexdigest()
-            member = by_sha.setdefault(digest, f"{target_dir(backend_name, precision)}/{rel}")
-            members.setdefault(member, data)
-            files[rel] = member
-        entry: dict[str, Any] = {
-            "backend": backend_name,
-            "precision": precision,
-            "files": files,
-            "options": artifact.options,
-            "engine_version": backend.available().version,
-        }
+        entry = target_entry(backend, precision, artifact, "", members, by_sha)
         if quantization is not None:
             # The QDQ graph itself, engine-neutral: what `luodi verify --layerwise` marks and what re-simulates.
             qdq = target_model.SerializeToString()

@@ -11,8 +11,8 @@ from typing import Any
 
 from ..errors import VerificationError
 from ..frontends import SourceModel
-from ..package.archive import target_dir
 from ..tensor import TensorSpec, specs_from_onnx
+from .entry import target_entry
 
 
 def model_member(name: str) -> str:
@@ -59,19 +59,7 @@ def compile_models(
             say(f"compiling {name} for {backend_name}:{precision}")
             backend = backends[backend_name]
             artifact = backend.compile(sub.model, CompileOptions(precision=precision, source=sub))
-            files = {}
-            for rel, blob in artifact.files.items():
-                where = f"models/{name}/{target_dir(backend_name, precision)}/{rel}"
-                stored = by_sha.setdefault(hashlib.sha256(blob).hexdigest(), where)
-                members.setdefault(stored, blob)
-                files[rel] = stored
-            entry: dict[str, Any] = {
-                "backend": backend_name,
-                "precision": precision,
-                "files": files,
-                "options": artifact.options,
-                "engine_version": backend.available().version,
-            }
+            entry = target_entry(backend, precision, artifact, f"models/{name}/", members, by_sha)
             if verify:
                 say(f"verifying {name} on {backend_name}:{precision} against reference")
                 entry["verification"] = _verify(backend, artifact, feeds, reference, precision)
