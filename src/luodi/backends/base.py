@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, StateError, UnknownTensorError
+from ..errors import BackendUnavailableError, ModelError, StateError, UnknownTensorError
 from ..tensor import TensorSpec
 
 
@@ -43,6 +43,14 @@ class Artifact:
     @property
     def target(self) -> str:
         return f"{self.backend}-{self.precision}"
+
+    def file(self, name: str) -> bytes:
+        """The bytes of file ``name``; a ModelError when the artifact lacks it (e.g. a model's external data)."""
+        try:
+            return self.files[name]
+        except KeyError:
+            have = ", ".join(sorted(self.files)) or "none"
+            raise ModelError(f"the {self.target} artifact has no file {name} (it has: {have})") from None
 
 
 @dataclass(frozen=True)

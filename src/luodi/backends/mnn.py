@@ -62,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import onnx_io
 from ..errors import BackendError, BackendUnavailableError, CompileError, ModelError, UnsupportedOpError
 from ..tensor import TensorSpec, specs_from_onnx
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
@@ -208,7 +209,7 @@ class MnnBackend(Backend):
             "outputs": [s.to_dict() for s in outputs],
         }
         with tempfile.TemporaryDirectory(prefix="luodi-mnn-") as tmp:
-            Path(tmp, "model.onnx").write_bytes(_legalised(model).SerializeToString())
+            onnx_io.save(_legalised(model), Path(tmp, "model.onnx"))  # + model.onnx.data over 2 GB
             Path(tmp, "job.json").write_text(json.dumps(opts))
             data = _convert_and_probe_in_child(tmp, model)
         return Artifact(self.name, options.precision, {MODEL_FILE: data}, opts)

@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import onnx_io
 from ..errors import (
     BackendError,
     BackendUnavailableError,
@@ -449,7 +450,7 @@ class NcnnBackend(Backend):
         timeout = float(options.extra.get("pnnx_timeout", _PNNX_TIMEOUT_S))
 
         with tempfile.TemporaryDirectory(prefix="luodi-pnnx-") as tmp:
-            Path(tmp, "model.onnx").write_bytes(_lower_for_pnnx(model).SerializeToString())
+            onnx_io.save(_lower_for_pnnx(model), Path(tmp, "model.onnx"))  # + model.onnx.data over 2 GB
             _run_pnnx(exe, tmp, args, timeout)
             param = Path(tmp, _PARAM).read_bytes()
             weights = Path(tmp, _BIN).read_bytes()

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .. import onnx_io
 from ..errors import BackendUnavailableError, CompileError, ModelError, UnsupportedOpError
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
 
@@ -39,6 +40,18 @@ def _raise_engine_error(exc: Exception, backend: str) -> None:
             f"{backend} cannot run operator {where} (opset {version}): it is not registered in this onnxruntime"
         ) from exc
     raise CompileError(f"{backend} could not build the model: {msg.strip().splitlines()[-1][:500]}") from exc
+
+
+_DATA = "model.onnx.data"
+"""A model over 2 GB keeps its weights here, as ONNX external data (see luodi.onnx_io)."""
+
+
+def _session(ort: Any, files: dict[str, bytes], so: Any, providers: list[Any]) -> Any:
+    """An InferenceSession from an artifact's bytes; external weights are handed over from memory, never a file."""
+    if _DATA in files:
+        data = files[_DATA]
+        so.add_external_initializers_from_files_in_memory([_DATA], [data], [len(data)])
+    return ort.InferenceSession(files["model.onnx"], so, providers=providers)
 
 
 class _CudaStream:
@@ -167,15 +180,27 @@ class OnnxRuntimeBackend(Backend):
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         so.log_severity_level = 3
+        large = onnx_io.is_large(model)
         with tempfile.TemporaryDirectory(prefix="luodi-ort-") as tmp:
-            out = os.path.join(tmp, "model.onnx")
+            out = os.path.join(tmp, "optimized", "model.onnx")
+            os.mkdir(os.path.dirname(out))
             so.optimized_model_filepath = out
+            if large:  # over 2 GB: ORT reads the graph and its external data from files and writes them back alike
+                so.add_session_config_entry("session.optimized_model_external_initializers_file_name", _DATA)
+                so.add_session_config_entry(
+                    "session.optimized_model_external_initializers_min_size_in_bytes", str(onnx_io.MIN_EXTERNAL)
+                )
+                source: Any = str(onnx_io.save(model, os.path.join(tmp, "model.onnx"))[0])
+            else:
+                source = model.SerializeToString()
             try:
-                ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+                ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
             except Exception as exc:  # ORT raises its own exception types; translate them
                 _raise_engine_error(exc, self.name)
-            data = Path(out).read_bytes()
-        return Artifact(self.name, options.precision, {"model.onnx": data}, {"optimization": "basic"})
+            files = {"model.onnx": Path(out).read_bytes()}
+            if large:
+                files[_DATA] = Path(out).with_name(_DATA).read_bytes()
+        return Artifact(self.name, options.precision, files, {"optimization": "basic"})
 
     def _compile_qdq(self, ort: Any, model: Any) -> Artifact:
         """int8: ``model`` is the QDQ graph luodi.quant wrote for this backend's policy. It is stored as written:
@@ -183,14 +208,14 @@ class OnnxRuntimeBackend(Backend):
         QuantizeLinear), and the int8 fusions are hardware-specific, so they run at load (ORT_ENABLE_ALL)."""
         if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
             raise CompileError(f"{self.name}:int8 needs a quantised (QDQ) graph; compile it with calibration data")
-        data = model.SerializeToString()
+        files = onnx_io.to_members(model)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         try:
-            ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+            _session(ort, files, so, ["CPUExecutionProvider"])
         except Exception as exc:
             _raise_engine_error(exc, self.name)
-        return Artifact(self.name, "int8", {"model.onnx": data}, {"optimization": "none (QDQ as written)"})
+        return Artifact(self.name, "int8", files, {"optimization": "none (QDQ as written)"})
 
     def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
         ort = self.require()
@@ -201,10 +226,10 @@ class OnnxRuntimeBackend(Backend):
         # The artifact already holds the portable optimisations; the rest are hardware-specific.
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers, stream = self._providers(options)
+        if "model.onnx" not in artifact.files:
+            raise ModelError(f"{artifact.target} artifact has no model.onnx")
         try:
-            sess = ort.InferenceSession(artifact.files["model.onnx"], so, providers=providers)
-        except KeyError:
-            raise ModelError(f"{artifact.target} artifact has no model.onnx") from None
+            sess = _session(ort, artifact.files, so, providers)
         except Exception as exc:
             if stream is not None:
                 stream.close()

@@ -55,6 +55,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .. import onnx_io
 from ..errors import (
     BackendError,
     BackendUnavailableError,
@@ -315,7 +316,11 @@ class OpenVinoBackend(Backend):
             )
         core = self._core()
         try:
-            ov_model = core.read_model(model.SerializeToString())
+            if onnx_io.is_large(model):  # over 2 GB: OpenVINO reads the graph and its external weights from files
+                with tempfile.TemporaryDirectory(prefix="luodi-ov-") as tmp:
+                    ov_model = core.read_model(str(onnx_io.save(model, Path(tmp) / "model.onnx")[0]))
+            else:
+                ov_model = core.read_model(model.SerializeToString())
         except Exception as exc:  # OpenVINO raises RuntimeError/its own types; translate them
             _raise_read_error(exc, model, self.name)
 

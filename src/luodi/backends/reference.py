@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import onnx_io
 from ..errors import CompileError, ModelError, UnsupportedOpError
 from ..tensor import specs_from_onnx
 from .base import Artifact, Backend, CompileOptions, Engine, LoadOptions
@@ -73,13 +74,11 @@ class ReferenceBackend(Backend):
         if options.precision != "fp32":
             raise CompileError(f"reference runs fp32 only, not '{options.precision}'")
         ReferenceEngine(model)  # fail at compile time, not at first forward
-        # The same bytes as the canonical model.onnx: the package stores them once.
-        return Artifact(self.name, "fp32", {"model.onnx": model.SerializeToString()})
+        # The same bytes as the canonical model.onnx (and model.onnx.data over 2 GB): the package stores them once.
+        return Artifact(self.name, "fp32", onnx_io.to_members(model))
 
     def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
-        import onnx
-
         data = artifact.files.get("model.onnx")
         if data is None:
             raise ModelError("reference artifact has no model.onnx")
-        return ReferenceEngine(onnx.load_model_from_string(data))
+        return ReferenceEngine(onnx_io.from_members(data, artifact.file))

@@ -6,7 +6,6 @@ It runs on the host and may use heavy libraries; what it writes must run with nu
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import os
 import platform
 from collections.abc import Callable, Iterable, Sequence
@@ -24,7 +23,7 @@ from ..package.archive import MODEL, target_dir
 from ..selection import host_key, measure_many
 from ..tensor import specs_from_onnx
 from ..verify import TOLERANCES, compare, sample_inputs, verification_record
-from .entry import target_entry
+from .entry import store_model, target_entry
 from .models import check_pipeline, compile_models
 from .passes import run_passes
 
@@ -109,9 +108,9 @@ def compile(  # noqa: A001 - the field's word for it
 
     inputs, outputs = specs_from_onnx(src.model)
     check_pipeline(src, inputs, outputs)  # a bad pipeline spec fails before any work is done
-    model_bytes = src.model.SerializeToString()
-    members: dict[str, bytes] = {MODEL: model_bytes}
-    by_sha = {hashlib.sha256(model_bytes).hexdigest(): MODEL}
+    members: dict[str, bytes] = {}
+    by_sha: dict[str, str] = {}
+    store_model(src.model, MODEL, members, by_sha)  # over 2 GB: graph + MODEL.data (ONNX external data)
 
     ptq = _ptq_for(src, inputs, wanted, calibration, calib_method, calib_samples, validation, say)
     # Compile every target first: an unsupported operator is reported before the slow reference run.
@@ -126,11 +125,7 @@ def compile(  # noqa: A001 - the field's word for it
         entry = target_entry(backend, precision, artifact, "", members, by_sha)
         if quantization is not None:
             # The QDQ graph itself, engine-neutral: what `luodi verify --layerwise` marks and what re-simulates.
-            qdq = target_model.SerializeToString()
-            member = by_sha.setdefault(
-                hashlib.sha256(qdq).hexdigest(), f"{target_dir(backend_name, precision)}/qdq.onnx"
-            )
-            members.setdefault(member, qdq)
+            member = store_model(target_model, f"{target_dir(backend_name, precision)}/qdq.onnx", members, by_sha)
             entry["quantization"] = {**quantization, "model": member}
         compiled.append((backend, artifact, entry))
 

@@ -35,3 +35,21 @@ def target_entry(
         "options": artifact.options,
         "engine_version": backend.available().version,
     }
+
+
+def store_model(model: Any, member: str, members: dict[str, bytes], by_sha: dict[str, str]) -> str:
+    """Add an ONNX graph to ``members`` as ``member`` (stored once: identical bytes reuse the first member) and
+    return the member that holds it. A model over 2 GB is stored as ONNX external data: the graph, whose large
+    tensors reference ``<member>.data``, and that data file beside it (see luodi.onnx_io)."""
+    from ..onnx_io import to_members
+
+    parts = to_members(model, member)
+    if len(parts) > 1:  # graph and data find each other by name: stored side by side, never redirected
+        for name, data in parts.items():
+            members[name] = data
+            by_sha.setdefault(hashlib.sha256(data).hexdigest(), name)  # a target holding the same bytes reuses them
+        return member
+    data = parts[member]
+    stored = by_sha.setdefault(hashlib.sha256(data).hexdigest(), member)
+    members.setdefault(stored, data)
+    return stored

@@ -5,14 +5,13 @@ Each further model gets the same targets as the primary one; it never changes ho
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import VerificationError
 from ..frontends import SourceModel
 from ..tensor import TensorSpec, specs_from_onnx
-from .entry import target_entry
+from .entry import store_model, target_entry
 
 
 def model_member(name: str) -> str:
@@ -48,9 +47,7 @@ def compile_models(
 
     section: dict[str, Any] = {}
     for name, sub in src.models.items():
-        data = sub.model.SerializeToString()
-        member = by_sha.setdefault(hashlib.sha256(data).hexdigest(), model_member(name))
-        members.setdefault(member, data)
+        member = store_model(sub.model, model_member(name), members, by_sha)
         inputs, outputs = specs_from_onnx(sub.model)
         targets = []
         feeds = _samples_for(sub, inputs) if verify else []

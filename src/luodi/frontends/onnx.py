@@ -95,12 +95,14 @@ def _parse(data: bytes, where: str) -> Any:
 def _check(model: Any, name: str) -> Any:
     import onnx
 
+    from .. import onnx_io  # models over 2 GB are checked through their graph alone
+
     try:
-        onnx.checker.check_model(model)
+        onnx_io.check(model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ModelError(f"model '{name}' is not a valid ONNX graph: {first}") from exc
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=True)
+        return onnx_io.infer_shapes(model, check_type=True)
     except Exception as exc:  # shape inference errors are InferenceError in recent onnx
         raise ModelError(f"model '{name}' fails ONNX shape inference: {exc}") from exc

@@ -123,8 +123,9 @@ def to_onnx(
     model.producer_version = str(torch.__version__)
     if model.ByteSize() > (2 << 30) - (64 << 20):
         raise ExportError(
-            f"{label} is larger than ONNX's 2 GB protobuf limit; export it with torch.onnx.export to a file "
-            "with external data and compile that file"
+            f"{label} is larger than ONNX's 2 GB protobuf limit, which luodi.export's in-memory export cannot "
+            "pass: export it with torch.onnx.export to a file (its weights go to external data beside it) and "
+            "`luodi compile` that file; luodi keeps such a model as ONNX external data in the package"
         )
     return model
 

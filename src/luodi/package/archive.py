@@ -9,6 +9,7 @@ import copy
 import hashlib
 import json
 import os
+import posixpath
 import tempfile
 import zipfile
 from pathlib import Path
@@ -193,12 +194,17 @@ class Package:
         return self.read(self._model_member)
 
     def model(self) -> Any:
-        import onnx
+        """The canonical ONNX graph, with its weights: a model over 2 GB keeps them in ``<member>.data``."""
+        from ..errors import ModelError
+        from ..onnx_io import from_members
 
+        folder = posixpath.dirname(self._model_member)
         try:
-            return onnx.load_model_from_string(self.model_bytes())
-        except Exception as exc:  # protobuf DecodeError and friends
-            raise PackageError(f"{self.path}: {MODEL} is not a valid ONNX model ({exc})") from exc
+            return from_members(
+                self.model_bytes(), lambda loc: self.read(posixpath.join(folder, loc)), where=self._model_member
+            )
+        except ModelError as exc:
+            raise PackageError(f"{self.path}: {exc}") from exc
 
     def find_target(self, backend: str, precision: str | None = None) -> dict[str, Any]:
         for t in self.manifest["targets"]:

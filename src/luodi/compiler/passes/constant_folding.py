@@ -39,9 +39,11 @@ class FoldConstants(Pass):
         from onnx import numpy_helper
         from onnx.reference import ReferenceEvaluator
 
+        from ... import onnx_io
+
         graph = model.graph
         try:  # the inferred element types keep folded values in the dtype the graph declares
-            typed = onnx.shape_inference.infer_shapes(model)
+            typed = onnx_io.infer_shapes(model)
             elem = {v.name: v.type.tensor_type.elem_type for v in typed.graph.value_info}
         except Exception:  # folding is still exact without them; the dtype comes from the evaluator
             elem = {}

@@ -11,12 +11,32 @@ from typing import Any
 import numpy as np
 
 
-def initializer_arrays(graph: Any) -> dict[str, np.ndarray]:
-    """Initializers that are constants (not overridable graph inputs), as numpy arrays."""
-    from onnx import numpy_helper
+class _Constants(dict):
+    """name -> numpy array, each converted from its initializer on first use: a pass that reads a few weights of a
+    model with gigabytes of them copies only those."""
 
+    def __init__(self, tensors: dict[str, Any]) -> None:
+        super().__init__()
+        self._tensors = tensors
+
+    def __missing__(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        array = numpy_helper.to_array(self._tensors[name])  # KeyError when there is no such constant
+        self[name] = array
+        return array
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name) or name in self._tensors
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default  # noqa: SIM401 (dict.get would skip __missing__)
+
+
+def initializer_arrays(graph: Any) -> dict[str, np.ndarray]:
+    """Initializers that are constants (not overridable graph inputs), as numpy arrays (converted when first read)."""
     overridable = {i.name for i in graph.input}
-    return {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name not in overridable}
+    return _Constants({t.name: t for t in graph.initializer if t.name not in overridable})
 
 
 def consumers(graph: Any) -> dict[str, list[Any]]:

@@ -16,11 +16,11 @@ class InferShapes(Pass):
     summary = "annotate every tensor's shape and type (onnx.shape_inference, with data propagation)"
 
     def run(self, model: Any, ctx: PassContext) -> Any:
-        import onnx
+        from ... import onnx_io  # over 2 GB the graph is inferred without its weights
 
         del model.graph.value_info[:]  # stale entries from before a rewrite would mislead engines
         try:
-            inferred = onnx.shape_inference.infer_shapes(model, check_type=True, data_prop=True)
+            inferred = onnx_io.infer_shapes(model, check_type=True, data_prop=True)
         except Exception as exc:  # onnx raises InferenceError / ValidationError / RuntimeError here
             raise ModelError(f"ONNX shape inference failed on '{model.graph.name}': {exc}") from exc
         ctx.notes.append(f"{len(inferred.graph.value_info)} intermediate tensors annotated")
