@@ -112,7 +112,7 @@ class Batcher:
         return self._busy
 
     def submit(self, feeds: Feeds, timeout_s: float | None = None) -> Job:
-        """Queue one request; its ``future`` gives the outputs. Raises OverloadedError at once when the queue is full."""
+        """Queue one request; its ``future`` gives the outputs. A full queue raises OverloadedError at once."""
         size = 1
         if self.batchable:
             sizes = {a.shape[0] if a.ndim else None for a in feeds.values()}
@@ -197,7 +197,7 @@ class Batcher:
             self._cond.wait(remaining)
         else:
             return []
-        if cfg.preferred_batch_sizes and not full:
+        if cfg.preferred_batch_sizes:  # the longest prefix of a preferred size, if there is one
             sums = np.cumsum([j.size for j in batch]).tolist()
             fits = [i for i, s in enumerate(sums) if s in cfg.preferred_batch_sizes]
             if fits:

@@ -5,6 +5,7 @@ Each server has its own CollectorRegistry, so several servers (or tests) in one 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -60,10 +61,8 @@ class Metrics:
 
     def removed(self, mv: Any) -> None:
         for gauge in (self.depth, self.loaded):
-            try:
+            with contextlib.suppress(KeyError):  # never added: its load failed
                 gauge.remove(mv.name, mv.version)
-            except KeyError:
-                pass
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

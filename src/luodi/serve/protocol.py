@@ -170,7 +170,7 @@ def encode_infer_response(
     outputs: dict[str, np.ndarray],
     request: InferRequest | None = None,
 ) -> tuple[bytes, int | None]:
-    """The response body and, when any output is binary, the JSON header's length for Inference-Header-Content-Length."""
+    """The response body, and the JSON header's length (Inference-Header-Content-Length) when any output is binary."""
     request = request or InferRequest(inputs={})
     wanted = request.outputs or [RequestedOutput(n, request.binary_output) for n in outputs]
     doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
