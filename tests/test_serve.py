@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import small_cnn
-from serve_helpers import Server, running
 
 import luodi
+from conftest import small_cnn
+from serve_helpers import Server, running
 
 th = pytest.importorskip("tritonclient.http")
 
