@@ -282,16 +282,7 @@ def create_app(repository: ModelRepository, *, watch_s: float | None = None, met
         """Every model, its versions, their state and live figures (what the web page shows)."""
         return {
             "server": {"version": __version__, "uptime_s": time.time() - state["started"]},
-            "models": [
-                {
-                    "name": m.name,
-                    "state": m.state,
-                    "reason": m.reason,
-                    "versions_on_disk": sorted(m.on_disk, key=int),
-                    "versions": [mv.describe() for _, mv in sorted(m.loaded.items(), key=lambda kv: int(kv[0]))],
-                }
-                for m in repository.models()
-            ],
+            "models": repository.status(),
         }
 
     page = resources.files("luodi.serve").joinpath("page.html").read_text(encoding="utf-8")

@@ -218,6 +218,7 @@ class Model:
     reason: str = ""
     config: BatchConfig | None = None
     unloaded: bool = False  # unloaded through the API: the watcher leaves it alone until it is loaded again
+    failed: dict[str, tuple[int, int]] = field(default_factory=dict)  # version -> stamp of a file that failed
 
 
 class ModelRepository:
@@ -337,6 +338,9 @@ class ModelRepository:
                 wanted = sorted(on_disk, key=int)[-self.versions :] if self.versions else sorted(on_disk, key=int)
                 stale = [v for v, mv in model.loaded.items() if v not in wanted or mv.files.stamp != on_disk[v].stamp]
                 missing = [v for v in wanted if v not in model.loaded or v in stale or force]
+                if not force:  # a file that failed to load is tried again only once it changes
+                    missing = [v for v in missing if model.failed.get(v) != on_disk[v].stamp]
+                    stale = [v for v in stale if v not in wanted or model.failed.get(v) != on_disk[v].stamp]
             if not missing and not stale:
                 return
             try:
@@ -353,10 +357,12 @@ class ModelRepository:
                 try:
                     mv = ModelVersion(name, v, on_disk[v], config, self.session_options)
                 except LuodiError as exc:
+                    model.failed[v] = on_disk[v].stamp
                     self._failed(model, f"version {v} ({on_disk[v].path.name}): {exc}")
                     for done in fresh.values():
                         done.close()
                     return
+                model.failed.pop(v, None)
                 mv.observer = self.observer
                 mv.state = READY
                 fresh[v] = mv
@@ -449,15 +455,35 @@ class ModelRepository:
     def index(self) -> list[dict[str, Any]]:
         """The repository API's index: one row per model version on disk or loaded."""
         rows = []
-        for m in self.models():
-            for v in sorted(set(m.on_disk) | set(m.loaded), key=int):
-                mv = m.loaded.get(v)
+        with self._lock:
+            models = [(m, dict(m.on_disk), dict(m.loaded)) for m in self.models()]
+        for m, on_disk, loaded in models:
+            for v in sorted(set(on_disk) | set(loaded), key=int):
+                mv = loaded.get(v)
                 state = mv.state if mv else (m.state if m.state == LOADING else UNAVAILABLE)
                 reason = "" if mv else (m.reason or "not loaded (older version)")
                 rows.append({"name": m.name, "version": v, "state": state, "reason": reason})
-            if not m.on_disk and not m.loaded:
+            if not on_disk and not loaded:
                 rows.append({"name": m.name, "version": "", "state": UNAVAILABLE, "reason": m.reason})
         return rows
+
+    def status(self) -> list[dict[str, Any]]:
+        """Every model with its loaded versions' state and live figures (the web page's data)."""
+        with self._lock:
+            models = [
+                (m, sorted(m.on_disk, key=int), sorted(m.loaded.items(), key=lambda kv: int(kv[0])))
+                for m in self.models()
+            ]
+        return [
+            {
+                "name": m.name,
+                "state": m.state,
+                "reason": m.reason,
+                "versions_on_disk": on_disk,
+                "versions": [mv.describe() for _, mv in loaded],
+            }
+            for m, on_disk, loaded in models
+        ]
 
     def ready(self) -> bool:
         with self._lock:
