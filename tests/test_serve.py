@@ -74,6 +74,10 @@ def test_user_errors_are_answered_with_the_reason_and_the_server_stays_up(server
     bad.set_data_from_numpy(np.zeros((1, 3, 8, 8), np.float32))
     with pytest.raises(th.InferenceServerException, match="'x'"):
         client.infer("cnn", [bad])
+    ok = th.InferInput("x", [1, 3, 16, 16], "FP32")
+    ok.set_data_from_numpy(np.zeros((1, 3, 16, 16), np.float32))
+    with pytest.raises(th.InferenceServerException, match="timeout"):
+        client.infer("cnn", [ok], timeout=1)  # Triton's per-request timeout, in microseconds
     url = f"{server.base}/v2/models/cnn/infer"
     r = httpx.post(url, content=b"{not json")
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
@@ -231,6 +235,10 @@ def test_sigterm_stops_accepting_drains_in_flight_and_exits_zero(cnn_repo: Path,
             time.sleep(0.6)
             t0 = time.monotonic()
             srv.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.4)
+            with pytest.raises(httpx.ConnectError):  # no longer accepting ...
+                httpx.get(f"{srv.base}/v2/health/live", timeout=2)
+            assert not any(f.done() for f in futures)  # ... while the queued requests are still to be answered
             responses = [f.result(timeout=30) for f in futures]
         assert srv.proc.wait(timeout=30) == 0
         for x, r in zip(xs, responses):
