@@ -97,6 +97,8 @@ def status_of(exc: BaseException) -> int:
 
 
 def error_response(exc: BaseException) -> JSONResponse:
+    if not isinstance(exc, LuodiError):  # not the user's doing: keep the traceback for whoever runs the server
+        log.error("internal error", exc_info=exc, extra={"event": "internal_error"})
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, OverloadedError) else None
     message = str(exc) if isinstance(exc, LuodiError) else f"internal error: {type(exc).__name__}: {exc}"
     return JSONResponse({"error": message}, status_code=status_of(exc), headers=headers)
