@@ -24,7 +24,19 @@ CATS = range(281, 286)  # ImageNet's domestic cats: tabby, tiger cat, Persian, S
 def server(effnet_package: Path, tmp_path_factory: pytest.TempPathFactory):
     repo = tmp_path_factory.mktemp("repo")
     shutil.copy(effnet_package, repo / "effnet.luodi")
-    args = ("--max-batch-size", "8", "--max-queue-delay-ms", "5", "--max-queue-size", "16", "--poll-s", "0")
+    # one engine thread leaves the other core to the overload test's clients, so that they can out-send the server
+    args = (
+        "--max-batch-size",
+        "8",
+        "--max-queue-delay-ms",
+        "5",
+        "--max-queue-size",
+        "16",
+        "--poll-s",
+        "0",
+        "--threads",
+        "1",
+    )
     with running(repo, *args, log=tmp_path_factory.mktemp("log") / "server.log") as srv:
         yield srv
 
