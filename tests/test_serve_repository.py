@@ -160,3 +160,20 @@ def test_import_luodi_and_the_cli_do_not_import_the_web_stack() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_package_removed_from_disk_stops_being_served_and_a_new_one_is_picked_up(
+    repo: Path, cnn_package: Path
+) -> None:
+    r = ModelRepository(repo)
+    try:
+        r.start()
+        (repo / "flat.luodi").unlink()
+        shutil.copy(cnn_package, repo / "newcomer.luodi")
+        r.sync()
+        with pytest.raises(ModelUnavailableError, match="no version on disk"):
+            r.get("flat")
+        assert r.get("newcomer").version == "1"
+        assert {row["name"] for row in r.index() if row["state"] == "READY"} == {"cnn", "fixed", "newcomer"}
+    finally:
+        r.close()
