@@ -56,6 +56,8 @@ def test_pipeline_route_classifies_an_uploaded_photo(server: Server, local) -> N
     want = local.predict(str(photo), k=3)
     assert [p["index"] for p in result] == [p.index for p in want]
     assert result[0]["index"] in CATS and abs(result[0]["score"] - want[0].score) < 1e-4
+    (figures,) = httpx.get(f"{server.base}/luodi/models").json()["models"][0]["versions"]
+    assert figures["requests"] >= 1 and figures["mean_compute_ms"] > 0  # the pipeline's model call was batched
     r = httpx.post(f"{server.base}/v2/models/effnet/predict", files={"file": ("x.png", b"not an image")}, timeout=60)
     assert r.status_code == 400 and "image" in r.json()["error"].lower()
 

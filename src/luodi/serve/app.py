@@ -235,19 +235,19 @@ def create_app(repository: ModelRepository, *, watch_s: float | None = None, met
 
     async def _predict(name: str, version: str | None, request: Request, k: int | None) -> Response:
         t0 = time.perf_counter()
-        mv = None
+        mv, job = None, None
         try:
             raw = await _raw_input(request)
             with repository.acquire(name, version) as mv:
                 options = {} if k is None else {"k": k}
-                result = await run_in_threadpool(mv.predict, raw, None, **options)
+                result, job = await run_in_threadpool(mv.predict, raw, None, **options)
         except Exception as exc:
             if mv is not None:
                 mv.observe(False, time.perf_counter() - t0, None, type(exc).__name__)
             _log_request(name, mv.version if mv else version, status_of(exc), t0, None, str(exc), route="predict")
             return error_response(exc)
-        mv.observe(True, time.perf_counter() - t0, None)
-        _log_request(name, mv.version, 200, t0, None, route="predict")
+        mv.observe(True, time.perf_counter() - t0, job)
+        _log_request(name, mv.version, 200, t0, job, route="predict")
         return JSONResponse({"model_name": name, "model_version": mv.version, "result": jsonable(result)})
 
     @app.post("/v2/models/{name}/predict", tags=["inference"], openapi_extra=_PREDICT_SCHEMA)

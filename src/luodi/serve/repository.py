@@ -103,12 +103,21 @@ class ModelVersion:
         self.check(feeds)
         return self.batcher.submit(feeds, timeout_s)
 
-    def predict(self, raw: Any, timeout_s: float | None = None, **options: Any) -> Any:
-        """Run the package's pipeline on ``raw`` (e.g. image bytes) with the model calls going through the batcher.
+    def predict(self, raw: Any, timeout_s: float | None = None, **options: Any) -> tuple[Any, Job | None]:
+        """Run the package's pipeline on ``raw`` (e.g. image bytes), the model calls going through the batcher.
 
-        Blocks: call it from a worker thread.
+        Returns the result and the last model call's Job (its timings). Blocks: call it from a worker thread.
         """
-        return _predict(self, raw, timeout_s, options)
+        from ..errors import PipelineError
+
+        pipe = self.session.pipeline
+        if pipe is None:
+            raise PipelineError(
+                f"model '{self.name}' has no pre/post-processing pipeline; use /infer with tensors, "
+                "or serve a package compiled with one (e.g. zoo:efficientnet-lite0)"
+            )
+        batched = _Batched(self, timeout_s)
+        return pipe.run(raw, batched, **options), batched.job
 
     def observe(self, ok: bool, total_s: float, job: Job | None, reason: str = "") -> None:
         """Account one answered request (the server calls this once per request)."""
@@ -187,18 +196,6 @@ class _Batched:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._v.session, name)
-
-
-def _predict(version: ModelVersion, raw: Any, timeout_s: float | None, options: dict[str, Any]) -> Any:
-    from ..errors import PipelineError
-
-    pipe = version.session.pipeline
-    if pipe is None:
-        raise PipelineError(
-            f"model '{version.name}' has no pre/post-processing pipeline; use /infer with tensors, "
-            "or serve a package compiled with one (e.g. zoo:efficientnet-lite0)"
-        )
-    return pipe.run(raw, _Batched(version, timeout_s), **options)
 
 
 def _batchable(session: Any) -> bool:
