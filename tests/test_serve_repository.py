@@ -177,3 +177,25 @@ def test_a_package_removed_from_disk_stops_being_served_and_a_new_one_is_picked_
         assert {row["name"] for row in r.index() if row["state"] == "READY"} == {"cnn", "fixed", "newcomer"}
     finally:
         r.close()
+
+
+def test_load_through_the_api_switches_to_a_new_version_and_drains_the_old(repo: Path, cnn_package: Path) -> None:
+    r = ModelRepository(repo, defaults=BatchConfig(max_batch_size=4, max_queue_delay_ms=300))
+    try:
+        r.start()  # no watcher: only load() notices the new version
+        old = r.get("cnn")
+        x = np.ones((1, 3, 16, 16), np.float32)
+        with r.acquire("cnn") as held:
+            queued = held.submit({"x": x})
+            (repo / "cnn" / "5").mkdir()
+            shutil.copy(cnn_package, repo / "cnn" / "5" / "m.luodi")
+            assert r.get("cnn").version == "3"
+            r.load("cnn")
+            assert r.get("cnn").version == "5"  # new requests go to version 5 ...
+        assert queued.future.result(10)["y"].shape == (1, 5)  # ... the old one answers what it held
+        deadline = time.monotonic() + 10
+        while old.state != "UNAVAILABLE" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert old.state == "UNAVAILABLE"
+    finally:
+        r.close()
