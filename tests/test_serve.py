@@ -219,9 +219,13 @@ def test_new_version_takes_over_while_requests_keep_flowing(tmp_path: Path) -> N
     assert {(r["version"], r["state"]) for r in index} == {("1", "UNAVAILABLE"), ("2", "READY")}
 
 
+def _queued(srv: Server) -> int:
+    return httpx.get(f"{srv.base}/luodi/models").json()["models"][0]["versions"][0]["queue_depth"]
+
+
 def test_sigterm_stops_accepting_drains_in_flight_and_exits_zero(cnn_repo: Path, tmp_path: Path, expected) -> None:
-    # requests wait up to 1.5 s for a batch to fill: SIGTERM arrives while they are queued
-    srv = Server(cnn_repo, "--max-queue-delay-ms", "1500", "--max-batch-size", "16", log=tmp_path / "log")
+    # requests wait up to 3 s for a batch to fill: SIGTERM arrives while they are queued
+    srv = Server(cnn_repo, "--max-queue-delay-ms", "3000", "--max-batch-size", "16", log=tmp_path / "log")
     try:
         srv.wait_ready()
         xs = [_x(1, seed=20 + i) for i in range(4)]
@@ -232,7 +236,10 @@ def test_sigterm_stops_accepting_drains_in_flight_and_exits_zero(cnn_repo: Path,
 
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(one, x) for x in xs]
-            time.sleep(0.6)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and _queued(srv) < len(xs):
+                time.sleep(0.02)
+            assert _queued(srv) == len(xs)
             t0 = time.monotonic()
             srv.proc.send_signal(signal.SIGTERM)
             time.sleep(0.4)
