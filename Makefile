@@ -30,8 +30,14 @@ $(FASHION):
 	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; fi
 
+# Debian's headless Chromium and its WebDriver, for the serving web page test (tests/test_serve_effnet.py).
+CHROMEDRIVER := /usr/bin/chromedriver
+$(CHROMEDRIVER):
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium chromium-driver; \
+	else echo "Chromium is missing: run 'sudo apt-get install chromium chromium-driver'"; exit 1; fi
+
 # Everything the tests need, so that nothing is skipped.
-$(VENV)/.test: pyproject.toml | $(BIN)/python $(FASHION)
+$(VENV)/.test: pyproject.toml | $(BIN)/python $(FASHION) $(CHROMEDRIVER)
 	$(PIP) install $(TORCH) -e '.[dev]'
 	$(PIP) install --no-deps foolbox $(MODELS) silero-vad pyannote-audio  # pyannote: its real-speech sample.wav
 	touch $@

@@ -87,3 +87,34 @@ class PipelineError(LuodiError):
 
 class MissingExtraError(LuodiError, ImportError):
     """A feature needs a Python package that is not installed; the message names the luodi extra."""
+
+
+class ServeError(LuodiError):
+    """Something the model server was asked that it cannot do (base of the serving errors)."""
+
+
+class ProtocolError(ServeError, InputError):
+    """An inference request does not follow the KServe v2 protocol (bad JSON, datatype, shape, binary sizes)."""
+
+
+class ModelNotFoundError(ServeError, KeyError):
+    """The server's repository has no model (or version) of that name."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ModelUnavailableError(ServeError):
+    """The model exists but is not ready: loading, failed to load, unloaded, or the server is shutting down."""
+
+
+class OverloadedError(ServeError):
+    """The model's request queue is full; retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeoutError(ServeError, TimeoutError):
+    """A request was not answered within its timeout."""

@@ -597,6 +597,11 @@ def quantize_analyse(
         )
 
 
+from ..serve.cli import serve as _serve  # noqa: E402  (`luodi serve`: its own module, FastAPI imported when run)
+
+cli.add_command(_serve)
+
+
 def main() -> None:
     cli(prog_name="luodi")
 

@@ -1,0 +1,38 @@
+"""Serving: a KServe v2 HTTP server over a repository of .luodi packages, with dynamic batching and metrics.
+
+protocol, batcher and repository need no web framework (a Ray Serve adapter reuses them); only app and
+cli import FastAPI/uvicorn, lazily, so that `import luodi` never pays for them.
+"""
+
+from __future__ import annotations
+
+from .batcher import BatchConfig, Batcher
+from .protocol import decode_infer_request, decode_infer_response, encode_infer_request, encode_infer_response
+from .repository import ModelRepository, ModelVersion
+
+__all__ = [
+    "BatchConfig",
+    "Batcher",
+    "ModelRepository",
+    "ModelVersion",
+    "create_app",
+    "decode_infer_request",
+    "decode_infer_response",
+    "encode_infer_request",
+    "encode_infer_response",
+    "serve",
+]
+
+
+def create_app(*args, **kwargs):
+    """See luodi.serve.app.create_app (imports FastAPI)."""
+    from .app import create_app as make
+
+    return make(*args, **kwargs)
+
+
+def serve(*args, **kwargs):
+    """See luodi.serve.server.serve (imports FastAPI and uvicorn)."""
+    from .server import serve as run
+
+    return run(*args, **kwargs)

@@ -1,0 +1,352 @@
+"""The FastAPI application: KServe v2 HTTP routes, the pipeline route, the repository API, /metrics and the page.
+
+Routes are thin: decoding is luodi.serve.protocol, queueing luodi.serve.batcher, models luodi.serve.repository.
+The engine never runs on the event loop (the batcher's worker threads run it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from .. import __version__
+from ..errors import (
+    InputError,
+    LuodiError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    OverloadedError,
+    PipelineError,
+    RequestTimeoutError,
+)
+from .metrics import Metrics
+from .protocol import HEADER_LENGTH, decode_infer_request, encode_infer_response, model_metadata
+from .repository import ModelRepository
+
+log = logging.getLogger("luodi.serve")
+
+_BIG_JSON = 64 * 1024  # JSON bodies above this are decoded off the event loop
+_INFER_SCHEMA = {
+    "requestBody": {
+        "description": "A KServe v2 inference request: JSON, or with the binary-tensor extension the JSON header "
+        "(its length in the Inference-Header-Content-Length header) followed by the raw tensor bytes.",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {"type": "object"},
+                        "inputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name", "shape", "datatype"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "shape": {"type": "array", "items": {"type": "integer"}},
+                                    "datatype": {"type": "string", "example": "FP32"},
+                                    "parameters": {"type": "object"},
+                                    "data": {"type": "array", "items": {}},
+                                },
+                            },
+                        },
+                        "outputs": {"type": "array", "items": {"type": "object"}},
+                    },
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+_PREDICT_SCHEMA = {
+    "requestBody": {
+        "description": "The raw input of the package's pipeline (e.g. an image file): a multipart form field "
+        "'file', or the bytes as the body. Query parameter k: how many classes to return.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def status_of(exc: BaseException) -> int:
+    """The HTTP status of an error: the client's fault (4xx), busy or unavailable (503), timeout (504), else 500."""
+    if isinstance(exc, ModelNotFoundError):
+        return 404
+    if isinstance(exc, (OverloadedError, ModelUnavailableError)):
+        return 503
+    if isinstance(exc, RequestTimeoutError):
+        return 504
+    if isinstance(exc, (InputError, PipelineError)):
+        return 400
+    return 500
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    if not isinstance(exc, LuodiError):  # not the user's doing: keep the traceback for whoever runs the server
+        log.error("internal error", exc_info=exc, extra={"event": "internal_error"})
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, OverloadedError) else None
+    message = str(exc) if isinstance(exc, LuodiError) else f"internal error: {type(exc).__name__}: {exc}"
+    return JSONResponse({"error": message}, status_code=status_of(exc), headers=headers)
+
+
+def jsonable(value: Any) -> Any:
+    """A pipeline's result (named tuples, dataclasses, arrays) as plain JSON values."""
+    import dataclasses
+
+    if hasattr(value, "_asdict"):
+        return {k: jsonable(v) for k, v in value._asdict().items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def create_app(repository: ModelRepository, *, watch_s: float | None = None, metrics: Metrics | None = None) -> FastAPI:
+    """The server over ``repository``: its models are loaded at start-up and drained at shutdown."""
+    metrics = metrics or repository.observer or Metrics()
+    repository.observer = metrics
+    state = {"shutting_down": False, "started": time.time()}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await run_in_threadpool(repository.start, watch_s=watch_s)
+        log.info("ready", extra={"event": "ready", "models": [m.name for m in repository.models()]})
+        yield
+        state["shutting_down"] = True
+        log.info("shutting down: draining in-flight requests", extra={"event": "shutdown"})
+        await run_in_threadpool(repository.close)
+        log.info("stopped", extra={"event": "stopped"})
+
+    app = FastAPI(
+        title="luodi model server",
+        version=__version__,
+        description="KServe v2 / Open Inference Protocol over the .luodi packages of a model repository.",
+        lifespan=lifespan,
+    )
+    app.state.repository = repository
+    app.state.metrics = metrics
+
+    @app.exception_handler(LuodiError)
+    async def _luodi_error(request: Request, exc: LuodiError) -> JSONResponse:
+        return error_response(exc)
+
+    # -- health and metadata ----------------------------------------------------------------------
+    @app.get("/v2/health/live", tags=["health"])
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", tags=["health"])
+    async def ready() -> JSONResponse:
+        ok = repository.ready() and not state["shutting_down"]
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/v2", tags=["metadata"])
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": "luodi", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
+
+    def _metadata(name: str, version: str | None) -> dict[str, Any]:
+        mv = repository.get(name, version)
+        versions = [version] if version else sorted(repository.model(name).loaded, key=int)
+        return model_metadata(name, versions, mv.platform, mv.session.inputs, mv.session.outputs)
+
+    @app.get("/v2/models/{name}", tags=["metadata"])
+    async def model_meta(name: str) -> dict[str, Any]:
+        return _metadata(name, None)
+
+    @app.get("/v2/models/{name}/versions/{version}", tags=["metadata"])
+    async def model_version_meta(name: str, version: str) -> dict[str, Any]:
+        return _metadata(name, version)
+
+    async def _ready(name: str, version: str | None) -> JSONResponse:
+        try:
+            repository.get(name, version)
+            ok = not state["shutting_down"]
+        except ModelUnavailableError:
+            ok = False
+        return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 400)
+
+    @app.get("/v2/models/{name}/ready", tags=["health"])
+    async def model_ready(name: str) -> JSONResponse:
+        return await _ready(name, None)
+
+    @app.get("/v2/models/{name}/versions/{version}/ready", tags=["health"])
+    async def model_version_ready(name: str, version: str) -> JSONResponse:
+        return await _ready(name, version)
+
+    # -- inference ------------------------------------------------------------------------------
+    async def _infer(name: str, version: str | None, request: Request) -> Response:
+        t0 = time.perf_counter()
+        body = await request.body()
+        mv, job = None, None
+        try:
+            with repository.acquire(name, version) as mv:
+                header_length = request.headers.get(HEADER_LENGTH)
+                if header_length is None and len(body) > _BIG_JSON:
+                    req = await run_in_threadpool(decode_infer_request, body, None)
+                else:
+                    req = decode_infer_request(body, header_length)
+                timeout = _timeout(req.parameters.get("timeout"), mv.config.timeout_s)
+                job = mv.submit(req.inputs, timeout)
+                try:
+                    outputs = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout)
+                except asyncio.TimeoutError:
+                    raise RequestTimeoutError(f"no answer within the request's timeout of {timeout:.3f} s") from None
+                data, json_length = encode_infer_response(name, mv.version, outputs, req)
+        except Exception as exc:
+            if mv is not None:
+                mv.observe(False, time.perf_counter() - t0, job, type(exc).__name__)
+            _log_request(name, mv.version if mv else version, status_of(exc), t0, job, str(exc))
+            return error_response(exc)
+        mv.observe(True, time.perf_counter() - t0, job)
+        _log_request(name, mv.version, 200, t0, job)
+        if json_length is None:
+            return Response(data, media_type="application/json")
+        return Response(data, media_type="application/octet-stream", headers={HEADER_LENGTH: str(json_length)})
+
+    @app.post("/v2/models/{name}/infer", tags=["inference"], openapi_extra=_INFER_SCHEMA)
+    async def infer(name: str, request: Request) -> Response:
+        return await _infer(name, None, request)
+
+    @app.post("/v2/models/{name}/versions/{version}/infer", tags=["inference"], openapi_extra=_INFER_SCHEMA)
+    async def infer_version(name: str, version: str, request: Request) -> Response:
+        return await _infer(name, version, request)
+
+    async def _predict(name: str, version: str | None, request: Request, k: int | None) -> Response:
+        t0 = time.perf_counter()
+        mv, job = None, None
+        try:
+            raw = await _raw_input(request)
+            with repository.acquire(name, version) as mv:
+                options = {} if k is None else {"k": k}
+                result, job = await run_in_threadpool(mv.predict, raw, None, **options)
+        except Exception as exc:
+            if mv is not None:
+                mv.observe(False, time.perf_counter() - t0, None, type(exc).__name__)
+            _log_request(name, mv.version if mv else version, status_of(exc), t0, None, str(exc), route="predict")
+            return error_response(exc)
+        mv.observe(True, time.perf_counter() - t0, job)
+        _log_request(name, mv.version, 200, t0, job, route="predict")
+        return JSONResponse({"model_name": name, "model_version": mv.version, "result": jsonable(result)})
+
+    @app.post("/v2/models/{name}/predict", tags=["inference"], openapi_extra=_PREDICT_SCHEMA)
+    async def predict(name: str, request: Request, k: int | None = None) -> Response:
+        """Run the package's pre/post-processing pipeline on a raw input (e.g. an uploaded image)."""
+        return await _predict(name, None, request, k)
+
+    @app.post("/v2/models/{name}/versions/{version}/predict", tags=["inference"], openapi_extra=_PREDICT_SCHEMA)
+    async def predict_version(name: str, version: str, request: Request, k: int | None = None) -> Response:
+        return await _predict(name, version, request, k)
+
+    # -- repository API -------------------------------------------------------------------------
+    @app.post("/v2/repository/index", tags=["repository"])
+    async def repository_index() -> list[dict[str, Any]]:
+        return repository.index()
+
+    @app.post("/v2/repository/models/{name}/load", tags=["repository"])
+    async def repository_load(name: str) -> dict[str, Any]:
+        await run_in_threadpool(repository.load, name)
+        return {}
+
+    @app.post("/v2/repository/models/{name}/unload", tags=["repository"])
+    async def repository_unload(name: str) -> dict[str, Any]:
+        await run_in_threadpool(repository.unload, name)
+        return {}
+
+    # -- observability and the page -------------------------------------------------------------
+    @app.get("/metrics", tags=["observability"])
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/luodi/models", tags=["observability"])
+    async def status() -> dict[str, Any]:
+        """Every model, its versions, their state and live figures (what the web page shows)."""
+        return {
+            "server": {"version": __version__, "uptime_s": time.time() - state["started"]},
+            "models": repository.status(),
+        }
+
+    page = resources.files("luodi.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index_page() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    return app
+
+
+async def _raw_input(request: Request) -> Any:
+    """The bytes of an uploaded file (multipart field 'file') or of the body; a .npy file becomes its array."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise InputError("the form has no file field 'file'; upload the input as 'file'")
+        data, filename = await upload.read(), upload.filename or ""
+    else:
+        data, filename = await request.body(), ""
+    if not data:
+        raise InputError("the request carries no input: upload a file as form field 'file' or send its bytes")
+    if filename.endswith(".npy") or data[:6] == b"\x93NUMPY":
+        import io
+
+        try:
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError as exc:
+            raise InputError(f"the uploaded .npy file could not be read: {exc}") from None
+    return data
+
+
+def _timeout(param: Any, default: float) -> float:
+    """Triton's ``timeout`` request parameter is in microseconds."""
+    if param is None:
+        return default
+    try:
+        value = float(param) / 1e6
+    except (TypeError, ValueError):
+        raise InputError(f"the 'timeout' parameter must be a number of microseconds, got {param!r}") from None
+    if value <= 0:
+        raise InputError(f"the 'timeout' parameter must be positive, got {param!r}")
+    return value
+
+
+def _log_request(
+    model: str, version: str | None, status: int, t0: float, job: Any, error: str = "", route: str = "infer"
+) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    extra: dict[str, Any] = {
+        "event": route,
+        "model": model,
+        "version": version,
+        "status": status,
+        "total_ms": round(1000 * (time.perf_counter() - t0), 3),
+    }
+    if job is not None and job.batch_size:
+        extra.update(
+            batch=job.batch_size, queue_ms=round(1000 * job.queue_s, 3), compute_ms=round(1000 * job.compute_s, 3)
+        )
+    if error:
+        extra["error"] = error
+    log.log(logging.WARNING if status >= 500 else logging.INFO, route, extra=extra)

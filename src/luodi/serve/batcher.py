@@ -1,0 +1,255 @@
+"""Dynamic batching: requests queued for one model are joined along the batch axis and run by worker threads.
+
+Plain threads and concurrent futures, no event loop or web framework, so any server (HTTP, Ray) can use it.
+Only requests whose inputs agree in every dim but the first, and in dtype, ever share a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import InputError, ModelUnavailableError, OverloadedError, RequestTimeoutError
+
+log = logging.getLogger("luodi.serve")
+
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """How one model batches. ``max_batch_size`` <= 1 runs every request on its own."""
+
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 2.0  # how long the oldest request may wait for others to join its batch
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 256  # requests waiting; beyond this a request is refused at once (OverloadedError)
+    timeout_s: float = 30.0  # per request, queueing and computing together
+    instances: int = 1  # worker threads, each running one batch at a time
+
+    def __post_init__(self) -> None:
+        bad = []
+        if self.max_batch_size < 0:
+            bad.append(f"max_batch_size {self.max_batch_size} < 0")
+        if self.max_queue_delay_ms < 0:
+            bad.append(f"max_queue_delay_ms {self.max_queue_delay_ms} < 0")
+        if self.max_queue_size < 1:
+            bad.append(f"max_queue_size {self.max_queue_size} < 1")
+        if self.timeout_s <= 0:
+            bad.append(f"timeout_s {self.timeout_s} <= 0")
+        if self.instances < 1:
+            bad.append(f"instances {self.instances} < 1")
+        if any(p < 1 or p > max(self.max_batch_size, 1) for p in self.preferred_batch_sizes):
+            bad.append(f"preferred_batch_sizes {list(self.preferred_batch_sizes)} must lie in 1..max_batch_size")
+        if bad:
+            raise InputError("invalid batching settings: " + "; ".join(bad))
+        object.__setattr__(self, "preferred_batch_sizes", tuple(sorted(set(self.preferred_batch_sizes))))
+
+
+@dataclass(eq=False)
+class Job:
+    """One request in the batcher. ``future`` resolves to its outputs; the timings are set once it ran."""
+
+    feeds: Feeds
+    size: int
+    key: tuple
+    deadline: float
+    enqueued: float = field(default_factory=time.perf_counter)
+    future: Future = field(default_factory=Future)
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    batch_size: int = 0
+
+
+class Batcher:
+    """A bounded queue for one model and ``config.instances`` worker threads that run ``run`` on joined batches.
+
+    ``batchable`` says whether the model has a free batch dim on every input and output; when False every
+    request runs alone. ``on_batch(size, compute_s)`` is called after each batch (for metrics).
+    """
+
+    def __init__(
+        self,
+        run: Callable[[Feeds], Feeds],
+        config: BatchConfig,
+        *,
+        batchable: bool = True,
+        name: str = "model",
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.batchable = batchable and config.max_batch_size > 1
+        self._run = run
+        self._on_batch = on_batch
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._busy = 0
+        self._compute_ema = 0.0  # seconds per batch, for Retry-After
+        self._workers = [
+            threading.Thread(target=self._work, name=f"luodi-batcher-{name}-{i}", daemon=True)
+            for i in range(config.instances)
+        ]
+        for w in self._workers:
+            w.start()
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (not yet running)."""
+        return len(self._queue)
+
+    @property
+    def busy(self) -> int:
+        """Batches running now."""
+        return self._busy
+
+    def submit(self, feeds: Feeds, timeout_s: float | None = None) -> Job:
+        """Queue one request; its ``future`` gives the outputs. A full queue raises OverloadedError at once."""
+        size = 1
+        if self.batchable:
+            sizes = {a.shape[0] if a.ndim else None for a in feeds.values()}
+            if len(sizes) != 1 or None in sizes:
+                raise InputError(
+                    f"every input must have the same batch size (first dim); got {sorted(map(str, sizes))}"
+                )
+            size = sizes.pop()
+            if size > self.config.max_batch_size:
+                raise InputError(
+                    f"a request of batch {size} is larger than the model's max_batch_size "
+                    f"{self.config.max_batch_size}; split it into smaller requests"
+                )
+            key: tuple = tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(feeds.items()))
+        else:
+            key = (object(),)  # never equal to another request's key: runs alone
+        now = time.perf_counter()
+        job = Job(feeds, size, key, now + (timeout_s or self.config.timeout_s), enqueued=now)
+        with self._cond:
+            if self._closed:
+                raise ModelUnavailableError("this model version is shutting down; retry, a newer one may be serving")
+            if len(self._queue) >= self.config.max_queue_size:
+                raise OverloadedError(
+                    f"the model's queue is full ({len(self._queue)} requests waiting); retry later",
+                    self._retry_after(),
+                )
+            self._queue.append(job)
+            self._cond.notify()
+        return job
+
+    def close(self, drain: bool = True, timeout_s: float | None = None) -> None:
+        """Stop taking requests; with ``drain`` finish every queued one first, else fail them. Joins the workers."""
+        with self._cond:
+            self._closed = True
+            if not drain:
+                while self._queue:
+                    self._queue.popleft().future.set_exception(ModelUnavailableError("the model was unloaded"))
+            self._cond.notify_all()
+        for w in self._workers:
+            w.join(timeout_s)
+
+    # -- workers -------------------------------------------------------------------------------
+    def _retry_after(self) -> int:
+        per_batch = self._compute_ema or 0.05
+        batches = len(self._queue) / max(self.config.max_batch_size, 1) / len(self._workers)
+        return max(1, math.ceil(batches * per_batch))
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch = self._take()
+                if batch:
+                    self._busy += 1
+            if batch:
+                try:
+                    self._execute(batch)
+                finally:
+                    with self._cond:
+                        self._busy -= 1
+
+    def _take(self) -> list[Job]:
+        """With the lock held: the next batch, waiting up to the delay for same-shaped requests to join."""
+        cfg = self.config
+        while self._queue:
+            first = self._queue[0]
+            batch, total = [], 0
+            for job in self._queue:
+                if job.key == first.key and total + job.size <= max(cfg.max_batch_size, 1):
+                    batch.append(job)
+                    total += job.size
+                    if total == cfg.max_batch_size:
+                        break
+            remaining = first.enqueued + cfg.max_queue_delay_ms / 1000 - time.perf_counter()
+            full = not self.batchable or total >= cfg.max_batch_size
+            preferred = cfg.preferred_batch_sizes and total >= cfg.preferred_batch_sizes[-1]
+            if full or preferred or remaining <= 0 or self._closed:
+                break
+            self._cond.wait(remaining)
+        else:
+            return []
+        if cfg.preferred_batch_sizes:  # the longest prefix of a preferred size, if there is one
+            sums = np.cumsum([j.size for j in batch]).tolist()
+            fits = [i for i, s in enumerate(sums) if s in cfg.preferred_batch_sizes]
+            if fits:
+                batch = batch[: fits[-1] + 1]
+        for job in batch:
+            self._queue.remove(job)
+        return batch
+
+    def _execute(self, batch: list[Job]) -> None:
+        now = time.perf_counter()
+        live = []
+        for job in batch:
+            if not job.future.set_running_or_notify_cancel():
+                continue  # the client gave up (cancelled)
+            if now > job.deadline:
+                job.future.set_exception(
+                    RequestTimeoutError(f"the request waited {now - job.enqueued:.3f} s in the queue, past its timeout")
+                )
+                continue
+            live.append(job)
+        if not live:
+            return
+        if len(live) == 1:
+            feeds = live[0].feeds
+        else:
+            feeds = {name: np.concatenate([j.feeds[name] for j in live]) for name in live[0].feeds}
+        total = sum(j.size for j in live)
+        t0 = time.perf_counter()
+        try:
+            outputs = self._run(feeds)
+        except BaseException as exc:  # the engine's failure goes to every caller of the batch
+            for job in live:
+                job.future.set_exception(exc)
+            return
+        compute = time.perf_counter() - t0
+        self._compute_ema = compute if not self._compute_ema else 0.8 * self._compute_ema + 0.2 * compute
+        if self._on_batch is not None:
+            self._on_batch(total, compute)
+        offset = 0
+        for job in live:
+            job.queue_s, job.compute_s, job.batch_size = t0 - job.enqueued, compute, total
+            if len(live) == 1:
+                job.future.set_result(outputs)
+                continue
+            try:
+                part = {}
+                for name, value in outputs.items():
+                    if value.shape[:1] != (total,):
+                        raise InputError(f"output '{name}' of shape {list(value.shape)} has no batch dim of {total}")
+                    part[name] = value[offset : offset + job.size]
+            except InputError as exc:
+                job.future.set_exception(exc)
+            else:
+                job.future.set_result(part)
+            offset += job.size

@@ -1,0 +1,53 @@
+"""Run the model server with uvicorn until SIGTERM/SIGINT, then drain in-flight requests and return (exit 0).
+
+It only wires a ModelRepository, the FastAPI app and uvicorn together; the work is in the other modules.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import MissingExtraError
+from .batcher import BatchConfig
+
+
+def serve(
+    repository: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    batching: BatchConfig | None = None,
+    versions: int = 1,
+    watch_s: float | None = 2.0,
+    session_options: dict[str, Any] | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve every package under ``repository`` on ``host:port`` until the process is asked to stop."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise MissingExtraError("serving needs FastAPI and uvicorn: pip install 'luodi[serve]'") from None
+    from .app import create_app
+    from .metrics import configure_logging
+    from .repository import ModelRepository
+
+    configure_logging(log_level)
+    repo = ModelRepository(repository, defaults=batching, versions=versions, session_options=session_options)
+    app = create_app(repo, watch_s=watch_s)
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, log_level=log_level)
+    server = uvicorn.Server(config)
+    # uvicorn drains and then re-raises the signal it caught with the handler found before it: make that an
+    # orderly exit 0 rather than death by signal.
+    previous = {sig: signal.signal(sig, _exit_zero) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _exit_zero(signum: int, frame: Any) -> None:
+    sys.exit(0)

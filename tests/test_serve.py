@@ -1,0 +1,259 @@
+"""`luodi serve` as a user runs it (a subprocess on 127.0.0.1), talked to by the real tritonclient and plain HTTP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+import luodi
+from conftest import small_cnn
+from serve_helpers import Server, running
+
+th = pytest.importorskip("tritonclient.http")
+
+
+@pytest.fixture(scope="module")
+def cnn_repo(tmp_path_factory: pytest.TempPathFactory, cnn_package: Path) -> Path:
+    repo = tmp_path_factory.mktemp("repo")
+    shutil.copy(cnn_package, repo / "cnn.luodi")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(cnn_repo: Path, tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    with running(cnn_repo, "--max-queue-delay-ms", "20", "--poll-s", "0", log=log) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def expected(cnn_package: Path):
+    with luodi.Session(cnn_package, backend="onnxruntime") as s:
+        yield lambda x: s.run({"x": x})["y"]
+
+
+def _x(batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 3, 16, 16)).astype(np.float32)
+
+
+def test_tritonclient_health_metadata_and_infer_json_and_binary(server: Server, expected) -> None:
+    client = th.InferenceServerClient(server.url)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("cnn")
+    assert client.get_server_metadata()["name"] == "luodi"
+    meta = client.get_model_metadata("cnn")
+    assert meta["versions"] == ["1"] and meta["platform"] == "luodi_onnxruntime"
+    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 3, 16, 16]}]
+    assert meta["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [-1, 5]}]
+    assert client.get_model_metadata("cnn", "1")["name"] == "cnn"
+    for binary in (False, True):
+        x = _x(3, seed=int(binary))
+        inp = th.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        result = client.infer("cnn", [inp], outputs=[th.InferRequestedOutput("y", binary_data=binary)], request_id="a1")
+        assert result.get_response()["model_version"] == "1" and result.get_response()["id"] == "a1"
+        np.testing.assert_allclose(result.as_numpy("y"), expected(x), rtol=1e-5, atol=1e-5)
+    result = client.infer("cnn", [inp], model_version="1")  # every output by default
+    np.testing.assert_allclose(result.as_numpy("y"), expected(x), rtol=1e-5, atol=1e-5)
+
+
+def test_user_errors_are_answered_with_the_reason_and_the_server_stays_up(server: Server) -> None:
+    client = th.InferenceServerClient(server.url)
+    with pytest.raises(th.InferenceServerException, match="no model 'nope'"):
+        client.get_model_metadata("nope")
+    assert not client.is_model_ready("cnn", "7")
+    bad = th.InferInput("x", [1, 3, 8, 8], "FP32")
+    bad.set_data_from_numpy(np.zeros((1, 3, 8, 8), np.float32))
+    with pytest.raises(th.InferenceServerException, match="'x'"):
+        client.infer("cnn", [bad])
+    ok = th.InferInput("x", [1, 3, 16, 16], "FP32")
+    ok.set_data_from_numpy(np.zeros((1, 3, 16, 16), np.float32))
+    with pytest.raises(th.InferenceServerException, match="timeout"):
+        client.infer("cnn", [ok], timeout=1)  # Triton's per-request timeout, in microseconds
+    url = f"{server.base}/v2/models/cnn/infer"
+    r = httpx.post(url, content=b"{not json")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+    doc = {"inputs": [{"name": "x", "shape": [1, 3, 16, 16], "datatype": "INT64", "data": [0] * 768}]}
+    r = httpx.post(url, json=doc)
+    assert r.status_code == 400 and "int64" in r.json()["error"] and "float32" in r.json()["error"]
+    r = httpx.post(f"{server.base}/v2/models/cnn/versions/9/infer", json=doc)
+    assert r.status_code == 404 and "no version 9" in r.json()["error"]
+    r = httpx.post(f"{server.base}/v2/models/cnn/predict", content=b"\x89PNG")
+    assert r.status_code == 400 and "no pre/post-processing pipeline" in r.json()["error"]
+    assert client.is_server_ready()
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(server: Server, expected) -> None:
+    xs = [_x(1 + i % 3, seed=10 + i) for i in range(24)]
+
+    def one(x: np.ndarray) -> np.ndarray:
+        client = th.InferenceServerClient(server.url)
+        inp = th.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        return client.infer("cnn", [inp]).as_numpy("y")
+
+    with ThreadPoolExecutor(12) as pool:
+        ys = list(pool.map(one, xs))
+    for x, y in zip(xs, ys):
+        np.testing.assert_allclose(y, expected(x), rtol=1e-5, atol=1e-5)
+    text = httpx.get(f"{server.base}/metrics").text
+    sizes = _metric(text, 'luodi_batch_size_sum{model="cnn",version="1"}')
+    batches = _metric(text, 'luodi_batch_size_count{model="cnn",version="1"}')
+    assert batches < sizes, "no batch ever held more than one request"
+
+
+def _metric(text: str, key: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{key} not in /metrics:\n{text}")
+
+
+def test_metrics_page_status_openapi_and_logs(server: Server) -> None:
+    client = th.InferenceServerClient(server.url)
+    x = _x(2)
+    inp = th.InferInput("x", [2, 3, 16, 16], "FP32")
+    inp.set_data_from_numpy(x)
+    before = _metric(httpx.get(f"{server.base}/metrics").text, 'luodi_requests_total{model="cnn",version="1"}')
+    for _ in range(3):
+        client.infer("cnn", [inp])
+    text = httpx.get(f"{server.base}/metrics").text
+    assert _metric(text, 'luodi_requests_total{model="cnn",version="1"}') == before + 3
+    for name in ("luodi_queue_seconds", "luodi_compute_seconds", "luodi_request_seconds"):
+        assert _metric(text, f'{name}_count{{model="cnn",version="1"}}') >= 3
+    assert _metric(text, 'luodi_queue_depth{model="cnn",version="1"}') == 0
+    assert _metric(text, 'luodi_request_failures_total{model="cnn",reason="ProtocolError",version="1"}') >= 1
+
+    status = httpx.get(f"{server.base}/luodi/models").json()
+    (model,) = status["models"]
+    assert model["name"] == "cnn" and model["versions"][0]["state"] == "READY"
+    assert model["versions"][0]["requests"] >= 3 and model["versions"][0]["batching"] is True
+    page = httpx.get(server.base + "/")
+    assert page.status_code == 200 and "luodi model server" in page.text
+    paths = httpx.get(f"{server.base}/openapi.json").json()["paths"]
+    assert "/v2/models/{name}/infer" in paths and "/v2/repository/models/{name}/load" in paths
+    assert "requestBody" in paths["/v2/models/{name}/infer"]["post"]
+
+    events = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    infers = [e for e in events if e.get("event") == "infer" and e.get("status") == 200]
+    assert infers and {"model", "version", "batch", "queue_ms", "compute_ms", "total_ms"} <= set(infers[-1])
+
+
+def test_repository_api_unloads_and_loads(server: Server) -> None:
+    client = th.InferenceServerClient(server.url)
+    assert client.get_model_repository_index() == [{"name": "cnn", "version": "1", "state": "READY", "reason": ""}]
+    client.unload_model("cnn")
+    assert not client.is_model_ready("cnn")
+    x = _x(1)
+    inp = th.InferInput("x", [1, 3, 16, 16], "FP32")
+    inp.set_data_from_numpy(x)
+    r = httpx.post(f"{server.base}/v2/models/cnn/infer", json={"inputs": [inp._get_tensor()]})
+    assert r.status_code == 503 and "not ready" in r.json()["error"]
+    client.load_model("cnn")
+    assert client.is_model_ready("cnn")
+    assert client.infer("cnn", [inp]).as_numpy("y").shape == (1, 5)
+    with pytest.raises(th.InferenceServerException, match="no model 'ghost'"):
+        client.load_model("ghost")
+
+
+def test_new_version_takes_over_while_requests_keep_flowing(tmp_path: Path) -> None:
+    """NAME/<v>/ layout, watched: version 2 appears mid-traffic; every request is answered by v1 or v2, none lost."""
+    repo = tmp_path / "repo"
+    (repo / "cnn" / "1").mkdir(parents=True)
+    luodi.compile(small_cnn(seed=0), repo / "cnn" / "1" / "model.luodi", targets=["onnxruntime"], name="cnn")
+    staged = tmp_path / "v2.luodi"
+    luodi.compile(small_cnn(seed=1), staged, targets=["onnxruntime"], name="cnn")
+    x = _x(1, seed=3)
+    with luodi.Session(repo / "cnn" / "1" / "model.luodi") as s1, luodi.Session(staged) as s2:
+        want = {"1": s1.run({"x": x})["y"], "2": s2.run({"x": x})["y"]}
+    assert not np.allclose(want["1"], want["2"])
+
+    with running(repo, "--poll-s", "0.2", "--max-queue-delay-ms", "5", log=tmp_path / "log") as srv:
+        seen: list[tuple[int, str]] = []
+        stop = threading.Event()
+
+        def traffic() -> None:
+            client = th.InferenceServerClient(srv.url)
+            inp = th.InferInput("x", [1, 3, 16, 16], "FP32")
+            inp.set_data_from_numpy(x)
+            deadline = time.monotonic() + 30
+            while not stop.is_set() and time.monotonic() < deadline and len(seen) < 5000:
+                try:
+                    r = client.infer("cnn", [inp])
+                except th.InferenceServerException as exc:
+                    seen.append((500, str(exc)))
+                    continue
+                version = r.get_response()["model_version"]
+                np.testing.assert_allclose(r.as_numpy("y"), want[version], rtol=1e-5, atol=1e-5)
+                seen.append((200, version))
+
+        threads = [threading.Thread(target=traffic) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.5)
+            (repo / "cnn" / "2").mkdir()
+            shutil.copy(staged, repo / "cnn" / "2" / "tmp")
+            (repo / "cnn" / "2" / "tmp").rename(repo / "cnn" / "2" / "model.luodi")  # appears whole
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not any(v == "2" for _, v in seen[-20:]):
+                time.sleep(0.05)
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        index = th.InferenceServerClient(srv.url).get_model_repository_index()
+    assert all(code == 200 for code, _ in seen), [s for s in seen if s[0] != 200][:3]
+    versions = [v for _, v in seen]
+    assert "1" in versions and "2" in versions
+    assert "1" not in versions[versions.index("2") + 8 :]  # after the switch (and a few in flight) only v2
+    assert {(r["version"], r["state"]) for r in index} == {("1", "UNAVAILABLE"), ("2", "READY")}
+
+
+def _queued(srv: Server) -> int:
+    return httpx.get(f"{srv.base}/luodi/models").json()["models"][0]["versions"][0]["queue_depth"]
+
+
+def test_sigterm_stops_accepting_drains_in_flight_and_exits_zero(cnn_repo: Path, tmp_path: Path, expected) -> None:
+    # requests wait up to 3 s for a batch to fill: SIGTERM arrives while they are queued
+    srv = Server(cnn_repo, "--max-queue-delay-ms", "3000", "--max-batch-size", "16", log=tmp_path / "log")
+    try:
+        srv.wait_ready()
+        xs = [_x(1, seed=20 + i) for i in range(4)]
+
+        def one(x: np.ndarray) -> httpx.Response:
+            doc = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+            return httpx.post(f"{srv.base}/v2/models/cnn/infer", json=doc, timeout=30)
+
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(one, x) for x in xs]
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and _queued(srv) < len(xs):
+                time.sleep(0.02)
+            assert _queued(srv) == len(xs)
+            t0 = time.monotonic()
+            srv.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.4)
+            with pytest.raises(httpx.ConnectError):  # no longer accepting ...
+                httpx.get(f"{srv.base}/v2/health/live", timeout=2)
+            assert not any(f.done() for f in futures)  # ... while the queued requests are still to be answered
+            responses = [f.result(timeout=30) for f in futures]
+        assert srv.proc.wait(timeout=30) == 0
+        for x, r in zip(xs, responses):
+            assert r.status_code == 200
+            np.testing.assert_allclose(np.array(r.json()["outputs"][0]["data"]).reshape(1, 5), expected(x), rtol=1e-5)
+        assert time.monotonic() - t0 < 10
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{srv.base}/v2/health/live", timeout=2)
+        assert '"event": "shutdown"' in srv.log() and '"event": "stopped"' in srv.log()
+    finally:
+        srv.stop()
