@@ -5,6 +5,7 @@ Errors a user can cause are LuodiErrors: printed as one red line with exit code 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,7 @@ def _package_options(default_targets: tuple[str, ...]) -> Any:
 @click.option("--calib-samples", type=int, help="how many calibration samples to use (spread over the set) [100]")
 @click.option("--validation", help="held-apart data int8 agreement is measured on (default: the calibration data)")
 @click.option("--no-fallback", is_flag=True, help="never keep layers in float to meet the accuracy budget")
+@click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False), help="sign with this private key")
 def compile(
     model: str,
     output: str,
@@ -146,6 +148,7 @@ def compile(
     calib_samples: int | None,
     validation: str | None,
     no_fallback: bool,
+    sign_key: str | None,
 ) -> None:
     """Compile MODEL (an .onnx file or zoo:NAME) into a verified .luodi package."""
     from .. import compiler
@@ -171,6 +174,11 @@ def compile(
             fallback=not no_fallback,
             log=lambda msg: status.update(msg),
         )
+    if sign_key:
+        from ..package import Package
+        from ..package.signing import sign_package
+
+        pkg = Package(sign_package(output, sign_key))
     _print_compiled(pkg, show_passes)
 
 
@@ -413,11 +421,25 @@ def _timings_here(pkg: Any) -> dict[str, float]:
     type=click.Path(dir_okay=False),
     help="draw detection boxes / text boxes on the input and save the picture here (with several inputs: NAME-N.png)",
 )
-def predict(package: str, inputs: tuple[str, ...], k: int, backend: str, device: str, save_vis: str | None) -> None:
+@click.option("--license", "license_file", help="the licence that unlocks an encrypted package")
+@click.option("--trust", help="accept the package only if signed by this public key (.pub)")
+def predict(
+    package: str,
+    inputs: tuple[str, ...],
+    k: int,
+    backend: str,
+    device: str,
+    save_vis: str | None,
+    license_file: str | None,
+    trust: str | None,
+) -> None:
     """Run PACKAGE's pipeline on each input (image or .wav files) and print the result."""
     from ..session import Session
 
-    with Session(package, backend=backend, device=device) as s:
+    passphrase = os.environ.get("LUODI_PASSPHRASE") or None
+    with Session(
+        package, backend=backend, device=device, license=license_file, trust=trust, passphrase=passphrase
+    ) as s:
         err.print(f"[dim]{s.selection}[/]", highlight=False)
         for n, item in enumerate(inputs):
             result = s.predict(item, k=k)
@@ -595,6 +617,9 @@ def quantize_analyse(
             + (f": {', '.join(kept)}" if kept else "")
             + ("" if record["passed"] else " [red](budget not met)[/]")
         )
+
+
+from . import security  # noqa: E402,F401 - registers keys, sign, encrypt, license
 
 
 def main() -> None:
