@@ -79,7 +79,9 @@ def _captured_output() -> Iterator[list[str]]:
     """Send C-level stdout/stderr (MNN prints with printf) to a buffer; yields a list with the text."""
     libc = ctypes.CDLL(None)
     out: list[str] = []
-    with tempfile.TemporaryFile(mode="w+b") as buf:
+    # A memory file where there is one: a decrypted model's load must leave nothing in TMPDIR, not even a log.
+    buf_file = os.fdopen(os.memfd_create("luodi-log"), "w+b") if hasattr(os, "memfd_create") else None
+    with buf_file or tempfile.TemporaryFile(mode="w+b") as buf:
         saved = [os.dup(1), os.dup(2)]
         libc.fflush(None)
         try:

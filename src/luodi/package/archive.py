@@ -224,8 +224,9 @@ class Package:
     def model(self) -> Any:
         import onnx
 
+        data = self.model_bytes()
         try:
-            return onnx.load_model_from_string(self.model_bytes())
+            return onnx.load_model_from_string(data)
         except Exception as exc:  # protobuf DecodeError and friends
             raise PackageError(f"{self.path}: {MODEL} is not a valid ONNX model ({exc})") from exc
 
