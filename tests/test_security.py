@@ -307,13 +307,15 @@ def test_max_sessions_counts_open_sessions_in_this_process(sec, encrypted, tmp_p
 # -- no plaintext on disk ----------------------------------------------------------------------------
 _CHILD = textwrap.dedent(
     """
-    import sys, luodi, numpy as np
+    import os, sys, tempfile
+    tempfile.tempdir = os.environ["TMPDIR"]  # skip Python's own probe file; every temp file still goes there
+    import luodi, numpy as np
     pkg, backend, key = sys.argv[1:4]
     kw = {"passphrase": key} if key.startswith("pass:") else ({"license": key} if key else {})
     if "passphrase" in kw:
         kw["passphrase"] = key[5:]
     s = luodi.Session(pkg, backend=backend, **kw)
-    s.run({"x": np.ones((1, 3, 16, 16), np.float32)})
+    s.run({s.inputs[0].name: np.ones((1, 3, 16, 16), np.float32)})
     print("ready", flush=True)
     sys.stdin.readline()
     s.close()
@@ -424,3 +426,21 @@ def test_the_watch_sees_a_plain_package_written_to_a_temp_file(sec, tmp_path):
     chunks = plaintext_chunks(sec["plain"])
     seen = run_watched(sec["plain"], "ncnn", "", chunks, tmp_path / "plain")
     assert any(n.startswith("luodi-ncnn-") for n in seen["created"]), seen
+
+
+@pytest.mark.skipif(not installed("torch"), reason="torch is not installed")
+def test_no_plaintext_reaches_disk_on_torch(tmp_path):
+    """torch.export.load from a buffer; torch itself only makes an empty torchinductor_<user> folder in TMPDIR."""
+    import torch
+
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 16 * 16, 5)
+    ).eval()
+    plain = tmp_path / "tiny.luodi"
+    luodi.export(module, (torch.zeros(1, 3, 16, 16),), plain, ["torch"], name="tiny")
+    enc = crypto.encrypt_package(plain, tmp_path / "tiny-enc.luodi", passphrase="pw")
+    chunks = plaintext_chunks(plain)
+    seen = run_watched(enc, "torch", "pass:pw", chunks, tmp_path / "watch")
+    assert seen["leaks"] == []
+    assert [n for n in seen["created"] if not n.startswith("torchinductor_")] == []
+    assert all(p.is_dir() and not any(p.iterdir()) for p in seen["tmp_left"])
