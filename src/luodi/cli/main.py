@@ -43,13 +43,14 @@ def backends() -> None:
     from ..backends import backend_names, get_backend
 
     table = Table(title="luodi backends")
-    for col in ("backend", "available", "version", "devices", "precisions", "int8", "why not / how to install"):
+    cols = ("backend", "available", "version", "devices", "precisions", "int8", "encrypted", "why not / how to install")
+    for col in cols:
         table.add_column(col)
     for name in backend_names():
         try:
             a = get_backend(name).available()
         except LuodiError as exc:
-            table.add_row(name, "[red]no[/]", "", "", "", "", str(exc))
+            table.add_row(name, "[red]no[/]", "", "", "", "", "", str(exc))
             continue
         why = a.reason + (f" — {a.install}" if a.install else "")
         table.add_row(
@@ -59,6 +60,7 @@ def backends() -> None:
             ", ".join(a.devices),
             ", ".join(a.precisions),
             _int8_column(get_backend(name)),
+            "in memory" if get_backend(name).in_memory else "[yellow]no[/]: loads from files only",
             why,
         )
     out.print(table)

@@ -249,7 +249,7 @@ class Package:
                 raise PackageError(
                     f"{self.path} is encrypted and backend '{target['backend']}' can only load a model from a file, "
                     "which would put the decrypted model on disk: choose a backend that loads from memory "
-                    "(see `luodi backends`, column in-memory)"
+                    "(see the 'encrypted' column of `luodi backends`)"
                 )
         files = {rel: self.read(member) for rel, member in target["files"].items()}
         artifact = Artifact(target["backend"], target["precision"], files, dict(target.get("options", {})))
