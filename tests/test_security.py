@@ -95,16 +95,19 @@ def test_signed_package_runs_under_its_key_and_only_its_key(sec):
     assert manifest["signer"] == {"algorithm": "ed25519", "key": signing.fingerprint(sec["vendor_pub"])}
 
 
-def test_one_flipped_byte_anywhere_is_an_integrity_error(sec, tmp_path):
+@pytest.mark.parametrize("kind", ["signed", "encrypted and signed"])
+def test_one_flipped_byte_anywhere_is_an_integrity_error(sec, encrypted, kind, tmp_path):
     """Every member, the manifest and the signature: one flipped byte, rewritten as a valid zip, is refused."""
-    with zipfile.ZipFile(sec["signed"]) as zf:
+    package = sec["signed"] if kind == "signed" else encrypted["licence"]
+    keys = {"license": sec["licence"]} if kind != "signed" else {}
+    with zipfile.ZipFile(package) as zf:
         members = {i.filename: zf.read(i.filename) for i in zf.infolist()}
     assert signing.SIGNATURE in members and "manifest.json" in members and len(members) >= 2 + len(BACKENDS)
     for name, data in members.items():
         for at in (0, len(data) // 2, len(data) - 1):
-            bad = rewrite(sec["signed"], tmp_path / "bad.luodi", {name: flip(data, at)})
+            bad = rewrite(package, tmp_path / "bad.luodi", {name: flip(data, at)})
             with pytest.raises(luodi.IntegrityError) as caught:
-                luodi.Session(bad, backend="reference", trust=sec["vendor_pub"])
+                luodi.Session(bad, backend="reference", trust=sec["vendor_pub"], **keys)
             where = "signature" if name in ("manifest.json", signing.SIGNATURE) else f"member '{name}'"
             assert where in str(caught.value), (name, str(caught.value))
 
@@ -247,6 +250,10 @@ def test_encrypt_and_license_commands(sec, tmp_path):
     out = tmp_path / "enc.luodi"
     r = luodi_cli("encrypt", str(sec["plain"]), "-o", str(out), "--license", str(lic))
     assert r.returncode == 0, r.stderr
+    r = luodi_cli("info", str(out))
+    assert (
+        r.returncode == 0 and f"opens with a licence of vendor key {signing.fingerprint(sec['vendor_pub'])}" in r.stdout
+    )
     with luodi.Session(out, backend="onnxruntime", license=lic) as s:
         np.testing.assert_array_equal(s.run({"x": X})["y"], sec["expected"])
     out = tmp_path / "pass.luodi"
@@ -444,3 +451,45 @@ def test_no_plaintext_reaches_disk_on_torch(tmp_path):
     assert seen["leaks"] == []
     assert [n for n in seen["created"] if not n.startswith("torchinductor_")] == []
     assert all(p.is_dir() and not any(p.iterdir()) for p in seen["tmp_left"])
+
+
+def test_encrypted_efficientnet_predicts_like_the_plain_one(effnet_package, sec, tmp_path):
+    """The real model and its pipeline, encrypted for a licence: the same classes, the same scores."""
+    from luodi.zoo.images import skimage_picture
+
+    name = luodi.Package(effnet_package).name
+    lic = tmp_path / "effnet.lic"
+    license.issue_license(sec["vendor"], "ACME", "2099-12-31", [name], output=lic)
+    enc = crypto.encrypt_package(effnet_package, tmp_path / "effnet-enc.luodi", license=lic, sign=sec["vendor"])
+    picture = skimage_picture("chelsea")
+    with luodi.Session(effnet_package, backend="onnxruntime") as plain:
+        want = plain.predict(picture, k=3)
+    with luodi.Session(enc, backend="onnxruntime", license=lic, trust=sec["vendor_pub"]) as s:
+        got = s.predict(picture, k=3)
+    assert [p.index for p in got] == [p.index for p in want]
+    np.testing.assert_allclose([p.score for p in got], [p.score for p in want], rtol=1e-5)
+
+
+def test_a_backend_that_loads_only_from_files_is_refused_for_encrypted_packages(sec, encrypted, monkeypatch):
+    """A plugin engine that cannot load from memory (Backend.in_memory False) must not get decrypted files."""
+    backend = type(luodi.get_backend("reference"))
+    monkeypatch.setattr(backend, "in_memory", False)
+    with pytest.raises(luodi.PackageError, match="can only load a model from a file"):
+        luodi.Session(encrypted["passphrase"], backend="reference", passphrase="correct horse")
+    with luodi.Session(sec["plain"], backend="reference") as s:  # a plain package still loads on it
+        s.run({"x": X})
+
+
+def test_licence_for_a_plain_package_and_inspect_of_a_forged_one(sec, tmp_path):
+    expired = tmp_path / "old.lic"
+    license.issue_license(sec["vendor"], "ACME", "2020-01-01", ["small-cnn"], output=expired)
+    with pytest.raises(luodi.LicenseExpiredError):
+        luodi.Session(sec["plain"], backend="onnxruntime", license=expired)
+    with luodi.Session(sec["plain"], backend="onnxruntime", license=sec["licence"]) as s:
+        assert s.license.licensee == "ACME"
+    body = json.loads(sec["licence"].read_text())
+    body["licensee"] = "Someone Else"
+    forged = tmp_path / "forged.lic"
+    forged.write_text(json.dumps(body))
+    r = luodi_cli("license", "inspect", str(forged))
+    assert r.returncode == 2 and "altered" in r.stderr and "Traceback" not in r.stderr

@@ -346,6 +346,12 @@ def info(package: str, device: str) -> None:
             f"({', '.join(dict.fromkeys(changed))}); `luodi compile --passes` shows each"
         )
     _print_verification(pkg)
+    if pkg.encrypted:
+        how = pkg.manifest["encryption"].get("unlock", {})
+        key = f"a licence of vendor key {how.get('issuer')}" if how.get("kind") == "license" else "its passphrase"
+        signer = pkg.manifest.get("signer", {}).get("key")
+        out.print(f"encrypted (AES-256-GCM): opens with {key}" + (f"; signed by key {signer}" if signer else ""))
+        return
     from ..selection import select_target
 
     try:
