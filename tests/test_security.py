@@ -127,7 +127,7 @@ def test_raw_byte_flips_in_the_file_are_integrity_errors(sec, tmp_path):
             luodi.Session(bad, backend="reference", trust=sec["vendor_pub"])
 
 
-def test_keys_gen_compile_sign_and_predict_with_the_cli(tmp_path, cnn_model):
+def test_keys_gen_and_compile_sign_with_the_cli(tmp_path, cnn_model):
     r = luodi_cli("keys", "gen", "-o", str(tmp_path / "k"))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600 and (tmp_path / "k.pub").exists()
