@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime as dt
+import gc
 import json
 import os
 import struct
@@ -306,6 +307,13 @@ def test_max_sessions_counts_open_sessions_in_this_process(sec, encrypted, tmp_p
     with pytest.raises(luodi.LicenseSessionsError, match="2 open session"):
         luodi.Session(encrypted["licence"], backend="onnxruntime", license=lic)
     first.close()
+    with luodi.Session(encrypted["licence"], backend="onnxruntime", license=lic):
+        pass
+    third = luodi.Session(encrypted["licence"], backend="onnxruntime", license=lic)
+    with pytest.raises(luodi.LicenseSessionsError):
+        luodi.Session(encrypted["licence"], backend="onnxruntime", license=lic)
+    del third  # a session dropped without close() gives its place back when collected
+    gc.collect()
     with luodi.Session(encrypted["licence"], backend="onnxruntime", license=lic):
         pass
     second.close()

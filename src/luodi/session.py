@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,8 @@ class Session:
         del artifact  # an encrypted package's plaintext lives on only inside the engine
         if self.license is not None:
             try:
-                self._release_license = self.license.acquire_session()
+                # Released by close(), or when the session is garbage-collected unclosed.
+                self._release_license = weakref.finalize(self, self.license.acquire_session())
             except BaseException:
                 self._engine.close()
                 raise
