@@ -118,3 +118,43 @@ class OverloadedError(ServeError):
 
 class RequestTimeoutError(ServeError, TimeoutError):
     """A request was not answered within its timeout."""
+
+
+class LicenseError(LuodiError):
+    """A licence does not allow this use; ``reason`` says which check failed (see the subclasses)."""
+
+    reason = "invalid"
+
+
+class LicenseSignatureError(LicenseError):
+    """The licence is not signed by the vendor key the package names, or it was altered after signing."""
+
+    reason = "signature"
+
+
+class LicenseExpiredError(LicenseError):
+    """The licence's expiry date has passed."""
+
+    reason = "expired"
+
+
+class LicenseModelError(LicenseError):
+    """The licence does not cover the package's model."""
+
+    reason = "model"
+
+
+class LicenseMachineError(LicenseError):
+    """The licence is bound to another machine."""
+
+    reason = "machine"
+
+
+class LicenseSessionsError(LicenseError):
+    """This process already has the licence's maximum number of sessions open."""
+
+    reason = "sessions"
+
+
+class KeyRequiredError(PackageError):
+    """An encrypted package was opened without the licence or passphrase that unlocks it, or with a wrong one."""

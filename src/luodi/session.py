@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,10 @@ class Session:
     ``accuracy_budget`` (a precision class: "fp32" unless the package was compiled with another);
     ``Session.selection`` says which and why. See luodi.selection.
 
+    ``trust`` (a public key: .pub path or bytes) accepts only a package signed by that key, every member
+    checked; ``license`` (a licence file) or ``passphrase`` unlock an encrypted package, decrypted in
+    memory only. See docs/security.md.
+
     Thread safety: tensors bound with :meth:`set_tensor` and results of :meth:`forward` are kept
     per thread, so several threads may share one session; engines whose run is not reentrant are
     serialised by a lock (``Engine.thread_safe``).
@@ -55,6 +60,9 @@ class Session:
         threads: int | None = None,
         options: dict[str, Any] | None = None,
         accuracy_budget: str | None = None,
+        trust: Any = None,
+        license: Any = None,  # noqa: A002 - the field's word
+        passphrase: str | bytes | None = None,
     ) -> None:
         self.device = device
         self.package: Package | None = None
@@ -64,8 +72,20 @@ class Session:
         self._models: dict[str, Session] = {}
         self._models_lock = threading.Lock()  # threads sharing a session load each further model once
         self._streams: dict[str, Any] = {}
+        self.license: Any = None
+        """The License that unlocked this session's package, if any."""
+        self._release_license: Any = None
         if isinstance(model, Package) or _is_package_path(model):
-            self.package = model if isinstance(model, Package) else Package(model)
+            if trust is None and license is None and passphrase is None:
+                self.package = model if isinstance(model, Package) else Package(model)
+                if self.package.encrypted and self.package._decrypt is None:
+                    from .package.crypto import unlock
+
+                    unlock(self.package)  # says which key the package needs
+            else:
+                from .package.crypto import open_package
+
+                self.package, self.license = open_package(model, trust=trust, license=license, passphrase=passphrase)
             target, self.selection = select_target(self.package, backend, precision, device, accuracy_budget)
             self.backend, self.precision = target["backend"], target["precision"]
             artifact = self.package.artifact(target)
@@ -82,6 +102,14 @@ class Session:
             artifact = get_backend(self.backend).compile(src.model, CompileOptions(precision=self.precision))
             self._inputs, self._outputs = specs_from_onnx(src.model)
         self._engine: Engine = _load(artifact, load_options)
+        del artifact  # an encrypted package's plaintext lives on only inside the engine
+        if self.license is not None:
+            try:
+                # Released by close(), or when the session is garbage-collected unclosed.
+                self._release_license = weakref.finalize(self, self.license.acquire_session())
+            except BaseException:
+                self._engine.close()
+                raise
         self._input_by_name = {s.name: s for s in self._inputs}
         self._output_names = {s.name for s in self._outputs}
         self._lock = None if self._engine.thread_safe else threading.Lock()
@@ -203,6 +231,12 @@ class Session:
             for sub in self._models.values():
                 sub.close()
             self._engine.close()
+            self._release()
+
+    def _release(self) -> None:
+        if self._release_license is not None:
+            self._release_license()
+            self._release_license = None
 
     def __enter__(self) -> Session:
         return self

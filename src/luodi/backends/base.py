@@ -5,7 +5,10 @@ A backend module imports its engine library lazily, inside these methods; nothin
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,6 +42,8 @@ class Artifact:
     precision: str
     files: dict[str, bytes] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    in_memory: bool = False
+    """The files are decrypted plaintext: load() must not write them to disk (the backend's ``in_memory``)."""
 
     @property
     def target(self) -> str:
@@ -125,6 +130,9 @@ class Backend:
     int8_policy: ClassVar[dict[str, Any] | None] = None
     """How the engine runs int8, as data that luodi.quant reads (see luodi/quant/policy.py): activation and
     weight dtype/symmetry/granularity, rounding, which operators run in int8. None: no int8 target."""
+    in_memory: ClassVar[bool] = False
+    """Whether load() can take an artifact's files from memory without writing any file; encrypted
+    packages load only on such backends."""
     int8_unsupported: ClassVar[str] = ""
     """Why the engine has no int8 target here, shown by `luodi backends`."""
 
@@ -166,3 +174,25 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<Backend {self.name}>"
+
+
+@contextlib.contextmanager
+def memory_file(data: bytes, name: str = "model") -> Iterator[str]:
+    """A path holding ``data`` that is not on any disk: an anonymous memory file (Linux memfd), closed on exit.
+
+    For engines that load only from a path, when the bytes are decrypted plaintext (Artifact.in_memory).
+    The path (/proc/self/fd/N) opens only in this process; the memory is freed when the engine has read it.
+    """
+    if not hasattr(os, "memfd_create"):
+        raise BackendUnavailableError(
+            "this engine loads models only from files, and this platform has no memory files (memfd): "
+            "an encrypted package cannot be loaded on it without writing the decrypted model to disk"
+        )
+    fd = os.memfd_create(f"luodi-{name}", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)

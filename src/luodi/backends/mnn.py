@@ -65,7 +65,7 @@ import numpy as np
 from .. import onnx_io
 from ..errors import BackendError, BackendUnavailableError, CompileError, ModelError, UnsupportedOpError
 from ..tensor import TensorSpec, specs_from_onnx
-from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
+from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, memory_file
 
 MODEL_FILE = "model.mnn"
 # precision -> (converter stores fp16 weights, runtime precision mode)
@@ -80,7 +80,9 @@ def _captured_output() -> Iterator[list[str]]:
     """Send C-level stdout/stderr (MNN prints with printf) to a buffer; yields a list with the text."""
     libc = ctypes.CDLL(None)
     out: list[str] = []
-    with tempfile.TemporaryFile(mode="w+b") as buf:
+    # A memory file where there is one: a decrypted model's load must leave nothing in TMPDIR, not even a log.
+    buf_file = os.fdopen(os.memfd_create("luodi-log"), "w+b") if hasattr(os, "memfd_create") else None
+    with buf_file or tempfile.TemporaryFile(mode="w+b") as buf:
         saved = [os.dup(1), os.dup(2)]
         libc.fflush(None)
         try:
@@ -95,6 +97,17 @@ def _captured_output() -> Iterator[list[str]]:
                 os.close(fd)
             buf.seek(0)
             out.append(buf.read().decode("utf-8", "replace"))
+
+
+@contextlib.contextmanager
+def _temporary_file(data: bytes) -> Iterator[str]:
+    fd, path = tempfile.mkstemp(prefix="luodi-", suffix=".mnn")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        yield path
+    finally:
+        os.unlink(path)
 
 
 def _import_mnn() -> tuple[Any, Any, Any]:
@@ -168,6 +181,7 @@ class MnnEngine(Engine):
 
 class MnnBackend(Backend):
     name = "mnn"
+    in_memory = True
     int8_unsupported = (
         "MNN's int8 calibration is its mnnquant tool, which luodi never runs (it pip-installs a telemetry SDK and "
         "sends data); weight-only int8 (--weightQuantBits) computes in float, so it is not an int8 target"
@@ -228,10 +242,11 @@ class MnnBackend(Backend):
         mode = artifact.options.get("precision_mode", "high")
         threads = options.threads or min(4, os.cpu_count() or 1)
         _, nn, _ = _import_mnn()
-        fd, path = tempfile.mkstemp(prefix="luodi-", suffix=".mnn")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+        with contextlib.ExitStack() as stack:
+            if artifact.in_memory:  # decrypted: never on disk
+                path = stack.enter_context(memory_file(data, MODEL_FILE))
+            else:
+                path = stack.enter_context(_temporary_file(data))
             with _captured_output() as log, _EXECUTOR_LOCK:
                 try:
                     runtime = nn.create_runtime_manager(({"backend": "CPU", "precision": mode, "numThread": threads},))
@@ -246,8 +261,6 @@ class MnnBackend(Backend):
                     module, error = None, exc
                 else:
                     error = None
-        finally:
-            os.unlink(path)
         if module is None:
             detail = (log[0].strip().splitlines() or [""])[-1] if log else ""
             raise CompileError(f"mnn could not load {artifact.target}: {error} {detail}".strip())

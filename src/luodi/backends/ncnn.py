@@ -66,7 +66,7 @@ from ..errors import (
     UnsupportedOpError,
 )
 from ..tensor import TensorSpec, specs_from_onnx
-from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
+from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, memory_file
 
 _PARAM, _BIN, _PY = "model.param", "model.bin", "model_ncnn.py"
 _PNNX_TIMEOUT_S = 600
@@ -257,18 +257,30 @@ def _new_net(ncnn: Any, flags: dict[str, bool], threads: int | None) -> Any:
     return net
 
 
-def _load_net(ncnn: Any, param: bytes, weights: bytes, flags: dict[str, bool], threads: int | None) -> Any:
+def _load_net(
+    ncnn: Any, param: bytes, weights: bytes, flags: dict[str, bool], threads: int | None, in_memory: bool = False
+) -> Any:
     net = _new_net(ncnn, flags, threads)
+    if in_memory:
+        # Decrypted files must not touch disk; load_model_mem would keep pointers into memory the binding
+        # frees, so ncnn reads (and copies) them from anonymous memory files instead.
+        with memory_file(param, _PARAM) as p, memory_file(weights, _BIN) as b:
+            _read_net(net, p, b)
+        return net
     # From files: ncnn's load_model_mem keeps pointers into memory the binding does not own.
     with tempfile.TemporaryDirectory(prefix="luodi-ncnn-") as tmp:
         p, b = os.path.join(tmp, _PARAM), os.path.join(tmp, _BIN)
         Path(p).write_bytes(param)
         Path(b).write_bytes(weights)
-        if net.load_param(p) != 0:
-            raise ModelError("ncnn could not read the target's model.param (ncnn printed why); recompile the package")
-        if net.load_model(b) != 0:
-            raise ModelError("ncnn could not read the target's model.bin weights; recompile the package")
+        _read_net(net, p, b)
     return net
+
+
+def _read_net(net: Any, param_path: str, weights_path: str) -> None:
+    if net.load_param(param_path) != 0:
+        raise ModelError("ncnn could not read the target's model.param (ncnn printed why); recompile the package")
+    if net.load_model(weights_path) != 0:
+        raise ModelError("ncnn could not read the target's model.bin weights; recompile the package")
 
 
 # -- engine ---------------------------------------------------------------------------------------
@@ -387,6 +399,7 @@ class NcnnEngine(Engine):
 # -- backend --------------------------------------------------------------------------------------
 class NcnnBackend(Backend):
     name = "ncnn"
+    in_memory = True
     int8_unsupported = (
         "ncnn runs int8 from its own calibration table (ncnn2table + ncnn2int8), and the ncnn/pnnx wheels ship "
         "neither tool"
@@ -511,7 +524,7 @@ class NcnnBackend(Backend):
         flags = dict(artifact.options.get("precision_flags") or {})
         if artifact.precision == "fp32" or not flags:
             flags = {**flags, **_precision_flags(ncnn.Option(), artifact.precision)}
-        net = _load_net(ncnn, artifact.files[_PARAM], artifact.files[_BIN], flags, options.threads)
+        net = _load_net(ncnn, artifact.files[_PARAM], artifact.files[_BIN], flags, options.threads, artifact.in_memory)
         return NcnnEngine(ncnn, net, artifact.options)
 
 

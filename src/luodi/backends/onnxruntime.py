@@ -139,6 +139,7 @@ def _specs_of_session(session: Any) -> tuple[list, list]:
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    in_memory = True
     precisions = ("fp32", "int8")
     module = "onnxruntime"
     extra = None  # part of the default install

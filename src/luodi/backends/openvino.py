@@ -237,6 +237,7 @@ def _specs_of(compiled: Any, input_names: list[str], output_names: list[str]) ->
 
 class OpenVinoBackend(Backend):
     name = "openvino"
+    in_memory = True
     precisions = ("fp32", "bf16", "fp16", "int8")
     devices = ("cpu", "gpu", "npu")
     module = "openvino"

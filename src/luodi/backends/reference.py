@@ -66,6 +66,7 @@ def _translate(exc: Exception) -> None:
 
 class ReferenceBackend(Backend):
     name = "reference"
+    in_memory = True
     int8_unsupported = "the reference is the float yardstick; a QDQ graph is simulated on onnxruntime instead"
     precisions = ("fp32",)
     module = "onnx"

@@ -70,6 +70,7 @@ class TorchEngine(Engine):
 
 class TorchBackend(Backend):
     name = "torch"
+    in_memory = True
     int8_unsupported = "the torch backend runs the float torch.export program; its int8 (PT2E) flow is not wired in"
     precisions = ("fp32", "bf16")
     module = "torch"

@@ -5,6 +5,7 @@ Errors a user can cause are LuodiErrors: printed as one red line with exit code 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,13 +43,14 @@ def backends() -> None:
     from ..backends import backend_names, get_backend
 
     table = Table(title="luodi backends")
-    for col in ("backend", "available", "version", "devices", "precisions", "int8", "why not / how to install"):
+    cols = ("backend", "available", "version", "devices", "precisions", "int8", "encrypted", "why not / how to install")
+    for col in cols:
         table.add_column(col)
     for name in backend_names():
         try:
             a = get_backend(name).available()
         except LuodiError as exc:
-            table.add_row(name, "[red]no[/]", "", "", "", "", str(exc))
+            table.add_row(name, "[red]no[/]", "", "", "", "", "", str(exc))
             continue
         why = a.reason + (f" — {a.install}" if a.install else "")
         table.add_row(
@@ -58,6 +60,7 @@ def backends() -> None:
             ", ".join(a.devices),
             ", ".join(a.precisions),
             _int8_column(get_backend(name)),
+            "in memory" if get_backend(name).in_memory else "[yellow]no[/]: loads from files only",
             why,
         )
     out.print(table)
@@ -128,6 +131,7 @@ def _package_options(default_targets: tuple[str, ...]) -> Any:
 @click.option("--calib-samples", type=int, help="how many calibration samples to use (spread over the set) [100]")
 @click.option("--validation", help="held-apart data int8 agreement is measured on (default: the calibration data)")
 @click.option("--no-fallback", is_flag=True, help="never keep layers in float to meet the accuracy budget")
+@click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False), help="sign with this private key")
 def compile(
     model: str,
     output: str,
@@ -146,6 +150,7 @@ def compile(
     calib_samples: int | None,
     validation: str | None,
     no_fallback: bool,
+    sign_key: str | None,
 ) -> None:
     """Compile MODEL (an .onnx file or zoo:NAME) into a verified .luodi package."""
     from .. import compiler
@@ -171,6 +176,11 @@ def compile(
             fallback=not no_fallback,
             log=lambda msg: status.update(msg),
         )
+    if sign_key:
+        from ..package import Package
+        from ..package.signing import sign_package
+
+        pkg = Package(sign_package(output, sign_key))
     _print_compiled(pkg, show_passes)
 
 
@@ -336,6 +346,12 @@ def info(package: str, device: str) -> None:
             f"({', '.join(dict.fromkeys(changed))}); `luodi compile --passes` shows each"
         )
     _print_verification(pkg)
+    if pkg.encrypted:
+        how = pkg.manifest["encryption"].get("unlock", {})
+        key = f"a licence of vendor key {how.get('issuer')}" if how.get("kind") == "license" else "its passphrase"
+        signer = pkg.manifest.get("signer", {}).get("key")
+        out.print(f"encrypted (AES-256-GCM): opens with {key}" + (f"; signed by key {signer}" if signer else ""))
+        return
     from ..selection import select_target
 
     try:
@@ -413,11 +429,25 @@ def _timings_here(pkg: Any) -> dict[str, float]:
     type=click.Path(dir_okay=False),
     help="draw detection boxes / text boxes on the input and save the picture here (with several inputs: NAME-N.png)",
 )
-def predict(package: str, inputs: tuple[str, ...], k: int, backend: str, device: str, save_vis: str | None) -> None:
+@click.option("--license", "license_file", help="the licence that unlocks an encrypted package")
+@click.option("--trust", help="accept the package only if signed by this public key (.pub)")
+def predict(
+    package: str,
+    inputs: tuple[str, ...],
+    k: int,
+    backend: str,
+    device: str,
+    save_vis: str | None,
+    license_file: str | None,
+    trust: str | None,
+) -> None:
     """Run PACKAGE's pipeline on each input (image or .wav files) and print the result."""
     from ..session import Session
 
-    with Session(package, backend=backend, device=device) as s:
+    passphrase = os.environ.get("LUODI_PASSPHRASE") or None
+    with Session(
+        package, backend=backend, device=device, license=license_file, trust=trust, passphrase=passphrase
+    ) as s:
         err.print(f"[dim]{s.selection}[/]", highlight=False)
         for n, item in enumerate(inputs):
             result = s.predict(item, k=k)
@@ -600,6 +630,8 @@ def quantize_analyse(
 from ..serve.cli import serve as _serve  # noqa: E402  (`luodi serve`: its own module, FastAPI imported when run)
 
 cli.add_command(_serve)
+
+from . import security  # noqa: E402,F401 - registers keys, sign, encrypt, license
 
 
 def main() -> None:

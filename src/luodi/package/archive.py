@@ -12,11 +12,12 @@ import os
 import posixpath
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..backends.base import Artifact
-from ..errors import IntegrityError, PackageError
+from ..errors import IntegrityError, KeyRequiredError, PackageError
 from ..tensor import TensorSpec
 
 FORMAT = "luodi"
@@ -35,11 +36,18 @@ def target_dir(backend: str, precision: str) -> str:
     return f"targets/{backend}-{precision}"
 
 
-def write_package(path: str | os.PathLike[str], manifest: dict[str, Any], members: dict[str, bytes]) -> Path:
+def write_package(
+    path: str | os.PathLike[str],
+    manifest: dict[str, Any],
+    members: dict[str, bytes],
+    *,
+    sign: Callable[[bytes], dict[str, bytes]] | None = None,
+) -> Path:
     """Write ``members`` and the manifest (with every member's sha256 pinned) to ``path`` atomically.
 
     The zip is written to a temporary file in the destination folder and renamed over ``path`` only
-    when complete, so an interrupted write never leaves a file at the destination.
+    when complete, so an interrupted write never leaves a file at the destination. ``sign`` gets the
+    manifest's exact bytes and returns the signature member(s) to store (see luodi.package.signing).
     """
     dest = Path(path)
     if dest.is_dir():
@@ -48,6 +56,7 @@ def write_package(path: str | os.PathLike[str], manifest: dict[str, Any], member
     manifest = dict(manifest)
     manifest["files"] = {name: {"sha256": sha256(data), "size": len(data)} for name, data in sorted(members.items())}
     blob = json.dumps(manifest, indent=2, sort_keys=False).encode()
+    unpinned = sign(blob) if sign is not None else {}
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w") as zf:
@@ -55,6 +64,8 @@ def write_package(path: str | os.PathLike[str], manifest: dict[str, Any], member
             for name, data in sorted(members.items()):
                 method = zipfile.ZIP_STORED if len(data) >= _STORE_ABOVE else zipfile.ZIP_DEFLATED
                 zf.writestr(name, data, compress_type=method)
+            for name, data in unpinned.items():
+                zf.writestr(name, data, compress_type=zipfile.ZIP_STORED)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -71,6 +82,8 @@ class Package:
         self._specs_in = [TensorSpec.from_dict(d) for d in self.manifest["inputs"]]
         self._specs_out = [TensorSpec.from_dict(d) for d in self.manifest["outputs"]]
         self._model_member = MODEL
+        # Set by luodi.package.crypto.unlock for an encrypted package: (member name, stored bytes) -> plaintext.
+        self._decrypt: Callable[[str, bytes], bytes] | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Package:
@@ -117,8 +130,24 @@ class Package:
         self.manifest_sha256 = sha256(raw)
         return manifest
 
+    @property
+    def encrypted(self) -> bool:
+        return "encryption" in self.manifest
+
     def read(self, name: str) -> bytes:
-        """The bytes of member ``name``, checked against the sha256 pinned in the manifest."""
+        """The bytes of member ``name``, checked against the sha256 pinned in the manifest (decrypted in memory)."""
+        data = self.read_stored(name)
+        if self._decrypt is not None:
+            return self._decrypt(name, data)
+        if self.encrypted:
+            raise KeyRequiredError(
+                f"{self.path} is encrypted: open it with a licence or passphrase, "
+                "e.g. luodi.Session(path, license='customer.lic') or passphrase=..."
+            )
+        return data
+
+    def read_stored(self, name: str) -> bytes:
+        """Member ``name`` as stored (encrypted, in an encrypted package), checked against its pinned sha256."""
         pinned = self.manifest["files"].get(name)
         if pinned is None:
             raise PackageError(f"{self.path} has no member '{name}'")
@@ -218,8 +247,19 @@ class Package:
         )
 
     def artifact(self, target: dict[str, Any]) -> Artifact:
+        if self.encrypted:
+            from ..backends import get_backend
+
+            if not get_backend(target["backend"]).in_memory:
+                raise PackageError(
+                    f"{self.path} is encrypted and backend '{target['backend']}' can only load a model from a file, "
+                    "which would put the decrypted model on disk: choose a backend that loads from memory "
+                    "(see the 'encrypted' column of `luodi backends`)"
+                )
         files = {rel: self.read(member) for rel, member in target["files"].items()}
-        return Artifact(target["backend"], target["precision"], files, dict(target.get("options", {})))
+        artifact = Artifact(target["backend"], target["precision"], files, dict(target.get("options", {})))
+        artifact.in_memory = self.encrypted
+        return artifact
 
     def __repr__(self) -> str:
         ts = ", ".join(f"{t['backend']}:{t['precision']}" for t in self.targets)
