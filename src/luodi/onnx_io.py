@@ -34,6 +34,10 @@ MIN_EXTERNAL = 1024
 
 _ALIGN = 64
 
+_PACKED = {21, 22, 23, 8}
+"""INT4, UINT4, FLOAT4E2M1 (two elements a byte) and STRING: their byte size is not dims x item size, so they stay
+inside the graph."""
+
 
 def threshold() -> int:
     raw = os.environ.get("LUODI_EXTERNAL_DATA_ABOVE")
@@ -101,7 +105,7 @@ def _shell(model: Any, location: str) -> tuple[Any, list[tuple[Any, int]]]:
     shell_graph.metadata_props.extend(graph.metadata_props)
     moved, offset = [], 0
     for t in kept:
-        if not t.HasField("raw_data") or _nbytes(t) < MIN_EXTERNAL:
+        if not t.HasField("raw_data") or t.data_type in _PACKED or _nbytes(t) < MIN_EXTERNAL:
             shell_graph.initializer.append(t)
             continue
         offset += -offset % _ALIGN
@@ -127,19 +131,33 @@ def _write_data(moved: list[tuple[Any, int]], fh: Any) -> None:
     pos = 0
     for t, offset in moved:
         fh.write(b"\0" * (offset - pos))
-        data = t.raw_data  # one tensor's bytes at a time
+        data = _raw(t)  # one tensor's bytes at a time
         fh.write(data)
         pos = offset + len(data)
 
 
-def split(model: Any, location: str = "model.onnx.data") -> tuple[bytes, bytes]:
-    """``model`` as (graph bytes with external references to ``location``, the data file's bytes)."""
-    import io
+def _raw(t: Any) -> bytes:
+    data = t.raw_data
+    if len(data) != _nbytes(t):  # the offsets were laid out from dims x element size
+        raise ModelError(
+            f"tensor '{t.name}' holds {len(data)} bytes of raw data where its shape {list(t.dims)} needs "
+            f"{_nbytes(t)}; the model is malformed"
+        )
+    return data
 
+
+def split(model: Any, location: str = "model.onnx.data") -> tuple[bytes, bytes]:
+    """``model`` as (graph bytes with external references to ``location``, the data file's bytes).
+
+    The data is a ``bytearray`` filled in place (a ``bytes`` built from parts would hold the weights twice).
+    """
     shell, moved = _shell(model, location)
-    buf = io.BytesIO()
-    _write_data(moved, buf)
-    return shell.SerializeToString(), buf.getvalue()
+    data = bytearray(max((offset + _nbytes(t) for t, offset in moved), default=0))
+    for t, offset in moved:
+        raw = _raw(t)  # one tensor's bytes at a time
+        data[offset : offset + len(raw)] = raw
+        del raw
+    return shell.SerializeToString(), data  # type: ignore[return-value]  # bytes-like; zip and hashlib take it
 
 
 def to_members(model: Any, member: str = "model.onnx") -> dict[str, bytes]:
