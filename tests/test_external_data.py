@@ -133,3 +133,39 @@ def test_truncated_data_member_is_a_clear_error(small_limit: None, tmp_path) -> 
     graph, data = onnx_io.split(weighty_cnn())
     with pytest.raises(luodi.LuodiError, match="truncated"):
         onnx_io.from_members(graph, lambda _loc: data[: len(data) // 2])
+
+
+def test_export_of_a_module_over_the_limit_goes_through_a_file(small_limit: None, tmp_path) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).eval()
+    x = torch.randn(4, 64)
+    pkg = luodi.export(module, (x[:1],), out=tmp_path / "mlp.luodi", targets=["onnxruntime", "openvino"])
+    with zipfile.ZipFile(pkg.path) as zf:
+        assert "model.onnx.data" in zf.namelist()  # 41 kB of weights over the lowered 10 kB limit
+    with torch.no_grad():
+        want = module(x).numpy()
+    for target in ("onnxruntime", "openvino"):
+        with luodi.Session(pkg.path, backend=target) as s:
+            got = s.run({s.inputs[0].name: x.numpy()})
+            np.testing.assert_allclose(next(iter(got.values())), want, rtol=1e-4, atol=1e-5, err_msg=target)
+
+
+def test_onnxruntime_takes_weights_as_views_when_one_is_over_2_gb(small_limit: None) -> None:
+    """The path ORT needs for a single weight over 2 GB (it refuses to embed one from an in-memory file): every
+    external weight handed over as an OrtValue viewing the package's bytes. Run here on a small model."""
+    import onnxruntime as ort
+
+    from luodi.backends.onnxruntime import _external_ortvalues
+
+    graph, data = onnx_io.split(weighty_cnn())
+    data = bytes(data)
+    names, values = _external_ortvalues(ort, graph, data)
+    assert sorted(names) == ["fw", "w1", "w2"]
+    so = ort.SessionOptions()
+    so.add_external_initializers(names, values)
+    sess = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(3).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    want = ReferenceEvaluator(weighty_cnn()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], want, rtol=1e-5, atol=1e-6)

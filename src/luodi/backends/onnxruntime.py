@@ -10,13 +10,14 @@ import ctypes.util
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from .. import onnx_io
-from ..errors import BackendUnavailableError, CompileError, ModelError, UnsupportedOpError
+from ..errors import BackendUnavailableError, CompileError, MissingExtraError, ModelError, UnsupportedOpError
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
 
 _NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'")
@@ -46,12 +47,48 @@ _DATA = "model.onnx.data"
 """A model over 2 GB keeps its weights here, as ONNX external data (see luodi.onnx_io)."""
 
 
-def _session(ort: Any, files: dict[str, bytes], so: Any, providers: list[Any]) -> Any:
+def _session(ort: Any, files: dict[str, bytes], make_options: Callable[[], Any], providers: list[Any]) -> Any:
     """An InferenceSession from an artifact's bytes; external weights are handed over from memory, never a file."""
-    if _DATA in files:
-        data = files[_DATA]
-        so.add_external_initializers_from_files_in_memory([_DATA], [data], [len(data)])
-    return ort.InferenceSession(files["model.onnx"], so, providers=providers)
+    if _DATA not in files:
+        return ort.InferenceSession(files["model.onnx"], make_options(), providers=providers)
+    data = files[_DATA]
+    so = make_options()
+    so.add_external_initializers_from_files_in_memory([_DATA], [data], [len(data)])
+    try:
+        return ort.InferenceSession(files["model.onnx"], so, providers=providers)
+    except Exception as exc:
+        if "limit for embedded initializer" not in str(exc):
+            raise
+    # One weight over 2 GB: ORT will not embed it from an in-memory file. Hand every external weight over as an
+    # OrtValue viewing the artifact's bytes instead (no copy; the session keeps the views alive).
+    so = make_options()
+    names, values = _external_ortvalues(ort, files["model.onnx"], data)
+    so.add_external_initializers(names, values)
+    sess = ort.InferenceSession(files["model.onnx"], so, providers=providers)
+    sess._luodi_weights = values
+    return sess
+
+
+def _external_ortvalues(ort: Any, graph: bytes, data: bytes) -> tuple[list[str], list[Any]]:
+    try:
+        import onnx
+        from onnx import helper
+    except ImportError:
+        raise MissingExtraError(
+            "loading a model with a single weight over 2 GB reads its graph with onnx: pip install 'luodi[compiler]'"
+        ) from None
+    model = onnx.load_model_from_string(graph)
+    names, values = [], []
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+        count = int(info["length"]) // dtype.itemsize
+        array = np.frombuffer(data, dtype=dtype, count=count, offset=int(info.get("offset", 0))).reshape(t.dims)
+        names.append(t.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(array))
+    return names, values
 
 
 class _CudaStream:
@@ -210,27 +247,35 @@ class OnnxRuntimeBackend(Backend):
         if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
             raise CompileError(f"{self.name}:int8 needs a quantised (QDQ) graph; compile it with calibration data")
         files = onnx_io.to_members(model)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
+
+        def options() -> Any:
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            return so
+
         try:
-            _session(ort, files, so, ["CPUExecutionProvider"])
+            _session(ort, files, options, ["CPUExecutionProvider"])
         except Exception as exc:
             _raise_engine_error(exc, self.name)
         return Artifact(self.name, "int8", files, {"optimization": "none (QDQ as written)"})
 
     def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
         ort = self.require()
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if options.threads:
-            so.intra_op_num_threads = options.threads
-        # The artifact already holds the portable optimisations; the rest are hardware-specific.
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+        def session_options() -> Any:
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            if options.threads:
+                so.intra_op_num_threads = options.threads
+            # The artifact already holds the portable optimisations; the rest are hardware-specific.
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            return so
+
         providers, stream = self._providers(options)
         if "model.onnx" not in artifact.files:
             raise ModelError(f"{artifact.target} artifact has no model.onnx")
         try:
-            sess = _session(ort, artifact.files, so, providers)
+            sess = _session(ort, artifact.files, session_options, providers)
         except Exception as exc:
             if stream is not None:
                 stream.close()

@@ -10,10 +10,13 @@ import contextlib
 import io
 import os
 import re
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+from .. import onnx_io
 from ..errors import ExportError, MissingExtraError
 from .onnx import SourceModel
 
@@ -69,7 +72,10 @@ def to_onnx(
     dynamic_batch: bool = True,
     opset: int = OPSET,
 ) -> Any:
-    """``module`` as an ONNX ModelProto with weights inline.
+    """``module`` as an ONNX ModelProto with weights inline (as initializers, in memory).
+
+    A module whose weights pass ``luodi.onnx_io.threshold()`` (2 GB) is exported to a temporary file, where torch
+    writes its weights as ONNX external data, and read back whole; the package then keeps them as external data.
 
     Uses torch.onnx.export's TorchScript exporter (``dynamo=False``): it runs on our zoo models with
     no extra packages, folds BatchNorm in eval mode, and keeps every weight in one ModelProto; the
@@ -86,8 +92,28 @@ def to_onnx(
     n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
     ins, outs = _names(input_names, len(example), "input"), _names(output_names, n_out, "output")
     axes = {n: {0: "batch"} for n in ins + outs} if dynamic_batch else None
-    buffer = io.BytesIO()
     label = type(module).__name__
+    # Over 2 GB an ONNX model cannot be one serialised message: torch then writes the weights as external data,
+    # which needs a file to write beside; luodi.onnx_io keeps them external from there on.
+    large = sum(t.numel() * t.element_size() for t in module.state_dict().values()) > onnx_io.threshold()
+    tmp = tempfile.TemporaryDirectory(prefix="luodi-export-") if large else contextlib.nullcontext(None)
+    with tmp as folder:
+        target: Any = os.path.join(folder, "model.onnx") if folder else io.BytesIO()
+        _export(torch, module, example, target, ins, outs, axes, opset, label)
+        if folder:
+            from .onnx import _load_file
+
+            model = _load_file(Path(target))
+        else:
+            model = onnx.load_model_from_string(target.getvalue())
+    model.producer_name = "luodi.export"
+    model.producer_version = str(torch.__version__)
+    return model
+
+
+def _export(
+    torch: Any, module: Any, example: tuple, target: Any, ins: list, outs: list, axes: Any, opset: int, label: str
+) -> None:
     try:
         with (
             torch.no_grad(),
@@ -99,7 +125,7 @@ def to_onnx(
             torch.onnx.export(
                 module,
                 example,
-                buffer,
+                target,
                 input_names=ins,
                 output_names=outs,
                 dynamic_axes=axes,
@@ -118,16 +144,6 @@ def to_onnx(
             ) from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"cannot export {label} to ONNX: {type(exc).__name__}: {first}") from exc
-    model = onnx.load_model_from_string(buffer.getvalue())
-    model.producer_name = "luodi.export"
-    model.producer_version = str(torch.__version__)
-    if model.ByteSize() > (2 << 30) - (64 << 20):
-        raise ExportError(
-            f"{label} is larger than ONNX's 2 GB protobuf limit, which luodi.export's in-memory export cannot "
-            "pass: export it with torch.onnx.export to a file (its weights go to external data beside it) and "
-            "`luodi compile` that file; luodi keeps such a model as ONNX external data in the package"
-        )
-    return model
 
 
 def to_program(module: Any, example_inputs: Any, *, dynamic_batch: bool = True) -> bytes:

@@ -59,10 +59,12 @@ class EliminateDeadNodes(Pass):
         del graph.node[:]
         graph.node.extend(reversed(live))
         used = set(consumers(graph)) | {o.name for o in graph.output}
-        keep = [t for t in graph.initializer if t.name in used]
-        dead_inits = len(graph.initializer) - len(keep)
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+        # Deleted in place: re-adding the kept ones would copy every weight (and protobuf cannot copy a tensor
+        # over 2 GB at all).
+        dead = [i for i, t in enumerate(graph.initializer) if t.name not in used]
+        for i in reversed(dead):
+            del graph.initializer[i]
+        dead_inits = len(dead)
         alive = used | {o for n in graph.node for o in n.output}
         stale = [v for v in graph.value_info if v.name not in alive]
         for v in stale:
