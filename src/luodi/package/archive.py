@@ -193,7 +193,9 @@ class Package:
         return self.read(self._model_member)
 
     def model(self) -> Any:
-        import onnx
+        from ..extras import require
+
+        onnx = require("onnx", "reading a package's model.onnx as a graph")
 
         try:
             return onnx.load_model_from_string(self.model_bytes())
