@@ -19,7 +19,9 @@ import numpy as np
 from .backends import LoadOptions, get_backend
 from .backends.base import Artifact, CompileOptions, Engine
 from .errors import (
+    BackendError,
     InputError,
+    LuodiError,
     MissingInputError,
     PipelineError,
     ShapeError,
@@ -304,10 +306,17 @@ class Session:
 
     # -- internals -------------------------------------------------------------------------------
     def _execute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._lock is None:
-            return self._engine.run(feeds)
-        with self._lock:
-            return self._engine.run(feeds)
+        try:
+            if self._lock is None:
+                return self._engine.run(feeds)
+            with self._lock:
+                return self._engine.run(feeds)
+        except LuodiError:
+            raise
+        except Exception as exc:  # an engine's own error on inputs that passed the checks (e.g. an empty batch)
+            shapes = {n: list(a.shape) for n, a in feeds.items()}
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:500]
+            raise BackendError(f"{self.backend} failed to run the model on inputs {shapes}: {detail}") from exc
 
     def _validated(self, name: str, value: Any) -> np.ndarray:
         spec = self._input_by_name.get(name)
@@ -315,6 +324,13 @@ class Session:
             raise UnknownTensorError(self._unknown(name))
         array = spec.as_array(value)
         spec.check(array)
+        if not array.flags.c_contiguous:  # engines read C order; a view (transposed, strided, broadcast) is copied
+            try:
+                array = np.ascontiguousarray(array)
+            except MemoryError as exc:
+                raise ShapeError(
+                    f"input '{name}' of shape {list(array.shape)} is a view too big to copy into memory"
+                ) from exc
         return array
 
     def _spec(self, name: str) -> TensorSpec:
