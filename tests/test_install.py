@@ -87,15 +87,20 @@ def _wheel(tmp: Path) -> Path:
 
 @pytest.mark.install
 def test_base_install_runs_a_package(tmp_path: Path, package: Path) -> None:
+    # Nothing of this tree or this venv may leak into the fresh one.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["LUODI_CACHE_DIR"] = str(tmp_path / "cache")
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
     wheel = _wheel(tmp_path)
     # The wheel with its own requirements and nothing else: exactly what `pip install luodi` installs.
     pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(wheel)]
-    done = subprocess.run(pip, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(pip, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    listed = subprocess.run([str(py), "-m", "pip", "list", "--format=json"], capture_output=True, text=True, check=True)
+    listed = subprocess.run(
+        [str(py), "-m", "pip", "list", "--format=json"], capture_output=True, text=True, check=True, env=env
+    )
     installed = {p["name"].lower() for p in json.loads(listed.stdout)}
     assert {"luodi", "numpy", "onnxruntime"} <= installed
     assert not installed & {"onnx", "torch", "openvino", "click", "rich", "pillow", "fastapi", "ray"}, installed
@@ -103,8 +108,6 @@ def test_base_install_runs_a_package(tmp_path: Path, package: Path) -> None:
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["LUODI_CACHE_DIR"] = str(tmp_path / "cache")
     ran = subprocess.run(
         [str(py), "-c", RUN, str(package), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
         capture_output=True,
