@@ -6,10 +6,12 @@ It validates tensors at the boundary and delegates to one Engine; it never reach
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import threading
 import weakref
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,9 @@ import numpy as np
 from .backends import LoadOptions, get_backend
 from .backends.base import Artifact, CompileOptions, Engine
 from .errors import (
+    BackendError,
+    InputError,
+    LuodiError,
     MissingInputError,
     PipelineError,
     ShapeError,
@@ -183,19 +188,44 @@ class Session:
     # -- the six verbs --------------------------------------------------------------------------
     def prepare(self, shapes: dict[str, tuple[int, ...]] | None = None) -> Session:
         """Fix input shapes (symbolic dims default to 1), let the engine allocate, and warm it up."""
+        concrete = self._concrete(shapes)
+        self._engine.reshape(concrete)
+        try:
+            warm = {n: np.zeros(s, dtype=self._input_by_name[n].np_dtype) for n, s in concrete.items()}
+        except (MemoryError, ValueError) as exc:
+            raise ShapeError(f"cannot allocate inputs of shapes {concrete} to warm up: {exc}") from exc
+        self._execute(warm)
+        return self
+
+    def reshape(self, shapes: dict[str, tuple[int, ...]] | None = None) -> Session:
+        """Tell the engine the input shapes to plan for (symbolic dims of inputs not named default to 1).
+
+        Engines with dynamic shapes (onnxruntime, ncnn, MNN, torch) need nothing; OpenVINO compiles a
+        static-shape copy that later runs at exactly these shapes use. Unlike :meth:`prepare` it runs nothing.
+        """
+        self._engine.reshape(self._concrete(shapes))
+        return self
+
+    def _concrete(self, shapes: dict[str, tuple[int, ...]] | None) -> dict[str, tuple[int, ...]]:
+        """Every input's concrete shape: ``shapes`` where given, else symbolic dims as 1; checked against the specs."""
         self._check_open()
         shapes = dict(shapes or {})
         for name in shapes:
             self._spec(name)
         concrete = {}
         for spec in self._inputs:
-            shape = tuple(int(d) for d in shapes.get(spec.name, spec.concrete(1)))
-            if len(shape) != len(spec.shape) or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, shape)):
+            given = shapes.get(spec.name, spec.concrete(1))
+            try:
+                shape = tuple(operator.index(d) for d in given)
+            except TypeError as exc:
+                raise ShapeError(f"input '{spec.name}': a shape is a sequence of ints, got {given!r}") from exc
+            fits = len(shape) == len(spec.shape) and all(
+                n >= 1 and (not isinstance(d, int) or d == n) for d, n in zip(spec.shape, shape)
+            )
+            if not fits:
                 raise ShapeError(f"input '{spec.name}' expects shape {spec.shape_str()}, got {list(shape)}")
             concrete[spec.name] = shape
-        self._engine.reshape(concrete)
-        self._execute({n: np.zeros(s, dtype=self._input_by_name[n].np_dtype) for n, s in concrete.items()})
-        return self
+        return concrete
 
     def set_tensor(self, name: str, array: Any) -> None:
         """Bind input ``name`` for the next forward() on this thread."""
@@ -255,6 +285,49 @@ class Session:
             raise MissingInputError(f"run() is missing input(s) {missing}")
         return self._execute(checked)
 
+    def run_batch(
+        self, samples: Sequence[Any], max_batch: int = 8, *, pad: bool = False
+    ) -> list[dict[str, np.ndarray]]:
+        """Run many samples in batches; the outputs of each, in input order, as :meth:`run` would give them.
+
+        A sample is a feed dict (or an array, for a one-input model), with or without the batch axis: one given
+        without it gets its outputs without it too. Samples are grouped by shape and dtype; where the model's
+        batch axis is dynamic, up to ``max_batch`` rows of a group run stacked in one call (``pad=True``
+        pads a group's last partial chunk to ``max_batch`` rows, so an engine that plans per shape sees one
+        shape). A model with a fixed batch of B > 1 always gets chunks padded to B; a batch of 1 runs one by one.
+        """
+        from . import batch
+
+        self._check_open()
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise InputError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        fixed = batch.batch_mode(self._inputs, self._outputs)
+        # A sample has any number of rows up to a fixed batch; only the other axes must match the spec.
+        specs = self._input_by_name if fixed in (None, 1) else batch.free_batch(self._inputs)
+        items = [batch.as_sample(i, s, self._inputs) for i, s in enumerate(samples)]
+        for item in items:
+            missing = [n for n in self._input_by_name if n not in item.feeds]
+            if missing:
+                raise MissingInputError(f"sample {item.index} is missing input(s) {missing}")
+            for n, a in item.feeds.items():
+                self._spec(n)
+                specs[n].check(a)
+        limit, pad_to = (max_batch, max_batch if pad else None) if fixed is None else (fixed, fixed)
+        if fixed is not None and fixed > 1:
+            big = [s.index for s in items if s.rows > fixed]
+            if big:
+                raise ShapeError(f"samples {big[:10]} have more rows than the model's fixed batch of {fixed}")
+        results: list[dict[str, np.ndarray]] = [{} for _ in items]
+        for chunk in batch.plan(items, 1 if fixed == 1 else limit):
+            if pad_to is not None:
+                self._engine.reshape({n: (pad_to, *a.shape[1:]) for n, a in chunk[0].feeds.items()})
+            split = batch.run_chunk(chunk, self._execute, None if fixed == 1 else pad_to)
+            if split is None:  # an output without a batch axis to split: one run per sample
+                split = [self._execute(s.feeds) for s in chunk]
+            for s, out in zip(chunk, split):
+                results[s.index] = {k: v[0] for k, v in out.items()} if s.unbatched else out
+        return results
+
     def predict(self, raw: Any, **options: Any) -> Any:
         """Pre-process ``raw`` (e.g. an image path or array), run, post-process, with the package's pipeline."""
         pipe = self.pipeline
@@ -267,17 +340,31 @@ class Session:
 
     # -- internals -------------------------------------------------------------------------------
     def _execute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._lock is None:
-            return self._engine.run(feeds)
-        with self._lock:
-            return self._engine.run(feeds)
+        try:
+            if self._lock is None:
+                return self._engine.run(feeds)
+            with self._lock:
+                return self._engine.run(feeds)
+        except LuodiError:
+            raise
+        except Exception as exc:  # an engine's own error on inputs that passed the checks (e.g. an empty batch)
+            shapes = {n: list(a.shape) for n, a in feeds.items()}
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:500]
+            raise BackendError(f"{self.backend} failed to run the model on inputs {shapes}: {detail}") from exc
 
     def _validated(self, name: str, value: Any) -> np.ndarray:
         spec = self._input_by_name.get(name)
         if spec is None:
             raise UnknownTensorError(self._unknown(name))
-        array = value if isinstance(value, np.ndarray) else np.asarray(value, dtype=spec.np_dtype)
+        array = spec.as_array(value)
         spec.check(array)
+        if not array.flags.c_contiguous:  # engines read C order; a view (transposed, strided, broadcast) is copied
+            try:
+                array = np.ascontiguousarray(array)
+            except MemoryError as exc:
+                raise ShapeError(
+                    f"input '{name}' of shape {list(array.shape)} is a view too big to copy into memory"
+                ) from exc
         return array
 
     def _spec(self, name: str) -> TensorSpec:

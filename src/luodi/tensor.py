@@ -86,6 +86,18 @@ class TensorSpec:
         if array.ndim != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(shape, array.shape)):
             raise ShapeError(f"input '{self.name}' expects shape {self.shape_str()}, got {list(array.shape)}")
 
+    def as_array(self, value: Any) -> np.ndarray:
+        """``value`` as an ndarray: an ndarray as is, anything else (list, scalar) converted to this dtype."""
+        if isinstance(value, np.ndarray):
+            return value
+        try:
+            return np.asarray(value, dtype=self._np)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise DTypeError(
+                f"input '{self.name}' expects a {self.dtype} array; got a {type(value).__name__} that numpy "
+                f"cannot convert to one ({exc})"
+            ) from exc
+
     def concrete(self, fill: int = 1) -> tuple[int, ...]:
         """This shape with every symbolic dimension replaced by ``fill``."""
         return tuple(d if isinstance(d, int) else fill for d in self.shape)

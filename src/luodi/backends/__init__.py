@@ -6,9 +6,8 @@ A backend is found by name; its engine library is imported only when the backend
 from __future__ import annotations
 
 import importlib
-import inspect
 import pkgutil
-from importlib.metadata import entry_points
+import types
 from typing import Any
 
 from ..errors import BackendError, BackendNotFoundError
@@ -37,6 +36,8 @@ def _builtin_names() -> list[str]:
 
 
 def _plugins() -> dict[str, Any]:
+    from importlib.metadata import entry_points  # ~35 ms: paid when a plugin is looked up, not by `import luodi`
+
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
@@ -74,7 +75,7 @@ def get_backend(name: str) -> Backend:
             obj = ep.load()
         except Exception as exc:  # a broken plugin must not take luodi down with a raw traceback
             raise BackendError(f"plugin backend '{name}' ({ep.value}) failed to load: {exc}") from exc
-        cls = _backend_class_in(obj) if inspect.ismodule(obj) else obj
+        cls = _backend_class_in(obj) if isinstance(obj, types.ModuleType) else obj
         if not (isinstance(cls, type) and issubclass(cls, Backend)):
             raise BackendError(f"plugin backend '{name}' ({ep.value}) is not a luodi Backend subclass")
     own = getattr(cls, "name", None)

@@ -70,6 +70,7 @@ class ReferenceBackend(Backend):
     int8_unsupported = "the reference is the float yardstick; a QDQ graph is simulated on onnxruntime instead"
     precisions = ("fp32",)
     module = "onnx"
+    extra = "compiler"
 
     def compile(self, model: Any, options: CompileOptions) -> Artifact:
         if options.precision != "fp32":

@@ -36,7 +36,9 @@ class SourceModel:
 
 def load_model(src: Any, name: str | None = None) -> SourceModel:
     """Load ``src`` (path to .onnx, ``zoo:<name>``, bytes, ModelProto or SourceModel) and check it."""
-    import onnx
+    from ..extras import require
+
+    onnx = require("onnx", "compiling or loading an ONNX model")
 
     if isinstance(src, SourceModel):
         out = dataclasses.replace(src)  # the caller's object may be compiled again under another name

@@ -12,6 +12,7 @@ import os
 import posixpath
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from ..backends.base import Artifact
 from ..errors import IntegrityError, KeyRequiredError, PackageError
 from ..tensor import TensorSpec
+from .schema import MAX_MANIFEST_BYTES, check_manifest
 
 FORMAT = "luodi"
 SCHEMA_VERSION = 1
@@ -26,6 +28,33 @@ MANIFEST = "manifest.json"
 MODEL = "model.onnx"
 # Members at least this big are stored, not deflated: weights barely compress and load faster raw.
 _STORE_ABOVE = 1 << 20
+
+
+# What zipfile raises on a damaged archive: a bad header or CRC, a truncated stream, an unknown compression
+# method or a flipped "encrypted" flag (NotImplementedError, RuntimeError), a corrupt deflate stream (zlib.error).
+ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error, NotImplementedError, RuntimeError)
+# A member this much bigger than its compressed bytes is a zip bomb: luodi stores big members uncompressed.
+_BOMB_RATIO = 100
+_BOMB_ABOVE = 64 << 20
+
+
+def read_member(zf: zipfile.ZipFile, name: str, size: int, path: Path) -> bytes:
+    """Member ``name``, refused before inflating when its declared size is not ``size`` (the pinned size, or for
+    the manifest its limit) or when it would inflate like a zip bomb; zipfile stops at the declared size."""
+    info = zf.getinfo(name)
+    if name == MANIFEST and info.file_size > size:
+        raise PackageError(f"{path}: {MANIFEST} declares {info.file_size} bytes, over the {size} limit; not a package")
+    if name != MANIFEST and info.file_size != size:
+        raise IntegrityError(
+            f"{path}: member '{name}' holds {info.file_size} bytes but the manifest pins {size}; "
+            "the package was modified or damaged: do not use it, compile it again"
+        )
+    if info.file_size > _BOMB_ABOVE and info.file_size > _BOMB_RATIO * max(info.compress_size, 1):
+        raise PackageError(
+            f"{path}: member '{name}' would inflate {info.compress_size} bytes to {info.file_size} "
+            f"(over {_BOMB_RATIO}x): a zip bomb, not a luodi package"
+        )
+    return zf.read(info)
 
 
 def sha256(data: bytes) -> str:
@@ -97,7 +126,7 @@ class Package:
             raise PackageError(f"{self.path} is a folder, not a .luodi package")
         try:
             return zipfile.ZipFile(self.path)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        except ZIP_ERRORS as exc:
             raise PackageError(
                 f"{self.path} is not a luodi package (not a readable zip: {exc}); "
                 "it may be truncated or corrupt: compile it again with `luodi compile`"
@@ -109,9 +138,9 @@ class Package:
             if MANIFEST not in names:
                 raise PackageError(f"{self.path} is a zip file but not a luodi package: it has no {MANIFEST}")
             try:
-                raw = zf.read(MANIFEST)
+                raw = read_member(zf, MANIFEST, MAX_MANIFEST_BYTES, self.path)
                 manifest = json.loads(raw)
-            except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
+            except (*ZIP_ERRORS, RecursionError) as exc:
                 raise PackageError(f"{self.path}: {MANIFEST} is unreadable ({exc}); the package is corrupt") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise PackageError(f"{self.path}: {MANIFEST} is not a luodi manifest")
@@ -123,6 +152,7 @@ class Package:
         for key in ("inputs", "outputs", "targets", "files"):
             if key not in manifest:
                 raise PackageError(f"{self.path}: manifest has no '{key}'; the package is corrupt")
+        check_manifest(manifest, str(self.path))
         missing = sorted(set(manifest["files"]) - names)
         if missing:
             raise PackageError(f"{self.path} is missing members {missing}; the package is corrupt")
@@ -153,8 +183,8 @@ class Package:
             raise PackageError(f"{self.path} has no member '{name}'")
         with self._zip() as zf:
             try:
-                data = zf.read(name)
-            except (zipfile.BadZipFile, OSError, EOFError, KeyError) as exc:
+                data = read_member(zf, name, pinned["size"], self.path)
+            except (*ZIP_ERRORS, KeyError) as exc:
                 raise PackageError(
                     f"{self.path}: member '{name}' is unreadable ({exc}); the package is corrupt"
                 ) from exc
@@ -225,7 +255,10 @@ class Package:
     def model(self) -> Any:
         """The canonical ONNX graph, with its weights: a model over 2 GB keeps them in ``<member>.data``."""
         from ..errors import ModelError
+        from ..extras import require
         from ..onnx_io import from_members
+
+        require("onnx", "reading a package's model.onnx as a graph")
 
         folder = posixpath.dirname(self._model_member)
         try:

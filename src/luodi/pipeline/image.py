@@ -34,6 +34,9 @@ class DecodeImage:
         self.mode = mode
 
     def __call__(self, x: Any) -> Any:
+        from ..extras import require
+
+        require("PIL", "decoding an image")
         from PIL import Image, UnidentifiedImageError
 
         if isinstance(x, Image.Image):

@@ -77,7 +77,9 @@ def _marked(model: Any, names: dict[str, str]) -> Any:
 
 
 def _source_graph(package: Any, target: dict[str, Any]) -> Any:
-    import onnx
+    from ..extras import require
+
+    onnx = require("onnx", "layer-wise verification")
 
     q = target.get("quantization")
     if q and q.get("model"):
