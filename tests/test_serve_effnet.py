@@ -104,15 +104,20 @@ def test_overload_gets_answers_or_503_and_the_server_stays_up(server: Server, lo
         assert not bad, bad[:5]
         return done
 
-    t0 = time.monotonic()
-    calm = load(4, 2.0)
-    capacity = sum(code == 200 for code, _ in calm) / (time.monotonic() - t0)
-    t0 = time.monotonic()
-    storm = load(48, 3.0)
-    elapsed = time.monotonic() - t0
-    offered = len(storm) / elapsed
-    refused = sum(code != 200 for code, _ in storm)
-    print(f"capacity {capacity:.1f} req/s; offered {offered:.1f} req/s; {refused} of {len(storm)} refused")
+    load(4, 1.0)  # warm: the first batches of each size are slower
+    # The server's capacity is what it answers while saturated (the 200s per second during the storm); the
+    # clients offer far more. A second, larger storm runs only if the first did not reach 4x (a loaded host).
+    for clients in (48, 96):
+        t0 = time.monotonic()
+        storm = load(clients, 3.0)
+        elapsed = time.monotonic() - t0
+        offered = len(storm) / elapsed
+        served = sum(code == 200 for code, _ in storm)
+        capacity = served / elapsed
+        refused = len(storm) - served
+        print(f"{clients} clients: capacity {capacity:.1f} req/s; offered {offered:.1f} req/s; {refused} refused")
+        if offered >= 4 * capacity:
+            break
     assert offered >= 4 * capacity, f"the test offered only {offered / capacity:.1f}x the capacity"
     assert refused > 0 and sum(code == 200 for code, _ in storm) > 0
     assert httpx.get(f"{server.base}/v2/health/ready").status_code == 200
