@@ -1,0 +1,209 @@
+"""Scale-out on Ray: `luodi serve --ray` (Ray Serve) on one node and on a two-node loopback cluster, `luodi batch --ray`.
+
+Every Ray process is started here as a subprocess in its own process group and stopped by that id (never
+`ray stop`, which would stop other users' Ray on a shared machine). Answers are checked against Session.run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+import luodi
+from luodi.serve.batcher import BatchConfig
+from luodi.serve.protocol import HEADER_LENGTH, decode_infer_response, encode_infer_request
+
+pytest.importorskip("ray.serve", reason="needs ray[serve]: pip install 'luodi[ray]'")
+
+from conftest import small_cnn  # noqa: E402
+from serve_helpers import free_port  # noqa: E402
+
+from luodi.serve.ray import Scaling  # noqa: E402
+
+# Ray kills its workers when the machine is short of memory; on a shared test machine that is mostly others' memory.
+ENV = {
+    **os.environ,
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_memory_monitor_refresh_ms": "0",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+class Proc:
+    """A subprocess in its own process group, logged to a file, stopped by its pid and then its group id."""
+
+    def __init__(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = log
+        self._log = open(log, "wb")  # noqa: SIM115  (closed in stop())
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env or ENV, start_new_session=True
+        )
+        self.pgid = self.proc.pid  # start_new_session: the group's id is the leader's pid
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self, sig: int = signal.SIGTERM, grace_s: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):  # whatever it left behind in its group (raylet, workers)
+            os.killpg(self.pgid, signal.SIGKILL)
+        self._log.close()
+
+
+def wait_ready(base: str, proc: Proc, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.proc.poll() is not None:
+            raise AssertionError(f"`luodi serve --ray` exited with {proc.proc.returncode}:\n{proc.log()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"Ray Serve was not ready within {timeout_s} s:\n{proc.log()}")
+
+
+def serve_cmd(repo: Path, host: str, port: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "luodi", "serve", "--ray", "-r", str(repo), "--host", host, "--port", str(port), *args]
+
+
+def infer(client: httpx.Client, base: str, x: np.ndarray) -> tuple[np.ndarray, httpx.Headers]:
+    body, n = encode_infer_request({"x": x})
+    r = client.post(f"{base}/v2/models/cnn/infer", content=body, headers={HEADER_LENGTH: str(n)}, timeout=30)
+    assert r.status_code == 200, r.text
+    return decode_infer_response(r.content, r.headers[HEADER_LENGTH])["y"], r.headers
+
+
+@pytest.fixture(scope="module")
+def cnn_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("ray-repo")
+    luodi.compile(small_cnn(), repo / "cnn.luodi", targets=["onnxruntime"], name="small-cnn")
+    return repo
+
+
+def reference(repo: Path, xs: list[np.ndarray]) -> list[np.ndarray]:
+    with luodi.Session(repo / "cnn.luodi", backend="onnxruntime") as s:
+        return [s.run({"x": x})["y"] for x in xs]
+
+
+# -- no Ray needed -----------------------------------------------------------------------------------------------
+def test_scaling_options_set_max_ongoing_requests_and_autoscaling() -> None:
+    opts = Scaling().options(BatchConfig(max_batch_size=16))
+    assert opts["max_ongoing_requests"] == 32  # twice the batch: a full batch waits while one computes
+    assert opts["num_replicas"] == 1 and opts["ray_actor_options"] == {"num_cpus": 0.5}
+    auto = Scaling(autoscale=(1, 4), resources={"node_a": 1}).options(BatchConfig(max_batch_size=8))
+    assert "num_replicas" not in auto
+    assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
+    assert auto["ray_actor_options"]["resources"] == {"node_a": 1}
+    with pytest.raises(luodi.LuodiError, match="max_ongoing_requests 5 < max_batch_size 32"):
+        Scaling(max_ongoing_requests=5).options(BatchConfig(max_batch_size=32))
+    with pytest.raises(luodi.LuodiError, match="autoscale"):
+        Scaling(autoscale=(3, 1)).options(BatchConfig())
+
+
+# -- one node ------------------------------------------------------------------------------------------------------
+def test_serve_ray_one_node_answers_and_batches(cnn_repo: Path, tmp_path: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    args = ("--max-batch-size", "8", "--max-queue-delay-ms", "50", "--num-cpus", "0.5", "-b", "onnxruntime")
+    server = Proc(serve_cmd(cnn_repo, "127.0.0.1", port, *args), tmp_path / "serve.log")
+    try:
+        wait_ready(base, server)
+        meta = httpx.get(f"{base}/v2/models/cnn", timeout=10).json()
+        assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 3, 16, 16]}]
+        rng = np.random.default_rng(0)
+        xs = [rng.standard_normal((1 + i % 3, 3, 16, 16)).astype(np.float32) for i in range(24)]
+        want = reference(cnn_repo, xs)
+        with httpx.Client() as client, ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda x: infer(client, base, x), xs))
+        for (got, _), w in zip(answers, want, strict=True):
+            np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
+        joined = [int(h["luodi-batch-requests"]) for _, h in answers]
+        assert max(joined) > 1, f"@serve.batch never joined requests: {joined}"
+        # bad input: a 400 that says what is wrong, and the replica keeps answering
+        bad = httpx.post(
+            f"{base}/v2/models/cnn/infer",
+            json={"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]},
+            timeout=10,
+        )
+        assert bad.status_code == 400 and "expects shape" in bad.json()["error"]
+        assert httpx.get(f"{base}/v2/models/cnn/versions/7", timeout=10).status_code == 404
+        got, _ = infer(httpx.Client(), base, xs[0])
+        np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-5)
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0, server.log()
+
+
+# -- luodi batch --ray -----------------------------------------------------------------------------------------------
+def test_batch_ray_writes_one_line_per_image_as_session_predict(effnet_package: Path, tmp_path: Path) -> None:
+    from luodi.zoo.images import skimage_picture
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    names = ["chelsea", "coffee", "astronaut", "rocket", "coins"]
+    for name in names:
+        src = skimage_picture(name)
+        (folder / src.name).write_bytes(src.read_bytes())
+    (folder / "broken.png").write_bytes(b"not a picture")
+    (folder / "notes.txt").write_text("not an input")  # not an image suffix: skipped
+    out = tmp_path / "results.jsonl"
+    cmd = [sys.executable, "-m", "luodi", "batch", "--ray", str(effnet_package), str(folder), "-o", str(out)]
+    run = subprocess.run(
+        [*cmd, "--actors", "1", "--batch-size", "2", "-k", "3", "-b", "onnxruntime"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        start_new_session=True,
+    )
+    assert run.returncode == 1, run.stderr[-4000:]  # one file failed, and the exit status says so
+    assert "1 file(s) failed" in run.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    files = sorted(p.name for p in folder.iterdir() if p.suffix != ".txt")
+    assert [row["file"] for row in lines] == files
+    by_file = {row["file"]: row for row in lines}
+    assert by_file["broken.png"]["result"] is None and by_file["broken.png"]["error"]
+    with luodi.Session(effnet_package, backend="onnxruntime") as s:
+        for path in sorted(folder.iterdir()):
+            if path.suffix == ".txt" or path.name == "broken.png":
+                continue
+            row = by_file[path.name]
+            assert row["error"] is None
+            want = s.predict(str(path), k=3)
+            assert [p["index"] for p in row["result"]] == [p.index for p in want]
+            np.testing.assert_allclose([p["score"] for p in row["result"]], [p.score for p in want], rtol=1e-4)
+            assert [p["label"] for p in row["result"]] == [p.label for p in want]
+
+
+def test_batch_ray_refuses_a_folder_without_images(effnet_package: Path, tmp_path: Path) -> None:
+    from luodi.serve.ray import batch_predict
+
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(luodi.LuodiError, match="holds no file ending in"):
+        batch_predict(effnet_package, tmp_path, tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+_ = threading  # used by the cluster tests below
