@@ -1,4 +1,4 @@
-"""Scale-out on Ray: `luodi serve --ray` (Ray Serve) on one node and on a two-node loopback cluster, `luodi batch --ray`.
+"""Scale-out on Ray: `luodi serve --ray` on one node and on a two-node loopback cluster, and `luodi batch --ray`.
 
 Every Ray process is started here as a subprocess in its own process group and stopped by that id (never
 `ray stop`, which would stop other users' Ray on a shared machine). Answers are checked against Session.run.
@@ -29,9 +29,8 @@ from luodi.serve.protocol import HEADER_LENGTH, decode_infer_response, encode_in
 pytest.importorskip("ray.serve", reason="needs ray[serve]: pip install 'luodi[ray]'")
 
 from conftest import small_cnn  # noqa: E402
-from serve_helpers import free_port  # noqa: E402
-
 from luodi.serve.ray import Scaling  # noqa: E402
+from serve_helpers import free_port  # noqa: E402
 
 # Ray kills its workers when the machine is short of memory; on a shared test machine that is mostly others' memory.
 ENV = {
@@ -39,6 +38,8 @@ ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_memory_monitor_refresh_ms": "0",
+    # Serve's proxy prefers replicas on its own node; the cluster tests want the load spread over both nodes.
+    "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0",
     "PYTHONUNBUFFERED": "1",
 }
 
@@ -67,16 +68,34 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        with contextlib.suppress(ProcessLookupError):  # whatever it left behind in its group (raylet, workers)
-            os.killpg(self.pgid, signal.SIGKILL)
-        self._log.close()
+        # Whatever it left behind: Ray puts each worker in a process group of its own, but all stay in the
+        # session that start_new_session gave the leader (its pid), so that id finds every one of them.
+        for pid in session_members(self.pgid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        if not self._log.closed:
+            self._log.close()
 
 
-def wait_ready(base: str, proc: Proc, timeout_s: float = 120.0) -> None:
+def session_members(sid: int) -> list[int]:
+    """The pids of the live processes in session ``sid`` (Linux /proc)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid and fields[0] != "Z":  # after "pid (comm)": state ppid pgrp session
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+def wait_ready(base: str, proc: Proc, timeout_s: float = 120.0, nodes: tuple[Proc, ...] = ()) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.proc.poll() is not None:
             raise AssertionError(f"`luodi serve --ray` exited with {proc.proc.returncode}:\n{proc.log()}")
+        for node in nodes:
+            if node.proc.poll() is not None:
+                raise AssertionError(f"`ray start` exited with {node.proc.returncode}:\n{node.log()}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
                 return
@@ -85,7 +104,20 @@ def wait_ready(base: str, proc: Proc, timeout_s: float = 120.0) -> None:
 
 
 def serve_cmd(repo: Path, host: str, port: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "luodi", "serve", "--ray", "-r", str(repo), "--host", host, "--port", str(port), *args]
+    return [
+        sys.executable,
+        "-m",
+        "luodi",
+        "serve",
+        "--ray",
+        "-r",
+        str(repo),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        *args,
+    ]
 
 
 def infer(client: httpx.Client, base: str, x: np.ndarray) -> tuple[np.ndarray, httpx.Headers]:
@@ -206,4 +238,108 @@ def test_batch_ray_refuses_a_folder_without_images(effnet_package: Path, tmp_pat
     assert not (tmp_path / "out.jsonl").exists()
 
 
-_ = threading  # used by the cluster tests below
+# -- two nodes on loopback ----------------------------------------------------------------------------------------
+HEAD, WORKER = "127.0.0.2", "127.0.0.3"
+
+
+def ray_start(ip: str, log: Path, *, head_port: int, head: bool) -> Proc:
+    """`ray start --block` for one node: 1 CPU and one "luodi_slot", so that one replica fits on each node."""
+    ray = str(Path(sys.executable).parent / "ray")
+    where = ["--head", f"--port={head_port}", f"--ray-client-server-port={free_port()}"] if head else []
+    where += ["--include-dashboard=false", f"--dashboard-port={free_port()}"] if head else []
+    where += [f"--address={HEAD}:{head_port}"] if not head else []
+    ports = [  # every port of ours chosen free, so that nobody else's Ray on this machine collides with it
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
+    cmd = [ray, "start", *where, f"--node-ip-address={ip}", "--num-cpus=1", '--resources={"luodi_slot": 1}']
+    cmd += ["--disable-usage-stats", "--block", *ports]
+    return Proc(cmd, log)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, cnn_repo: Path) -> Iterator[dict]:
+    """A head (127.0.0.2) and a worker (127.0.0.3) node, and `luodi serve --ray` with a cnn replica on each."""
+    logs = tmp_path_factory.mktemp("ray-cluster")
+    head_port, http_port = free_port(), free_port()
+    procs: dict[str, Proc] = {}
+    try:
+        procs["head"] = ray_start(HEAD, logs / "head.log", head_port=head_port, head=True)
+        time.sleep(3)  # the worker needs the head's GCS up; `luodi serve` below waits for both replicas anyway
+        procs["worker"] = ray_start(WORKER, logs / "worker.log", head_port=head_port, head=False)
+        args = ("--ray-address", f"{HEAD}:{head_port}", "--replicas", "2", "--num-cpus", "0")
+        args += ("--ray-resources", '{"luodi_slot": 1}', "--max-batch-size", "4", "-b", "onnxruntime")
+        procs["serve"] = Proc(serve_cmd(cnn_repo, HEAD, http_port, *args), logs / "serve.log")
+        base = f"http://{HEAD}:{http_port}"
+        try:
+            wait_ready(base, procs["serve"], timeout_s=120, nodes=(procs["head"], procs["worker"]))
+        except AssertionError as exc:
+            head, worker = procs["head"].log(), procs["worker"].log()
+            raise AssertionError(f"{exc}\n--- head:\n{head}\n--- worker:\n{worker}") from None
+        yield {"base": base, "procs": procs}
+    finally:
+        for name in ("serve", "worker", "head"):  # the driver first, then the nodes, each by its pid and group
+            if name in procs:
+                procs[name].stop()
+
+
+def test_two_node_cluster_serves_a_replica_on_each_node(cluster: dict, cnn_repo: Path) -> None:
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal((1, 3, 16, 16)).astype(np.float32) for _ in range(40)]
+    want = reference(cnn_repo, xs)
+    with httpx.Client() as client, ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda x: infer(client, cluster["base"], x), xs))
+    for (got, _), w in zip(answers, want, strict=True):
+        np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
+    nodes = {h["luodi-node"] for _, h in answers}
+    assert nodes == {HEAD, WORKER}, f"answers came from {nodes}, not from a replica on each node"
+
+
+def test_requests_keep_being_answered_when_the_worker_node_stops(cluster: dict, cnn_repo: Path) -> None:
+    base = cluster["base"]
+    x = np.random.default_rng(2).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    (want,) = reference(cnn_repo, [x])
+    log: list[tuple[float, bool, str]] = []  # (time, answered correctly, node or error)
+    stop = threading.Event()
+    t_start = time.monotonic()
+
+    def client() -> None:
+        with httpx.Client() as c:
+            while not stop.is_set() and time.monotonic() - t_start < 60 and len(log) < 5000:
+                try:
+                    got, headers = infer(c, base, x)
+                    ok = bool(np.allclose(got, want, rtol=1e-5, atol=1e-5))
+                    log.append((time.monotonic(), ok, headers["luodi-node"]))
+                except (AssertionError, httpx.HTTPError) as exc:
+                    log.append((time.monotonic(), False, str(exc)[:200]))
+                    time.sleep(0.05)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(4)
+        assert any(node == WORKER for _, ok, node in log if ok), f"no answer from the worker before it stopped: {log}"
+        killed = time.monotonic()
+        worker = cluster["procs"]["worker"]
+        worker.stop()  # SIGTERM to `ray start --block`, then every process left in its session
+        gone = time.monotonic()
+        assert not session_members(worker.pgid), "processes of the stopped worker node are still running"
+        time.sleep(8)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    after = [(t, ok, node) for t, ok, node in log if t > killed]
+    answered = [node for t, ok, node in after if ok]
+    assert len(answered) >= 20, f"only {len(answered)} answers after the worker was told to stop: {after[-10:]}"
+    # Once the node is gone (and Serve has had 3 s to notice), every request is answered, by the head's replica.
+    late = [(ok, node) for t, ok, node in after if t > gone + 3]
+    assert len(late) >= 10, f"only {len(late)} requests after the worker node was gone: {after[-10:]}"
+    assert all(ok and node == HEAD for ok, node in late), [r for r in late if not r[0] or r[1] != HEAD][:5]
+    wrong = [r for r in log if not r[1] and r[2] in (HEAD, WORKER)]
+    assert not wrong, f"wrong answers: {wrong[:5]}"

@@ -243,7 +243,7 @@ def deploy(
         ip = node_ip or (host if host.startswith("127.") else "127.0.0.1")
         ray.init(
             address=address,
-            include_dashboard=False,
+            **({"include_dashboard": False} if address == "local" else {}),
             _node_ip_address=ip,
             log_to_driver=False,
             # the replicas import luodi from the same place this process did (e.g. a source checkout)
@@ -353,7 +353,7 @@ def batch_predict(
     if started:
         ray.init(
             address=address,
-            include_dashboard=False,
+            **({"include_dashboard": False} if address == "local" else {}),
             _node_ip_address="127.0.0.1" if address == "local" else None,
             log_to_driver=False,
             runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}},
