@@ -200,13 +200,18 @@ class RayServer:
 
     models: dict[str, str]
     url: str
+    started_ray: bool = False
 
     def shutdown(self) -> None:
-        """Delete the deployments and stop Serve; a Ray this process started is stopped, a cluster it joined is not."""
+        """Delete these deployments; a Ray this process started is stopped, a cluster it joined keeps running."""
         ray = _ray()
         from ray import serve
 
-        serve.shutdown()
+        if self.started_ray:
+            serve.shutdown()
+        else:  # other applications may share the cluster's Serve: remove only ours
+            for name in [*self.models, "luodi-health"]:
+                serve.delete(name)
         ray.shutdown()
 
 
@@ -239,6 +244,7 @@ def deploy(
     ray = _ray()
     from ray import serve
 
+    started = not ray.is_initialized() and address == "local"
     if not ray.is_initialized():
         ip = node_ip or (host if host.startswith("127.") else "127.0.0.1")
         ray.init(
@@ -265,7 +271,7 @@ def deploy(
         serve.run(app, name=name, route_prefix=f"/v2/models/{name}")
         models[name] = version
     serve.run(health.bind(), name="luodi-health", route_prefix=HEALTH_PREFIX)
-    return RayServer(models, f"http://{host}:{port}")
+    return RayServer(models, f"http://{host}:{port}", started)
 
 
 def serve_on_ray(repository: str | Path, **kwargs: Any) -> None:
