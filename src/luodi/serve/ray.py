@@ -36,6 +36,12 @@ def _ray() -> Any:
     return ray
 
 
+def _runtime_env() -> dict[str, Any]:
+    # Ray's workers import luodi from where this process did (e.g. a source checkout on PYTHONPATH).
+    path = os.environ.get("PYTHONPATH")
+    return {"env_vars": {"PYTHONPATH": path}} if path else {}
+
+
 @dataclass(frozen=True)
 class Scaling:
     """How many replicas of each model, and what each may take on. Plain data, turned into Ray Serve options.
@@ -252,8 +258,7 @@ def deploy(
             **({"include_dashboard": False} if address == "local" else {}),
             _node_ip_address=ip,
             log_to_driver=False,
-            # the replicas import luodi from the same place this process did (e.g. a source checkout)
-            runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", ""), "RAY_AUTH_MODE": "disabled"}},
+            runtime_env=_runtime_env(),
         )
     serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
     replica, health = _deployments()
@@ -362,7 +367,7 @@ def batch_predict(
             **({"include_dashboard": False} if address == "local" else {}),
             _node_ip_address="127.0.0.1" if address == "local" else None,
             log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}},
+            runtime_env=_runtime_env(),
         )
     try:
         ctx = ray.data.DataContext.get_current()
