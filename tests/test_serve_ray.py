@@ -282,9 +282,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, cnn_repo: Path) -> Iterato
             raise AssertionError(f"{exc}\n--- head:\n{head}\n--- worker:\n{worker}") from None
         yield {"base": base, "procs": procs}
     finally:
-        for name in ("serve", "worker", "head"):  # the driver first, then the nodes, each by its pid and group
+        # The driver first, then the nodes, each by its pid and then its session. A node drains for up to
+        # 30 s on SIGTERM; the cluster is thrown away here, so 5 s will do before the rest is killed.
+        for name in ("serve", "worker", "head"):
             if name in procs:
-                procs[name].stop()
+                procs[name].stop(grace_s=30 if name == "serve" else 5)
 
 
 def test_two_node_cluster_serves_a_replica_on_each_node(cluster: dict, cnn_repo: Path) -> None:
@@ -329,7 +331,7 @@ def test_requests_keep_being_answered_when_the_worker_node_stops(cluster: dict, 
         worker.stop()  # SIGTERM to `ray start --block`, then every process left in its session
         gone = time.monotonic()
         assert not session_members(worker.pgid), "processes of the stopped worker node are still running"
-        time.sleep(8)
+        time.sleep(7)
     finally:
         stop.set()
         for t in threads:

@@ -217,7 +217,8 @@ class RayServer:
             serve.shutdown()
         else:  # other applications may share the cluster's Serve: remove only ours
             for name in [*self.models, "luodi-health"]:
-                serve.delete(name)
+                # the controller finishes the deletion; waiting here can take a minute when a node has died
+                serve.delete(name, _blocking=False)
         ray.shutdown()
 
 
