@@ -13,6 +13,11 @@ the size the batched server ran at 64 clients, as images per second, over the sa
 Targets: batching >= 2x the throughput of no batching at 64 clients; the batched server's throughput
 at 64 clients >= 0.8 of the in-process Session's at the same batch size.
 
+Then the same load against ``luodi serve --ray`` on one node (Ray Serve, one replica, ``@serve.batch`` with
+the same batch size and delay, ``max_ongoing_requests`` 64): its throughput, latency, mean batch (from
+the ``luodi-batch-requests`` header of each answer: requests / sum(1 / batch)) and its throughput as a
+fraction of the in-process Session's at that batch size. ``--no-ray`` leaves it out.
+
 How
 ---
 The clients are one asyncio loop in this process speaking raw HTTP/1.1 (a few microseconds a request),
@@ -23,7 +28,7 @@ against ``Session.run`` on the same image. The script reports, it does not asser
 
 Run::
 
-    .venv/bin/python benchmarks/serve.py                 # about 2 minutes on 2 cores
+    .venv/bin/python benchmarks/serve.py                 # about 3 minutes on 2 cores
     .venv/bin/python benchmarks/serve.py --seconds 2 --rounds 1
 """
 
@@ -35,6 +40,7 @@ import contextlib
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -67,8 +73,15 @@ class ServerProcess:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "luodi", "serve", "-r", str(repo), "--port", str(self.port), "--poll-s", "0"]
-        self.proc = subprocess.Popen([*cmd, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
+        # its own session, so that what it starts (Ray's processes with --ray) can be stopped by that id
+        self.proc = subprocess.Popen(
+            [*cmd, *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"},
+        )
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise SystemExit(f"the server exited with {self.proc.returncode}")
@@ -77,7 +90,7 @@ class ServerProcess:
                     return
             time.sleep(0.1)
         self.stop()
-        raise SystemExit("the server was not ready within 120 s")
+        raise SystemExit("the server was not ready within 180 s")
 
     def batches(self) -> tuple[float, float]:
         """(items, batches) the server has run so far, from /metrics."""
@@ -97,6 +110,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def http_request(port: int, body: bytes, header_length: int) -> bytes:
@@ -108,7 +123,9 @@ def http_request(port: int, body: bytes, header_length: int) -> bytes:
     return head.encode() + body
 
 
-async def _client(port: int, request: bytes, stop_at: float, latencies: list[float], errors: list[str]) -> bytes:
+async def _client(
+    port: int, request: bytes, stop_at: float, latencies: list[float], errors: list[str], joined: list[int]
+) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     first = b""
     try:
@@ -129,6 +146,8 @@ async def _client(port: int, request: bytes, stop_at: float, latencies: list[flo
                 errors.append(f"{code}: {content[:200]!r}")
                 continue
             latencies.append(time.perf_counter() - t0)
+            if "luodi-batch-requests" in headers:  # Ray Serve: how many requests shared this one's engine call
+                joined.append(int(headers["luodi-batch-requests"]))
             if not first:
                 first = headers[HEADER_LENGTH.lower()].encode() + b"\n" + content
     finally:
@@ -138,15 +157,20 @@ async def _client(port: int, request: bytes, stop_at: float, latencies: list[flo
     return first
 
 
-def load(port: int, request: bytes, clients: int, seconds: float) -> tuple[list[float], float, list[str], bytes]:
+def load(
+    port: int, request: bytes, clients: int, seconds: float, joined: list[int] | None = None
+) -> tuple[list[float], float, list[str], bytes]:
     """``clients`` connections sending back to back for ``seconds``: latencies, wall time, errors, one answer."""
 
     async def main() -> tuple[list[float], float, list[str], bytes]:
         latencies: list[float] = []
         errors: list[str] = []
+        sizes = joined if joined is not None else []
         t0 = time.perf_counter()
         stop_at = t0 + seconds
-        firsts = await asyncio.gather(*(_client(port, request, stop_at, latencies, errors) for _ in range(clients)))
+        firsts = await asyncio.gather(
+            *(_client(port, request, stop_at, latencies, errors, sizes) for _ in range(clients))
+        )
         return latencies, time.perf_counter() - t0, errors, next((f for f in firsts if f), b"")
 
     return asyncio.run(main())
@@ -180,6 +204,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="length of each load, per side per round")
     ap.add_argument("--rounds", type=int, default=2, help="rounds per concurrency (sides alternate)")
     ap.add_argument("--package", type=Path, help="an EfficientNet-Lite0 .luodi to serve (default: compile the zoo's)")
+    ap.add_argument("--no-ray", action="store_true", help="leave out the `luodi serve --ray` figures")
     args = ap.parse_args()
     console = Console(width=None if sys.stdout.isatty() else 120)
 
@@ -285,11 +310,60 @@ def main() -> None:
             f"server / in-process at the same batch: {fraction:.2f} (target >= {FRACTION_TARGET}): "
             f"{verdict[fraction >= FRACTION_TARGET]}"
         )
+        if not args.no_ray:
+            ray_figures(console, repo, pkg, body, n, want, args.seconds, args.rounds)
         console.print(
             f"[dim]{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
             f"Python {platform.python_version()}, onnxruntime {_ort_version()}, "
             f"{args.rounds} round(s) x {args.seconds:g} s per side and concurrency[/]"
         )
+
+
+def ray_figures(
+    console: Console, repo: Path, pkg: Path, body: bytes, n: int, want: np.ndarray, seconds: float, rounds: int
+) -> None:
+    """`luodi serve --ray` on one node under the same load, and its fraction of Session.run at its mean batch."""
+    flags = ("--ray", "-b", "onnxruntime", "--max-batch-size", "32", "--max-queue-delay-ms", "2")
+    flags += ("--max-ongoing-requests", "64", "--num-cpus", "1")
+    console.print("[dim]starting `luodi serve --ray` (one node) ...[/]")
+    srv = ServerProcess(repo, *flags)
+    rows = []
+    try:
+        _, _, errors, first = load(srv.port, http_request(srv.port, body, n), 4, 2.0)
+        if errors or not first:
+            raise SystemExit(f"ray: warm-up failed: {errors[:3]}")
+        check_answer(first, want, "ray")
+        for clients in CONCURRENCY:
+            lat: list[float] = []
+            joined: list[int] = []
+            wall = 0.0
+            for _ in range(rounds):
+                got, w, errors, _ = load(srv.port, http_request(srv.port, body, n), clients, seconds, joined)
+                lat += got
+                wall += w
+                if errors:
+                    console.print(f"[yellow]ray, {clients} clients: {len(errors)} errors, e.g. {errors[0]}")
+            ms = np.array(lat) * 1000
+            mean_batch = len(joined) / sum(1 / j for j in joined) if joined else 0.0
+            rows.append((clients, len(lat) / wall, np.percentile(ms, 50), np.percentile(ms, 99), mean_batch))
+    finally:
+        srv.stop()
+    table = Table(title="luodi serve --ray (Ray Serve, one node, one replica, @serve.batch 32 / 2 ms)")
+    for col in ("clients", "req/s", "p50 ms", "p99 ms", "mean batch", "Session at that batch", "fraction"):
+        table.add_column(col, justify="right")
+    with luodi.Session(pkg, backend="onnxruntime") as s:
+        for clients, rate, p50, p99, mean_batch in rows:
+            local = session_throughput(s, max(1, round(mean_batch)), seconds)
+            table.add_row(
+                str(clients),
+                f"{rate:.1f}",
+                f"{p50:.1f}",
+                f"{p99:.1f}",
+                f"{mean_batch:.1f}",
+                f"{local:.1f}",
+                f"{rate / local:.2f}",
+            )
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -209,7 +209,10 @@ def test_altered_encrypted_package_fails_authentication(sec, encrypted, tmp_path
     # an altered member, re-pinned in the manifest so that only the cipher can notice
     tampered = flip(stored)
     manifest = dict(pkg.manifest)
-    manifest["files"] = {**manifest["files"], name: {"sha256": luodi.package.archive.sha256(tampered), "size": len(tampered)}}
+    manifest["files"] = {
+        **manifest["files"],
+        name: {"sha256": luodi.package.archive.sha256(tampered), "size": len(tampered)},
+    }
     bad = rewrite(src, tmp_path / "a.luodi", {name: tampered, "manifest.json": json.dumps(manifest).encode()})
     with pytest.raises(luodi.IntegrityError, match=f"member '{name}' fails authentication"):
         luodi.Session(bad, backend="onnxruntime", passphrase="correct horse")

@@ -630,6 +630,9 @@ def quantize_analyse(
 from ..serve.cli import serve as _serve  # noqa: E402  (`luodi serve`: its own module, FastAPI imported when run)
 
 cli.add_command(_serve)
+from ..serve.cli import batch as _batch  # noqa: E402  (`luodi batch --ray`: Ray Data imported when run)
+
+cli.add_command(_batch)
 
 from . import security  # noqa: E402,F401 - registers keys, sign, encrypt, license
 

@@ -25,6 +25,16 @@ import click
 @click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
+@click.option("--ray", "on_ray", is_flag=True, help="serve as Ray Serve deployments (scale-out; needs luodi[ray])")
+@click.option("--ray-address", default="local", show_default=True, help="with --ray: a cluster's HOST:PORT to join")
+@click.option("--replicas", default=1, show_default=True, help="with --ray: replicas per model")
+@click.option("--autoscale", metavar="MIN:MAX", help="with --ray: let Ray Serve scale replicas between MIN and MAX")
+@click.option("--target-ongoing-requests", type=float, help="with --autoscale: per replica (default: the batch size)")
+@click.option("--max-ongoing-requests", type=int, help="with --ray: per replica (default: twice the batch size)")
+@click.option("--num-cpus", default=0.5, show_default=True, help="with --ray: CPUs each replica reserves")
+@click.option(
+    "--ray-resources", metavar="JSON", help="with --ray: custom resources per replica, e.g. '{\"gpu_box\": 1}'"
+)
 def serve(
     repository: str,
     host: str,
@@ -41,6 +51,14 @@ def serve(
     versions: int,
     poll_s: float,
     log_level: str,
+    on_ray: bool,
+    ray_address: str,
+    replicas: int,
+    autoscale: str | None,
+    target_ongoing_requests: float | None,
+    max_ongoing_requests: int | None,
+    num_cpus: float,
+    ray_resources: str | None,
 ) -> None:
     """Serve the packages in a model repository over HTTP (KServe v2), with dynamic batching and /metrics.
 
@@ -58,6 +76,22 @@ def serve(
         timeout_s=timeout_s,
         instances=instances,
     )
+    if on_ray:
+        _serve_on_ray(
+            repository,
+            host,
+            port,
+            batching,
+            {"backend": backend, "device": device, "threads": threads},
+            ray_address,
+            replicas,
+            autoscale,
+            target_ongoing_requests,
+            max_ongoing_requests,
+            num_cpus,
+            ray_resources,
+        )
+        return
     run(
         repository,
         host=host,
@@ -68,3 +102,89 @@ def serve(
         session_options={"backend": backend, "device": device, "threads": threads},
         log_level=log_level,
     )
+
+
+def _serve_on_ray(
+    repository: str,
+    host: str,
+    port: int,
+    batching: object,
+    session_options: dict,
+    address: str,
+    replicas: int,
+    autoscale: str | None,
+    target: float | None,
+    max_ongoing: int | None,
+    num_cpus: float,
+    resources: str | None,
+) -> None:
+    import json
+
+    from .ray import Scaling, serve_on_ray
+
+    bounds = None
+    if autoscale:
+        lo, sep, hi = autoscale.partition(":")
+        if not sep or not lo.isdigit() or not hi.isdigit():
+            raise click.BadParameter(f"{autoscale!r} is not MIN:MAX, e.g. 1:4", param_hint="--autoscale")
+        bounds = (int(lo), int(hi))
+    try:
+        extra = json.loads(resources) if resources else None
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON ({exc})", param_hint="--ray-resources") from None
+    if extra is not None and not (isinstance(extra, dict) and all(isinstance(v, (int, float)) for v in extra.values())):
+        raise click.BadParameter("give a JSON object of numbers, e.g. '{\"node_a\": 1}'", param_hint="--ray-resources")
+    scaling = Scaling(replicas, bounds, target, max_ongoing, num_cpus, extra)
+    serve_on_ray(
+        repository,
+        host=host,
+        port=port,
+        batching=batching,
+        scaling=scaling,
+        session_options=session_options,
+        address=address,
+    )
+
+
+@click.command()
+@click.argument("package", type=click.Path(dir_okay=False, exists=True))
+@click.argument("input_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSON Lines file to write")
+@click.option("--ray", "on_ray", is_flag=True, required=True, help="run on Ray Data (the only runner so far)")
+@click.option("--ray-address", default="local", show_default=True, help="a cluster's HOST:PORT to join")
+@click.option("--actors", default=1, show_default=True, help="Ray actors, each with its own Session")
+@click.option("--batch-size", default=8, show_default=True, help="files per Ray Data batch")
+@click.option("--num-cpus", default=1.0, show_default=True, help="CPUs each actor reserves")
+@click.option("-k", "--top", "k", type=int, help="how many classes to keep (classification pipelines)")
+@click.option("-b", "--backend", default="auto", show_default=True)
+@click.option("-d", "--device", default="cpu", show_default=True)
+def batch(
+    package: str,
+    input_dir: str,
+    output: str,
+    on_ray: bool,
+    ray_address: str,
+    actors: int,
+    batch_size: int,
+    num_cpus: float,
+    k: int | None,
+    backend: str,
+    device: str,
+) -> None:
+    """Run PACKAGE's pipeline on every image in INPUT_DIR with Ray Data; one JSON line per file in OUTPUT."""
+    from .ray import batch_predict
+
+    failed = batch_predict(
+        package,
+        input_dir,
+        output,
+        actors=actors,
+        batch_size=batch_size,
+        num_cpus=num_cpus,
+        session_options={"backend": backend, "device": device},
+        predict_options={} if k is None else {"k": k},
+        address=ray_address,
+    )
+    click.echo(f"wrote {output}" + (f" ({failed} file(s) failed: see their 'error')" if failed else ""), err=True)
+    if failed:
+        raise SystemExit(1)

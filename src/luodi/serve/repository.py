@@ -89,15 +89,7 @@ class ModelVersion:
 
     def check(self, feeds: Feeds) -> None:
         """Raise an InputError naming the input when ``feeds`` does not fit the model (before it joins a batch)."""
-        specs = {s.name: s for s in self.session.inputs}
-        unknown = [n for n in feeds if n not in specs]
-        if unknown:
-            raise UnknownTensorError(f"model '{self.name}' has no input(s) {unknown}; its inputs are {list(specs)}")
-        missing = [n for n in specs if n not in feeds]
-        if missing:
-            raise InputError(f"model '{self.name}' needs input(s) {missing} too")
-        for n, a in feeds.items():
-            specs[n].check(a)
+        check_feeds(self.session, self.name, feeds)
 
     def submit(self, feeds: Feeds, timeout_s: float | None = None) -> Job:
         self.check(feeds)
@@ -196,6 +188,19 @@ class _Batched:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._v.session, name)
+
+
+def check_feeds(session: Any, name: str, feeds: Feeds) -> None:
+    """Raise an InputError naming the input when ``feeds`` does not fit model ``name``'s session."""
+    specs = {s.name: s for s in session.inputs}
+    unknown = [n for n in feeds if n not in specs]
+    if unknown:
+        raise UnknownTensorError(f"model '{name}' has no input(s) {unknown}; its inputs are {list(specs)}")
+    missing = [n for n in specs if n not in feeds]
+    if missing:
+        raise InputError(f"model '{name}' needs input(s) {missing} too")
+    for n, a in feeds.items():
+        specs[n].check(a)
 
 
 def _batchable(session: Any) -> bool:
