@@ -57,7 +57,8 @@ class Proc:
         self.pgid = self.proc.pid  # start_new_session: the group's id is the leader's pid
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-6000:]
 
     def stop(self, sig: int = signal.SIGTERM, grace_s: float = 30.0) -> None:

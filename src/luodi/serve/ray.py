@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,7 @@ def deploy(
     session_options: dict[str, Any] | None = None,
     address: str = "local",
     node_ip: str | None = None,
+    on_ray_started: Callable[[], None] | None = None,
 ) -> RayServer:
     """Join (or, with address "local", start) Ray and deploy the newest version of every model under ``repository``.
 
@@ -261,6 +263,8 @@ def deploy(
             log_to_driver=False,
             runtime_env=_runtime_env(),
         )
+    if on_ray_started is not None:
+        on_ray_started()
     serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
     replica, health = _deployments()
     models = {}
@@ -282,17 +286,27 @@ def deploy(
 
 def serve_on_ray(repository: str | Path, **kwargs: Any) -> None:
     """`luodi serve --ray`: deploy, then wait until SIGTERM/SIGINT and tear the deployments down (exit 0)."""
-    server = deploy(repository, **kwargs)
-    print(f"luodi on Ray Serve: {server.url} models {server.models}", flush=True)
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def catch() -> None:  # before deploying, and again once Ray is up: ray.init installs its own SIGTERM handler
+        for sig in previous:
+            signal.signal(sig, lambda *_: stop.set())
+
+    catch()
+    server = None
     try:
+        # A SIGTERM that arrives while deploying (the health route answers before deploy returns) is kept in
+        # `stop`: the deployments are then torn down at once and the command still exits 0.
+        server = deploy(repository, on_ray_started=catch, **kwargs)
+        print(f"luodi on Ray Serve: {server.url} models {server.models}", flush=True)
         while not stop.wait(0.5):
             pass
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        server.shutdown()
+        if server is not None:
+            server.shutdown()
 
 
 # -- Ray Data -----------------------------------------------------------------------------------------------
