@@ -103,7 +103,7 @@ class PTQ:
         self._ranking: dict[str, list[LayerSensitivity]] = {}
 
     def calibration_for(self, policy: QuantPolicy) -> Calibration:
-        key = (tuple(policy.ops), policy.activations)
+        key = (tuple(policy.ops), policy.activations, policy.bias_correction, policy.weight_rounding)
         if key not in self._calibrations:
             self.say(f"calibrating ({self.method}) on {len(self.feeds)} samples")
             self._calibrations[key] = calibrate(self.model, self.feeds, self.method, policy)

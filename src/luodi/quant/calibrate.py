@@ -40,6 +40,8 @@ class Calibration:
     samples: int
     # mean input of every Conv/Gemm over the samples, for bias correction (see bias.py); None: not measured
     input_means: dict[str, np.ndarray] | None = None
+    # centred covariance of every Conv/Gemm's input features, for GPTQ weight rounding (rounding.py)
+    input_covariances: dict[str, np.ndarray] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {"method": self.method, "samples": self.samples, "tensors": len(list(self.ranges.keys()))}
@@ -114,7 +116,12 @@ def calibrate(
         finally:
             logging.getLogger().setLevel(quiet)
     means = mean_inputs(model, runs) if policy is None or policy.bias_correction else None
-    return Calibration(method, ranges, len(feeds), means)
+    covariances = None
+    if policy is None or policy.weight_rounding == "gptq":
+        from .rounding import input_covariances
+
+        covariances = input_covariances(model, runs)
+    return Calibration(method, ranges, len(feeds), means, covariances)
 
 
 def _batch_is_symbolic(model: Any) -> bool:

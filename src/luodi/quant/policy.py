@@ -39,6 +39,9 @@ class QuantPolicy:
     # shift each int8 Conv/Gemm bias by the mean error of its rounded weights (bias.py); the engine runs the
     # corrected bias like any other, so this changes what is quantised, not how the engine computes
     bias_correction: bool = True
+    # "gptq": choose each int8 weight's integer to minimise the layer's output error on the calibration inputs
+    # (rounding.py); "nearest": round each weight on its own. Scales and graph are the same either way.
+    weight_rounding: str = "gptq"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -53,6 +56,7 @@ class QuantPolicy:
                 format=table.get("format", "qdq"),
                 notes=table.get("notes", ""),
                 bias_correction=bool(table.get("bias_correction", True)),
+                weight_rounding=str(table.get("weight_rounding", "gptq")),
                 extra=dict(table.get("extra", {})),
             )
         except (KeyError, TypeError) as exc:
@@ -65,6 +69,7 @@ class QuantPolicy:
             f"w {w.dtype}{'' if w.bits == 8 else f'({w.bits}-bit)'} {'sym' if w.symmetric else 'asym'} "
             f"{'per-channel' if w.per_channel else 'per-tensor'}, {self.rounding}"
             + (", bias-corrected" if self.bias_correction else "")
+            + (", GPTQ-rounded weights" if self.weight_rounding == "gptq" else "")
         )
 
     def ort_arguments(self) -> dict[str, Any]:
@@ -80,6 +85,8 @@ class QuantPolicy:
                 f"{self.backend} rounds '{self.rounding}', which an ONNX QDQ graph cannot simulate; "
                 "its int8 target needs the engine's own quantiser"
             )
+        if self.weight_rounding not in ("gptq", "nearest"):
+            raise CompileError(f"{self.backend}: unknown weight_rounding '{self.weight_rounding}' (gptq, nearest)")
         if self.activations.per_channel:
             raise CompileError(f"{self.backend}: per-channel activations are not supported by the QDQ quantiser")
         return {

@@ -19,6 +19,7 @@ from ..errors import CompileError
 from .bias import correct_biases
 from .calibrate import Calibration
 from .policy import QuantPolicy
+from .rounding import round_weights
 
 
 def prepare(model: Any) -> Any:
@@ -108,13 +109,29 @@ def quantize(
     if only is not None:
         only = [n for name in only for n in groups.get(name, [name])]
     args = policy.ort_arguments()
-    qdq = _quantize_static(model, calibration, policy, exclude, only, args)
+    qdq = _round(_quantize_static(model, calibration, policy, exclude, only, args), model, calibration, policy)
     if policy.bias_correction and calibration.input_means:
         # the bias does not enter the weights' scales, so the second pass rounds the weights the same way
         corrected, fixed = correct_biases(model, qdq, calibration.input_means)
         if fixed:
             qdq = _quantize_static(corrected, calibration, policy, exclude, only, args)
+            qdq = _round(qdq, corrected, calibration, policy)
     return qdq
+
+
+def _round(qdq: Any, model: Any, calibration: Calibration, policy: QuantPolicy) -> Any:
+    """``qdq`` with GPTQ-rounded weights where the policy asks for them (same scales; see rounding.py)."""
+    if policy.weight_rounding != "gptq" or not calibration.input_covariances:
+        return qdq
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
+
+    w = policy.weights
+    if not w.symmetric:
+        return qdq  # asymmetric weights keep nearest rounding
+    qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[w.dtype].tensor_type
+    qmin, qmax = get_qmin_qmax_for_qType(qtype, reduce_range=w.bits == 7, symmetric=True)
+    return round_weights(qdq, model, calibration.input_covariances, int(qmin), int(qmax))[0]
 
 
 def _quantize_static(
