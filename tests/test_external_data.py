@@ -59,6 +59,8 @@ def small_limit(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_split_and_join_round_trip(small_limit: None) -> None:
     model = weighty_cnn()
+    model.producer_name, model.doc_string, model.graph.doc_string = "maker", "about", "the graph"
+    model.metadata_props.add(key="licence", value="MIT")
     before = model.SerializeToString()
     assert onnx_io.is_large(model)
     members = onnx_io.to_members(model)
@@ -69,6 +71,7 @@ def test_split_and_join_round_trip(small_limit: None) -> None:
     assert external == {"w1", "w2", "fw"}  # b1 (128 bytes) stays inside the graph
     assert len(members["model.onnx"]) < 2000 and len(members["model.onnx.data"]) >= 4 * (32 * 27 + 64 * 288 + 640)
     back = onnx_io.from_members(members["model.onnx"], members.__getitem__)
+    assert back.SerializeToString() == before  # every field of model and graph survives, not only the weights
     for a, b in zip(back.graph.initializer, model.graph.initializer):
         np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
 

@@ -98,11 +98,7 @@ def _shell(model: Any, location: str) -> tuple[Any, list[tuple[Any, int]]]:
     graph = model.graph
     kept = [t for t in graph.initializer]
     shell_graph = onnx.GraphProto()
-    for field in ("node", "input", "output", "value_info", "sparse_initializer", "quantization_annotation"):
-        getattr(shell_graph, field).extend(getattr(graph, field))
-    for field in ("name", "doc_string"):
-        setattr(shell_graph, field, getattr(graph, field))
-    shell_graph.metadata_props.extend(graph.metadata_props)
+    _copy_fields(graph, shell_graph, skip={"initializer"})
     moved, offset = [], 0
     for t in kept:
         if not t.HasField("raw_data") or t.data_type in _PACKED or _nbytes(t) < MIN_EXTERNAL:
@@ -110,7 +106,9 @@ def _shell(model: Any, location: str) -> tuple[Any, list[tuple[Any, int]]]:
             continue
         offset += -offset % _ALIGN
         ref = shell_graph.initializer.add()
-        ref.name, ref.data_type, ref.doc_string = t.name, t.data_type, t.doc_string
+        ref.name, ref.data_type = t.name, t.data_type
+        if t.doc_string:
+            ref.doc_string = t.doc_string
         ref.dims.extend(t.dims)
         ref.data_location = onnx.TensorProto.EXTERNAL
         for key, value in (("location", location), ("offset", str(offset)), ("length", str(_nbytes(t)))):
@@ -118,12 +116,23 @@ def _shell(model: Any, location: str) -> tuple[Any, list[tuple[Any, int]]]:
             entry.key, entry.value = key, value
         moved.append((t, offset))
         offset += _nbytes(t)
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(shell, field, getattr(model, field))
-    for field in ("opset_import", "metadata_props", "functions", "training_info"):
-        getattr(shell, field).extend(getattr(model, field))
+    _copy_fields(model, shell, skip={"graph"})
     shell.graph.CopyFrom(shell_graph)
     return shell, moved
+
+
+def _copy_fields(src: Any, dst: Any, skip: set[str]) -> None:
+    """Every field of protobuf message ``src`` but ``skip`` into ``dst`` (whatever this onnx version defines)."""
+    for field, value in src.ListFields():
+        if field.name in skip:
+            continue
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        if repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
 
 
 def _write_data(moved: list[tuple[Any, int]], fh: Any) -> None:
@@ -218,7 +227,7 @@ def attach(model: Any, read: Callable[[str], bytes | memoryview]) -> Any:
             )
         t.raw_data = bytes(blob[offset : offset + length])
         del t.external_data[:]
-        t.data_location = TensorProto.DEFAULT
+        t.ClearField("data_location")  # DEFAULT: the tensor as it was before it was split off
     return model
 
 
