@@ -10,10 +10,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 import luodi
-from conftest import installed, small_cnn
+from conftest import fcn_model, installed, small_cnn
 
 ENGINES = ["onnxruntime", "reference", "openvino", "ncnn", "mnn"]
 TOL = {"rtol": 1e-4, "atol": 1e-4}
@@ -27,20 +26,6 @@ def need(backend: str) -> None:
 
 def _targets() -> list[str]:
     return [b for b in ENGINES if installed(b)]
-
-
-def fcn() -> onnx.ModelProto:
-    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
-        "fcn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, "h", "w"])],
-        initializer=[w],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
 
 
 def fixed_batch_cnn(batch: int) -> onnx.ModelProto:
@@ -57,7 +42,7 @@ def cnn_pkg(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fcn_pkg(tmp_path_factory):
-    return luodi.compile(fcn(), tmp_path_factory.mktemp("batch") / "fcn.luodi", targets=_targets())
+    return luodi.compile(fcn_model(), tmp_path_factory.mktemp("batch") / "fcn.luodi", targets=_targets())
 
 
 def counted(session: luodi.Session) -> list[int]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import luodi
-from conftest import installed
+from conftest import fcn_model, installed
 from luodi.verify.conformance import PASS, SUBSET, node_cases, run_case
 
 ENGINES = ["onnxruntime", "reference", "openvino", "ncnn", "mnn"]
@@ -113,20 +113,8 @@ def test_two_sessions_do_not_share_engine_state(all_targets_package):
 @pytest.fixture(scope="module")
 def fcn_package(tmp_path_factory):
     """A fully convolutional model with dynamic batch, height and width."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
-        "fcn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, "h", "w"])],
-        initializer=[w],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
     targets = [b for b in ENGINES if b in luodi.backend_names() and installed(b)]
-    return luodi.compile(model, tmp_path_factory.mktemp("fcn") / "fcn.luodi", targets=targets)
+    return luodi.compile(fcn_model(), tmp_path_factory.mktemp("fcn") / "fcn.luodi", targets=targets)
 
 
 @pytest.mark.parametrize("backend", ENGINES)

@@ -184,18 +184,6 @@ def uses_external(model: Any) -> bool:
     return any(t.data_location == TensorProto.EXTERNAL for t in _tensors(model))
 
 
-def external_locations(model: Any) -> list[str]:
-    """The files (relative to the graph) that ``model``'s external tensors live in."""
-    from onnx import TensorProto
-
-    found = {
-        next((e.value for e in t.external_data if e.key == "location"), "")
-        for t in _tensors(model)
-        if t.data_location == TensorProto.EXTERNAL
-    }
-    return sorted(found)
-
-
 def attach(model: Any, read: Callable[[str], bytes | memoryview]) -> Any:
     """Fill ``model``'s external tensors in place from ``read(location)`` (a package member, a dict...); return it.
 
