@@ -3,7 +3,7 @@
 What it measures
 ----------------
 Two `luodi serve` subprocesses on 127.0.0.1 serve the same EfficientNet-Lite0 package (onnxruntime fp32):
-one with dynamic batching (``--max-batch-size 32 --max-queue-delay-ms 2``), one without
+one with dynamic batching (``--max-batch-size 32``, the default 0 ms queue delay), one without
 (``--max-batch-size 1``). For 1, 16 and 64 concurrent clients, each client keeps one HTTP/1.1 keep-alive
 connection and sends KServe v2 binary-tensor infer requests (one image, [1,3,224,224] float32) back to
 back. Reported per side: throughput (answered requests per second), p50 and p99 latency, and the mean
@@ -224,7 +224,7 @@ def main() -> None:
             want = s.run({"images": x})["logits"]
         body, n = encode_infer_request({"images": x})
         sides = {
-            "batching": ("--max-batch-size", "32", "--max-queue-delay-ms", "2"),
+            "batching": ("--max-batch-size", "32"),
             "no batching": ("--max-batch-size", "1"),
         }
         servers = {}
@@ -323,7 +323,7 @@ def ray_figures(
     console: Console, repo: Path, pkg: Path, body: bytes, n: int, want: np.ndarray, seconds: float, rounds: int
 ) -> None:
     """`luodi serve --ray` on one node under the same load, and its fraction of Session.run at its mean batch."""
-    flags = ("--ray", "-b", "onnxruntime", "--max-batch-size", "32", "--max-queue-delay-ms", "2")
+    flags = ("--ray", "-b", "onnxruntime", "--max-batch-size", "32")
     flags += ("--max-ongoing-requests", "64", "--num-cpus", "1")
     console.print("[dim]starting `luodi serve --ray` (one node) ...[/]")
     srv = ServerProcess(repo, *flags)
@@ -348,7 +348,7 @@ def ray_figures(
             rows.append((clients, len(lat) / wall, np.percentile(ms, 50), np.percentile(ms, 99), mean_batch))
     finally:
         srv.stop()
-    table = Table(title="luodi serve --ray (Ray Serve, one node, one replica, @serve.batch 32 / 2 ms)")
+    table = Table(title="luodi serve --ray (Ray Serve, one node, one replica, @serve.batch 32, no wait)")
     for col in ("clients", "req/s", "p50 ms", "p99 ms", "mean batch", "Session at that batch", "fraction"):
         table.add_column(col, justify="right")
     with luodi.Session(pkg, backend="onnxruntime") as s:

@@ -257,3 +257,18 @@ def test_sigterm_stops_accepting_drains_in_flight_and_exits_zero(cnn_repo: Path,
         assert '"event": "shutdown"' in srv.log() and '"event": "stopped"' in srv.log()
     finally:
         srv.stop()
+
+
+def test_server_keeps_the_cyclic_collector_off_the_request_path() -> None:
+    import gc
+
+    from luodi.serve.server import _tune_gc
+
+    before = gc.get_threshold()
+    try:
+        _tune_gc()
+        assert gc.get_freeze_count() > 0  # what start-up loaded is out of every scan
+        assert gc.get_threshold()[0] >= 10_000  # not every few requests (default 700 allocations)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

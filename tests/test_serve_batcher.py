@@ -137,6 +137,35 @@ def test_max_batch_size_and_preferred_sizes_bound_each_batch(scale_session) -> N
     assert batches[:2] == [4, 4] and sum(batches) == 10 and max(batches) <= 8
 
 
+def test_default_batching_runs_a_lone_request_at_once_and_joins_what_queued_meanwhile(scale_session) -> None:
+    """Delay 0 (the default): an idle worker does not wait for partners; requests that arrive while the engine
+    runs form the next batch together."""
+    gate, started = threading.Event(), threading.Event()
+    batches: list[int] = []
+
+    def held(feeds):  # the real engine, held on its first call so that the others queue behind it
+        if not started.is_set():
+            started.set()
+            gate.wait(10)
+        return scale_session.run(feeds)
+
+    assert BatchConfig().max_queue_delay_ms == 0
+    batcher = Batcher(held, BatchConfig(max_batch_size=16), on_batch=lambda size, _: batches.append(size))
+    try:
+        first = batcher.submit({"x": np.zeros((1, 2), np.float32)})
+        assert started.wait(5), "a lone request waited for partners"
+        xs = [np.full((1, 2), i, np.float32) for i in range(1, 9)]
+        jobs = [batcher.submit({"x": x}) for x in xs]
+        gate.set()
+        first.future.result(timeout=10)
+        for x, job in zip(xs, jobs):
+            np.testing.assert_array_equal(job.future.result(timeout=10)["y"], 2 * x)
+    finally:
+        gate.set()
+        batcher.close()
+    assert batches == [1, 8]
+
+
 def test_full_queue_is_refused_at_once_and_expired_requests_time_out(scale_session) -> None:
     gate = threading.Event()
 

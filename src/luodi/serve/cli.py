@@ -15,7 +15,12 @@ import click
 @click.option("-d", "--device", default="cpu", show_default=True)
 @click.option("--threads", type=int, help="engine threads per model (default: the engine's)")
 @click.option("--max-batch-size", default=32, show_default=True, help="dynamic batching limit; 1 turns batching off")
-@click.option("--max-queue-delay-ms", default=2.0, show_default=True, help="how long a request waits for others")
+@click.option(
+    "--max-queue-delay-ms",
+    default=0.0,
+    show_default=True,
+    help="how long the oldest request waits for others (0: an idle worker takes what is queued at once)",
+)
 @click.option("--preferred-batch-size", "preferred", multiple=True, type=int, help="a preferred batch size (repeat)")
 @click.option("--max-queue-size", default=256, show_default=True, help="queued requests per model before 503")
 @click.option("--timeout-s", default=30.0, show_default=True, help="per-request timeout")

@@ -5,6 +5,7 @@ It only wires a ModelRepository, the FastAPI app and uvicorn together; the work 
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 from pathlib import Path
@@ -39,6 +40,7 @@ def serve(
     app = create_app(repo, watch_s=watch_s)
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, log_level=log_level)
     server = uvicorn.Server(config)
+    _tune_gc()
     # uvicorn drains and then re-raises the signal it caught with the handler found before it: make that an
     # orderly exit 0 rather than death by signal.
     previous = {sig: signal.signal(sig, _exit_zero) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -47,6 +49,18 @@ def serve(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _tune_gc() -> None:
+    """Keep the cyclic garbage collector off the request path. Each request allocates a few hundred objects
+    (ASGI messages, headers, futures) that reference counting frees; with the default gen-0 threshold of 700 the
+    collector ran every few requests and re-scanned the loaded model, framework and engine objects each time (9%
+    of the event loop's samples in py-spy at 64 clients). Freezing what exists after start-up takes those out of
+    every scan; the higher threshold makes the rare cycles wait longer. EfficientNet-Lite0 at 64 clients: 163 ->
+    175 requests/s (benchmarks/serve.py)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
 
 
 def _exit_zero(signum: int, frame: Any) -> None:
