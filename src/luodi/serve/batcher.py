@@ -31,8 +31,8 @@ class BatchConfig:
     max_batch_size: int = 32
     # How long the oldest request may wait for others to join its batch. 0 (Triton's default too): a worker that
     # falls idle takes whatever is queued at once, and under load batches still fill with the requests that
-    # arrived while the engine ran. Measured on EfficientNet-Lite0, 2 cores: 0 ms gave 197 req/s at 1 client
-    # against 123 with 2 ms (each lone request waited the whole delay), and the same throughput at 16 and 64.
+    # arrived while the engine ran. benchmarks/serve.py (EfficientNet-Lite0, 2 cores): 0 ms gave 182 req/s at one
+    # client against 121 with 2 ms (each lone request waited the whole delay), and the same at 16 and 64 clients.
     max_queue_delay_ms: float = 0.0
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 256  # requests waiting; beyond this a request is refused at once (OverloadedError)
