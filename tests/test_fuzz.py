@@ -420,3 +420,49 @@ def test_hostile_names_and_shapes_are_named_in_the_error(base, sandbox):
     write_zip(path, [("manifest.json", json.dumps(manifest).encode(), 8), *((n, d, 8) for n, d in base[2].items())])
     with pytest.raises(luodi.PackageError, match=r"inputs\[0\].shape .* bytes, over the 1073741824 limit"):
         luodi.Package(path)
+
+
+# -- hostile target options, on every engine ------------------------------------------------------------------
+ENGINES = ["onnxruntime", "openvino", "ncnn", "mnn", "torch"]
+OPTION_EDITS = {
+    "options dropped": lambda o: None,
+    "options a list": lambda o: [1, 2],
+    "inputs dropped": lambda o: {k: v for k, v in o.items() if k != "inputs"},
+    "inputs a number": lambda o: {**o, "inputs": 5},
+    "inputs without shapes": lambda o: {**o, "inputs": [{"name": "x"}]},
+    "outputs of strings": lambda o: {**o, "outputs": ["y", 3]},
+    "a flag of the wrong type": lambda o: {**o, "precision_flags": "on", "precision_mode": 7, "performance_hint": []},
+}
+
+
+@pytest.fixture(scope="module")
+def every_engine(tmp_path_factory):
+    torch = pytest.importorskip("torch", reason="torch not installed: pip install 'luodi[torch]'")
+    missing = [e for e in ENGINES if not luodi.get_backend(e).available().ok]
+    assert not missing, f"install every engine (make test does): {missing}"
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    path = tmp_path_factory.mktemp("engines") / "conv.luodi"
+    luodi.export(module, torch.zeros(1, 3, 8, 8), path, targets=ENGINES)
+    with zipfile.ZipFile(path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    return json.loads(members.pop("manifest.json")), members
+
+
+@pytest.mark.parametrize("edit", list(OPTION_EDITS))
+@pytest.mark.parametrize("engine", ENGINES)
+def test_hostile_target_options_are_refused_on_every_engine(every_engine, sandbox, engine, edit):
+    manifest, members = json.loads(json.dumps(every_engine[0])), every_engine[1]
+    target = next(t for t in manifest["targets"] if t["backend"] == engine and t["precision"] == "fp32")
+    changed = OPTION_EDITS[edit](dict(target.get("options") or {}))
+    if changed is None:
+        target.pop("options", None)
+    else:
+        target["options"] = changed
+    path = sandbox / f"{engine}-{edit.replace(' ', '-')}.luodi"
+    entries = [(n, d, zipfile.ZIP_DEFLATED) for n, d in members.items()]
+    write_zip(path, [("manifest.json", json.dumps(manifest).encode(), zipfile.ZIP_DEFLATED), *entries])
+    try:
+        with luodi.Session(path, backend=engine, precision="fp32") as s:
+            s.run({s.inputs[0].name: np.ones((1, 3, 8, 8), np.float32)})
+    except luodi.LuodiError as exc:
+        assert str(exc)

@@ -24,6 +24,7 @@ from .errors import (
     InputError,
     LuodiError,
     MissingInputError,
+    PackageError,
     PipelineError,
     ShapeError,
     StateError,
@@ -405,4 +406,14 @@ def _is_package_path(model: Any) -> bool:
 
 
 def _load(artifact: Artifact, options: LoadOptions) -> Engine:
-    return get_backend(artifact.backend).load(artifact, options)
+    try:
+        return get_backend(artifact.backend).load(artifact, options)
+    except LuodiError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        # A backend reads its target's recorded options (tensor specs, flags) as it wrote them; a damaged or
+        # hand-edited manifest fails there, in any backend, plugins included: say so instead of a raw KeyError.
+        raise PackageError(
+            f"the package's {artifact.target} target cannot be loaded: its recorded options are malformed "
+            f"({type(exc).__name__}: {exc}); recompile the package for this target"
+        ) from exc
