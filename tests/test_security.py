@@ -175,6 +175,23 @@ def test_encrypted_package_runs_on_every_in_memory_engine(sec, encrypted, backen
         np.testing.assert_allclose(s.run({"x": X})["y"], sec["expected"], rtol=1e-4, atol=1e-4)
 
 
+def test_verify_unlocks_an_encrypted_package_with_its_licence_or_passphrase(sec, encrypted):
+    r = luodi_cli("verify", str(encrypted["licence"]))
+    assert r.returncode == 2 and "--license FILE" in r.stderr  # says which key opens it
+    for args, env in (
+        (("--license", str(sec["licence"]), "--trust", str(sec["vendor_pub"])), {}),
+        ((), {"LUODI_PASSPHRASE": "correct horse"}),
+    ):
+        package = encrypted["licence"] if args else encrypted["passphrase"]
+        r = luodi_cli("verify", str(package), "-t", "onnxruntime", "--layerwise", *args, **env)
+        assert r.returncode == 0, r.stderr
+        assert "onnxruntime:fp32" in r.stdout and "layer-wise" in r.stdout
+    r = luodi_cli(
+        "verify", str(encrypted["licence"]), "--license", str(sec["licence"]), "--trust", str(sec["other_pub"])
+    )
+    assert r.returncode == 2 and "signature" in r.stderr.lower()
+
+
 def test_encrypted_members_hold_no_plaintext_and_need_the_key(sec, encrypted):
     chunks = plaintext_chunks(sec["plain"])
     for path in encrypted.values():

@@ -518,14 +518,26 @@ def _feeds_for(pkg: Any, data: str | None, limit: int | None) -> list:
 @click.option("--data", help="a folder of images or .npy files, an .npy/.npz, or a dataset (default: 2 random inputs)")
 @click.option("--limit", type=int, help="use this many samples of --data, spread over it")
 @click.option("--layerwise", is_flag=True, help="compare every intermediate tensor and mark where the error jumps")
+@click.option("--license", "license_file", help="the licence that unlocks an encrypted package")
+@click.option("--trust", help="accept the package only if signed by this public key (.pub)")
 def verify(
-    package: str, targets: tuple[str, ...], against: str, data: str | None, limit: int | None, layerwise: bool
+    package: str,
+    targets: tuple[str, ...],
+    against: str,
+    data: str | None,
+    limit: int | None,
+    layerwise: bool,
+    license_file: str | None,
+    trust: str | None,
 ) -> None:
-    """Compare PACKAGE's targets with the float reference (or another target) on real data."""
-    from ..package import Package
+    """Compare PACKAGE's targets with the float reference (or another target) on real data.
+
+    An encrypted package is unlocked with --license or $LUODI_PASSPHRASE, in memory, as Session does."""
+    from ..package.crypto import open_package
     from ..verify.report import verify_package
 
-    pkg = Package(package)
+    passphrase = os.environ.get("LUODI_PASSPHRASE") or None
+    pkg, _ = open_package(package, trust=trust, license=license_file, passphrase=passphrase)
     chosen = [pkg.find_target(*(t.split(":", 1) if ":" in t else (t, None))) for t in targets] or None
     feeds = _feeds_for(pkg, data, limit)
     reports, ran = verify_package(pkg, feeds, chosen, against)
