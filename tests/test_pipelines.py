@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import wave
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,30 @@ def test_ocr_is_one_package_of_three_models(ocr_package):
         with pytest.raises(luodi.LuodiError, match="no model 'det2'"):
             s.model("det2")
         assert s.predict(np.full((64, 256, 3), 255, np.uint8)) == []  # a blank picture has no text
+
+
+def test_encrypted_ocr_package_unlocks_all_three_models_and_reads_the_same(ocr_package, tmp_path):
+    pytest.importorskip("cryptography", reason="needs luodi[security]")
+    from luodi.package import crypto
+
+    locked = crypto.encrypt_package(ocr_package, tmp_path / "ocr-enc.luodi", passphrase="ocr pass")
+    plain = luodi.Package(ocr_package)
+    members = [n for n in plain.manifest["files"] if n != "manifest.json"]
+    assert any(n.startswith("models/") for n in members), members  # the cls and rec models are members too
+    with zipfile.ZipFile(locked) as zf:
+        for name in members:
+            data, stored = plain.read(name), zf.read(name)  # the stored member, inflated: ciphertext
+            assert data[len(data) // 2 : len(data) // 2 + 32] not in stored, f"{name} is stored in the clear"
+    page = str(skimage_picture("page"))
+    with luodi.Session(ocr_package, backend="onnxruntime") as s:
+        want = s.predict(page)
+    with pytest.raises(luodi.LuodiError, match="passphrase"):
+        luodi.Session(locked, backend="onnxruntime")
+    with luodi.Session(locked, backend="onnxruntime", passphrase="ocr pass") as s:
+        assert [s.model(n).backend for n in ("cls", "rec")] == ["onnxruntime", "onnxruntime"]  # further models too
+        got = s.predict(page)
+    assert [t.text for t in got] == [t.text for t in want] and len(got) == 5
+    np.testing.assert_allclose([t.score for t in got], [t.score for t in want], atol=1e-6)
 
 
 # -- VAD ---------------------------------------------------------------------------------------------
