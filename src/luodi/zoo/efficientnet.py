@@ -95,8 +95,8 @@ def imagenet_pipeline(labels: list[str]) -> dict:
 
 
 #: Real photos (scikit-image's chelsea and coffee, CC0, resized to a 256-pixel short side) that ``luodi compile``
-#: verifies every target on. Random tensors are not images: on them a bf16 engine's logits looked 10x worse than
-#: on photos (OpenVINO bf16 on an AMX CPU: cosine 0.983 on two normal-noise tensors, 0.9994 on these two).
+#: verifies every target on. Random tensors are not images: on them a bf16 engine's logits looked far worse than on
+#: photos (OpenVINO bf16 on an AMX CPU: cosine 0.983 on two normal-noise tensors, 0.9994 on these two).
 SAMPLE_PHOTOS = ("chelsea.jpg", "coffee.jpg")
 
 
