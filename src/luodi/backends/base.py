@@ -58,6 +58,10 @@ class Artifact:
             raise ModelError(f"the {self.target} artifact has no file {name} (it has: {have})") from None
 
 
+Shapes = dict[str, tuple[int, ...]]
+"""Concrete shapes by input name: one set of inputs a model is run at."""
+
+
 @dataclass(frozen=True)
 class CompileOptions:
     precision: str = "fp32"
@@ -65,6 +69,13 @@ class CompileOptions:
     extra: dict[str, Any] = field(default_factory=dict)
     source: Any = None
     """The frontend's SourceModel, for backends that compile from more than the ONNX graph (torch)."""
+    inputs: tuple[TensorSpec, ...] = ()
+    """The model's inputs, computed once by the compiler (empty: the backend reads them from the graph)."""
+    outputs: tuple[TensorSpec, ...] = ()
+    shapes: tuple[Shapes, ...] = ()
+    """Representative input shapes, the first the primary one; later sets give every dynamic axis another size.
+    Converters that trace (pnnx, MNN) or fix shapes (OpenVINO's static model) use these, never 1 for a free dim.
+    Empty: the backend has no better knowledge than the specs."""
 
 
 @dataclass(frozen=True)

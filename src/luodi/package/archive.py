@@ -241,6 +241,8 @@ class Package:
             "targets": entry["targets"],
             "pipeline": None,
             "models": {},
+            "shapes": entry.get("shapes"),
+            "example_shapes": None,
         }
         view._specs_in = [TensorSpec.from_dict(d) for d in entry["inputs"]]
         view._specs_out = [TensorSpec.from_dict(d) for d in entry["outputs"]]
@@ -248,6 +250,19 @@ class Package:
         # Timings are cached per package hash: each model of the package needs a key of its own.
         view.manifest_sha256 = sha256(f"{self.manifest_sha256}:{name}".encode())
         return view
+
+    @property
+    def representative_shapes(self) -> list[dict[str, tuple[int, ...]]]:
+        """The input shapes this model is verified, warmed up, timed and benchmarked at, the primary set first.
+
+        From the manifest's ``shapes`` (written by the compiler), else its older ``example_shapes``; a package
+        with neither gets its specs with every free dim at 1 (what the compiler verified such packages at).
+        """
+        recorded = (self.manifest.get("shapes") or {}).get("representative")
+        if recorded:
+            return [{n: tuple(d) for n, d in s.items()} for s in recorded]
+        example = self.manifest.get("example_shapes") or {}
+        return [{s.name: tuple(example.get(s.name, s.concrete(1))) for s in self._specs_in}]
 
     def model_bytes(self) -> bytes:
         return self.read(self._model_member)

@@ -134,6 +134,16 @@ def _targets(value: Any, files: dict[str, Any], where: str) -> None:
             _number(timing.get("median_ms"), f"{at}.timing.median_ms")
 
 
+def _shape_sets(value: Any, where: str) -> None:
+    """``shapes``: {"representative": [{input: [sizes]}, ...], ...}; every size concrete."""
+    sets = _list(_dict(value, where).get("representative", []), f"{where}.representative")
+    for i, shapes in enumerate(sets):
+        for name, shape in _dict(shapes, f"{where}.representative[{i}]").items():
+            at = f"{where}.representative[{i}]['{name}']"
+            _shape(shape, "float64", at)
+            _require(all(isinstance(d, int) for d in shape), at, "must hold sizes only")
+
+
 def check_manifest(manifest: dict[str, Any], where: str) -> None:
     """Raise PackageError naming the first field of ``manifest`` that a sound luodi package cannot have."""
     try:
@@ -159,11 +169,15 @@ def check_manifest(manifest: dict[str, Any], where: str) -> None:
             _specs(model.get("outputs"), f"{at}.outputs")
             _targets(model.get("targets"), files, f"{at}.targets")
             _require(member_name(model.get("model"), f"{at}.model") in files, f"{at}.model", "is not a pinned member")
+            if model.get("shapes") is not None:
+                _shape_sets(model["shapes"], f"{at}.shapes")
         example = manifest.get("example_shapes")
         if example is not None:
             for name, shape in _dict(example, "example_shapes").items():
                 _shape(shape, "float64", f"example_shapes['{name}']")
                 _require(all(isinstance(d, int) for d in shape), f"example_shapes['{name}']", "must hold sizes only")
+        if manifest.get("shapes") is not None:
+            _shape_sets(manifest["shapes"], "shapes")
         if manifest.get("pipeline") is not None:
             _dict(manifest["pipeline"], "pipeline")
         if "accuracy_budget" in manifest:
