@@ -38,6 +38,7 @@ class BatchConfig:
     max_queue_size: int = 256  # requests waiting; beyond this a request is refused at once (OverloadedError)
     timeout_s: float = 30.0  # per request, queueing and computing together
     instances: int = 1  # worker threads, each running one batch at a time
+    isolate: bool | None = None  # run the engine in a worker process (luodi.worker); None: the server's --isolate
 
     def __post_init__(self) -> None:
         bad = []
