@@ -58,6 +58,7 @@ def reference() -> luodi.Session:
 
 def test_isolated_session_gives_the_in_process_outputs(cnn_package: Path, reference: luodi.Session) -> None:
     with luodi.Session(cnn_package, backend="onnxruntime", isolate=True) as s:
+        s.prepare()  # a call without tensors first (reshape), then the warm-up run
         assert s.worker is not None and s.worker.pid != os.getpid()
         assert [i.name for i in s._engine.inputs] == ["x"]  # the child reported the engine's specs
         for batch in (1, 3):

@@ -157,7 +157,10 @@ class Region:
 
 def _write_arrays(region: Region, arrays: Arrays) -> list[dict[str, Any]]:
     """Lay ``arrays`` out in ``region`` (64-byte aligned) and return their descriptions for the header."""
-    described, offset = [], 0
+    described: list[dict[str, Any]] = []
+    if not arrays:
+        return described
+    offset = 0
     for name, a in arrays.items():
         a = np.asarray(a)
         if a.dtype.str not in _DTYPES:
