@@ -285,3 +285,20 @@ def test_runs_in_flight_at_once_from_many_threads(cnn_package: Path, reference) 
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_an_encrypted_package_runs_in_the_worker_from_memory(tmp_path: Path, cnn_package: Path, reference) -> None:
+    from luodi.package import crypto
+
+    sealed = crypto.encrypt_package(cnn_package, tmp_path / "sealed.luodi", passphrase="correct horse")
+    with luodi.Session(sealed, backend="onnxruntime", passphrase="correct horse", isolate=True) as s:
+        np.testing.assert_array_equal(s.run({"x": _x(2)})["y"], reference.run({"x": _x(2)})["y"])
+        pkg = luodi.Package(cnn_package)
+        plain = pkg.artifact(next(t for t in pkg.manifest["targets"] if t["backend"] == "onnxruntime")).files
+        model = max(plain.values(), key=len)
+        fd_dir = Path(f"/proc/{s.worker.pid}/fd")
+        # the plaintext came over the socket: no file the child holds open, memory files aside, contains it
+        for fd in fd_dir.iterdir():
+            target = os.readlink(fd)
+            if target.startswith("/") and not target.startswith(("/memfd:", "/dev/")) and fd.is_file():
+                assert model not in fd.read_bytes()[: 1 << 26], f"the model's plaintext is in {target}"

@@ -135,7 +135,7 @@ class Region:
             real = os.fstat(self.fd).st_size
             if nbytes > real or nbytes > _MAX_REGION:
                 raise _Gone(f"the peer named {nbytes} bytes of shared memory, but there are {real}")
-            self._map(real)
+            self._map(real if real <= _MAX_REGION else nbytes)  # a lying peer gets no huge map
         assert self.map is not None
         return self.map
 
