@@ -126,6 +126,9 @@ def test_kill_9_one_models_worker_only_its_in_flight_requests_fail(repo: Path, t
         assert after["a"]["restarts"] == 1 and after["a"]["exits"] == ["was killed by SIGKILL"]
         assert after["a"]["pid"] not in (None, victim)
         assert after["b"] == {**workers["b"], "restarts": 0}
+        metrics = httpx.get(f"{srv.base}/metrics", timeout=10).text
+        assert 'luodi_worker_restarts{model="a",version="1"} 1.0' in metrics
+        assert 'luodi_worker_restarts{model="b",version="1"} 0.0' in metrics
         assert not Path(f"/proc/{victim}").exists(), "the killed worker was not reaped"
         pids = [after["a"]["pid"], after["b"]["pid"]]
     for pid in pids:  # the server's death (kill -9 here) ends its workers too: they see their sockets close
