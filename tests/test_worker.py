@@ -198,6 +198,9 @@ class Handler:
             ctypes.string_at(0)
         if op == "exit":
             os._exit(3)
+        if op == "hang":
+            import time
+            time.sleep(3600)
         if op == "fail":
             raise ValueError("the toolchain refused it")
         return {"files": len(self.files)}, {k: v * 2 for k, v in arrays.items()}
@@ -236,6 +239,17 @@ def test_a_generic_worker_takes_files_and_arrays_and_survives_its_handler(crashy
         assert _wait_gone(pid)
     with pytest.raises(EngineCrashedError, match=r"SIGSEGV while loading"):
         Worker("crashy:load", {"crash_on_load": True}, env=crashy)
+
+
+def test_a_call_that_hangs_past_its_timeout_kills_the_child(crashy: dict[str, str]) -> None:
+    with Worker("crashy:load", env=crashy, call_timeout_s=1.0) as w:
+        pid = w.pid
+        t0 = time.monotonic()
+        with pytest.raises(EngineCrashedError, match=r"stopped answering \(no answer within 1 s\) and was killed"):
+            w.call("hang")
+        assert time.monotonic() - t0 < 10
+        assert w.call("double", {}, {"a": np.ones(2)})[1]["a"].tolist() == [2.0, 2.0]  # restarted
+        assert _wait_gone(pid)
 
 
 def test_a_worker_that_crashes_in_a_loop_stops_being_restarted(crashy: dict[str, str]) -> None:

@@ -65,6 +65,10 @@ class _Gone(Exception):
     """The peer closed its end of the socket (it exited or was killed) or broke the protocol."""
 
 
+class _Hung(_Gone):
+    """The peer did not answer within the call's timeout."""
+
+
 # -- framing: a prefix, a JSON header, raw bytes -------------------------------------------------------------------
 def _send(sock: socket.socket, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -91,6 +95,8 @@ def _recv(sock: socket.socket, max_payload: int) -> tuple[dict[str, Any], bytear
             raise _Gone(f"a message of {hlen} + {plen} bytes is over the protocol's limits")
         header = json.loads(_recv_exact(sock, hlen))
         payload = _recv_exact(sock, plen) if plen else bytearray()
+    except TimeoutError:
+        raise _Hung(f"no answer within {sock.gettimeout():g} s") from None
     except (OSError, ValueError) as exc:
         raise _Gone(f"the connection broke ({exc})") from exc
     if not isinstance(header, dict):
@@ -236,8 +242,10 @@ class Worker:
     arrays. Up to ``slots`` calls run at once. A child that dies (any signal, kill -9) fails the calls in flight
     with a BackendError naming ``label`` and the exit; with ``auto_restart`` a new child is started at once
     (calls arriving meanwhile wait for it), up to ``max_restarts`` crashes per ``window_s``; without, calls fail
-    until :meth:`restart`. ``python`` is the interpreter to run (another environment's, for a vendor toolchain);
-    it must be able to import ``luodi.worker`` and the factory's module.
+    until :meth:`restart`. A call not answered within ``call_timeout_s`` (None: no limit) counts as a crash: the
+    child is killed. ``python`` is the interpreter to run (another environment's, for a vendor toolchain); it
+    must be able to import ``luodi.worker`` and the factory's module. Files go in as the load's ``payload`` or,
+    like any other data in or out of a call, as (uint8) arrays.
     """
 
     def __init__(
@@ -254,6 +262,7 @@ class Worker:
         python: str | None = None,
         env: dict[str, str] | None = None,
         start_timeout_s: float = 600.0,
+        call_timeout_s: float | None = None,
     ) -> None:
         from .errors import InputError
 
@@ -263,6 +272,7 @@ class Worker:
         self.max_restarts, self.window_s = max_restarts, window_s
         self._load = ({"op": "load", "factory": factory, "args": dict(args or {})}, payload)
         self._python, self._env, self._start_timeout = python or sys.executable, env, start_timeout_s
+        self._call_timeout = call_timeout_s
         self._cond = threading.Condition()
         self._proc: subprocess.Popen | None = None
         self._slots: list[_Slot] = []
@@ -307,7 +317,8 @@ class Worker:
         except _Gone as exc:
             if self._closed:
                 raise StateError(f"{self.label} was closed while a call was running") from None
-            raise EngineCrashedError(self._crashed(slot.generation, op, str(exc))) from None
+            hung = isinstance(exc, _Hung)
+            raise EngineCrashedError(self._crashed(slot.generation, op, str(exc), hung)) from None
         finally:
             self._release(slot)
         if not header.get("ok"):
@@ -377,7 +388,9 @@ class Worker:
             try:
                 header, _ = slots[0].call(message, {}, payload)
             finally:
-                slots[0].sock.settimeout(None)
+                slots[0].sock.settimeout(self._call_timeout)
+            for s in slots[1:]:
+                s.sock.settimeout(self._call_timeout)
             if not header.get("ok"):
                 error = _remote_error(header.get("error"), self.label)
         except _Gone as exc:
@@ -425,18 +438,20 @@ class Worker:
         proc.wait()
         self._crashed(gen, None, "")
 
-    def _crashed(self, gen: int, op: str | None, detail: str) -> str:
+    def _crashed(self, gen: int, op: str | None, detail: str, hung: bool = False) -> str:
         """Record once that generation ``gen``'s child died and start another if allowed; the callers' message."""
         with self._cond:
             if gen == self._generation and gen not in self._ended and not self._closed:
                 proc = self._proc
                 assert proc is not None
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=2.0)  # the socket broke first: give the exit status a moment
-                if proc.poll() is None:  # alive but broke the protocol: end it
+                if not hung:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=2.0)  # the socket broke first: give the exit status a moment
+                how = _exit_of(proc)
+                if proc.poll() is None:  # alive, but hung or broke the protocol: end it
                     proc.kill()
                     proc.wait()
-                how = _exit_of(proc)
+                    how = f"{how} ({detail}) and was killed"
                 self.exits.append(how)
                 now = time.monotonic()
                 self._crashes = [t for t in self._crashes if now - t < self.window_s] + [now]
