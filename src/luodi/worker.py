@@ -1,4 +1,4 @@
-"""Code in a worker process: an engine (or a vendor toolchain) whose crash is a BackendError, not the caller's death.
+"""Code in a worker process: an engine (or a vendor toolchain) whose crash is an error and a restart, not our death.
 
 The parent sends files as raw bytes and tensors through shared memory (Linux memfd, sealed against shrinking);
 control messages are JSON headers over a Unix socket. Nothing is pickled in either direction, and the parent
@@ -34,7 +34,6 @@ log = logging.getLogger("luodi")
 
 _PREFIX = struct.Struct("<IQ")  # JSON header length, raw payload length
 _MAX_HEADER = 1 << 20  # a control message is small; a bigger one is a broken or hostile peer
-_MAX_REPLY_PAYLOAD = 64 << 20  # what a child may send back besides tensors (files a toolchain wrote)
 _MAX_REGION = 1 << 36  # 64 GiB: a child that asks more is lying
 _ALIGN = 64
 _DTYPES = frozenset(
@@ -218,7 +217,7 @@ class _Slot:
             _send(self.sock, message, payload)
         except OSError as exc:
             raise _Gone(f"cannot write to the worker ({exc})") from exc
-        header, _ = _recv(self.sock, _MAX_REPLY_PAYLOAD)
+        header, _ = _recv(self.sock, 0)  # a reply is a header; its data comes back as arrays
         return header, _read_arrays(self.out, header.get("tensors", []), copy=True)
 
     def hang_up(self) -> None:
@@ -362,7 +361,7 @@ class Worker:
     # -- the child's life ---------------------------------------------------------------------------------------------
     def _start(self) -> None:
         """Start a child and load the handler in it; its slots become the free ones. The caller set _starting."""
-        from .errors import BackendError, EngineCrashedError
+        from .errors import BackendError, EngineCrashedError, LuodiError
 
         error: BaseException | None = None
         header: dict[str, Any] = {}
@@ -400,8 +399,8 @@ class Worker:
             error = EngineCrashedError(
                 f"{self.label}: the worker process {_exit_of(proc)} while loading the model ({exc})"
             )
-        except OSError as exc:
-            error = BackendError(f"{self.label}: cannot start a worker process ({exc})")
+        except Exception as exc:  # whatever it is, it must not leave the worker "starting" for ever
+            error = exc if isinstance(exc, LuodiError) else BackendError(f"{self.label}: cannot start a worker ({exc})")
         with self._cond:
             adopted = error is None and not self._closed and gen == self._generation
             if adopted:
