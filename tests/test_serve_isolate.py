@@ -103,21 +103,33 @@ def test_kill_9_one_models_worker_only_its_in_flight_requests_fail(repo: Path, t
                 httpx.post(f"{srv.base}/v2/models/a/infer", content=big_body, headers=headers, timeout=60)
             )
 
+        big_request()  # the first run at a new shape allocates: time the second
         t0 = time.monotonic()
         big_request()  # alone: how long it takes from sending to the answer, most of it in the engine
         alone_s = time.monotonic() - t0
-        assert big_answer.pop().status_code == 200
+        assert [r.status_code for r in big_answer] == [200, 200]
+        big_answer.clear()
+        victims: list[int] = []
 
         for t in threads:
             t.start()
         try:
             time.sleep(1.5)
-            big = threading.Thread(target=big_request)
-            big.start()
-            time.sleep(alone_s / 2)  # past sending and decoding it, well inside its run
-            killed_at = time.monotonic()
-            os.kill(victim, signal.SIGKILL)
-            big.join(60)
+            killed_at = 0.0
+            for _ in range(3):  # a kill that misses the big request's run (a hiccup of this busy host) is redone
+                big = threading.Thread(target=big_request)
+                big.start()
+                time.sleep(alone_s / 2)  # past sending and decoding it, well inside its run
+                killed_at = killed_at or time.monotonic()
+                os.kill(victim, signal.SIGKILL)
+                victims.append(victim)
+                big.join(60)
+                if big_answer[-1].status_code == 503:
+                    break
+                deadline = time.monotonic() + 60
+                while victim in victims and time.monotonic() < deadline:  # the restarted worker's pid
+                    victim = _workers(srv.base)["a"]["pid"] or victim
+                    time.sleep(0.05)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:  # until the restarted worker has answered a few requests
                 if sum(s == 200 and t > killed_at + 0.5 for t, s, _ in results["a"]) >= 5:
@@ -132,24 +144,25 @@ def test_kill_9_one_models_worker_only_its_in_flight_requests_fail(repo: Path, t
         b_codes = [s for _, s, _ in results["b"]]
         assert set(b_codes) == {200}, f"the other model failed: {sorted(set(b_codes))}"
         assert sum(t > killed_at for t, _, _ in results["b"]) >= 5, "the other model did not keep answering"
-        assert big_answer[0].status_code == 503, big_answer[0].text  # it was running when the worker died
+        assert big_answer[-1].status_code == 503, big_answer[-1].text  # it was running when the worker died
         failed = [(t, s, text) for t, s, text in results["a"] if s != 200]
-        failed.append((killed_at, 503, big_answer[0].text))
+        failed.append((killed_at, 503, big_answer[-1].text))
         for t, status, text in failed:
             assert status == 503, (status, text)
             error = json.loads(text)["error"]  # the KServe error body
-            assert "SIGKILL" in error and str(victim) in error, error
+            assert "SIGKILL" in error and any(f"pid {v})" in error for v in victims), error
             assert t >= killed_at
-        assert len(failed) <= 1 + 4, "more than the requests in flight failed (the big one and one batch)"
+        assert len(failed) <= len(victims) * (1 + 3), "more than the requests in flight failed"
         assert a_codes[-1] == 200, "model a did not answer again after the restart"
         after = _workers(srv.base)
-        assert after["a"]["restarts"] == 1 and after["a"]["exits"] == ["was killed by SIGKILL"]
-        assert after["a"]["pid"] not in (None, victim)
+        assert after["a"]["restarts"] == len(victims)
+        assert after["a"]["exits"] == ["was killed by SIGKILL"] * len(victims)
+        assert after["a"]["pid"] not in (None, *victims)
         assert after["b"] == {**workers["b"], "restarts": 0}
         metrics = httpx.get(f"{srv.base}/metrics", timeout=10).text
-        assert 'luodi_worker_restarts{model="a",version="1"} 1.0' in metrics
+        assert f'luodi_worker_restarts{{model="a",version="1"}} {len(victims)}.0' in metrics
         assert 'luodi_worker_restarts{model="b",version="1"} 0.0' in metrics
-        assert not Path(f"/proc/{victim}").exists(), "the killed worker was not reaped"
+        assert not any(Path(f"/proc/{v}").exists() for v in victims), "a killed worker was not reaped"
         pids = [after["a"]["pid"], after["b"]["pid"]]
     for pid in pids:  # the server's death (kill -9 here) ends its workers too: they see their sockets close
         deadline = time.monotonic() + 10

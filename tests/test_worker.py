@@ -19,7 +19,8 @@ import luodi
 from conftest import small_cnn
 from luodi.backends.base import Artifact, LoadOptions
 from luodi.errors import BackendError, EngineCrashedError, InputError, StateError
-from luodi.worker import Region, Worker, WorkerEngine, _Gone, _read_arrays
+from luodi.worker import Worker, WorkerEngine
+from luodi.worker.wire import Gone, Region, read_arrays
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="worker processes need Linux memfd")
 
@@ -267,12 +268,12 @@ def test_the_parent_checks_what_the_child_says_about_shared_memory() -> None:
     region = Region.create("test")
     try:
         region.grow(100)
-        with pytest.raises(_Gone, match="shared memory"):  # past the end of the file: no SIGBUS in the parent
-            _read_arrays(region, [{"name": "y", "dtype": "<f4", "shape": [1 << 30], "offset": 0}], copy=True)
-        with pytest.raises(_Gone, match="malformed"):
-            _read_arrays(region, [{"name": "y", "dtype": "|O", "shape": [1], "offset": 0}], copy=True)
-        with pytest.raises(_Gone, match="malformed"):
-            _read_arrays(region, [{"name": "y", "dtype": "<f4", "shape": [-1], "offset": 0}], copy=True)
+        with pytest.raises(Gone, match="shared memory"):  # past the end of the file: no SIGBUS in the parent
+            read_arrays(region, [{"name": "y", "dtype": "<f4", "shape": [1 << 30], "offset": 0}], copy=True)
+        with pytest.raises(Gone, match="malformed"):
+            read_arrays(region, [{"name": "y", "dtype": "|O", "shape": [1], "offset": 0}], copy=True)
+        with pytest.raises(Gone, match="malformed"):
+            read_arrays(region, [{"name": "y", "dtype": "<f4", "shape": [-1], "offset": 0}], copy=True)
         with pytest.raises(OSError):  # sealed: a child cannot shrink it under the parent's mapping
             os.ftruncate(region.fd, 10)
     finally:
