@@ -317,3 +317,47 @@ def test_an_encrypted_package_runs_in_the_worker_from_memory(tmp_path: Path, cnn
             target = os.readlink(fd)
             if target.startswith("/") and not target.startswith(("/memfd:", "/dev/")) and fd.is_file():
                 assert model not in fd.read_bytes()[: 1 << 26], f"the model's plaintext is in {target}"
+
+
+ENGINES = ("onnxruntime", "openvino", "ncnn", "mnn", "reference")
+
+
+@pytest.fixture(scope="module")
+def every_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import installed
+
+    path = tmp_path_factory.mktemp("engines") / "cnn.luodi"
+    luodi.compile(small_cnn(), path, targets=[b for b in ENGINES if installed(b)], name="small-cnn", verify=False)
+    return path
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_every_engine_runs_in_a_worker_with_the_same_outputs(every_engine: Path, backend: str) -> None:
+    from conftest import installed
+
+    if not installed(backend):
+        pytest.skip(f"{backend} is not installed (make test installs every engine)")
+    x = _x(2, 3)
+    with (
+        luodi.Session(every_engine, backend=backend) as a,
+        luodi.Session(every_engine, backend=backend, isolate=True) as w,
+    ):
+        w.prepare({"x": (2, 3, 16, 16)})  # reshape goes to the child too (OpenVINO compiles a static copy)
+        np.testing.assert_array_equal(w.run({"x": x})["y"], a.run({"x": x})["y"])
+
+
+def test_an_engine_that_segfaults_on_a_malformed_file_costs_only_its_worker(every_engine: Path) -> None:
+    """MNN trusts its flatbuffer: this one-byte change to the small CNN's model.mnn segfaults MNN's loader."""
+    from conftest import installed
+
+    if not installed("mnn"):
+        pytest.skip("mnn is not installed (make test installs every engine)")
+    pkg = luodi.Package(every_engine)
+    artifact = pkg.artifact(next(t for t in pkg.manifest["targets"] if t["backend"] == "mnn"))
+    model = bytearray(artifact.files["model.mnn"])
+    offset, was, now = 1300, 1, 15
+    assert model[offset] == was, "MNN converted the small CNN differently: find a crashing byte again"
+    model[offset] = now
+    artifact.files["model.mnn"] = bytes(model)
+    with pytest.raises(EngineCrashedError, match=r"the mnn-fp32 engine: the worker process was killed by SIGSEGV"):
+        WorkerEngine(artifact, LoadOptions())
