@@ -5,7 +5,8 @@ What it measures
 1. ``Session.run`` in-process against ``Session(..., isolate=True)`` (the engine in a child process, the tensors
    through shared memory) at batch 1 and batch 8: images per second, the sides alternating round by round so
    that noise on a shared machine hits both; and the fixed cost of one call through the worker, measured on a
-   tiny model (a [1, 3, 16, 16] CNN) where the engine's own time is a few microseconds.
+   tiny model (a [1, 3, 16, 16] CNN) where the engine's own time is a few microseconds; and ``Session.run`` from
+   4 threads at batch 1: in-process, through a worker with 1 slot (calls serialised) and with 4 (the default).
 2. ``luodi serve --no-isolate`` against ``luodi serve --isolate`` under the same client as benchmarks/serve.py
    (KServe v2 binary tensors over loopback, one image a request, dynamic batching up to 32) at 1, 16 and 64
    concurrent clients: requests per second and p50/p99 latency; and the resident memory of each server with
@@ -28,6 +29,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -71,6 +73,45 @@ def call_overhead_us(rounds: int) -> dict[str, tuple[float, float]]:
                 times.append(time.perf_counter() - t0)
             out[name] = (min(times) * 1e6, float(np.median(times)) * 1e6)
     return out
+
+
+def threaded_images_per_s(pkg: Path, seconds: float, rounds: int, threads: int = 4) -> dict[str, float]:
+    """Images/s of ``threads`` threads calling run() at batch 1 on one session: in-process, 1 slot, 4 slots."""
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    sides = {
+        "in-process": luodi.Session(pkg, backend="onnxruntime"),
+        "worker, 1 slot": luodi.Session(pkg, backend="onnxruntime", isolate=1),
+        "worker, 4 slots": luodi.Session(pkg, backend="onnxruntime", isolate=4),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in sides}
+    try:
+        for s in sides.values():
+            s.run({"images": x})
+        for r in range(rounds):
+            for name in list(sides) if r % 2 == 0 else list(sides)[::-1]:
+                rates[name].append(_threads_rate(sides[name], x, threads, seconds))
+    finally:
+        for s in sides.values():
+            s.close()
+    return {k: float(np.median(v)) for k, v in rates.items()}
+
+
+def _threads_rate(session: luodi.Session, x: np.ndarray, threads: int, seconds: float) -> float:
+    count = [0] * threads
+    stop = time.perf_counter() + seconds
+
+    def work(i: int) -> None:
+        while time.perf_counter() < stop:
+            session.run({"images": x})
+            count[i] += 1
+
+    t0 = time.perf_counter()
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return sum(count) / (time.perf_counter() - t0)
 
 
 def rss_mb(pid: int) -> float:
@@ -133,6 +174,11 @@ def main() -> None:
             "one run() of a tiny CNN, fastest / median: "
             f"in-process {tiny['in'][0]:.0f} / {tiny['in'][1]:.0f} us, "
             f"through the worker {tiny['worker'][0]:.0f} / {tiny['worker'][1]:.0f} us"
+        )
+        threaded = threaded_images_per_s(pkg, args.seconds, args.rounds * 2)
+        console.print(
+            "Session.run from 4 threads, batch 1, images/s: "
+            + ", ".join(f"{k} {v:.1f} ({v / threaded['in-process']:.2f})" for k, v in threaded.items())
         )
         if not args.no_serve:
             serve_figures(console, repo, pkg, args.seconds, args.rounds)
