@@ -177,3 +177,10 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+def test_a_config_json_isolate_must_be_true_or_false() -> None:
+    from luodi.serve.batcher import BatchConfig
+
+    with pytest.raises(luodi.InputError, match="isolate 'yes' is not true or false"):
+        BatchConfig(isolate="yes")
