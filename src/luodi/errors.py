@@ -65,6 +65,10 @@ class BackendUnavailableError(BackendError):
     """The backend is known but cannot run here (engine not installed, no device)."""
 
 
+class EngineCrashedError(BackendError):
+    """An engine's worker process died (a signal, an exit): the call failed, and the worker is being restarted."""
+
+
 class NotApplicableError(BackendError):
     """The backend cannot compile this kind of model at all (e.g. torch for a model that came from ONNX)."""
 

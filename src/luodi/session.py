@@ -69,12 +69,13 @@ class Session:
         trust: Any = None,
         license: Any = None,  # noqa: A002 - the field's word
         passphrase: str | bytes | None = None,
+        isolate: bool | int | str = False,
     ) -> None:
         self.device = device
         self.package: Package | None = None
         self._closed = False
         load_options = LoadOptions(device=device, threads=threads, extra=dict(options or {}))
-        self._load_args: dict[str, Any] = {"threads": threads, "options": options}
+        self._load_args: dict[str, Any] = {"threads": threads, "options": options, "isolate": isolate}
         self._models: dict[str, Session] = {}
         self._models_lock = threading.Lock()  # threads sharing a session load each further model once
         self._streams: dict[str, Any] = {}
@@ -107,7 +108,7 @@ class Session:
             self.selection = f"{self.backend}: compiled in memory from an ONNX model"
             artifact = get_backend(self.backend).compile(src.model, CompileOptions(precision=self.precision))
             self._inputs, self._outputs = specs_from_onnx(src.model)
-        self._engine: Engine = _load(artifact, load_options)
+        self._engine: Engine = _isolated(artifact, load_options, isolate) if isolate else _load(artifact, load_options)
         del artifact  # an encrypted package's plaintext lives on only inside the engine
         if self.license is not None:
             try:
@@ -124,6 +125,11 @@ class Session:
         log.info("luodi session: %s", self.selection)
 
     # -- description --------------------------------------------------------------------------
+    @property
+    def worker(self) -> Any:
+        """The luodi.worker.Worker running the engine (pid, restarts) when the session is isolated, else None."""
+        return getattr(self._engine, "worker", None)
+
     @property
     def inputs(self) -> list[TensorSpec]:
         return list(self._inputs)
@@ -403,6 +409,12 @@ def _is_package_path(model: Any) -> bool:
     if path.suffix == ".luodi":
         return True
     return path.is_file() and path.suffix != ".onnx" and zipfile.is_zipfile(path)
+
+
+def _isolated(artifact: Artifact, options: LoadOptions, isolate: bool | int | str) -> Engine:
+    from .worker import isolated_engine
+
+    return isolated_engine(artifact, options, isolate)
 
 
 def _load(artifact: Artifact, options: LoadOptions) -> Engine:

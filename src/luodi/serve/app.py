@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..errors import (
+    EngineCrashedError,
     InputError,
     LuodiError,
     ModelNotFoundError,
@@ -87,7 +88,7 @@ def status_of(exc: BaseException) -> int:
     """The HTTP status of an error: the client's fault (4xx), busy or unavailable (503), timeout (504), else 500."""
     if isinstance(exc, ModelNotFoundError):
         return 404
-    if isinstance(exc, (OverloadedError, ModelUnavailableError)):
+    if isinstance(exc, (OverloadedError, ModelUnavailableError, EngineCrashedError)):  # crashed: it restarts
         return 503
     if isinstance(exc, RequestTimeoutError):
         return 504

@@ -38,6 +38,7 @@ class BatchConfig:
     max_queue_size: int = 256  # requests waiting; beyond this a request is refused at once (OverloadedError)
     timeout_s: float = 30.0  # per request, queueing and computing together
     instances: int = 1  # worker threads, each running one batch at a time
+    isolate: bool | None = None  # run the engine in a worker process (luodi.worker); None: the server's --isolate
 
     def __post_init__(self) -> None:
         bad = []
@@ -51,6 +52,8 @@ class BatchConfig:
             bad.append(f"timeout_s {self.timeout_s} <= 0")
         if self.instances < 1:
             bad.append(f"instances {self.instances} < 1")
+        if self.isolate not in (None, True, False):
+            bad.append(f"isolate {self.isolate!r} is not true or false")
         if any(p < 1 or p > max(self.max_batch_size, 1) for p in self.preferred_batch_sizes):
             bad.append(f"preferred_batch_sizes {list(self.preferred_batch_sizes)} must lie in 1..max_batch_size")
         if bad:

@@ -25,6 +25,12 @@ import click
 @click.option("--max-queue-size", default=256, show_default=True, help="queued requests per model before 503")
 @click.option("--timeout-s", default=30.0, show_default=True, help="per-request timeout")
 @click.option("--instances", default=1, show_default=True, help="worker threads (engine runs in parallel) per model")
+@click.option(
+    "--isolate/--no-isolate",
+    default=None,
+    help="run every model's engine in a worker process, so that an engine crash costs that model a restart "
+    "and its in-flight requests a 503 (default: only engines that can crash on a malformed file, ncnn and MNN)",
+)
 @click.option("--versions", default=1, show_default=True, help="how many newest versions to keep loaded (0: all)")
 @click.option("--poll-s", default=2.0, show_default=True, help="how often to look for new packages (0: never)")
 @click.option(
@@ -53,6 +59,7 @@ def serve(
     max_queue_size: int,
     timeout_s: float,
     instances: int,
+    isolate: bool | None,
     versions: int,
     poll_s: float,
     log_level: str,
@@ -73,6 +80,10 @@ def serve(
     from .batcher import BatchConfig
     from .server import serve as run
 
+    # None: the engines that can crash on a malformed file (Backend.crash_prone) only; see docs/serving.md
+    session_options = {"backend": backend, "device": device, "threads": threads, "isolate": isolate}
+    if isolate is None:
+        session_options["isolate"] = "auto"
     batching = BatchConfig(
         max_batch_size=max_batch_size,
         max_queue_delay_ms=max_queue_delay_ms,
@@ -87,7 +98,7 @@ def serve(
             host,
             port,
             batching,
-            {"backend": backend, "device": device, "threads": threads},
+            session_options,
             ray_address,
             replicas,
             autoscale,
@@ -104,7 +115,7 @@ def serve(
         batching=batching,
         versions=versions,
         watch_s=poll_s or None,
-        session_options={"backend": backend, "device": device, "threads": threads},
+        session_options=session_options,
         log_level=log_level,
     )
 

@@ -40,6 +40,9 @@ class Metrics:
         self.batch_size = Histogram("luodi_batch_size", "Items per executed batch", _LABELS, buckets=_BATCH, registry=r)
         self.depth = Gauge("luodi_queue_depth", "Requests waiting in the batcher", _LABELS, registry=r)
         self.loaded = Gauge("luodi_model_loaded", "1 while a model version is loaded", _LABELS, registry=r)
+        self.restarts = Gauge(
+            "luodi_worker_restarts", "Restarts of an isolated version's engine process (crashes)", _LABELS, registry=r
+        )
 
     def request(self, mv: Any, ok: bool, total_s: float, job: Any, reason: str) -> None:
         labels = (mv.name, mv.version)
@@ -58,9 +61,12 @@ class Metrics:
     def added(self, mv: Any) -> None:
         self.depth.labels(mv.name, mv.version).set_function(lambda: mv.batcher.depth)
         self.loaded.labels(mv.name, mv.version).set(1)
+        worker = mv.session.worker  # isolated (luodi serve --isolate): its engine runs in a worker process
+        if worker is not None:
+            self.restarts.labels(mv.name, mv.version).set_function(lambda: worker.restarts)
 
     def removed(self, mv: Any) -> None:
-        for gauge in (self.depth, self.loaded):
+        for gauge in (self.depth, self.loaded, self.restarts):
             with contextlib.suppress(KeyError):  # never added: its load failed
                 gauge.remove(mv.name, mv.version)
 

@@ -72,6 +72,8 @@ class ModelVersion:
         self._idle = threading.Condition()
         self._lock = threading.Lock()
         self.observer: Any = None  # metrics hooks, set by the repository
+        if config.isolate is not None:  # the model's config.json overrides the server's --isolate
+            options = {**options, "isolate": config.isolate}
         self.session = Session(files.path, **options)
         self.batchable = _batchable(self.session)
         self.session.prepare()  # allocate and warm up before the first request
@@ -166,6 +168,7 @@ class ModelVersion:
             "max_batch_size": self.config.max_batch_size if self.batchable else 1,
             "queue_depth": self.batcher.depth,
             "pipeline": bool(self.session.package and self.session.package.pipeline),
+            "worker": self.session.worker.describe() if self.session.worker else None,  # isolated: pid, restarts
             **self.stats.as_dict(),
         }
 
