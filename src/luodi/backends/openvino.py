@@ -102,6 +102,16 @@ def _nodes_of(model: Any, op: str, domain: str) -> list[str]:
     return found
 
 
+def _conversion_reason(msg: str, token: str) -> str:
+    """The last line of the frontend's detailed log for ``token`` ("-- Conv-17 with a message:\n...\n"):
+    the reason the conversion failed (e.g. a channel count that does not match), or ""."""
+    m = re.search(rf"^-- {re.escape(token)} with a message:\s*\n(.*?)(?=^-- |^Summary:|\Z)", msg, re.S | re.M)
+    if not m:
+        return ""
+    lines = [ln.strip() for ln in m[1].splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
 def _unsupported_from_message(msg: str, model: Any) -> str | None:
     """A sentence naming every operator OpenVINO's report lists, with its nodes, or None."""
     parts = []
@@ -121,7 +131,8 @@ def _unsupported_from_message(msg: str, model: Any) -> str | None:
                 if nodes
                 else "(inside a function or expanded operator of the model)"
             )
-            parts.append(f"operator {qual}{opset} {where}")
+            why = _conversion_reason(msg, token)
+            parts.append(f"operator {qual}{opset} {where}" + (f" ({why})" if why else ""))
     if not parts:
         return None
     return "; ".join(dict.fromkeys(parts))
