@@ -62,7 +62,14 @@ def _inference_ops() -> list[type]:
                 return BatchNormalization_14._run(self, x, scale, bias, mean, var, epsilon, momentum, training_mode)
             return (_batchnorm_test_mode(x, scale, bias, mean, var, epsilon=1e-5 if epsilon is None else epsilon),)
 
-    return [BatchNormalization]
+    from onnx.reference.ops.op_dequantize_linear import DequantizeLinear_25
+
+    class DequantizeLinear(DequantizeLinear_25):
+        # onnx 1.23's evaluator implements DequantizeLinear from opset 19 only, so a QDQ graph at opset 13-18 (what
+        # onnxruntime's quantiser writes) could not be evaluated; 19+ only adds types and block/output attributes.
+        op_domain = ""
+
+    return [BatchNormalization, DequantizeLinear]
 
 
 def _translate(exc: Exception) -> None:
