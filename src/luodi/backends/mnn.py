@@ -22,6 +22,10 @@ Precisions, as measured with the MNN 3.6.1 x86-64 wheel on an AVX-512 (incl. AVX
   On ARMv8.2 devices "low" also computes in fp16.
 - ``bf16`` is not offered: this wheel's CPU backend has no bf16 kernels, ``Low_BF16`` runs fp32.
 
+int64: MNN's converter turns int64 tensors into int32, and pymnn read an int64 input buffer as int32 pairs
+(``[1, 2, 3, 4]`` as ``[1, 0, 2, 0]``). int64 inputs are narrowed to int32 at the boundary after a range check
+(a value outside int32 is an ``InputError``, never a wrap) and int64 outputs are widened back.
+
 Run time uses ``MNN.nn.load_module_from_file`` with a ``RuntimeManager`` per engine. pymnn loads
 modules from a path only, so load() writes the artifact bytes to a temporary file, loads it (MNN
 reads the file whole) and deletes it at once. Numpy inputs become ``MNN.expr.const`` vars (one
@@ -260,7 +264,12 @@ class MnnBackend(Backend):
         if options.device != "cpu":
             raise BackendUnavailableError(f"{self.name} runs on device 'cpu' only here, not '{options.device}'")
         fp16_weights, mode = _PRECISIONS[options.precision]
-        inputs, outputs = (list(options.inputs), list(options.outputs)) if options.inputs else specs_from_onnx(model)
+        # the compiler's specs, computed once; the graph's own when a caller gives none
+        inputs, outputs = (
+            (list(options.inputs), list(options.outputs))
+            if options.inputs and options.outputs
+            else specs_from_onnx(model)
+        )
         trial = primary_shapes(inputs, options)  # the representative shapes; free dims at 1 without them
         opts = {
             "precision_mode": mode,

@@ -25,7 +25,8 @@ Threads: ``Session(threads=N)`` sets ``opt.num_threads``; default ``os.cpu_count
 says, per blob, which axis it treated as the batch and dropped (``batch_index`` in the ncnn script
 it writes; 233 = none, the whole array is the Mat); compile records it in the artifact options.
 An input whose batch is symbolic is run item by item: ``run`` feeds ``x[i:i+1]`` (the traced batch
-of 1) to one ``Extractor`` per item and concatenates the outputs along axis 0. Cost: a batch of N
+of 1) to one ``Extractor`` per item and concatenates the outputs along each output's own batch axis
+(pnnx's ``batch_index``: axis 1 for an OCR ``[W, N, C]``). Cost: a batch of N
 takes about N times one item (ncnn parallelises inside each layer with ``num_threads``, not across
 items; measured 42 ms for 4 vs 10.6 ms for 1 on EfficientNet-Lite0, 1 thread) plus one concatenate
 copy of the outputs; batch 1 has no loop and no copy beyond ``np.array(mat)``. Inputs with fixed
@@ -543,7 +544,12 @@ class NcnnBackend(Backend):
                 "compiling for ncnn needs the pnnx converter, which is not installed; "
                 f"install it with: {self.install_hint()}"
             )
-        inputs, outputs = specs_from_onnx(model)
+        # the compiler's specs, computed once; the graph's own when a caller gives none
+        inputs, outputs = (
+            (list(options.inputs), list(options.outputs))
+            if options.inputs and options.outputs
+            else specs_from_onnx(model)
+        )
         if not inputs:
             raise CompileError("ncnn needs a model with at least one input")
         for s in inputs:
