@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -132,6 +134,25 @@ def test_image_folder_calibrates_a_model_without_a_pipeline(tmp_path):
     assert t["quantization"]["calibration"]["samples"] == 12
     assert t["verification"]["passed"], t["verification"]
     assert pkg.manifest["pipeline"] is None  # calibration only: the package gains no pipeline
+
+
+def test_cli_compile_takes_preprocess_and_reports_a_bad_one_in_one_line(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in ai_benchmark_images()[:6]:
+        shutil.copy(path, folder / path.name)
+    onnx.save(small_cnn(), tmp_path / "cnn.onnx")
+
+    def cli(preprocess: str) -> subprocess.CompletedProcess:
+        args = ["compile", str(tmp_path / "cnn.onnx"), "-o", str(tmp_path / "cnn.luodi"), "-t", "onnxruntime:int8"]
+        args += ["--calibration", str(folder), "--preprocess", preprocess]
+        return subprocess.run([sys.executable, "-m", "luodi", *args], capture_output=True, text=True, timeout=300)
+
+    bad = cli("resize=16,16;size=3")
+    assert bad.returncode != 0 and "no key 'size'" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    good = cli("resize=16,16;scale=1/255;mean=0.5;std=0.25")
+    assert good.returncode == 0, good.stderr
+    assert luodi.Package(tmp_path / "cnn.luodi").find_target("onnxruntime", "int8")["verification"]["passed"]
 
 
 def test_preprocess_without_an_int8_target_is_refused(tmp_path):
