@@ -4,8 +4,8 @@ Compile writes the canonical graph to a temporary folder and runs the ``pnnx`` e
 ``pnnx`` wheel ships (the ncnn wheels have no onnx2ncnn; pnnx's Python API needs torch and only
 wraps the same executable). pnnx traces at the compiler's representative shapes (``inputshape``)
 and, when the graph has free dimensions, a second time at shapes that differ on every free axis
-(``inputshape2``: the batch at 4, other axes at the next representative size or doubled), so pnnx
-keeps the shape arithmetic of batch, height, width and sequence dynamic; tracing a free width at 1
+(``inputshape2``: the batch at 4, other free axes at the next representative size), so pnnx keeps
+the shape arithmetic of batch, height, width and sequence dynamic; tracing a free width at 1
 alone froze it there (an OCR model then gave (1,1,C) for (60,1,C)). Without representative shapes
 free dims are traced at 1. The result is ``model.param`` / ``model.bin``; ncnn names the blobs ``in0, in1, ...`` and
 ``out0, out1, ...`` in the ONNX graph's input/output order, and the artifact options record that
@@ -48,6 +48,7 @@ Outputs are copied out with ``np.array(mat)``, so they never alias memory freed 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import os
@@ -56,6 +57,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +79,7 @@ from .shapes import primary_shapes, second_shapes
 
 _PARAM, _BIN, _PY = "model.param", "model.bin", "model_ncnn.py"
 _PNNX_TIMEOUT_S = 600
-_TRACE_BATCH2 = 4
+_TRACE_BATCH2 = 4  # without representative shapes: the batch's second trace size (luodi's behaviour before them)
 _NO_BATCH = 233  # pnnx's and ncnn's "this tensor has no batch axis": the whole array is one Mat
 _FP16_ON = ("use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic")
 # pnnx's names for what it could not lower, back to the ONNX operators they come from (for messages)
@@ -260,11 +262,14 @@ def _trace_shapes(
     """pnnx's ``inputshape`` and ``inputshape2`` (equal when the model has no free dim) and the shapes the
     compile-time test run uses.
 
-    With representative shapes (``options.shapes``) pnnx traces at the first set and at a second that differs
-    on every free axis (batch, height, width, sequence), so all of them stay dynamic in the ncnn graph. A
-    symbolic batch is always traced at 1 and 4: ncnn has no batch axis and runs a batch item by item. Without
-    shapes, free dims other than the batch are traced at 1 unless ``options.extra["input_shapes"]`` gives them
-    (luodi's behaviour before shapes were known).
+    With representative shapes (``options.shapes``) pnnx traces at the first set and at the next sizes the sets
+    give each free axis (height, width, sequence), so those stay dynamic in the ncnn graph; an axis the sets keep
+    at one size is traced at it. A symbolic batch is traced at 1 in both: ncnn has no batch axis and runs a batch
+    item by item, so the graph only ever sees one item, and a second trace at batch 4 made pnnx convert PP-OCRv4's
+    recogniser wrongly (0.67 max error on its softmax, silently) or die (SIGABRT, "free(): invalid next size").
+    Without
+    shapes, free dims other than the batch are traced at 1 unless ``options.extra["input_shapes"]`` gives them,
+    and the batch at 1 and 4 (luodi's behaviour before shapes were known).
     """
 
     def batched(s: TensorSpec) -> bool:
@@ -277,7 +282,7 @@ def _trace_shapes(
         primary = primary_shapes(inputs, options)
         second = second_shapes(inputs, primary, options) or primary
         trace1 = [with_batch(s, primary[s.name], 1) for s in inputs]
-        trace2 = [with_batch(s, second[s.name], _TRACE_BATCH2) for s in inputs]
+        trace2 = [with_batch(s, second[s.name], 1) for s in inputs]
         return trace1, trace2, primary
     overrides = dict(options.extra.get("input_shapes") or {})
     trace1, trace2 = [], []
@@ -345,6 +350,34 @@ def _check_layers(ncnn: Any, model: Any, layers: list[tuple[str, str, list[str],
         f"ncnn cannot run operator {listing}: pnnx left it unconverted and ncnn has no such layer; "
         "try another target or replace the operator before export"
     )
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """ncnn's C-level stderr (where it says why a .param does not load) into a list, for one compile-time load."""
+    out: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as buf:
+        os.dup2(buf.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            buf.seek(0)
+            out.append(buf.read().decode("utf-8", "replace"))
+
+
+def _load_reason(log: str, layers: list[tuple[str, str, list[str], list[str]]]) -> str:
+    """ncnn's last complaint, with the layer it names ("... layer 23") given its type and name."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    said = lines[-1] if lines else "ncnn gave no reason"
+    m = re.search(r"layer (\d+)", said)
+    if m and int(m[1]) < len(layers):
+        ltype, lname, bottoms, tops = layers[int(m[1])]
+        said += f" ({ltype} '{lname}', {len(bottoms)} input(s), {len(tops)} output(s))"
+    return said[:400]
 
 
 # -- ncnn options ---------------------------------------------------------------------------------
@@ -446,6 +479,13 @@ class NcnnEngine(Engine):
             )
             for s, d in zip(outputs, options["outputs"])
         ]
+        # The axis a batch's items are stacked on: where the output names the inputs' batch dimension (CRNN
+        # logits [T, batch, C]), else pnnx's batch axis for the blob, else 0.
+        batch_dims = {s.shape[0] for s in inputs if s.shape and not isinstance(s.shape[0], int)}
+        self._stack_axis = {
+            name: next((i for i, d in enumerate(spec.shape) if not isinstance(d, int) and d in batch_dims), _axis(bi))
+            for spec, (name, _, bi, *_) in zip(outputs, self._outs)
+        }
         self.num_threads = net.opt.num_threads
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -469,8 +509,10 @@ class NcnnEngine(Engine):
                 self._extract([(b, feeds[nm][i : i + 1] if sl else feeds[nm], bi, cp) for nm, b, bi, sl, cp in ins])
                 for i in range(n)
             ]
-        # each item's output carries the batch on pnnx's batch axis for it (axis 1 for e.g. an OCR [W, N, C])
-        return {name: np.concatenate([it[name] for it in items], axis=_axis(bi)) for name, _, bi, *_ in self._outs}
+        # each item's output carries the batch on its own batch axis (axis 1 for e.g. an OCR [W, N, C])
+        return {
+            name: np.concatenate([it[name] for it in items], axis=self._stack_axis[name]) for name in self._stack_axis
+        }
 
     def _extract(self, feeds: list[tuple[str, np.ndarray, int, bool]]) -> dict[str, np.ndarray]:
         Mat = self._Mat
@@ -607,13 +649,28 @@ class NcnnBackend(Backend):
 
     def _smoke_test(self, artifact: Artifact, shapes: dict[str, tuple[int, ...]]) -> None:
         """Load the param with ncnn and extract every output once on zeros, to fail at compile time."""
-        engine = self.load(artifact, LoadOptions(threads=1))
-        try:
-            engine.run({name: np.zeros(shape, np.float32) for name, shape in shapes.items()})
-        except (BackendError, ValueError) as exc:
-            raise CompileError(f"ncnn loaded the converted model but could not run it on zeros: {exc}") from exc
-        finally:
-            engine.close()
+        with _stderr_captured() as said:
+            try:
+                engine = self.load(artifact, LoadOptions(threads=1))
+            except ModelError:
+                engine = None
+        if engine is None:
+            layers = _parse_param(artifact.files[_PARAM].decode("utf-8", errors="replace"))
+            raise CompileError(f"ncnn cannot load the model pnnx wrote: {_load_reason(said[0], layers)}")
+        error = None
+        with _stderr_captured() as said:
+            try:
+                engine.run({name: np.zeros(shape, np.float32) for name, shape in shapes.items()})
+            except (BackendError, ValueError) as exc:
+                error = exc
+            finally:
+                engine.close()
+        if error is not None:
+            why = next((ln.strip() for ln in said[0].splitlines() if ln.strip()), "")
+            raise CompileError(
+                f"ncnn loaded the converted model but could not run it on zeros at {shapes}: {error}"
+                + (f"; ncnn said: {why[:300]}" if why else "")
+            ) from error
 
     def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
         ncnn = self.require()

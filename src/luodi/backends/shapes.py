@@ -1,7 +1,7 @@
 """The concrete input shapes a converter traces or fixes a model at (pnnx, MNN's trial run, OpenVINO's static model).
 
 They come from ``CompileOptions.shapes`` (the compiler's representative shape sets); this module checks them against
-the model's inputs and derives the second set that keeps every free axis dynamic. It must not run any engine.
+the model's inputs and derives the second set that keeps every free axis they vary dynamic. It must not run any engine.
 """
 
 from __future__ import annotations
@@ -55,19 +55,21 @@ def primary_shapes(inputs: Sequence[TensorSpec], options: CompileOptions) -> Sha
 
 
 def second_shapes(inputs: Sequence[TensorSpec], primary: Shapes, options: CompileOptions) -> Shapes | None:
-    """A second set that differs from ``primary`` on every free axis (the next given set where it does, else
-    that axis doubled), so a tracer sees which dims are dynamic; None when the model has no free dim."""
-    sets = given_shapes(inputs, options)
-    later = sets[1:]
+    """The next set that moves a free axis: per free axis the first later given size that differs from ``primary``
+    (the primary size where none does); None when no given set moves any axis.
+
+    An axis the sets keep at one size stays there: a free dim is not always free (PP-OCR's recogniser declares its
+    height '?' and runs at 48 only; traced at 96 its Reshape fails), so only the sizes given are trusted."""
+    later = given_shapes(inputs, options)[1:]
     out: Shapes = {}
-    dynamic = False
+    moved = False
     for s in inputs:
         dims = list(primary[s.name])
         for axis, d in enumerate(s.shape):
             if isinstance(d, int):
                 continue
-            dynamic = True
             other = next((o[s.name][axis] for o in later if o[s.name][axis] != dims[axis]), None)
-            dims[axis] = other if other is not None else dims[axis] * 2
+            if other is not None:
+                dims[axis], moved = other, True
         out[s.name] = tuple(dims)
-    return out if dynamic else None
+    return out if moved else None
