@@ -222,6 +222,29 @@ def test_openvino_conversion_failure_gives_the_reason():
         get_backend("openvino").compile(model, CompileOptions())
 
 
+@pytest.mark.skipif(not HAVE["openvino"], reason="openvino is not installed")
+def test_openvino_fp32_does_not_quantise_activations_of_a_weight_compressed_matmul():
+    """int8 weights + Cast + Mul (how int8-weight transformers ship): OpenVINO's CPU plugin quantised the
+    activations on the fly at the f32 hint (0.10 max error on this layer, verification failed)."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.integers(-127, 128, (64, 64)).astype(np.int8), "w_q")
+    scale = numpy_helper.from_array((rng.uniform(0.5, 1.5, 64) / 127).astype(np.float32), "w_scale")
+    nodes = [
+        helper.make_node("Cast", ["w_q"], ["w_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["w_f", "w_scale"], ["w"]),
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", 64])
+    model = _model(nodes, [x], [y], [w, scale])
+    engine = compile_and_load("openvino", model, ({"x": (1, 16, 64)}, {"x": (2, 9, 64)}))
+    try:
+        assert engine.config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 0
+        assert_matches_onnxruntime(engine, model, [{"x": (1, 16, 64)}, {"x": (2, 9, 64)}])
+    finally:
+        engine.close()
+
+
 def test_reference_failure_at_a_bad_shape_is_a_backend_error_naming_the_shapes():
     from luodi.backends.reference import ReferenceEngine
 

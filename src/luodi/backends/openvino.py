@@ -25,7 +25,9 @@ Load (device side)
     a device that is not present raises ``BackendUnavailableError`` naming the ones that are.
     ``PERFORMANCE_HINT`` is ``LATENCY`` unless ``options={"performance_hint": "THROUGHPUT"}``;
     ``threads`` sets ``INFERENCE_NUM_THREADS``; ``options={"openvino_config": {...}}`` passes more
-    OpenVINO properties through unchanged.
+    OpenVINO properties through unchanged. ``DYNAMIC_QUANTIZATION_GROUP_SIZE`` is 0: the CPU plugin would
+    otherwise quantise activations to int8 in front of MatMuls with compressed (int8 + scale) weights, whatever
+    the precision hint (0.066 max error on an int8-weight MiniLM at "fp32").
 
 Run
     One ``InferRequest`` per thread per engine (``threading.local``, created on a thread's first
@@ -410,6 +412,11 @@ class OpenVinoBackend(Backend):
         }
         if options.threads:
             config["INFERENCE_NUM_THREADS"] = int(options.threads)
+        if "DYNAMIC_QUANTIZATION_GROUP_SIZE" in self._supported(core, device):
+            # The CPU plugin quantises activations to int8 on the fly (groups of 32) in front of MatMuls whose
+            # weights are stored compressed (int8 + Cast + Mul), whatever the precision hint: 0.10 max error on a
+            # 64x64 layer, 0.066 on an int8-weight MiniLM, instead of 2e-6. Off: the precision asked for is kept.
+            config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0
         config.update(extra.get("openvino_config", {}))
         try:
             model = core.read_model(xml.decode("utf-8"), ov.Tensor(np.frombuffer(weights, dtype=np.uint8)))
@@ -432,6 +439,12 @@ class OpenVinoBackend(Backend):
                 raise ModelError(f"{artifact.target} IR has no {kind[:-1]}(s) named {missing}")
         static = bool(extra.get("static_reshape", True))
         return OpenVinoEngine(core, model, compiled, device, config, names["inputs"], names["outputs"], static)
+
+    def _supported(self, core: Any, device: str) -> set[str]:
+        try:
+            return {str(p) for p in core.get_property(device, "SUPPORTED_PROPERTIES")}
+        except RuntimeError:
+            return set()
 
     def _ov_device(self, core: Any, device: str) -> str:
         kind, _, index = device.lower().partition(":")
