@@ -22,6 +22,10 @@ Precisions, as measured with the MNN 3.6.1 x86-64 wheel on an AVX-512 (incl. AVX
   On ARMv8.2 devices "low" also computes in fp16.
 - ``bf16`` is not offered: this wheel's CPU backend has no bf16 kernels, ``Low_BF16`` runs fp32.
 
+int64: MNN's converter turns int64 tensors into int32, and pymnn read an int64 input buffer as int32 pairs
+(``[1, 2, 3, 4]`` as ``[1, 0, 2, 0]``). int64 inputs are narrowed to int32 at the boundary after a range check
+(a value outside int32 is an ``InputError``, never a wrap) and int64 outputs are widened back.
+
 Run time uses ``MNN.nn.load_module_from_file`` with a ``RuntimeManager`` per engine. pymnn loads
 modules from a path only, so load() writes the artifact bytes to a temporary file, loads it (MNN
 reads the file whole) and deletes it at once. Numpy inputs become ``MNN.expr.const`` vars (one
@@ -63,9 +67,10 @@ from typing import Any
 import numpy as np
 
 from .. import onnx_io
-from ..errors import BackendError, BackendUnavailableError, CompileError, ModelError, UnsupportedOpError
+from ..errors import BackendError, BackendUnavailableError, CompileError, InputError, ModelError, UnsupportedOpError
 from ..tensor import TensorSpec, specs_from_onnx
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, memory_file
+from .shapes import primary_shapes
 
 MODEL_FILE = "model.mnn"
 # precision -> (converter stores fp16 weights, runtime precision mode)
@@ -134,6 +139,28 @@ def _expr_dtype(F: Any, dtype: np.dtype) -> Any:
         raise ModelError(f"mnn cannot take inputs of dtype {dtype.name}; supported: {sorted(table)}") from None
 
 
+_NARROWED = {np.dtype(np.int64): np.dtype(np.int32)}
+_INT32 = np.iinfo(np.int32)
+
+
+def _engine_dtype(dtype: np.dtype) -> np.dtype:
+    return _NARROWED.get(dtype, dtype)
+
+
+def _narrowed(name: str, array: np.ndarray) -> np.ndarray:
+    """An int64 input as the int32 MNN computes in; an InputError when a value does not fit (never a wrap)."""
+    array = np.asarray(array)
+    if array.dtype != np.int64:
+        return array
+    if array.size and (array.max() > _INT32.max or array.min() < _INT32.min):
+        raise InputError(
+            f"input '{name}' has int64 values outside int32 ({int(array.min())}..{int(array.max())}); MNN computes "
+            f"int64 tensors in int32, so they would wrap: keep them within {_INT32.min}..{_INT32.max} or choose "
+            "another target"
+        )
+    return array.astype(np.int32)
+
+
 class MnnEngine(Engine):
     # Not reentrant: one module, and all pymnn modules share the global Executor (see module doc).
     thread_safe = False
@@ -147,11 +174,17 @@ class MnnEngine(Engine):
         self._nchw = F.NCHW
         self._nc4hw4 = F.NC4HW4
         self._convert = F.convert
-        self._in = [(s.name, _expr_dtype(F, s.np_dtype)) for s in inputs]
+        # MNN's converter turns int64 tensors into int32 and reads an int64 buffer as int32 pairs ([1, 2] as
+        # [1, 0, 2, 0]): int64 inputs are narrowed at the boundary (checked to fit), int64 outputs widened back.
+        self._in = [(s.name, _expr_dtype(F, _engine_dtype(s.np_dtype))) for s in inputs]
+        self._narrow = [s.name for s in inputs if s.np_dtype in _NARROWED]
+        self._widen = {s.name: s.np_dtype for s in outputs if s.np_dtype in _NARROWED}
         self._out_names = [s.name for s in outputs]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         const, nchw = self._const, self._nchw
+        if self._narrow:
+            feeds = {**feeds, **{name: _narrowed(name, feeds[name]) for name in self._narrow}}
         with _EXECUTOR_LOCK:
             try:
                 args = []
@@ -170,8 +203,24 @@ class MnnEngine(Engine):
                 shapes = {n: list(np.shape(a)) for n, a in feeds.items()}
                 raise BackendError(f"mnn failed to run the model on inputs {shapes}: {exc}") from exc
         if len(result) != len(self._out_names):
-            raise BackendError(f"mnn returned {len(result)} output(s), the model has {len(self._out_names)}")
+            raise BackendError(
+                f"mnn returned {len(result)} output(s), the model has {len(self._out_names)}: "
+                f"{self._why_no_outputs(feeds)}"
+            )
+        for name, dtype in self._widen.items():
+            result[name] = result[name].astype(dtype, copy=False)
         return result
+
+    def _why_no_outputs(self, feeds: dict[str, np.ndarray]) -> str:
+        """What MNN prints when it computes no output (a shape it cannot infer, a kernel it lacks): the forward
+        once more with its C output captured. Only on that failure, so the hot path never pays for a capture."""
+        const, nchw = self._const, self._nchw
+        with _captured_output() as log, _EXECUTOR_LOCK, contextlib.suppress(Exception):
+            args = [const(np.ascontiguousarray(feeds[n]), feeds[n].shape, nchw, dt) for n, dt in self._in]
+            self._module.forward(args)
+        shapes = {n: list(np.shape(a)) for n, a in feeds.items()}
+        said = _engine_said(log[0] if log else "")
+        return f"at input shapes {shapes}" + (f"; MNN said: {said}" if said else "; MNN gave no reason")
 
     def close(self) -> None:
         super().close()
@@ -215,16 +264,24 @@ class MnnBackend(Backend):
         if options.device != "cpu":
             raise BackendUnavailableError(f"{self.name} runs on device 'cpu' only here, not '{options.device}'")
         fp16_weights, mode = _PRECISIONS[options.precision]
-        inputs, outputs = specs_from_onnx(model)
+        # the compiler's specs, computed once; the graph's own when a caller gives none
+        inputs, outputs = (
+            (list(options.inputs), list(options.outputs))
+            if options.inputs and options.outputs
+            else specs_from_onnx(model)
+        )
+        trial = primary_shapes(inputs, options)  # the representative shapes; free dims at 1 without them
         opts = {
             "precision_mode": mode,
             "fp16_weights": fp16_weights,
             "inputs": [s.to_dict() for s in inputs],
             "outputs": [s.to_dict() for s in outputs],
+            "trial_shapes": {name: list(shape) for name, shape in trial.items()},
         }
+        job = {**opts, "representative": bool(options.shapes)}
         with tempfile.TemporaryDirectory(prefix="luodi-mnn-") as tmp:
             onnx_io.save(_legalised(model), Path(tmp, "model.onnx"))  # + model.onnx.data over 2 GB
-            Path(tmp, "job.json").write_text(json.dumps(opts))
+            Path(tmp, "job.json").write_text(json.dumps(job))
             data = _convert_and_probe_in_child(tmp, model)
         return Artifact(self.name, options.precision, {MODEL_FILE: data}, opts)
 
@@ -318,9 +375,16 @@ def _convert_and_probe_in_child(workdir: str, model: Any) -> bytes:
     result_file = Path(workdir, "result.json")
     result = json.loads(result_file.read_text()) if result_file.exists() else {}
     if result.get("status") == "run-failed":
+        shapes = json.loads(Path(workdir, "job.json").read_text()).get("trial_shapes", {})
+        free = any(not isinstance(d, int) for s in specs_from_onnx(model)[0] for d in s.shape[1:])  # beyond batch
+        hint = (
+            "; the model has free dimensions: give shapes it really runs at (--input-shape NAME=1x3x224x224)"
+            if free and not result.get("representative")
+            else "; try another target"
+        )
         raise UnsupportedOpError(
-            f"mnn converted the model but cannot run it (on zeros nor ones): {result.get('error')}; "
-            f"the model's operators are {ops}; try another target"
+            f"mnn converted the model but cannot run it at input shapes {shapes} (on ones nor zeros): "
+            f"{result.get('error')}; the model's operators are {ops}{hint}"
         )
     if proc.returncode != 0 or result.get("status") != "ok":
         tail = " | ".join(line.strip() for line in text.strip().splitlines()[-3:])
@@ -357,18 +421,34 @@ def _child_main() -> None:
     engine = backend.load(artifact, LoadOptions(threads=1))
     stage.write_text("run")
     error = None
+    shapes = {name: tuple(shape) for name, shape in opts["trial_shapes"].items()}
     for fill in (1, 0):  # ones first: zeros are no valid integer divisor or "scales"; then zeros
-        feeds = {s.name: np.full(s.concrete(1), fill, dtype=s.np_dtype) for s in engine.inputs}
-        try:
-            engine.run(feeds)
-        except BackendError as exc:
-            error = str(exc)
-        else:
-            error = None
+        feeds = {s.name: np.full(shapes[s.name], fill, dtype=s.np_dtype) for s in engine.inputs}
+        with _captured_output() as log:
+            try:
+                engine.run(feeds)
+            except BackendError as exc:
+                error = str(exc)
+            else:
+                error = None
+        if error is None:
             break
+        said = _engine_said(log[0] if log else "")
+        if said and "MNN said" not in error:
+            error = f"{error}; MNN said: {said}"
     engine.close()
     status = {"status": "ok"} if error is None else {"status": "run-failed", "error": error}
+    status["representative"] = bool(opts.get("representative"))
     result.write_text(json.dumps(status))
+
+
+_NOISE = re.compile(r"The device supports:|^\s*$")
+
+
+def _engine_said(log: str, lines: int = 2) -> str:
+    """The last lines MNN printed (its errors go to stdout with printf), without the CPU feature banner."""
+    kept = [ln.strip() for ln in log.splitlines() if not _NOISE.search(ln)]
+    return " | ".join(kept[-lines:])[:400]
 
 
 def _limit_memory() -> None:

@@ -2,9 +2,12 @@
 
 Compile writes the canonical graph to a temporary folder and runs the ``pnnx`` executable that the
 ``pnnx`` wheel ships (the ncnn wheels have no onnx2ncnn; pnnx's Python API needs torch and only
-wraps the same executable). Symbolic dimensions are traced at 1 (``inputshape``) and, when the
-graph has any, a second time with the batch at 4 (``inputshape2``) so pnnx keeps shape arithmetic
-dynamic. The result is ``model.param`` / ``model.bin``; ncnn names the blobs ``in0, in1, ...`` and
+wraps the same executable). pnnx traces at the compiler's representative shapes (``inputshape``)
+and, when the graph has free dimensions, a second time at shapes that differ on every free axis
+(``inputshape2``: the batch at 4, other free axes at the next representative size), so pnnx keeps
+the shape arithmetic of batch, height, width and sequence dynamic; tracing a free width at 1
+alone froze it there (an OCR model then gave (1,1,C) for (60,1,C)). Without representative shapes
+free dims are traced at 1. The result is ``model.param`` / ``model.bin``; ncnn names the blobs ``in0, in1, ...`` and
 ``out0, out1, ...`` in the ONNX graph's input/output order, and the artifact options record that
 mapping. Compile then loads the param with ``ncnn.Net`` and extracts every output once on zeros,
 so an operator that pnnx or ncnn cannot handle (left as a raw ONNX op name, ``pnnx.Expression``,
@@ -22,7 +25,8 @@ Threads: ``Session(threads=N)`` sets ``opt.num_threads``; default ``os.cpu_count
 says, per blob, which axis it treated as the batch and dropped (``batch_index`` in the ncnn script
 it writes; 233 = none, the whole array is the Mat); compile records it in the artifact options.
 An input whose batch is symbolic is run item by item: ``run`` feeds ``x[i:i+1]`` (the traced batch
-of 1) to one ``Extractor`` per item and concatenates the outputs along axis 0. Cost: a batch of N
+of 1) to one ``Extractor`` per item and concatenates the outputs along each output's own batch axis
+(pnnx's ``batch_index``: axis 1 for an OCR ``[W, N, C]``). Cost: a batch of N
 takes about N times one item (ncnn parallelises inside each layer with ``num_threads``, not across
 items; measured 42 ms for 4 vs 10.6 ms for 1 on EfficientNet-Lite0, 1 thread) plus one concatenate
 copy of the outputs; batch 1 has no loop and no copy beyond ``np.array(mat)``. Inputs with fixed
@@ -44,13 +48,16 @@ Outputs are copied out with ``np.array(mat)``, so they never alias memory freed 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +74,12 @@ from ..errors import (
 )
 from ..tensor import TensorSpec, specs_from_onnx
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, memory_file
+from .onnx_compat import with_ir_version_at_most
+from .shapes import primary_shapes, second_shapes
 
 _PARAM, _BIN, _PY = "model.param", "model.bin", "model_ncnn.py"
 _PNNX_TIMEOUT_S = 600
-_TRACE_BATCH2 = 4
+_TRACE_BATCH2 = 4  # without representative shapes: the batch's second trace size (luodi's behaviour before them)
 _NO_BATCH = 233  # pnnx's and ncnn's "this tensor has no batch axis": the whole array is one Mat
 _FP16_ON = ("use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic")
 # pnnx's names for what it could not lower, back to the ONNX operators they come from (for messages)
@@ -114,6 +123,48 @@ def _tail(text: str, lines: int = 12) -> str:
     return "\n".join(kept[-lines:])
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_IR_TOO_NEW = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
+_ORT_FAILED = re.compile(r"ort (?:Run|CreateSession) failed (?:\S+\.cc:\d+ .*?\) )?(.*)")
+_LIBC = re.compile(r"(free\(\): .*|double free.*|corrupted .*|what\(\): .*|Assertion .*|std::bad_alloc.*)")
+_PROBLEM = re.compile(r"(?i)\b(error|failed|unsupported|not supported|cannot|invalid|unknown)\b")
+_STAGE = re.compile(r"^#+\s*(.+?)\s*$")
+
+
+class _IrTooNew(CompileError):
+    """pnnx's bundled ONNX reader is older than the file's IR version; ``max_ir`` is the newest it reads."""
+
+    def __init__(self, message: str, max_ir: int) -> None:
+        super().__init__(message)
+        self.max_ir = max_ir
+
+
+def _pnnx_failure(returncode: int, log: str) -> str:
+    """One line saying why pnnx failed: the exit (a signal by name), the pass it was in and the cause from its log
+    (pnnx prints the real reason, e.g. onnxruntime's, long before it dies of SIGSEGV)."""
+    lines = [ln.strip() for ln in _ANSI.sub("", log).splitlines() if ln.strip()]
+    if returncode < 0:
+        try:
+            how = f"crashed with {signal.Signals(-returncode).name}"
+        except ValueError:
+            how = f"crashed with signal {-returncode}"
+    else:
+        how = f"failed (exit code {returncode})"
+    stage = next((m[1] for ln in reversed(lines) if (m := _STAGE.match(ln))), "")
+    cause = ""
+    for ln in lines:
+        m = _ORT_FAILED.search(ln)
+        if m:
+            cause = f"pnnx's shape inference (onnxruntime) failed: {m[1]}"
+            break
+    if not cause:
+        cause = next((m[1] for ln in reversed(lines) if (m := _LIBC.search(ln))), "")
+    if not cause:
+        cause = next((ln for ln in reversed(lines) if _PROBLEM.search(ln) and "cpuid_info" not in ln), "")
+    where = f" in {stage}" if stage else ""
+    return f"pnnx {how}{where}" + (f": {cause[:400]}" if cause else " (its log gives no reason)")
+
+
 def _run_pnnx(exe: Path, tmp: str, args: list[str], timeout: float) -> str:
     cmd = [str(exe), "model.onnx", *args, f"ncnnparam={_PARAM}", f"ncnnbin={_BIN}"]
     try:
@@ -129,10 +180,31 @@ def _run_pnnx(exe: Path, tmp: str, args: list[str], timeout: float) -> str:
         ) from exc
     produced = all((Path(tmp) / f).is_file() for f in (_PARAM, _BIN))
     if proc.returncode != 0 or not produced:
-        raise CompileError(
-            f"pnnx could not convert the model for ncnn (exit code {proc.returncode}):\n{_tail(proc.stdout)}"
-        )
+        shapes = " ".join(a for a in args if a.startswith("inputshape"))
+        reason = _pnnx_failure(proc.returncode, proc.stdout)
+        message = f"ncnn: {reason} (converting at {shapes})"
+        m = _IR_TOO_NEW.search(proc.stdout)
+        if m:
+            raise _IrTooNew(message, int(m[2]))
+        raise CompileError(message)
     return proc.stdout
+
+
+def _convert(exe: Path, tmp: str, model: Any, args: list[str], timeout: float) -> None:
+    """Run pnnx on ``model``; once more with the IR version lowered when pnnx reads only older files and the
+    model uses nothing newer (onnx_compat)."""
+    onnx_io.save(model, Path(tmp, "model.onnx"))  # + model.onnx.data over 2 GB
+    try:
+        _run_pnnx(exe, tmp, args, timeout)
+    except _IrTooNew as exc:
+        older = with_ir_version_at_most(model, exc.max_ir)
+        if older is None or older is model:
+            raise CompileError(
+                f"{exc} and the model uses operator sets or types newer than IR {exc.max_ir}: re-export it with an "
+                "older opset, or choose another target"
+            ) from None
+        onnx_io.save(older, Path(tmp, "model.onnx"))
+        _run_pnnx(exe, tmp, args, timeout)
 
 
 def _batch_indexes(py: str) -> dict[str, int]:
@@ -182,6 +254,46 @@ def _lower_for_pnnx(model: Any) -> Any:
                 a.i = 0
         nodes.insert(i + shift, transpose)
     return lowered
+
+
+def _trace_shapes(
+    inputs: list[TensorSpec], options: CompileOptions
+) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """pnnx's ``inputshape`` and ``inputshape2`` (equal when the model has no free dim) and the shapes the
+    compile-time test run uses.
+
+    With representative shapes (``options.shapes``) pnnx traces at the first set and at the next sizes the sets
+    give each free axis (height, width, sequence), so those stay dynamic in the ncnn graph; an axis the sets keep
+    at one size is traced at it. A symbolic batch is traced at 1 in both: ncnn has no batch axis and runs a batch
+    item by item, so the graph only ever sees one item, and a second trace at batch 4 made pnnx convert PP-OCRv4's
+    recogniser wrongly (0.67 max error on its softmax, silently) or die (SIGABRT, "free(): invalid next size").
+    Without
+    shapes, free dims other than the batch are traced at 1 unless ``options.extra["input_shapes"]`` gives them,
+    and the batch at 1 and 4 (luodi's behaviour before shapes were known).
+    """
+
+    def batched(s: TensorSpec) -> bool:
+        return bool(s.shape) and not isinstance(s.shape[0], int)
+
+    def with_batch(s: TensorSpec, shape: tuple[int, ...], n: int) -> tuple[int, ...]:
+        return (n, *shape[1:]) if batched(s) else tuple(shape)
+
+    if options.shapes:
+        primary = primary_shapes(inputs, options)
+        second = second_shapes(inputs, primary, options) or primary
+        trace1 = [with_batch(s, primary[s.name], 1) for s in inputs]
+        trace2 = [with_batch(s, second[s.name], 1) for s in inputs]
+        return trace1, trace2, primary
+    overrides = dict(options.extra.get("input_shapes") or {})
+    trace1, trace2 = [], []
+    for s in inputs:
+        given = overrides.get(s.name)
+        shape = tuple(int(d) for d in given) if given is not None else s.concrete(1)
+        if len(shape) != len(s.shape):
+            raise CompileError(f"input_shapes['{s.name}'] = {given} does not match its shape {s.shape_str()}")
+        trace1.append(with_batch(s, shape, 1))
+        trace2.append(with_batch(s, shape, _TRACE_BATCH2))
+    return trace1, trace2, {s.name: t for s, t in zip(inputs, trace1)}
 
 
 # -- the .param file ------------------------------------------------------------------------------
@@ -240,6 +352,34 @@ def _check_layers(ncnn: Any, model: Any, layers: list[tuple[str, str, list[str],
     )
 
 
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """ncnn's C-level stderr (where it says why a .param does not load) into a list, for one compile-time load."""
+    out: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as buf:
+        os.dup2(buf.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            buf.seek(0)
+            out.append(buf.read().decode("utf-8", "replace"))
+
+
+def _load_reason(log: str, layers: list[tuple[str, str, list[str], list[str]]]) -> str:
+    """ncnn's last complaint, with the layer it names ("... layer 23") given its type and name."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    said = lines[-1] if lines else "ncnn gave no reason"
+    m = re.search(r"layer (\d+)", said)
+    if m and int(m[1]) < len(layers):
+        ltype, lname, bottoms, tops = layers[int(m[1])]
+        said += f" ({ltype} '{lname}', {len(bottoms)} input(s), {len(tops)} output(s))"
+    return said[:400]
+
+
 # -- ncnn options ---------------------------------------------------------------------------------
 def _precision_flags(opt: Any, precision: str) -> dict[str, bool]:
     names = sorted(a for a in dir(opt) if _LOW_PRECISION.match(a))
@@ -292,6 +432,10 @@ def _run_shape(spec: TensorSpec) -> tuple[int, ...] | None:
     return tuple(dims) if all(isinstance(d, int) for d in dims) else None
 
 
+def _axis(batch_index: int) -> int:
+    return 0 if batch_index == _NO_BATCH else batch_index
+
+
 class NcnnEngine(Engine):
     """One shared ``ncnn.Net``; each run creates its own Extractor per batch item."""
 
@@ -335,6 +479,13 @@ class NcnnEngine(Engine):
             )
             for s, d in zip(outputs, options["outputs"])
         ]
+        # The axis a batch's items are stacked on: where the output names the inputs' batch dimension (CRNN
+        # logits [T, batch, C]), else pnnx's batch axis for the blob, else 0.
+        batch_dims = {s.shape[0] for s in inputs if s.shape and not isinstance(s.shape[0], int)}
+        self._stack_axis = {
+            name: next((i for i, d in enumerate(spec.shape) if not isinstance(d, int) and d in batch_dims), _axis(bi))
+            for spec, (name, _, bi, *_) in zip(outputs, self._outs)
+        }
         self.num_threads = net.opt.num_threads
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -358,7 +509,10 @@ class NcnnEngine(Engine):
                 self._extract([(b, feeds[nm][i : i + 1] if sl else feeds[nm], bi, cp) for nm, b, bi, sl, cp in ins])
                 for i in range(n)
             ]
-        return {name: np.concatenate([it[name] for it in items]) for name, *_ in self._outs}
+        # each item's output carries the batch on its own batch axis (axis 1 for e.g. an OCR [W, N, C])
+        return {
+            name: np.concatenate([it[name] for it in items], axis=self._stack_axis[name]) for name in self._stack_axis
+        }
 
     def _extract(self, feeds: list[tuple[str, np.ndarray, int, bool]]) -> dict[str, np.ndarray]:
         Mat = self._Mat
@@ -432,7 +586,12 @@ class NcnnBackend(Backend):
                 "compiling for ncnn needs the pnnx converter, which is not installed; "
                 f"install it with: {self.install_hint()}"
             )
-        inputs, outputs = specs_from_onnx(model)
+        # the compiler's specs, computed once; the graph's own when a caller gives none
+        inputs, outputs = (
+            (list(options.inputs), list(options.outputs))
+            if options.inputs and options.outputs
+            else specs_from_onnx(model)
+        )
         if not inputs:
             raise CompileError("ncnn needs a model with at least one input")
         for s in inputs:
@@ -441,20 +600,7 @@ class NcnnBackend(Backend):
                     f"ncnn takes float32 inputs only; input '{s.name}' is {s.dtype}. "
                     "Cast it inside the model before export, or choose another target."
                 )
-        # Trace shapes: a symbolic batch (axis 0) at 1, and at 4 for inputshape2 so pnnx keeps the
-        # batch dynamic; other symbolic dims at 1 unless options.extra["input_shapes"] gives them.
-        overrides = dict(options.extra.get("input_shapes") or {})
-        trace1, trace2 = [], []
-        for s in inputs:
-            given = overrides.get(s.name)
-            shape = [int(d) for d in given] if given is not None else list(s.concrete(1))
-            if len(shape) != len(s.shape):
-                raise CompileError(f"input_shapes['{s.name}'] = {given} does not match its shape {s.shape_str()}")
-            batched = bool(s.shape) and not isinstance(s.shape[0], int)
-            if batched:
-                shape[0] = 1
-            trace1.append(tuple(shape))
-            trace2.append((_TRACE_BATCH2, *shape[1:]) if batched else tuple(shape))
+        trace1, trace2, run_at = _trace_shapes(inputs, options)
         dynamic = trace1 != trace2
         args = [f"inputshape={_shape_arg(trace1)}"]
         if dynamic:
@@ -463,8 +609,7 @@ class NcnnBackend(Backend):
         timeout = float(options.extra.get("pnnx_timeout", _PNNX_TIMEOUT_S))
 
         with tempfile.TemporaryDirectory(prefix="luodi-pnnx-") as tmp:
-            onnx_io.save(_lower_for_pnnx(model), Path(tmp, "model.onnx"))  # + model.onnx.data over 2 GB
-            _run_pnnx(exe, tmp, args, timeout)
+            _convert(exe, tmp, _lower_for_pnnx(model), args, timeout)
             param = Path(tmp, _PARAM).read_bytes()
             weights = Path(tmp, _BIN).read_bytes()
             py = Path(tmp, _PY)
@@ -492,25 +637,40 @@ class NcnnBackend(Backend):
             "converter": f"pnnx {_dist_version('pnnx')}",
             "precision_flags": _precision_flags(ncnn.Option(), options.precision),
             "trace_shapes": {s.name: list(t) for s, t in zip(inputs, trace1)},
-            "dynamic_batch": dynamic,
+            "trace_shapes2": {s.name: list(t) for s, t in zip(inputs, trace2)} if dynamic else {},
+            "dynamic": dynamic,
             "batch": "item by item: one extraction per item of a symbolic batch (ncnn has no batch axis)",
             "inputs": [entry(b, s) for b, s in zip(in_blobs, inputs)],
             "outputs": [entry(b, s) for b, s in zip(out_blobs, outputs)],
         }
         artifact = Artifact(self.name, options.precision, {_PARAM: param, _BIN: weights}, artifact_options)
-        self._smoke_test(artifact, trace1)
+        self._smoke_test(artifact, run_at)
         return artifact
 
-    def _smoke_test(self, artifact: Artifact, trace: list[tuple[int, ...]]) -> None:
+    def _smoke_test(self, artifact: Artifact, shapes: dict[str, tuple[int, ...]]) -> None:
         """Load the param with ncnn and extract every output once on zeros, to fail at compile time."""
-        engine = self.load(artifact, LoadOptions(threads=1))
-        try:
-            feeds = {d["name"]: np.zeros(t, np.float32) for d, t in zip(artifact.options["inputs"], trace)}
-            engine.run(feeds)
-        except (BackendError, ValueError) as exc:
-            raise CompileError(f"ncnn loaded the converted model but could not run it on zeros: {exc}") from exc
-        finally:
-            engine.close()
+        with _stderr_captured() as said:
+            try:
+                engine = self.load(artifact, LoadOptions(threads=1))
+            except ModelError:
+                engine = None
+        if engine is None:
+            layers = _parse_param(artifact.files[_PARAM].decode("utf-8", errors="replace"))
+            raise CompileError(f"ncnn cannot load the model pnnx wrote: {_load_reason(said[0], layers)}")
+        error = None
+        with _stderr_captured() as said:
+            try:
+                engine.run({name: np.zeros(shape, np.float32) for name, shape in shapes.items()})
+            except (BackendError, ValueError) as exc:
+                error = exc
+            finally:
+                engine.close()
+        if error is not None:
+            why = next((ln.strip() for ln in said[0].splitlines() if ln.strip()), "")
+            raise CompileError(
+                f"ncnn loaded the converted model but could not run it on zeros at {shapes}: {error}"
+                + (f"; ncnn said: {why[:300]}" if why else "")
+            ) from error
 
     def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
         ncnn = self.require()

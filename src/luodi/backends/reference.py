@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .. import onnx_io
-from ..errors import CompileError, ModelError, UnsupportedOpError
+from ..errors import BackendError, CompileError, ModelError, UnsupportedOpError
 from ..tensor import specs_from_onnx
 from .base import Artifact, Backend, CompileOptions, Engine, LoadOptions
 
@@ -34,7 +34,15 @@ class ReferenceEngine(Engine):
         # onnx.reference computes both branches of e.g. Sigmoid's np.where; the discarded one overflows
         # on large inputs and numpy warns about a value nobody uses
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            results = self._ev.run(self._out_names, feeds)
+            try:
+                results = self._ev.run(self._out_names, feeds)
+            except Exception as exc:  # numpy's errors from inside an op (e.g. "negative dimensions" at a bad shape)
+                shapes = {n: list(np.shape(a)) for n, a in feeds.items()}
+                raise BackendError(
+                    f"the reference evaluator cannot run the model on inputs {shapes}: {type(exc).__name__}: "
+                    f"{str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}; if a free dimension is "
+                    "too small there, give shapes the model really runs at"
+                ) from exc
         return {n: np.asarray(r) for n, r in zip(self._out_names, results)}
 
 
@@ -54,7 +62,14 @@ def _inference_ops() -> list[type]:
                 return BatchNormalization_14._run(self, x, scale, bias, mean, var, epsilon, momentum, training_mode)
             return (_batchnorm_test_mode(x, scale, bias, mean, var, epsilon=1e-5 if epsilon is None else epsilon),)
 
-    return [BatchNormalization]
+    from onnx.reference.ops.op_dequantize_linear import DequantizeLinear_25
+
+    class DequantizeLinear(DequantizeLinear_25):
+        # onnx 1.23's evaluator implements DequantizeLinear from opset 19 only, so a QDQ graph at opset 13-18 (what
+        # onnxruntime's quantiser writes) could not be evaluated; 19+ only adds types and block/output attributes.
+        op_domain = ""
+
+    return [BatchNormalization, DequantizeLinear]
 
 
 def _translate(exc: Exception) -> None:

@@ -130,6 +130,12 @@ def _package_options(default_targets: tuple[str, ...]) -> Any:
 )
 @click.option("--calib-samples", type=int, help="how many calibration samples to use (spread over the set) [100]")
 @click.option("--validation", help="held-apart data int8 agreement is measured on (default: the calibration data)")
+@click.option(
+    "--preprocess",
+    help="how calibration images become tensors for a model without a pipeline: "
+    "'resize=224,224;layout=nchw;scale=1/255;mean=0.485,0.456,0.406;std=0.229,0.224,0.225' "
+    "(keys: resize, crop, color=rgb|bgr|gray, layout, scale, mean, std, interpolation)",
+)
 @click.option("--no-fallback", is_flag=True, help="never keep layers in float to meet the accuracy budget")
 @click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False), help="sign with this private key")
 def compile(
@@ -149,6 +155,7 @@ def compile(
     calib_method: str,
     calib_samples: int | None,
     validation: str | None,
+    preprocess: str | None,
     no_fallback: bool,
     sign_key: str | None,
 ) -> None:
@@ -173,6 +180,7 @@ def compile(
             calib_method=calib_method,
             calib_samples=calib_samples,
             validation=validation,
+            preprocess=preprocess,
             fallback=not no_fallback,
             log=lambda msg: status.update(msg),
         )

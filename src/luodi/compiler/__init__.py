@@ -54,6 +54,7 @@ def compile(  # noqa: A001 - the field's word for it
     calib_method: str = "minmax",
     calib_samples: int | None = None,
     validation: Any = None,
+    preprocess: str | dict[str, Any] | None = None,
     fallback: bool = True,
     log: Log | None = None,
 ) -> Package:
@@ -80,7 +81,10 @@ def compile(  # noqa: A001 - the field's word for it
     ``calib_method`` (minmax, percentile, entropy, mse). Each int8 target's top-1 agreement with the float
     model is measured on the engine itself over ``validation`` (else the calibration samples) and must stay
     within the budget: ``accuracy_budget`` may be a top-1 disagreement such as "1%" (auto may then pick int8
-    targets), else 1% applies to int8 targets. With ``fallback`` the most sensitive layers are kept in float
+    targets), else 1% applies to int8 targets. ``preprocess`` ("resize=224,224;layout=nchw;scale=1/255;mean=...;
+    std=...", see luodi.quant.preprocess) turns calibration and validation images into tensors for a model without
+    a pipeline (and replaces the pipeline's pre-processing for them when it has one).
+    With ``fallback`` the most sensitive layers are kept in float
     until the budget holds; a target that still misses it fails the compile and nothing is written.
     """
     say = log or (lambda _msg: None)
@@ -112,7 +116,7 @@ def compile(  # noqa: A001 - the field's word for it
     by_sha: dict[str, str] = {}
     store_model(src.model, MODEL, members, by_sha)  # over 2 GB: graph + MODEL.data (ONNX external data)
 
-    ptq = _ptq_for(src, inputs, wanted, calibration, calib_method, calib_samples, validation, say)
+    ptq = _ptq_for(src, inputs, wanted, calibration, calib_method, calib_samples, validation, say, preprocess)
     # Compile every target first: an unsupported operator is reported before the slow reference run.
     compiled = []
     for backend_name, precision in wanted:
@@ -136,12 +140,19 @@ def compile(  # noqa: A001 - the field's word for it
             feeds = ptq.validation_feeds[:4]
         else:
             feeds = _samples_for(src, inputs)
+        from ..quant.source import quantised_format, tolerance_class
+
+        source_format = quantised_format(src.model)  # a pre-quantised source: engines may run it in int8 kernels
         say(f"running the reference on {len(feeds)} sample input(s)")
         reference_outputs = _reference_outputs(src.model, feeds)
         for backend, artifact, entry in compiled:
             label = f"{entry['backend']}:{entry['precision']}"
             say(f"verifying {label} against reference")
-            record = _verify(backend, artifact, feeds, reference_outputs, entry["precision"])
+            tolerance = tolerance_class(entry["precision"], source_format, backend.int8_policy is not None)
+            record = _verify(backend, artifact, feeds, reference_outputs, tolerance)
+            if source_format:
+                record["source"] = f"pre-quantised ({source_format})"
+                record["tolerance_class"] = tolerance
             entry["verification"] = record
             if strict and not record["passed"]:
                 raise VerificationError(
@@ -189,12 +200,21 @@ def compile(  # noqa: A001 - the field's word for it
 
 
 def _ptq_for(
-    src: SourceModel, inputs: list, wanted: list, calibration: Any, method: str, samples: Any, validation: Any, say: Log
+    src: SourceModel,
+    inputs: list,
+    wanted: list,
+    calibration: Any,
+    method: str,
+    samples: Any,
+    validation: Any,
+    say: Log,
+    preprocess: str | dict[str, Any] | None = None,
 ) -> Any:
     """One calibration shared by every int8 target (None when there is none)."""
     if not any(p == "int8" for _, p in wanted):
-        if calibration is not None:
-            raise CompileError("calibration data was given but no target is int8; add e.g. --target onnxruntime:int8")
+        if calibration is not None or preprocess is not None:
+            what = "calibration data was" if calibration is not None else "--preprocess (for calibration images) was"
+            raise CompileError(f"{what} given but no target is int8; add e.g. --target onnxruntime:int8")
         return None
     if calibration is None:
         raise CompileError(
@@ -202,12 +222,17 @@ def _ptq_for(
             "folder of representative images or the dataset 'ai-benchmark'"
         )
     from ..quant import PTQ
+    from ..quant.preprocess import pipeline_spec
 
+    try:
+        pipeline = pipeline_spec(preprocess, inputs) if preprocess is not None else src.pipeline
+    except InputError as exc:
+        raise CompileError(str(exc)) from None
     return PTQ(
         src.model,
         inputs,
         calibration,
-        pipeline=src.pipeline,
+        pipeline=pipeline,
         method=method,
         samples=samples,
         validation=validation,

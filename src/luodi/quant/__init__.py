@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import InputError
 from .calibrate import METHODS, Calibration, calibrate
 from .data import DATASETS, Feeds, batches, load_feeds
+from .opset import default_opset, for_quantisation
 from .policy import QuantPolicy, policy_of
 from .ptq import layers, prepare, quantizable_nodes, quantize
 from .sensitivity import (
@@ -89,6 +90,8 @@ class PTQ:
         if method not in METHODS:
             raise InputError(f"unknown calibration method '{method}'; choose one of {', '.join(METHODS)}")
         self.method = method
+        self.source_opset = default_opset(model)
+        model = for_quantisation(model, self.say)  # before any data is read: an old opset fails in the first second
         self.say("preparing the float graph for quantisation")
         self.model = prepare(model)
         self.calibration_source = _describe(calibration)
@@ -157,6 +160,7 @@ class PTQ:
             "simulated_agreement": agreement(ref, sim),
             "snr_db": round(snr_db(ref, got), 2),
             "cosine": round(cosine(ref, got), 6),
+            "opset": {"source": self.source_opset, "quantised": default_opset(qdq)},
             "float_layers": decision.float_nodes if decision else [],
             "fallback": decision.record() if decision else None,
         }

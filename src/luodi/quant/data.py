@@ -168,7 +168,9 @@ def _from_images(
     if not pipeline:
         raise InputError(
             f"{what} data from {where} are images, but the model has no pre-processing pipeline to turn them "
-            "into tensors; give model-ready tensors instead (a folder of .npy files or an .npy file)"
+            "into tensors; say how with --preprocess (compile(preprocess=...)), e.g. "
+            "'resize=224,224;layout=nchw;scale=1/255;mean=0.485,0.456,0.406;std=0.229,0.224,0.225', or give "
+            "model-ready tensors (a folder of .npy files or an .npy file)"
         )
     from ..pipeline import Pipeline
 
