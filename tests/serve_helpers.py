@@ -22,14 +22,14 @@ def free_port() -> int:
 class Server:
     """A `luodi serve` subprocess; ``url`` is host:port (tritonclient's form), ``base`` the http:// form."""
 
-    def __init__(self, repository: Path, *args: str, log: Path) -> None:
+    def __init__(self, repository: Path, *args: str, log: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.base = f"http://{self.url}"
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115  (closed in stop())
         cmd = [sys.executable, "-m", "luodi", "serve", "--repository", str(repository), "--port", str(self.port)]
-        self.proc = subprocess.Popen([*cmd, *args], stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([*cmd, *args], stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -402,6 +402,8 @@ def _npy(data: bytes) -> np.ndarray:
             f"the uploaded .npy file declares shape {list(shape)} of {dtype} ({declared} bytes) but carries "
             f"{carried} bytes of data"
         )
+    if not declared:
+        raise InputError(f"the uploaded .npy array is empty (shape {list(shape)}); send at least one element")
     array = np.frombuffer(data, dtype=dtype, offset=f.tell()).reshape(shape, order="F" if fortran else "C")
     return array.copy(order="K")  # writable, as np.load's, for pipeline steps that work in place
 
@@ -421,8 +423,11 @@ def _check_image(data: bytes, max_pixels: int) -> None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:  # reads the header only
                 width, height = img.size
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"the image is too large to decode: {exc}") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own bound, which `luodi serve` sets to the same limit
+        raise InputError(
+            f"the image is too large to decode ({exc}); this server decodes at most {max_pixels} pixels "
+            "(--max-image-pixels): send a smaller image"
+        ) from None
     except Exception:  # not an image (or one Pillow cannot read): the pipeline decides
         return
     if width < 1 or height < 1:
