@@ -507,3 +507,118 @@ def test_slow_clients_are_cut_off(repo: Path, tmp_path: Path) -> None:
         answer = raw_request(srv, b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 200_000 + b"\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
         assert httpx.get(f"{srv.base}/v2/health/live").status_code == 200
+
+
+# -- acceptance: 4x capacity plus the battery -----------------------------------------------------------
+
+
+def heavy_model():
+    """Small input, heavy compute: x [batch, 3, 16, 16] upsampled 16x, a 3x3 conv to 16 channels, averaged -> y
+    [batch, 16]. A request is a few hundred bytes of JSON and tens of milliseconds of engine time, so the test's
+    client can offer several times what the server can do."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 3, 3, 3)).astype(np.float32), "w")
+    scales = numpy_helper.from_array(np.array([1, 1, 16, 16], np.float32), "scales")
+    nodes = [
+        helper.make_node("Resize", ["x", "", "scales"], ["big"], mode="nearest"),
+        helper.make_node("Conv", ["big", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMean", ["c"], ["y"], axes=[2, 3], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "heavy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
+        initializer=[w, scales],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_at_four_times_capacity_plus_the_battery_every_request_is_answered(tmp_path: Path, img_package: Path) -> None:
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(img_package, repo / "img.luodi")
+    luodi.compile(heavy_model(), repo / "heavy.luodi", targets=["onnxruntime"], verify=False)
+    args = ("--poll-s", "0", "--threads", "1", "--instances", "1", "--max-batch-size", "4", "--max-queue-size", "16")
+    body = json.dumps(infer_doc()).encode()
+    url = "/v2/models/heavy/infer"
+    with running(repo, *args, log=tmp_path / "log") as srv, httpx.Client(base_url=srv.base, timeout=60) as client:
+        for _ in range(8):  # warm-up: the engine, the batcher's threads, both routes
+            assert client.post(url, content=body).status_code == 200
+        assert client.post(PREDICT, content=png(40, 30)).status_code == 200
+
+        # capacity: what 4 closed-loop clients get through in 2 s
+        done, t_end = [0], time.monotonic() + 2.0
+
+        def closed_loop() -> None:
+            with httpx.Client(base_url=srv.base, timeout=60) as c:
+                while time.monotonic() < t_end:
+                    assert c.post(url, content=body).status_code == 200
+                    done[0] += 1
+
+        workers = [threading.Thread(target=closed_loop) for _ in range(4)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(60)
+        capacity = done[0] / 2.0
+        before = rss_kb(srv.proc.pid)  # at work: the engine's arena has grown to the largest batch
+        offered = min(4 * capacity, 400.0)  # requests/s, open loop; bounded for the test's own client
+
+        async def open_loop() -> list[object]:
+            limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+            async with httpx.AsyncClient(base_url=srv.base, timeout=60, limits=limits) as c:
+
+                async def one() -> object:
+                    try:
+                        r = await c.post(url, content=body)
+                    except httpx.HTTPError as exc:  # not answered: a failure of the test
+                        return exc
+                    return (r.status_code, r.headers.get("retry-after"))
+
+                tasks, t0 = [], time.monotonic()
+                for i in range(int(offered * 5)):  # 5 s of arrivals at 4x capacity
+                    await asyncio.sleep(max(0.0, t0 + i / offered - time.monotonic()))
+                    tasks.append(asyncio.create_task(one()))
+                return await asyncio.gather(*tasks)
+
+        battery_bad: list[str] = []
+        n = 30 * 1024 * 1024 // 20  # three 30 MB JSON bodies at once, under the 64 MiB limit
+        big = json.dumps({"inputs": [{"name": "x", "shape": [n], "datatype": "FP32", "data": [0.1234567890123] * n}]})
+
+        def hostile_traffic() -> None:
+            for _ in range(2):
+                battery_bad.extend(run_battery(client, srv.base))
+            with ThreadPoolExecutor(3) as pool:
+                for r in pool.map(lambda _: httpx.post(srv.base + url, content=big, timeout=120), range(3)):
+                    if r.status_code != 400:
+                        battery_bad.append(f"30 MB JSON of the wrong shape: {r.status_code} {r.text[:100]}")
+
+        hostile = threading.Thread(target=hostile_traffic)
+        hostile.start()
+        results = asyncio.run(open_loop())
+        hostile.join(120)
+        time.sleep(1.0)
+        after = rss_kb(srv.proc.pid)
+        log = srv.log()
+
+    unanswered = [r for r in results if not isinstance(r, tuple)]
+    assert not unanswered, unanswered[:3]
+    codes = [code for code, _ in results]
+    assert set(codes) <= {200, 503}, sorted(set(codes))
+    assert codes.count(200) >= capacity * 2  # the server kept working at its pace
+    assert all(retry for code, retry in results if code == 503)  # refusals say when to come back
+    assert not battery_bad, "\n".join(battery_bad)
+    assert "Traceback" not in log
+    print(
+        f"capacity {capacity:.0f}/s, offered {offered:.0f}/s: {codes.count(200)} answered 200, "
+        f"{codes.count(503)} refused 503; RSS {before} -> {after} kB ({after / before:.2f}x)"
+    )
+    assert after <= 1.5 * before, f"RSS grew from {before} to {after} kB"
