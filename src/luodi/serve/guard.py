@@ -11,7 +11,7 @@ import asyncio
 import hmac
 import json
 import logging
-import time
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,8 @@ class Access:
     read_only: bool = False
 
 
+_BODY_DEADLINE = "luodi.body_deadline"  # a scope extension: the HTTP protocol below times the body itself
+
 # Routes a load balancer or orchestrator probes: never behind the key (they say nothing about the models).
 _ALWAYS_OPEN = ("/v2/health/live", "/v2/health/ready")
 _CONTROL_PREFIX = "/v2/repository"
@@ -95,21 +97,14 @@ class Guard:
         if refused is not None:
             await _answer(send, *refused)
             return
-        responded = False
-
-        async def send_tracked(message: dict) -> None:
-            nonlocal responded
-            responded = responded or message["type"] == "http.response.start"
-            await send(message)
-
+        # Under `luodi serve` the HTTP protocol times the body (one timer per request); elsewhere (another
+        # ASGI server, a test client) this middleware does, at the price of a timer per receive.
+        timed = _BODY_DEADLINE not in scope.get("extensions", ())
         try:
-            await self.app(scope, self._receive(receive), send_tracked)
+            await self.app(scope, self._receive(receive, timed), send)
         except ClientGone:
             # One line, not an ASGI traceback: a client that hangs up mid-upload is the network's weather.
-            log.info(
-                "client disconnected",
-                extra={"event": "disconnect", "path": scope.get("path", ""), "responded": responded},
-            )
+            log.info("client disconnected", extra={"event": "disconnect", "path": scope.get("path", "")})
 
     def _refuse(self, scope: dict, headers: dict[bytes, bytes]) -> tuple[int, str, dict[str, str]] | None:
         """An answer given before the route runs: missing key, or a declared length over the limit."""
@@ -135,29 +130,43 @@ class Guard:
             given = token.strip() if scheme.lower() == b"bearer" else b""
         return hmac.compare_digest(given, self._key)  # constant time: the key cannot be guessed byte by byte
 
-    def _receive(self, receive: Any) -> Any:
+    def _receive(self, receive: Any, timed: bool) -> Any:
         limit, budget = self.limits.max_body_bytes, self.limits.body_timeout_s
-        state = {"seen": 0, "deadline": time.monotonic() + budget}
+        start = asyncio.get_running_loop().time() if timed else float("-inf")  # the loop's clock (uvloop's too)
+        state = {"seen": 0, "deadline": start + budget, "done": False}
 
         async def guarded() -> dict:
-            left = state["deadline"] - time.monotonic()
             try:
-                message = await asyncio.wait_for(receive(), max(left, 0.001))
+                message = await (receive() if state["done"] or not timed else _within(receive(), state["deadline"]))
             except asyncio.TimeoutError:
                 raise BodyTimeoutError(
                     f"the request body did not arrive within {budget:g} s; send it faster or in a smaller request"
                 ) from None
-            if message["type"] == "http.disconnect" and state["deadline"] != float("inf"):
+            if message["type"] == "http.disconnect" and not state["done"]:
                 raise ClientGone()  # mid-body; once the body is in, a disconnect is the route's business
             if message["type"] == "http.request":
                 state["seen"] += len(message.get("body", b""))
                 if state["seen"] > limit:
                     raise PayloadTooLargeError(_too_large(state["seen"], limit, streaming=message.get("more_body")))
                 if not message.get("more_body"):
-                    state["deadline"] = float("inf")  # the body is in: the route's own waits are not ours to time
+                    state["done"] = True  # the body is in: the route's own waits are not ours to time
             return message
 
         return guarded
+
+
+if sys.version_info >= (3, 11):
+
+    async def _within(awaitable: Any, deadline: float) -> Any:
+        """``await awaitable``, or TimeoutError at ``deadline`` (on the running loop's clock)."""
+        async with asyncio.timeout_at(deadline):  # a timer, not a task per receive as wait_for makes
+            return await awaitable
+
+else:  # pragma: no cover - Python 3.10
+
+    async def _within(awaitable: Any, deadline: float) -> Any:
+        left = deadline - asyncio.get_running_loop().time()
+        return await asyncio.wait_for(awaitable, max(left, 0.001))
 
 
 def _too_large(size: int, limit: int, streaming: bool = False) -> str:
@@ -178,10 +187,17 @@ async def _answer(send: Any, status: int, message: str, headers: dict[str, str])
     await send({"type": "http.response.body", "body": body})
 
 
-_LATE_BODY = json.dumps({"error": "the request headers did not arrive in time; the connection is closed"}).encode()
-_LATE_HEADERS = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-    b"content-length: %d\r\n\r\n%s" % (len(_LATE_BODY), _LATE_BODY)
+def _late(message: str) -> bytes:
+    body = json.dumps({"error": message}).encode()
+    return (
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
+_LATE_HEADERS = _late("the request headers did not arrive in time; the connection is closed")
+_LATE_BODY_ANSWER = _late(
+    "the request body did not arrive in time (--body-timeout-s); send it faster or in a smaller request"
 )
 
 
@@ -191,6 +207,7 @@ def guarded_http_protocol(limits: Limits) -> Any:
     the client liked), and llhttp bounds neither the headers' count nor their size. None when httptools is not
     installed (uvicorn then runs h11, whose own limit is on header size only)."""
     header_timeout_s, max_header_bytes = limits.header_timeout_s, limits.max_header_bytes
+    body_timeout_s = limits.body_timeout_s
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
@@ -198,6 +215,7 @@ def guarded_http_protocol(limits: Limits) -> Any:
 
     class HeaderDeadlineProtocol(HttpToolsProtocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _body_timer: asyncio.TimerHandle | None = None
         _header_bytes = 0
 
         def connection_made(self, transport: Any) -> None:  # a connection that never sends is cut too
@@ -206,6 +224,7 @@ def guarded_http_protocol(limits: Limits) -> Any:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self.scope["extensions"] = {_BODY_DEADLINE: {}}
             self._header_bytes = 0
             self._arm()
 
@@ -226,10 +245,31 @@ def guarded_http_protocol(limits: Limits) -> Any:
         def on_headers_complete(self) -> None:
             self._disarm()
             super().on_headers_complete()
+            if self._body_timer is None:  # the body's deadline: one timer per request, cancelled when it is in
+                self._body_timer = self.loop.call_later(body_timeout_s, self._body_late, self.cycle)
+
+        def on_message_complete(self) -> None:
+            self._disarm_body()
+            super().on_message_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            self._disarm_body()
             super().connection_lost(exc)
+
+        def _disarm_body(self) -> None:
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+
+        def _body_late(self, cycle: Any) -> None:
+            self._body_timer = None
+            if self.transport.is_closing():
+                return
+            log.info("request body too slow", extra={"event": "body_timeout", "path": self.scope.get("path", "")})
+            if cycle is not None and not cycle.response_started:
+                self.transport.write(_LATE_BODY_ANSWER)
+            self.transport.close()  # the route's pending receive gets a disconnect; its sends are dropped
 
         def on_response_complete(self) -> None:
             super().on_response_complete()

@@ -286,7 +286,7 @@ class ModelRepository:
                 doc["preferred_batch_sizes"] = tuple(doc["preferred_batch_sizes"])
             return replace(self.defaults, **doc)
         except (ValueError, TypeError, InputError) as exc:
-            raise InputError(f"{path}: {exc}") from None
+            raise InputError(f"{name}/config.json: {exc}") from None  # relative: clients see this reason
 
     # -- load / unload -------------------------------------------------------------------------
     def start(self, *, watch_s: float | None = None) -> None:
