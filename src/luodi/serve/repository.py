@@ -394,8 +394,9 @@ class ModelRepository:
                 model.loaded.update({v: mv for v, mv in fresh.items() if v in wanted})
                 model.config = config
                 model.state = READY if model.loaded else UNAVAILABLE
-                idle = "" if model.loaded else "no version on disk"
-                model.reason = "; ".join(failures.values()) if failures else idle
+                broken = sorted((v for v in on_disk if model.failed.get(v) == on_disk[v].stamp), key=int)
+                idle = f"version(s) {broken} failed to load; replace the file(s)" if broken else "no version on disk"
+                model.reason = "; ".join(failures.values()) if failures else ("" if model.loaded else idle)
             if self.observer is not None:
                 for v, mv in fresh.items():
                     if v in wanted:
