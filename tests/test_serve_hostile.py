@@ -430,6 +430,8 @@ def test_an_api_key_guards_model_control_always_and_inference_unless_public(repo
         srv.wait_ready()
         assert httpx.get(f"{srv.base}/v2/health/live").status_code == 200  # probes need no key
         assert httpx.get(f"{srv.base}/v2/health/ready").status_code == 200
+        page = httpx.get(f"{srv.base}/")  # static: it asks for the key and sends it as X-API-Key
+        assert page.status_code == 200 and "X-API-Key" in page.text
         for path, kwargs in [(INFER, {"json": x}), (control, {}), ("/v2/repository/index", {})]:
             for headers in [{}, {"Authorization": "Bearer wrong"}, {"X-API-Key": key[:-1]}, {"Authorization": key}]:
                 r = httpx.post(srv.base + path, headers=headers, **kwargs)

@@ -68,8 +68,9 @@ class Access:
 
 _BODY_DEADLINE = "luodi.body_deadline"  # a scope extension: the HTTP protocol below times the body itself
 
-# Routes a load balancer or orchestrator probes: never behind the key (they say nothing about the models).
-_ALWAYS_OPEN = ("/v2/health/live", "/v2/health/ready")
+# Routes a load balancer or orchestrator probes, and the page (static HTML that asks for the key): never behind
+# the key, as they say nothing about the models.
+_ALWAYS_OPEN = ("/v2/health/live", "/v2/health/ready", "/")
 _CONTROL_PREFIX = "/v2/repository"
 
 
