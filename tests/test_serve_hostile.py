@@ -680,3 +680,47 @@ def test_at_four_times_capacity_plus_the_battery_every_request_is_answered(tmp_p
         f"{codes.count(503)} refused 503; RSS {before} -> {after} kB ({after / before:.2f}x)"
     )
     assert after <= 1.5 * before, f"RSS grew from {before} to {after} kB"
+
+
+def test_the_guard_times_and_counts_the_body_under_any_asgi_server() -> None:
+    """Without luodi's HTTP protocol (another ASGI server, a test client) the middleware itself times the body."""
+    import asyncio
+
+    from luodi.serve.guard import Access, BodyTimeoutError, Guard, Limits, PayloadTooLargeError
+
+    async def route(scope, receive, send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def never_sent() -> dict:
+        await asyncio.sleep(3600)
+        return {}
+
+    left = [0]
+
+    def chunks(n: int):
+        left[0] = n
+
+        async def receive() -> dict:
+            left[0] -= 1
+            return {"type": "http.request", "body": b"x" * 1000, "more_body": left[0] > 0}
+
+        return receive
+
+    async def sent(message: dict) -> None:
+        answers.append(message)
+
+    scope = {"type": "http", "path": "/v2/models/m/infer", "headers": []}
+    guard = Guard(route, Limits(max_body_bytes=10_000, body_timeout_s=0.2), Access())
+    answers: list[dict] = []
+    t0 = time.monotonic()
+    with pytest.raises(BodyTimeoutError, match="0.2 s"):
+        asyncio.run(guard(scope, never_sent, sent))
+    assert time.monotonic() - t0 < 2
+    with pytest.raises(PayloadTooLargeError, match="more than 10000 bytes so far"):
+        asyncio.run(guard(scope, chunks(50), sent))
+    assert left[0] == 50 - 11  # refused at the 11th kB, not after the 50th
+    asyncio.run(guard(scope, chunks(10), sent))
+    assert answers[0]["status"] == 200
