@@ -724,3 +724,31 @@ def test_the_guard_times_and_counts_the_body_under_any_asgi_server() -> None:
     assert left[0] == 50 - 11  # refused at the 11th kB, not after the 50th
     asyncio.run(guard(scope, chunks(10), sent))
     assert answers[0]["status"] == 200
+
+
+def test_a_fifo_or_a_huge_thread_count_in_the_repository_does_not_hang_the_loader(
+    tmp_path: Path, img_package: Path
+) -> None:
+    import os
+    import threading
+
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    shutil.copy(img_package, tmp_path / "m" / "1" / "a.luodi")
+    (tmp_path / "m" / "2").mkdir()
+    os.mkfifo(tmp_path / "m" / "2" / "b.luodi")  # opening it for reading blocks until a writer comes
+    (tmp_path / "t").mkdir()
+    shutil.copy(img_package, tmp_path / "t" / "x.luodi")
+    (tmp_path / "t" / "1").mkdir()
+    (tmp_path / "t" / "x.luodi").rename(tmp_path / "t" / "1" / "x.luodi")
+    (tmp_path / "t" / "config.json").write_text(json.dumps({"instances": 10**8}))
+    r = ModelRepository(tmp_path)
+    started = threading.Thread(target=r.start, daemon=True)
+    started.start()
+    started.join(60)
+    try:
+        assert not started.is_alive(), "the repository's start-up hung"
+        assert r.get("m").version == "1"
+        assert r.model("t").state == "UNAVAILABLE" and "instances" in r.model("t").reason
+    finally:
+        if not started.is_alive():
+            r.close()

@@ -25,6 +25,7 @@ from .batcher import BatchConfig, Batcher, Feeds, Job
 log = logging.getLogger("luodi.serve")
 
 LOADING, READY, UNAVAILABLE, DRAINING = "LOADING", "READY", "UNAVAILABLE", "DRAINING"
+_MAX_INSTANCES = 256  # worker threads per model version that a config.json may ask for
 
 
 @dataclass
@@ -267,7 +268,7 @@ class ModelRepository:
             elif entry.is_dir() and not entry.name.startswith("."):
                 for vdir in entry.iterdir():
                     if vdir.is_dir() and vdir.name.isdigit():
-                        pkgs = sorted(vdir.glob("*.luodi"))
+                        pkgs = sorted(p for p in vdir.glob("*.luodi") if p.is_file())  # a FIFO would block a load
                         if pkgs:
                             found.setdefault(entry.name, {})[str(int(vdir.name))] = _files(pkgs[0], self.root)
         return found
@@ -284,6 +285,9 @@ class ModelRepository:
                 raise InputError(f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
             if "preferred_batch_sizes" in doc:
                 doc["preferred_batch_sizes"] = tuple(doc["preferred_batch_sizes"])
+            instances = doc.get("instances", 1)
+            if isinstance(instances, int) and instances > _MAX_INSTANCES:  # 10**8 threads hung the loader
+                raise InputError(f"instances {instances} > {_MAX_INSTANCES}; one engine thread per core is plenty")
             return replace(self.defaults, **doc)
         except (ValueError, TypeError, InputError) as exc:
             raise InputError(f"{name}/config.json: {exc}") from None  # relative: clients see this reason
