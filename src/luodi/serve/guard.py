@@ -97,6 +97,11 @@ class Guard:
         headers = _headers(scope)
         refused = self._refuse(scope, headers)
         if refused is not None:
+            client = scope.get("client") or ("", 0)
+            log.info(
+                "refused",
+                extra={"event": "refused", "status": refused[0], "path": scope.get("path", ""), "client": client[0]},
+            )
             await _answer(send, *refused)
             return
         # Under `luodi serve` the HTTP protocol times the body (its watchdog); elsewhere (another ASGI server,
