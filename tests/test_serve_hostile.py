@@ -569,13 +569,13 @@ def test_https_with_a_key_and_certificate(repo: Path, tmp_path: Path) -> None:
 
 
 def heavy_model():
-    """Small input, heavy compute: x [batch, 3, 16, 16] upsampled 16x, a 3x3 conv to 16 channels, averaged -> y
+    """Small input, heavy compute: x [batch, 3, 16, 16] upsampled 32x, a 3x3 conv to 16 channels, averaged -> y
     [batch, 16]. A request is a few hundred bytes of JSON and tens of milliseconds of engine time, so the test's
     client can offer several times what the server can do."""
     from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 3, 3, 3)).astype(np.float32), "w")
-    scales = numpy_helper.from_array(np.array([1, 1, 16, 16], np.float32), "scales")
+    scales = numpy_helper.from_array(np.array([1, 1, 32, 32], np.float32), "scales")
     nodes = [
         helper.make_node("Resize", ["x", "", "scales"], ["big"], mode="nearest"),
         helper.make_node("Conv", ["big", "w"], ["c"], pads=[1, 1, 1, 1]),
@@ -625,10 +625,9 @@ def test_at_four_times_capacity_plus_the_battery_every_request_is_answered(tmp_p
         for t in workers:
             t.join(60)
         capacity = done[0] / 2.0
-        before = rss_kb(srv.proc.pid)  # at work: the engine's arena has grown to the largest batch
-        offered = min(4 * capacity, 400.0)  # requests/s, open loop; bounded for the test's own client
+        offered = min(4 * capacity, 600.0)  # requests/s, open loop; bounded for the test's own client
 
-        async def open_loop() -> list[object]:
+        async def open_loop(seconds: float) -> list[object]:
             # idle connections are dropped before the server's 5 s keep-alive timeout closes them under a request
             limits = httpx.Limits(max_connections=512, max_keepalive_connections=512, keepalive_expiry=2.0)
             async with httpx.AsyncClient(base_url=srv.base, timeout=60, limits=limits) as c:
@@ -641,7 +640,7 @@ def test_at_four_times_capacity_plus_the_battery_every_request_is_answered(tmp_p
                     return (r.status_code, r.headers.get("retry-after"))
 
                 tasks, t0 = [], time.monotonic()
-                for i in range(int(offered * 5)):  # 5 s of arrivals at 4x capacity
+                for i in range(int(offered * seconds)):  # arrivals at 4x capacity
                     await asyncio.sleep(max(0.0, t0 + i / offered - time.monotonic()))
                     tasks.append(asyncio.create_task(one()))
                 return await asyncio.gather(*tasks)
@@ -658,9 +657,15 @@ def test_at_four_times_capacity_plus_the_battery_every_request_is_answered(tmp_p
                     if r.status_code != 400:
                         battery_bad.append(f"30 MB JSON of the wrong shape: {r.status_code} {r.text[:100]}")
 
+        # the baseline: the server after 2 s of overload alone. The first overload grows it 1.3-1.6x over the
+        # closed-loop figure (engine buffers for every batch size, hundreds of connections); what the battery and
+        # the large bodies leave behind is measured against that.
+        asyncio.run(open_loop(2.0))
+        time.sleep(1.0)
+        before = rss_kb(srv.proc.pid)
         hostile = threading.Thread(target=hostile_traffic)
         hostile.start()
-        results = asyncio.run(open_loop())
+        results = asyncio.run(open_loop(5.0))
         hostile.join(120)
         time.sleep(1.0)
         after = rss_kb(srv.proc.pid)
