@@ -22,14 +22,16 @@ def free_port() -> int:
 class Server:
     """A `luodi serve` subprocess; ``url`` is host:port (tritonclient's form), ``base`` the http:// form."""
 
-    def __init__(self, repository: Path, *args: str, log: Path) -> None:
+    def __init__(
+        self, repository: Path, *args: str, log: Path, env: dict[str, str] | None = None, tls: bool = False
+    ) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
-        self.base = f"http://{self.url}"
+        self.base = f"{'https' if tls else 'http'}://{self.url}"
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115  (closed in stop())
         cmd = [sys.executable, "-m", "luodi", "serve", "--repository", str(repository), "--port", str(self.port)]
-        self.proc = subprocess.Popen([*cmd, *args], stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([*cmd, *args], stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -37,7 +39,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"the server exited with {self.proc.returncode}:\n{self.log()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.base}/v2/health/ready", timeout=2).status_code == 200:
+                if httpx.get(f"{self.base}/v2/health/ready", timeout=2, verify=False).status_code == 200:
                     return
             time.sleep(0.1)
         raise AssertionError(f"the server was not ready within {timeout_s} s:\n{self.log()}")

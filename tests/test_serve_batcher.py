@@ -71,7 +71,7 @@ def test_binary_request_round_trips_and_json_agrees() -> None:
     [
         ({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1.0]}]}, b"", "needs 2"),
         ({"inputs": [{"name": "x", "shape": [2], "datatype": "FP99", "data": [1, 2]}]}, b"", "FP99"),
-        ({"inputs": [{"name": "x", "shape": [-1], "datatype": "FP32", "data": [1]}]}, b"", "non-negative"),
+        ({"inputs": [{"name": "x", "shape": [-1], "datatype": "FP32", "data": [1]}]}, b"", "integers from 0"),
         ({"inputs": []}, b"", "no 'inputs'"),
         (
             {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]},

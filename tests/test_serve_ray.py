@@ -184,6 +184,19 @@ def test_serve_ray_one_node_answers_and_batches(cnn_repo: Path, tmp_path: Path) 
         )
         assert bad.status_code == 400 and "expects shape" in bad.json()["error"]
         assert httpx.get(f"{base}/v2/models/cnn/versions/7", timeout=10).status_code == 404
+        # the router shares luodi serve's checks: malformed requests are 400s, never 500s
+        npy_4tb = (
+            b"\x93NUMPY\x01\x00v\x00" + b"{'descr': '<f4', 'fortran_order': False, 'shape': (1024, 1024, 1024, 1024), }"
+        )
+        npy_4tb += b" " * (127 - len(npy_4tb)) + b"\n"
+        for path, body in [
+            ("/v2/models/cnn/predict?k=abc", b"x"),
+            ("/v2/models/cnn/predict", npy_4tb),
+            ("/v2/models/cnn/infer", b'{"inputs": [{"name": "x", "shape": [4294967296, 4294967296], "data": []}]}'),
+            ("/v2/models/cnn/infer", b'{"inputs": [], "parameters": [1]}'),
+        ]:
+            r = httpx.post(base + path, content=body, timeout=10)
+            assert r.status_code == 400 and r.json()["error"], (path, r.status_code, r.text)
         got, _ = infer(httpx.Client(), base, xs[0])
         np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-5)
     finally:

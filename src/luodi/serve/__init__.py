@@ -7,13 +7,16 @@ cli import FastAPI/uvicorn, lazily, so that `import luodi` never pays for them.
 from __future__ import annotations
 
 from .batcher import BatchConfig, Batcher
+from .guard import Access, Limits
 from .protocol import decode_infer_request, decode_infer_response, encode_infer_request, encode_infer_response
 from .repository import ModelRepository, ModelVersion
 
 __all__ = [
+    "Access",
     "BatchConfig",
     "Batcher",
     "ModelRepository",
+    "Limits",
     "ModelVersion",
     "create_app",
     "decode_infer_request",

@@ -7,7 +7,9 @@ The engine never runs on the event loop (the batcher's worker threads run it).
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
+import math
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -15,8 +17,10 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import (
@@ -29,6 +33,7 @@ from ..errors import (
     PipelineError,
     RequestTimeoutError,
 )
+from .guard import Access, BodyTimeoutError, ClientGone, Guard, Limits, PayloadTooLargeError, UnauthorizedError
 from .metrics import Metrics
 from .protocol import HEADER_LENGTH, decode_infer_request, encode_infer_response, model_metadata
 from .repository import ModelRepository
@@ -36,6 +41,7 @@ from .repository import ModelRepository
 log = logging.getLogger("luodi.serve")
 
 _BIG_JSON = 64 * 1024  # JSON bodies above this are decoded off the event loop
+_HUGE_JSON = 4 * 1024 * 1024  # ... and above this one at a time: decoded JSON numbers cost ~9x their text
 _INFER_SCHEMA = {
     "requestBody": {
         "description": "A KServe v2 inference request: JSON, or with the binary-tensor extension the JSON header "
@@ -86,6 +92,14 @@ _PREDICT_SCHEMA = {
 
 def status_of(exc: BaseException) -> int:
     """The HTTP status of an error: the client's fault (4xx), busy or unavailable (503), timeout (504), else 500."""
+    if isinstance(exc, StarletteHTTPException):  # the framework's own 4xx (a malformed multipart form, ...)
+        return exc.status_code
+    if isinstance(exc, PayloadTooLargeError):
+        return 413
+    if isinstance(exc, BodyTimeoutError):
+        return 408
+    if isinstance(exc, UnauthorizedError):
+        return 401
     if isinstance(exc, ModelNotFoundError):
         return 404
     if isinstance(exc, (OverloadedError, ModelUnavailableError, EngineCrashedError)):  # crashed: it restarts
@@ -98,11 +112,30 @@ def status_of(exc: BaseException) -> int:
 
 
 def error_response(exc: BaseException) -> JSONResponse:
-    if not isinstance(exc, LuodiError):  # not the user's doing: keep the traceback for whoever runs the server
+    """The KServe v2 error answer ({"error": reason}) of an exception, with the status status_of gives it."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, LuodiError):
+        message = str(exc)
+    elif isinstance(exc, StarletteHTTPException):
+        message = str(exc.detail)
+        headers.update(exc.headers or {})
+    else:  # not the user's doing: the traceback is for whoever runs the server, not for the client
         log.error("internal error", exc_info=exc, extra={"event": "internal_error"})
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, OverloadedError) else None
-    message = str(exc) if isinstance(exc, LuodiError) else f"internal error: {type(exc).__name__}: {exc}"
-    return JSONResponse({"error": message}, status_code=status_of(exc), headers=headers)
+        message = f"internal error ({type(exc).__name__}); the server's log has the details"
+    if isinstance(exc, OverloadedError):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, (PayloadTooLargeError, BodyTimeoutError)):
+        headers["Connection"] = "close"  # the rest of the body is not worth reading
+    return JSONResponse({"error": message}, status_code=status_of(exc), headers=headers or None)
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """FastAPI's validation errors (a query parameter of the wrong type) as one sentence."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "path", "body"))
+        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
+    return "invalid request: " + "; ".join(parts)
 
 
 def jsonable(value: Any) -> Any:
@@ -124,11 +157,24 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def create_app(repository: ModelRepository, *, watch_s: float | None = None, metrics: Metrics | None = None) -> FastAPI:
-    """The server over ``repository``: its models are loaded at start-up and drained at shutdown."""
+def create_app(
+    repository: ModelRepository,
+    *,
+    watch_s: float | None = None,
+    metrics: Metrics | None = None,
+    limits: Limits | None = None,
+    access: Access | None = None,
+) -> FastAPI:
+    """The server over ``repository``: its models are loaded at start-up and drained at shutdown.
+
+    ``limits`` bound what one request may cost (body size and read time, image pixels); ``access`` sets the
+    API key and whether the model-control routes exist (docs/serving.md, "Security").
+    """
+    limits, access = limits or Limits(), access or Access()
     metrics = metrics or repository.observer or Metrics()
     repository.observer = metrics
     state = {"shutting_down": False, "started": time.time()}
+    huge_json = asyncio.Semaphore(1)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -149,9 +195,20 @@ def create_app(repository: ModelRepository, *, watch_s: float | None = None, met
     app.state.repository = repository
     app.state.metrics = metrics
 
+    app.add_middleware(Guard, limits=limits, access=access)
+
     @app.exception_handler(LuodiError)
     async def _luodi_error(request: Request, exc: LuodiError) -> JSONResponse:
         return error_response(exc)
+
+    # Every answer in the KServe error format, the framework's own included (FastAPI says {"detail": ...}).
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": validation_message(exc)}, status_code=400)
 
     # -- health and metadata ----------------------------------------------------------------------
     @app.get("/v2/health/live", tags=["health"])
@@ -160,8 +217,9 @@ def create_app(repository: ModelRepository, *, watch_s: float | None = None, met
 
     @app.get("/v2/health/ready", tags=["health"])
     async def ready() -> JSONResponse:
+        """Ready once the start-up scan has tried every package and one model serves (docs/serving.md)."""
         ok = repository.ready() and not state["shutting_down"]
-        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+        return JSONResponse({"ready": ok, **repository.readiness()}, status_code=200 if ok else 503)
 
     @app.get("/v2", tags=["metadata"])
     async def server_metadata() -> dict[str, Any]:
@@ -199,12 +257,15 @@ def create_app(repository: ModelRepository, *, watch_s: float | None = None, met
     # -- inference ------------------------------------------------------------------------------
     async def _infer(name: str, version: str | None, request: Request) -> Response:
         t0 = time.perf_counter()
-        body = await request.body()
+        body = await request.body()  # the guard bounds its size and read time
         mv, job = None, None
         try:
             with repository.acquire(name, version) as mv:
                 header_length = request.headers.get(HEADER_LENGTH)
-                if header_length is None and len(body) > _BIG_JSON:
+                if header_length is None and len(body) > _HUGE_JSON:
+                    async with huge_json:
+                        req = await run_in_threadpool(_decode_huge_json, body)
+                elif header_length is None and len(body) > _BIG_JSON:
                     req = await run_in_threadpool(decode_infer_request, body, None)
                 else:
                     req = decode_infer_request(body, header_length)
@@ -238,10 +299,14 @@ def create_app(repository: ModelRepository, *, watch_s: float | None = None, met
         t0 = time.perf_counter()
         mv, job = None, None
         try:
-            raw = await _raw_input(request)
+            if k is not None and k < 1:
+                raise InputError(f"k must be a positive number of classes, got {k}")
+            raw = await _raw_input(request, limits.max_image_pixels)
             with repository.acquire(name, version) as mv:
                 options = {} if k is None else {"k": k}
                 result, job = await run_in_threadpool(mv.predict, raw, None, **options)
+        except ClientGone:
+            raise
         except Exception as exc:
             if mv is not None:
                 mv.observe(False, time.perf_counter() - t0, None, type(exc).__name__)
@@ -260,20 +325,22 @@ def create_app(repository: ModelRepository, *, watch_s: float | None = None, met
     async def predict_version(name: str, version: str, request: Request, k: int | None = None) -> Response:
         return await _predict(name, version, request, k)
 
-    # -- repository API -------------------------------------------------------------------------
-    @app.post("/v2/repository/index", tags=["repository"])
-    async def repository_index() -> list[dict[str, Any]]:
-        return repository.index()
+    # -- repository API (model control): absent in read-only mode, behind the key when there is one -----
+    if not access.read_only:
 
-    @app.post("/v2/repository/models/{name}/load", tags=["repository"])
-    async def repository_load(name: str) -> dict[str, Any]:
-        await run_in_threadpool(repository.load, name)
-        return {}
+        @app.post("/v2/repository/index", tags=["repository"])
+        async def repository_index() -> list[dict[str, Any]]:
+            return repository.index()
 
-    @app.post("/v2/repository/models/{name}/unload", tags=["repository"])
-    async def repository_unload(name: str) -> dict[str, Any]:
-        await run_in_threadpool(repository.unload, name)
-        return {}
+        @app.post("/v2/repository/models/{name}/load", tags=["repository"])
+        async def repository_load(name: str) -> dict[str, Any]:
+            await run_in_threadpool(repository.load, name)
+            return {}
+
+        @app.post("/v2/repository/models/{name}/unload", tags=["repository"])
+        async def repository_unload(name: str) -> dict[str, Any]:
+            await run_in_threadpool(repository.unload, name)
+            return {}
 
     # -- observability and the page -------------------------------------------------------------
     @app.get("/metrics", tags=["observability"])
@@ -297,8 +364,10 @@ def create_app(repository: ModelRepository, *, watch_s: float | None = None, met
     return app
 
 
-async def _raw_input(request: Request) -> Any:
-    """The bytes of an uploaded file (multipart field 'file') or of the body; a .npy file becomes its array."""
+async def _raw_input(request: Request, max_pixels: int) -> Any:
+    """The bytes of an uploaded file (multipart field 'file') or of the body; a .npy file becomes its array.
+
+    What a header declares is checked before anything is decoded: an image's pixels, a .npy file's bytes."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form()
         upload = form.get("file")
@@ -310,13 +379,99 @@ async def _raw_input(request: Request) -> Any:
     if not data:
         raise InputError("the request carries no input: upload a file as form field 'file' or send its bytes")
     if filename.endswith(".npy") or data[:6] == b"\x93NUMPY":
-        import io
+        return _npy(data)
+    _check_image(data, max_pixels)
+    return data
+
+
+def _npy(data: bytes) -> np.ndarray:
+    """A .npy file's array, once its header has been checked against the bytes that follow it (a 100-byte file
+    may declare 4 TB, and numpy allocates what the header says before reading)."""
+    from numpy.lib import format as npy
+
+    f = io.BytesIO(data)
+    try:
+        version = npy.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = npy.read_array_header_1_0(f)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = npy.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unknown .npy version {version}")
+    except (ValueError, SyntaxError, TypeError, OverflowError) as exc:
+        raise InputError(f"the uploaded .npy file could not be read: {str(exc)[:200]}") from None
+    if dtype.hasobject:
+        raise InputError("the uploaded .npy file holds Python objects; send an array of numbers")
+    declared, carried = math.prod(shape) * dtype.itemsize, len(data) - f.tell()
+    if declared != carried:
+        raise InputError(
+            f"the uploaded .npy file declares shape {list(shape)} of {dtype} ({declared} bytes) but carries "
+            f"{carried} bytes of data"
+        )
+    if not declared:
+        raise InputError(f"the uploaded .npy array is empty (shape {list(shape)}); send at least one element")
+    array = np.frombuffer(data, dtype=dtype, offset=f.tell()).reshape(shape, order="F" if fortran else "C")
+    return array.copy(order="K")  # writable, as np.load's, for pipeline steps that work in place
+
+
+def _check_image(data: bytes, max_pixels: int) -> None:
+    """Refuse an image whose header declares no pixels or more than ``max_pixels``, before it is decoded (a
+    164 KB PNG declaring 13000x13000 pixels decodes to 0.75 GB). Bytes that are not an image pass untouched:
+    the package's pipeline says what it accepts."""
+    try:
+        import warnings
+
+        from PIL import Image
+    except ImportError:
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:  # reads the header only
+                width, height = img.size
+    except Image.DecompressionBombError as exc:  # Pillow's own bound, which `luodi serve` sets to the same limit
+        raise InputError(
+            f"the image is too large to decode ({exc}); this server decodes at most {max_pixels} pixels "
+            "(--max-image-pixels): send a smaller image"
+        ) from None
+    except Exception:  # not an image (or one Pillow cannot read): the pipeline decides
+        return
+    if width < 1 or height < 1:
+        raise InputError(f"the image has no pixels ({width}x{height}); send an image of at least 1x1")
+    if width * height > max_pixels:
+        raise InputError(
+            f"the image is {width}x{height} = {width * height} pixels; this server decodes at most {max_pixels} "
+            "(--max-image-pixels): send a smaller image"
+        )
+
+
+def _decode_huge_json(body: bytes) -> Any:
+    """Decode a JSON request of many megabytes, then hand the heap its decoder kept back to the system.
+
+    Three 57 MB JSON bodies at once held +160 MB of RSS after their requests were answered (the Python number
+    objects' memory stays with the allocator); one at a time and trimmed after, the server returns to its size.
+    """
+    try:
+        return decode_infer_request(body, None)
+    finally:
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
 
         try:
-            return np.load(io.BytesIO(data), allow_pickle=False)
-        except ValueError as exc:
-            raise InputError(f"the uploaded .npy file could not be read: {exc}") from None
-    return data
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim with
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 def _timeout(param: Any, default: float) -> float:
@@ -325,10 +480,12 @@ def _timeout(param: Any, default: float) -> float:
         return default
     try:
         value = float(param) / 1e6
-    except (TypeError, ValueError):
-        raise InputError(f"the 'timeout' parameter must be a number of microseconds, got {param!r}") from None
-    if value <= 0:
-        raise InputError(f"the 'timeout' parameter must be positive, got {param!r}")
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"the 'timeout' parameter must be a number of microseconds, got {str(param)[:40]}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(
+            f"the 'timeout' parameter must be a positive, finite number of microseconds, got {str(param)[:40]}"
+        )
     return value
 
 

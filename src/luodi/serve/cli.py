@@ -36,6 +36,46 @@ import click
 @click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
+@click.option(
+    "--max-body-mb",
+    default=64.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="largest request body (413 above, checked while it streams in)",
+)
+@click.option(
+    "--max-image-pixels",
+    default=40_000_000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="largest image /predict decodes, width x height (400 above, read from the image header)",
+)
+@click.option(
+    "--body-timeout-s",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="a request body must arrive within this (408 after)",
+)
+@click.option(
+    "--header-timeout-s",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="a request's headers must arrive within this (the connection is closed after)",
+)
+@click.option(
+    "--api-key",
+    envvar="LUODI_API_KEY",
+    help="require this key ('Authorization: Bearer KEY' or 'X-API-Key: KEY'); prefer $LUODI_API_KEY, "
+    "which other users cannot read in the process list",
+)
+@click.option(
+    "--public-inference", is_flag=True, help="with --api-key: inference and metadata need no key, model control does"
+)
+@click.option("--read-only", is_flag=True, help="no model-control routes (/v2/repository/...) at all")
+@click.option("--ssl-keyfile", type=click.Path(dir_okay=False, exists=True), help="serve HTTPS with this key")
+@click.option("--ssl-certfile", type=click.Path(dir_okay=False, exists=True), help="and this certificate chain")
 @click.option("--ray", "on_ray", is_flag=True, help="serve as Ray Serve deployments (scale-out; needs luodi[ray])")
 @click.option("--ray-address", default="local", show_default=True, help="with --ray: a cluster's HOST:PORT to join")
 @click.option("--replicas", default=1, show_default=True, help="with --ray: replicas per model")
@@ -63,6 +103,15 @@ def serve(
     versions: int,
     poll_s: float,
     log_level: str,
+    max_body_mb: float,
+    max_image_pixels: int,
+    body_timeout_s: float,
+    header_timeout_s: float,
+    api_key: str | None,
+    public_inference: bool,
+    read_only: bool,
+    ssl_keyfile: str | None,
+    ssl_certfile: str | None,
     on_ray: bool,
     ray_address: str,
     replicas: int,
@@ -92,7 +141,14 @@ def serve(
         timeout_s=timeout_s,
         instances=instances,
     )
+    limits, access = _guard(
+        max_body_mb, max_image_pixels, body_timeout_s, header_timeout_s, api_key, public_inference, read_only
+    )
+    if bool(ssl_keyfile) != bool(ssl_certfile):
+        raise click.UsageError("HTTPS needs both --ssl-keyfile and --ssl-certfile")
     if on_ray:
+        if api_key or read_only or ssl_keyfile:
+            raise click.UsageError("--api-key, --read-only and --ssl-* are not supported with --ray")
         _serve_on_ray(
             repository,
             host,
@@ -117,7 +173,36 @@ def serve(
         watch_s=poll_s or None,
         session_options=session_options,
         log_level=log_level,
+        limits=limits,
+        access=access,
+        ssl_keyfile=ssl_keyfile,
+        ssl_certfile=ssl_certfile,
     )
+
+
+def _guard(
+    max_body_mb: float,
+    max_image_pixels: int,
+    body_timeout_s: float,
+    header_timeout_s: float,
+    api_key: str | None,
+    public_inference: bool,
+    read_only: bool,
+) -> tuple:
+    """The request limits and access rules of the command's options."""
+    from .guard import Access, Limits, MiB
+
+    if api_key is not None and not api_key.strip():
+        raise click.BadParameter("the key is empty; unset LUODI_API_KEY or give a key", param_hint="--api-key")
+    if public_inference and not api_key:
+        raise click.UsageError("--public-inference only means something with --api-key (or $LUODI_API_KEY)")
+    limits = Limits(
+        max_body_bytes=int(max_body_mb * MiB),
+        max_image_pixels=max_image_pixels,
+        body_timeout_s=body_timeout_s,
+        header_timeout_s=header_timeout_s,
+    )
+    return limits, Access(api_key=api_key, public_inference=public_inference, read_only=read_only)
 
 
 def _serve_on_ray(
@@ -166,6 +251,46 @@ def _serve_on_ray(
 @click.argument("package", type=click.Path(dir_okay=False, exists=True))
 @click.argument("input_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSON Lines file to write")
+@click.option(
+    "--max-body-mb",
+    default=64.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="largest request body (413 above, checked while it streams in)",
+)
+@click.option(
+    "--max-image-pixels",
+    default=40_000_000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="largest image /predict decodes, width x height (400 above, read from the image header)",
+)
+@click.option(
+    "--body-timeout-s",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="a request body must arrive within this (408 after)",
+)
+@click.option(
+    "--header-timeout-s",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="a request's headers must arrive within this (the connection is closed after)",
+)
+@click.option(
+    "--api-key",
+    envvar="LUODI_API_KEY",
+    help="require this key ('Authorization: Bearer KEY' or 'X-API-Key: KEY'); prefer $LUODI_API_KEY, "
+    "which other users cannot read in the process list",
+)
+@click.option(
+    "--public-inference", is_flag=True, help="with --api-key: inference and metadata need no key, model control does"
+)
+@click.option("--read-only", is_flag=True, help="no model-control routes (/v2/repository/...) at all")
+@click.option("--ssl-keyfile", type=click.Path(dir_okay=False, exists=True), help="serve HTTPS with this key")
+@click.option("--ssl-certfile", type=click.Path(dir_okay=False, exists=True), help="and this certificate chain")
 @click.option("--ray", "on_ray", is_flag=True, required=True, help="run on Ray Data (the only runner so far)")
 @click.option("--ray-address", default="local", show_default=True, help="a cluster's HOST:PORT to join")
 @click.option("--actors", default=1, show_default=True, help="Ray actors, each with its own Session")

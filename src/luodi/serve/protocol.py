@@ -6,6 +6,7 @@ No web framework and no I/O here, so the HTTP server, a Ray Serve deployment and
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +50,8 @@ def numpy_dtype(datatype: str) -> np.dtype:
         return np.dtype(_TO_NUMPY[datatype])
     except (KeyError, TypeError):
         raise ProtocolError(
-            f"datatype {datatype!r} is not supported; use one of {sorted(_TO_NUMPY)} (BYTES tensors are not served)"
+            f"datatype {_brief(datatype)} is not supported; use one of {sorted(_TO_NUMPY)} "
+            "(BYTES tensors are not served)"
         ) from None
 
 
@@ -70,20 +72,46 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
+_MAX_DIM = 2**31 - 1  # larger dims overflow engines' int32 shape fields; the body could never fill them anyway
+_MAX_RANK = 32  # numpy's limit is 64; no model luodi serves has more than 8
+
+
 def _json(data: bytes | str, what: str) -> dict[str, Any]:
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"the {what} is not valid JSON ({exc}); send a KServe v2 JSON object") from None
+        raise ProtocolError(f"the {what} is not valid JSON ({str(exc)[:200]}); send a KServe v2 JSON object") from None
+    except RecursionError:  # [[[[...]]]] nested a few thousand deep: the decoder's recursion limit
+        raise ProtocolError(f"the {what} nests JSON arrays or objects too deeply; send a KServe v2 object") from None
     if not isinstance(doc, dict):
         raise ProtocolError(f"the {what} must be a JSON object, got {type(doc).__name__}")
     return doc
 
 
 def _shape(value: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
-        raise ProtocolError(f"{where}: 'shape' must be a list of non-negative integers, got {value!r}")
+    if (
+        not isinstance(value, list)
+        or len(value) > _MAX_RANK
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM for d in value)
+    ):
+        raise ProtocolError(
+            f"{where}: 'shape' must be a list of at most {_MAX_RANK} integers from 0 to {_MAX_DIM}, got {_brief(value)}"
+        )
     return tuple(value)
+
+
+def _parameters(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where}: 'parameters' must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _brief(value: Any, limit: int = 80) -> str:
+    """A client's value quoted in an error message, cut short: an error must not echo a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def decode_infer_request(body: bytes, header_length: int | str | None = None) -> InferRequest:
@@ -116,12 +144,12 @@ def decode_infer_request(body: bytes, header_length: int | str | None = None) ->
             raise ProtocolError(f"{where} is given twice")
         shape = _shape(spec.get("shape"), where)
         dtype = numpy_dtype(spec.get("datatype"))
-        count = int(np.prod(shape, dtype=np.int64))
-        size = (spec.get("parameters") or {}).get("binary_data_size")
+        count = math.prod(shape)  # a Python int: numpy's int64 product wraps round for [2**32, 2**32]
+        size = _parameters(spec.get("parameters"), where).get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(blob):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(blob):
                 raise ProtocolError(
-                    f"{where}: binary_data_size {size!r} does not fit the {len(blob) - offset} binary bytes left"
+                    f"{where}: binary_data_size {_brief(size)} does not fit the {len(blob) - offset} binary bytes left"
                 )
             if size != count * dtype.itemsize:
                 raise ProtocolError(
@@ -135,15 +163,17 @@ def decode_infer_request(body: bytes, header_length: int | str | None = None) ->
                 raise ProtocolError(f"{where} has neither 'data' nor a binary_data_size parameter")
             try:
                 array = np.asarray(spec["data"], dtype=dtype)
-            except (ValueError, TypeError) as exc:
-                raise ProtocolError(f"{where}: 'data' is not a list of {spec['datatype']} values ({exc})") from None
+            except (ValueError, TypeError, OverflowError) as exc:
+                raise ProtocolError(
+                    f"{where}: 'data' is not a list of {spec['datatype']} values ({str(exc)[:200]})"
+                ) from None
             if array.size != count:
                 raise ProtocolError(f"{where}: 'data' has {array.size} values but shape {list(shape)} needs {count}")
             array = array.reshape(shape)
         inputs[name] = array
     if offset != len(blob):
         raise ProtocolError(f"the body has {len(blob) - offset} binary bytes that no input's binary_data_size claims")
-    params = doc.get("parameters") or {}
+    params = _parameters(doc.get("parameters"), "the request")
     outputs = None
     if doc.get("outputs") is not None:
         if not isinstance(doc["outputs"], list):
@@ -153,7 +183,8 @@ def decode_infer_request(body: bytes, header_length: int | str | None = None) ->
         for o in doc["outputs"]:
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
                 raise ProtocolError("each requested output must be an object with a 'name'")
-            outputs.append(RequestedOutput(o["name"], bool((o.get("parameters") or {}).get("binary_data", default))))
+            out_params = _parameters(o.get("parameters"), f"output '{o['name']}'")
+            outputs.append(RequestedOutput(o["name"], bool(out_params.get("binary_data", default))))
     request_id = doc.get("id")
     return InferRequest(
         inputs=inputs,

@@ -99,7 +99,17 @@ def _deployments() -> tuple[Any, Any]:
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
 
-    from .app import error_response, jsonable
+    from .app import _raw_input, error_response, jsonable
+    from .guard import Limits, PayloadTooLargeError, _too_large
+
+    limits = Limits()  # the body is read whole by Ray's proxy first: checked after, not while it streams
+
+    async def read_body(request: Request) -> bytes:
+        body = await request.body()
+        if len(body) > limits.max_body_bytes:
+            raise PayloadTooLargeError(_too_large(len(body), limits.max_body_bytes))
+        return body
+
     from .protocol import HEADER_LENGTH, decode_infer_request, encode_infer_response, model_metadata
     from .repository import _batchable, check_feeds
 
@@ -167,7 +177,7 @@ def _deployments() -> tuple[Any, Any]:
                 if request.method == "GET" and verb == "ready":
                     return Response(status_code=200, headers=headers)
                 if request.method == "POST" and verb == "infer":
-                    body = await request.body()
+                    body = await read_body(request)
                     req = decode_infer_request(body, request.headers.get(HEADER_LENGTH))
                     check_feeds(self.session, self.name, req.inputs)
                     outputs, exc, joined = await self._infer(req.inputs)
@@ -181,8 +191,11 @@ def _deployments() -> tuple[Any, Any]:
                         data, media_type="application/octet-stream", headers={**headers, HEADER_LENGTH: str(n)}
                     )
                 if request.method == "POST" and verb == "predict":
-                    raw = await request.body()
+                    await read_body(request)  # cached by starlette for _raw_input
+                    raw = await _raw_input(request, limits.max_image_pixels)
                     k = request.query_params.get("k")
+                    if k is not None and not (k.isdigit() and int(k) >= 1):
+                        raise InputError(f"k must be a positive number of classes, got {k[:20]!r}")
                     options = {} if k is None else {"k": int(k)}
                     result = await asyncio.to_thread(self.session.predict, raw, **options)
                     doc = {"model_name": self.name, "model_version": self.version, "result": jsonable(result)}

@@ -25,6 +25,7 @@ from .batcher import BatchConfig, Batcher, Feeds, Job
 log = logging.getLogger("luodi.serve")
 
 LOADING, READY, UNAVAILABLE, DRAINING = "LOADING", "READY", "UNAVAILABLE", "DRAINING"
+_MAX_INSTANCES = 256  # worker threads per model version that a config.json may ask for
 
 
 @dataclass
@@ -57,6 +58,8 @@ class Files:
 
     path: Path
     stamp: tuple[int, int]
+    name: str = ""
+    """The path relative to the repository: what clients are shown (never the server's directories)."""
 
 
 class ModelVersion:
@@ -162,7 +165,7 @@ class ModelVersion:
         return {
             "version": self.version,
             "state": self.state,
-            "path": str(self.files.path),
+            "package": self.files.name,  # relative to the repository: clients never see server paths
             "backend": f"{self.session.backend}:{self.session.precision}",
             "batching": self.batchable,
             "max_batch_size": self.config.max_batch_size if self.batchable else 1,
@@ -256,6 +259,7 @@ class ModelRepository:
         self._watcher: threading.Thread | None = None
         self._drains: list[threading.Thread] = []
         self.closed = False
+        self.started = False  # set once start() has tried every package on disk
 
     # -- disk -----------------------------------------------------------------------------------
     def scan(self) -> dict[str, dict[str, Files]]:
@@ -263,13 +267,13 @@ class ModelRepository:
         found: dict[str, dict[str, Files]] = {}
         for entry in sorted(self.root.iterdir()):
             if entry.is_file() and entry.suffix == ".luodi":
-                found.setdefault(entry.stem, {})["1"] = _files(entry)
+                found.setdefault(entry.stem, {})["1"] = _files(entry, self.root)
             elif entry.is_dir() and not entry.name.startswith("."):
                 for vdir in entry.iterdir():
                     if vdir.is_dir() and vdir.name.isdigit():
-                        pkgs = sorted(vdir.glob("*.luodi"))
+                        pkgs = sorted(p for p in vdir.glob("*.luodi") if p.is_file())  # a FIFO would block a load
                         if pkgs:
-                            found.setdefault(entry.name, {})[str(int(vdir.name))] = _files(pkgs[0])
+                            found.setdefault(entry.name, {})[str(int(vdir.name))] = _files(pkgs[0], self.root)
         return found
 
     def _config(self, name: str) -> BatchConfig:
@@ -284,14 +288,18 @@ class ModelRepository:
                 raise InputError(f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
             if "preferred_batch_sizes" in doc:
                 doc["preferred_batch_sizes"] = tuple(doc["preferred_batch_sizes"])
+            instances = doc.get("instances", 1)
+            if isinstance(instances, int) and instances > _MAX_INSTANCES:  # 10**8 threads hung the loader
+                raise InputError(f"instances {instances} > {_MAX_INSTANCES}; one engine thread per core is plenty")
             return replace(self.defaults, **doc)
         except (ValueError, TypeError, InputError) as exc:
-            raise InputError(f"{path}: {exc}") from None
+            raise InputError(f"{name}/config.json: {exc}") from None  # relative: clients see this reason
 
     # -- load / unload -------------------------------------------------------------------------
     def start(self, *, watch_s: float | None = None) -> None:
         """Load every model on disk; with ``watch_s`` poll the directory every so many seconds for changes."""
         self.sync()
+        self.started = True
         if watch_s:
             self._watcher = threading.Thread(target=self._watch, args=(watch_s,), name="luodi-repo-watch", daemon=True)
             self._watcher.start()
@@ -311,15 +319,16 @@ class ModelRepository:
         """(Re)load ``name`` from disk now (the repository API's load)."""
         disk = self.scan()
         if name not in disk:
-            raise ModelNotFoundError(f"no model '{name}' in {self.root}; models there: {sorted(disk)}")
+            raise ModelNotFoundError(f"no model '{name}' in the repository; models there: {sorted(disk)}")
         with self._lock:
             model = self._models.get(name)
             if model is not None:
                 model.unloaded = False
-        self._reconcile(name, disk[name], force=True)
+        failures = self._reconcile(name, disk[name], force=True)
         model = self._models[name]
-        if model.state != READY:
-            raise ModelUnavailableError(f"model '{name}' failed to load: {model.reason}")
+        if failures:
+            serving = f"; version(s) {sorted(model.loaded, key=int)} keep serving" if model.loaded else ""
+            raise ModelUnavailableError(f"model '{name}' failed to load: {'; '.join(failures.values())}{serving}")
         return model
 
     def unload(self, name: str) -> None:
@@ -335,59 +344,106 @@ class ModelRepository:
         for v in old:
             self._retire(v)
 
-    def _reconcile(self, name: str, on_disk: dict[str, Files], force: bool = False) -> None:
+    def _plan(
+        self, model: Model, on_disk: dict[str, Files], retry: set[str], fresh: dict[str, ModelVersion]
+    ) -> tuple[list[str], list[str]]:
+        """(the versions to serve, those of them to load now). A file that failed to load is skipped until it
+        changes (or is retried), so the newest version that works is served: the last good one stays."""
+        have = {**model.loaded, **fresh}
+
+        def usable(v: str) -> bool:
+            return v in retry or v in have or model.failed.get(v) != on_disk[v].stamp
+
+        candidates = sorted((v for v in on_disk if usable(v)), key=int)
+        wanted = candidates[-self.versions :] if self.versions else candidates
+        load = [
+            v
+            for v in wanted
+            if v not in fresh
+            and (
+                v in retry
+                or v not in have
+                or (have[v].files.stamp != on_disk[v].stamp and model.failed.get(v) != on_disk[v].stamp)
+            )
+        ]
+        return wanted, load
+
+    def _reconcile(self, name: str, on_disk: dict[str, Files], force: bool = False) -> dict[str, str]:
+        """Load what the disk has that is not served, retire what is no longer wanted; the failures' reasons."""
         with self._load_lock:
             with self._lock:
                 model = self._models.setdefault(name, Model(name))
                 model.on_disk = on_disk
-                wanted = sorted(on_disk, key=int)[-self.versions :] if self.versions else sorted(on_disk, key=int)
-                stale = [v for v, mv in model.loaded.items() if v not in wanted or mv.files.stamp != on_disk[v].stamp]
-                missing = [v for v in wanted if v not in model.loaded or v in stale or force]
-                if not force:  # a file that failed to load is tried again only once it changes
-                    missing = [v for v in missing if model.failed.get(v) != on_disk[v].stamp]
-                    stale = [v for v in stale if v not in wanted or model.failed.get(v) != on_disk[v].stamp]
-            if not missing and not stale:
-                return
+                retry = set(on_disk) if force else set()
+                wanted, load = self._plan(model, on_disk, retry, {})
+                if not load and all(v in wanted for v in model.loaded):
+                    return {}
             try:
                 config = self._config(name)
             except InputError as exc:
                 self._failed(model, str(exc))
-                return
+                return {"config": str(exc)}
             fresh: dict[str, ModelVersion] = {}
+            failures: dict[str, str] = {}
             with self._lock:
                 if not model.loaded:
                     model.state = LOADING
-            for v in missing:
-                t0 = time.perf_counter()
-                try:
-                    mv = ModelVersion(name, v, on_disk[v], config, self.session_options)
-                except LuodiError as exc:
-                    model.failed[v] = on_disk[v].stamp
-                    self._failed(model, f"version {v} ({on_disk[v].path.name}): {exc}")
-                    for done in fresh.values():
-                        done.close()
-                    return
-                model.failed.pop(v, None)
-                mv.observer = self.observer
-                mv.state = READY
-                fresh[v] = mv
-                log.info(
-                    "loaded",
-                    extra={"event": "load", "model": name, "version": v, "load_s": round(time.perf_counter() - t0, 3)},
-                )
+            while load:
+                for v in load:
+                    mv = self._load_version(model, v, on_disk[v], config, failures)
+                    if mv is not None:
+                        fresh[v] = mv
+                with self._lock:  # a failed version is no longer wanted: plan again without it
+                    wanted, load = self._plan(model, on_disk, set(), fresh)
             with self._lock:  # the switch: new requests see the new versions from here on
                 retired = [model.loaded.pop(v) for v in list(model.loaded) if v in fresh or v not in wanted]
-                model.loaded.update(fresh)
+                unneeded = [mv for v, mv in fresh.items() if v not in wanted]
+                model.loaded.update({v: mv for v, mv in fresh.items() if v in wanted})
                 model.config = config
-                model.state, model.reason = (READY, "") if model.loaded else (UNAVAILABLE, "no version on disk")
+                model.state = READY if model.loaded else UNAVAILABLE
+                broken = sorted((v for v in on_disk if model.failed.get(v) == on_disk[v].stamp), key=int)
+                idle = f"version(s) {broken} failed to load; replace the file(s)" if broken else "no version on disk"
+                model.reason = "; ".join(failures.values()) if failures else ("" if model.loaded else idle)
             if self.observer is not None:
-                for mv in fresh.values():
-                    self.observer.added(mv)
+                for v, mv in fresh.items():
+                    if v in wanted:
+                        self.observer.added(mv)
+            for mv in unneeded:
+                mv.close()
             for mv in retired:
                 self._retire(mv)
+            return failures
 
-    def _failed(self, model: Model, reason: str) -> None:
-        log.error("load failed", extra={"event": "load_failed", "model": model.name, "reason": reason})
+    def _load_version(
+        self, model: Model, v: str, files: Files, config: BatchConfig, failures: dict[str, str]
+    ) -> ModelVersion | None:
+        """Load one version, or record why not: any exception is that version's failure, never the server's."""
+        t0 = time.perf_counter()
+        try:
+            mv = ModelVersion(model.name, v, files, config, self.session_options)
+        except Exception as exc:  # a package must not be able to wedge the model in LOADING by raising oddly
+            model.failed[v] = files.stamp
+            text = str(exc) if isinstance(exc, LuodiError) else f"{type(exc).__name__}: {exc}"
+            failures[v] = f"version {v} ({files.name}): {self._redact(text)}"
+            self._failed(model, failures[v], exc if not isinstance(exc, LuodiError) else None)
+            return None
+        model.failed.pop(v, None)
+        mv.observer = self.observer
+        mv.state = READY
+        log.info(
+            "loaded",
+            extra={"event": "load", "model": model.name, "version": v, "load_s": round(time.perf_counter() - t0, 3)},
+        )
+        return mv
+
+    def _redact(self, text: str) -> str:
+        """A load failure's message without the server's directories: clients see the repository's names only."""
+        for root in {str(self.root.resolve()), str(self.root)}:
+            text = text.replace(root + "/", "").replace(root, "<repository>")
+        return text
+
+    def _failed(self, model: Model, reason: str, exc: BaseException | None = None) -> None:
+        log.error("load failed", exc_info=exc, extra={"event": "load_failed", "model": model.name, "reason": reason})
         with self._lock:
             model.reason = reason
             if not model.loaded:
@@ -491,10 +547,21 @@ class ModelRepository:
         ]
 
     def ready(self) -> bool:
+        """The server's readiness: the start-up scan has tried every package, and at least one model serves
+        (or none is meant to: an empty repository, or every model unloaded). One model failing to load does
+        not make the server unready; its own /v2/models/NAME/ready says so (docs/serving.md)."""
         with self._lock:
-            return not self.closed and all(
-                m.state == READY or m.unloaded or not m.on_disk for m in self._models.values()
-            )
+            if self.closed or not self.started:
+                return False
+            expected = [m for m in self._models.values() if m.on_disk and not m.unloaded]
+            return not expected or any(m.state == READY for m in expected)
+
+    def readiness(self) -> dict[str, int]:
+        """How many models serve and how many do not (counts only: the health route needs no key)."""
+        with self._lock:
+            expected = [m for m in self._models.values() if m.on_disk and not m.unloaded]
+            ready = sum(m.state == READY for m in expected)
+        return {"models_ready": ready, "models_unavailable": len(expected) - ready}
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Stop watching, drain every loaded version, and free the engines."""
@@ -510,6 +577,6 @@ class ModelRepository:
             t.join(timeout_s)
 
 
-def _files(path: Path) -> Files:
+def _files(path: Path, root: Path) -> Files:
     st = path.stat()
-    return Files(path, (st.st_mtime_ns, st.st_size))
+    return Files(path, (st.st_mtime_ns, st.st_size), path.relative_to(root).as_posix())

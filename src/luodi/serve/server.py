@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import MissingExtraError
 from .batcher import BatchConfig
+from .guard import Access, Limits, guarded_http_protocol
 
 
 def serve(
@@ -25,8 +26,15 @@ def serve(
     watch_s: float | None = 2.0,
     session_options: dict[str, Any] | None = None,
     log_level: str = "info",
+    limits: Limits | None = None,
+    access: Access | None = None,
+    ssl_keyfile: str | None = None,
+    ssl_certfile: str | None = None,
 ) -> None:
-    """Serve every package under ``repository`` on ``host:port`` until the process is asked to stop."""
+    """Serve every package under ``repository`` on ``host:port`` until the process is asked to stop.
+
+    ``limits`` and ``access`` are the request bounds and the API key / read-only mode (luodi.serve.guard);
+    with ``ssl_keyfile`` and ``ssl_certfile`` uvicorn speaks TLS itself (else put a TLS proxy in front)."""
     try:
         import uvicorn
     except ImportError:
@@ -36,9 +44,23 @@ def serve(
     from .repository import ModelRepository
 
     configure_logging(log_level)
+    limits = limits or Limits()
+    _bound_image_decoding(limits.max_image_pixels)
     repo = ModelRepository(repository, defaults=batching, versions=versions, session_options=session_options)
-    app = create_app(repo, watch_s=watch_s)
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, log_level=log_level)
+    app = create_app(repo, watch_s=watch_s, limits=limits, access=access)
+    protocol = guarded_http_protocol(limits)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        log_level=log_level,
+        http=protocol or "auto",
+        timeout_keep_alive=5,  # uvicorn's default, said aloud: idle keep-alive connections close after 5 s
+        ssl_keyfile=ssl_keyfile,
+        ssl_certfile=ssl_certfile,
+    )
     server = uvicorn.Server(config)
     _tune_gc()
     # uvicorn drains and then re-raises the signal it caught with the handler found before it: make that an
@@ -49,6 +71,19 @@ def serve(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _bound_image_decoding(max_pixels: int) -> None:
+    """Pillow refuses images over twice MAX_IMAGE_PIXELS (and only warns below): make its bound the server's,
+    so a decode that slips past the route's header check (an image inside another format) is bounded too."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return
+    import warnings
+
+    Image.MAX_IMAGE_PIXELS = max_pixels // 2
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # the limit is the error
 
 
 def _tune_gc() -> None:
