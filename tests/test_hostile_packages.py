@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -18,15 +17,13 @@ import numpy as np
 import pytest
 
 import luodi
-from conftest import installed, small_cnn
+from conftest import installed
 
 HERE = Path(__file__).parent
 
 
 def luodi_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "luodi", *args], capture_output=True, text=True, timeout=300, cwd=cwd
-    )
+    return subprocess.run([sys.executable, "-m", "luodi", *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
 def repin(src: Path, dest: Path, change: dict[str, bytes], manifest: dict | None = None) -> Path:
@@ -70,15 +67,14 @@ def hostile_pt2(program: bytes, marker: Path, where: str = "weight") -> bytes:
     config_name = "archive/data/weights/model_weights_config.json"
     config = json.loads(zin.read(config_name))
     first = next(iter(config["config"]))
+    target = "/" + config["config"][first]["path_name"] if where == "weight" else "sample_inputs/model.pt"
     with zipfile.ZipFile(out, "w") as zout:
         for info in zin.infolist():
             data = zin.read(info.filename)
             if where == "weight" and info.filename == config_name:
                 config["config"][first]["use_pickle"] = True
                 data = json.dumps(config).encode()
-            elif where == "weight" and info.filename.endswith("/" + config["config"][first]["path_name"]):
-                data = evil
-            elif where == "sample_inputs" and info.filename.endswith("sample_inputs/model.pt"):
+            elif info.filename.endswith(target):
                 data = evil
             zout.writestr(info, data)
     return out.getvalue()
@@ -129,6 +125,7 @@ def test_a_pickled_torch_weight_runs_nothing_in_info_and_verify(torch_pkg, tmp_p
 
 def test_a_pickled_torch_weight_runs_nothing_in_serve(torch_pkg, tmp_path):
     import httpx
+
     from serve_helpers import Server
 
     marker = tmp_path / "pwned"

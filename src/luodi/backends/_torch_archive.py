@@ -108,10 +108,9 @@ def _members(infos: list[zipfile.ZipInfo], size: int, where: str) -> set[str]:
 
 
 def _payload_member(rel: str) -> bool:
-    for folder, pattern in _PATTERNS.items():
-        if rel.startswith(folder) and pattern.fullmatch(rel[len(folder) :]):
-            return True
-    return False
+    return any(
+        rel.startswith(folder) and pattern.fullmatch(rel[len(folder) :]) for folder, pattern in _PATTERNS.items()
+    )
 
 
 def _json(zf: zipfile.ZipFile, rel: str, where: str) -> Any:

@@ -177,9 +177,7 @@ def to_program(module: Any, example_inputs: Any, *, dynamic_batch: bool = True) 
         # weight, a custom object) would be refused at every load, so it is refused here, where it can be fixed.
         _torch_archive.check(data, "the torch.export program")
     except ModelError as exc:
-        raise ExportError(
-            f"torch.export stored {type(module).__name__} in a form luodi will not load: {exc}"
-        ) from None
+        raise ExportError(f"torch.export stored {type(module).__name__} in a form luodi will not load: {exc}") from None
     return data
 
 
