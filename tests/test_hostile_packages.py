@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import luodi
-from conftest import installed
+from conftest import installed, small_cnn
 
 HERE = Path(__file__).parent
 
@@ -200,3 +200,96 @@ def test_other_code_paths_of_a_pt2_are_refused(torch_pkg):
     for expected, data in cases.items():
         with pytest.raises(luodi.ModelError, match=expected.replace("(", r"\(").replace(".", r"\.")):
             _torch_archive.check(data)
+
+
+# -- finding 6: a zip bomb behind a signature ----------------------------------------------------------------------
+
+_CHILD_RSS = """
+import resource, sys
+import luodi
+from luodi.package import crypto, signing
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    {call}
+    print("OPENED")
+except luodi.LuodiError as exc:
+    print("REFUSED", type(exc).__name__, str(exc).replace("\\n", " "))
+except BaseException as exc:
+    print("ESCAPED", type(exc).__name__, str(exc)[:300].replace("\\n", " "))
+print("GROWTH_MB", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def run_child(call: str, limit_bytes: int | None = None) -> tuple[str, float]:
+    """Run ``call`` in a fresh interpreter (optionally under an address-space limit); its verdict and RSS growth."""
+    code = _CHILD_RSS.format(call=call)
+    if limit_bytes is not None:
+        code = f"import resource\nresource.setrlimit(resource.RLIMIT_AS, ({limit_bytes}, {limit_bytes}))\n" + code
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = done.stdout.strip().splitlines()
+    growth = float(lines[-1].split()[1]) if lines and lines[-1].startswith("GROWTH_MB") else float("inf")
+    return (lines[0] if lines else done.stderr[-500:]), growth
+
+
+def bomb_zip(src: Path, dest: Path, member: str, inflated: int) -> Path:
+    """``src`` with ``member`` replaced by ``inflated`` zero bytes, deflated (about 1000x smaller on disk)."""
+    chunk = bytes(1 << 20)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w") as zout:
+        for info in zin.infolist():
+            if info.filename != member:
+                zout.writestr(info, zin.read(info.filename))
+                continue
+            info = zipfile.ZipInfo(member)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zout.open(info, "w", force_zip64=True) as fh:
+                for _ in range(inflated // len(chunk)):
+                    fh.write(chunk)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    pytest.importorskip("cryptography")
+    from luodi.package import signing
+
+    d = tmp_path_factory.mktemp("signed")
+    key, pub = signing.generate_keys(d / "vendor")
+    plain = d / "cnn.luodi"
+    luodi.compile(small_cnn(), plain, targets=["onnxruntime"], name="small-cnn", verify=False)
+    return {"dir": d, "key": key, "pub": pub, "plain": plain, "signed": signing.sign_package(plain, key, d / "s.luodi")}
+
+
+@pytest.mark.parametrize("member", ["model.onnx", "manifest.json", "signature.ed25519"])
+def test_a_bomb_in_a_signed_package_is_refused_before_it_inflates(signed, tmp_path, member):
+    bomb = bomb_zip(signed["signed"], tmp_path / "bomb.luodi", member, 600 << 20)
+    assert bomb.stat().st_size < 3 << 20
+    verdict, growth = run_child(f"luodi.Session({str(bomb)!r}, trust={str(signed['pub'])!r})")
+    assert verdict.startswith("REFUSED"), verdict
+    assert member in verdict
+    assert growth < 300, f"opening a {bomb.stat().st_size >> 10} KB bomb grew RSS by {growth:.0f} MB"
+
+
+# -- finding 7: the scrypt cost comes from the manifest --------------------------------------------------------------
+
+
+def test_a_hostile_scrypt_cost_is_refused_before_deriving(signed, tmp_path):
+    from luodi.package import crypto
+
+    enc = crypto.encrypt_package(signed["plain"], tmp_path / "enc.luodi", passphrase="right")
+    with luodi.Session(enc, passphrase="right", backend="onnxruntime") as s:  # the default cost opens
+        assert s.run({"x": np.zeros((1, 3, 16, 16), np.float32)})["y"].shape == (1, 5)
+    for field, value, says in (("n", 2**22, "unlock.n"), ("r", 4096, "unlock.r"), ("p", 2**20, "unlock.p")):
+        m = json.loads(zipfile.ZipFile(enc).read("manifest.json"))
+        m["encryption"]["unlock"][field] = value
+        bad = repin(enc, tmp_path / f"{field}.luodi", {}, manifest=m)
+        t0 = time.perf_counter()
+        # Under a 1.5 GB address-space limit, so that a luodi that derives first fails fast instead of taking 4 GB.
+        verdict, growth = run_child(f"luodi.Session({str(bad)!r}, passphrase='wrong')", limit_bytes=3 << 29)
+        assert verdict.startswith("REFUSED PackageError"), verdict
+        assert says in verdict
+        assert time.perf_counter() - t0 < 30
+        assert growth < 100
+    m = json.loads(zipfile.ZipFile(enc).read("manifest.json"))
+    m["encryption"]["unlock"].update(n=2**20, r=8)  # each within its own bound, 1 GiB together
+    with pytest.raises(luodi.PackageError, match="MiB"):
+        luodi.Session(repin(enc, tmp_path / "mem.luodi", {}, manifest=m), passphrase="wrong")
