@@ -293,3 +293,64 @@ def test_a_hostile_scrypt_cost_is_refused_before_deriving(signed, tmp_path):
     m["encryption"]["unlock"].update(n=2**20, r=8)  # each within its own bound, 1 GiB together
     with pytest.raises(luodi.PackageError, match="MiB"):
         luodi.Session(repin(enc, tmp_path / "mem.luodi", {}, manifest=m), passphrase="wrong")
+
+
+# -- finding 5: external data outside the package ------------------------------------------------------------------
+
+SECRET = b"SECRETSECRETSECR"
+
+
+def external_model(location: str = "secret.txt"):
+    """y = x + w, where w (4 floats) is ONNX external data at ``location``."""
+    from onnx import TensorProto, helper
+
+    w = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", "0"), ("length", "16")):
+        w.external_data.add(key=key, value=value)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "ext",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("backend", [b for b in ("openvino", "onnxruntime", "reference") if installed(b)])
+def test_external_data_is_never_read_from_the_working_directory_at_compile(backend, tmp_path, monkeypatch):
+    cwd, elsewhere = tmp_path / "cwd", tmp_path / "models"
+    cwd.mkdir(), elsewhere.mkdir()
+    (cwd / "secret.txt").write_bytes(SECRET)
+    (elsewhere / "m.onnx").write_bytes(external_model().SerializeToString())
+    monkeypatch.chdir(cwd)
+    for source in (external_model(), external_model().SerializeToString(), elsewhere / "m.onnx"):
+        with pytest.raises(luodi.ModelError, match="secret.txt"):
+            luodi.compile(source, tmp_path / "out.luodi", targets=[backend], verify=False)
+    assert not (tmp_path / "out.luodi").exists()
+    (elsewhere / "secret.txt").write_bytes(bytes(16))  # beside the model file: its own external data, read in
+    pkg = luodi.compile(elsewhere / "m.onnx", tmp_path / "out.luodi", targets=[backend], verify=False)
+    with luodi.Session(pkg.path, backend=backend) as s:
+        assert s.run({"x": np.ones(4, np.float32)})["y"].tolist() == [1.0] * 4
+
+
+@pytest.mark.parametrize("backend", [b for b in ("onnxruntime", "reference") if installed(b)])
+def test_external_data_is_never_read_from_the_working_directory_at_run_time(backend, tmp_path, monkeypatch):
+    from onnx import TensorProto
+
+    good_model = external_model()
+    w = good_model.graph.initializer[0]
+    del w.external_data[:]
+    w.data_location = TensorProto.DEFAULT
+    w.raw_data = bytes(16)
+    good = luodi.compile(good_model, tmp_path / "good.luodi", targets=[backend], verify=False)
+    member = good.find_target(backend)["files"]["model.onnx"]
+    hostile = external_model().SerializeToString()
+    bad = repin(good.path, tmp_path / "bad.luodi", {member: hostile, "model.onnx": hostile})
+    (tmp_path / "secret.txt").write_bytes(SECRET)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(luodi.ModelError, match="external data"), luodi.Session(bad, backend=backend) as s:
+        leaked = s.run({"x": np.zeros(4, np.float32)})["y"]
+        assert leaked.tobytes() != SECRET, "a file of the working directory came back as an output"
