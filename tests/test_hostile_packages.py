@@ -354,3 +354,27 @@ def test_external_data_is_never_read_from_the_working_directory_at_run_time(back
     with pytest.raises(luodi.ModelError, match="external data"), luodi.Session(bad, backend=backend) as s:
         leaked = s.run({"x": np.zeros(4, np.float32)})["y"]
         assert leaked.tobytes() != SECRET, "a file of the working directory came back as an output"
+
+
+# -- finding 12: what a package says is shown, never obeyed ----------------------------------------------------------
+
+HOSTILE_TEXT = "\x1b[2J\x1b[Hcleared\rFAKE: verified\x9b31m [bold red]markup[/] \u202eevil"
+
+
+def test_info_escapes_control_characters_and_markup_from_the_manifest(signed, tmp_path):
+    m = json.loads(zipfile.ZipFile(signed["plain"]).read("manifest.json"))
+    m["name"] = "cnn" + HOSTILE_TEXT
+    m["description"] = HOSTILE_TEXT
+    m["version"] = HOSTILE_TEXT
+    m["created"] = HOSTILE_TEXT
+    m["targets"][0]["verification"] = {"error": HOSTILE_TEXT}
+    bad = repin(signed["plain"], tmp_path / "bad.luodi", {}, manifest=m)
+    shown = luodi_cli("info", str(bad))
+    assert shown.returncode == 0, shown.stderr
+    for raw in ("\x1b", "\r", "\x9b", "\u202e"):
+        assert raw not in shown.stdout, f"{raw!r} reached the terminal"
+    assert "\\x1b[2J" in shown.stdout and "\\r" in shown.stdout  # shown as escapes, not dropped
+    assert "[bold red]markup[/]" in shown.stdout  # markup shown literally
+    from luodi.cli.safe import plain, text
+
+    assert text("a[b]c\x07") == "a\\[b]c\\x07" and plain("ok\u2028") == "ok\\u2028"

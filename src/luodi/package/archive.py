@@ -114,6 +114,8 @@ class Package:
     """An opened .luodi file. Members are read on demand and checked against the manifest."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise PackageError(f"a package is opened from a path (str or os.PathLike), not a {type(path).__name__}")
         self.path = Path(path)
         self.manifest = self._read_manifest()
         self._specs_in = [TensorSpec.from_dict(d) for d in self.manifest["inputs"]]

@@ -59,6 +59,10 @@ def generate_keys(name: str | os.PathLike[str], *, overwrite: bool = False) -> t
 def _key_bytes(key: Any, what: str) -> bytes:
     if isinstance(key, (bytes, bytearray)):
         return bytes(key)
+    if not isinstance(key, (str, os.PathLike)):
+        raise PackageError(
+            f"the {what} must be a path, PEM or raw bytes, or a cryptography Ed25519 key; got a {type(key).__name__}"
+        )
     path = Path(key)
     try:
         return path.read_bytes()
