@@ -64,6 +64,8 @@ def names(name: str, value: Any, example: str) -> list[str]:
 
 def feeds(value: Any, input_names: list[str], verb: str = "run()") -> dict[Any, Any]:
     """``run``'s feeds: a dict of input name -> array, or for a model with one input that array alone."""
+    if type(value) is dict:  # the common case first: run() is a hot path, and the dict is only read
+        return value
     if isinstance(value, Mapping):
         return dict(value)
     if len(input_names) == 1 and hasattr(value, "shape") and hasattr(value, "dtype"):
