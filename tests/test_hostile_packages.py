@@ -378,3 +378,14 @@ def test_info_escapes_control_characters_and_markup_from_the_manifest(signed, tm
     from luodi.cli.safe import plain, text
 
     assert text("a[b]c\x07") == "a\\[b]c\\x07" and plain("ok\u2028") == "ok\\u2028"
+
+
+def test_a_licence_path_is_read_bounded(tmp_path):
+    pytest.importorskip("cryptography")
+    from luodi.package.license import License
+
+    deep = tmp_path / "deep.lic"
+    deep.write_text("[" * 200_000)
+    for source in ("/dev/zero", deep):
+        with pytest.raises(luodi.LicenseError, match="over|not JSON"):
+            License.load(source)
