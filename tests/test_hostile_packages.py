@@ -389,3 +389,25 @@ def test_a_licence_path_is_read_bounded(tmp_path):
     for source in ("/dev/zero", deep):
         with pytest.raises(luodi.LicenseError, match="over|not JSON"):
             License.load(source)
+
+
+def test_damaged_pt2_archives_are_model_errors_never_a_crash_or_code(torch_pkg, tmp_path):
+    """300 byte flips of a real program: each is refused by the check or by torch, always as a LuodiError."""
+    import torch
+
+    from luodi.backends.torch import _load_program
+
+    pkg = luodi.Package(torch_pkg)
+    program = pkg.read(pkg.find_target("torch")["files"]["model.pt2"])
+    rng = np.random.default_rng(14)
+    outcomes = {"loaded": 0, "refused": 0}
+    for _ in range(300):
+        data = bytearray(program)
+        for at in rng.integers(0, len(data), size=int(rng.integers(1, 4))):
+            data[at] = int(rng.integers(0, 256))
+        try:
+            _load_program(torch, bytes(data))
+            outcomes["loaded"] += 1
+        except luodi.LuodiError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 0

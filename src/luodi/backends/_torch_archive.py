@@ -71,12 +71,16 @@ def check(data: bytes, where: str = "model.pt2") -> None:
         raise ModelError(f"{where} is not a torch.export archive (not a readable zip: {exc})") from None
     with zf:
         members = _members(infos, len(data), where)
-        weights = _payload(zf, "data/weights/model_weights_config.json", "data/weights/", members, where)
-        constants = _payload(zf, "data/constants/model_constants_config.json", "data/constants/", members, where)
-        _unreferenced(members, weights | constants, where)
-        program = _json(zf, "models/model.json", where)
-        _walk(program, where)
-        _sample_inputs(zf.read(_ROOT + "data/sample_inputs/model.pt"), where)
+        try:
+            weights = _payload(zf, "data/weights/model_weights_config.json", "data/weights/", members, where)
+            constants = _payload(zf, "data/constants/model_constants_config.json", "data/constants/", members, where)
+            _unreferenced(members, weights | constants, where)
+            program = _json(zf, "models/model.json", where)
+            _walk(program, where)
+            samples = zf.read(_ROOT + "data/sample_inputs/model.pt")
+        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as exc:  # a bad CRC, ...
+            raise ModelError(f"{where} is not a readable torch.export archive ({exc})") from None
+        _sample_inputs(samples, where)
 
 
 def _refuse(where: str, what: str) -> ModelError:
