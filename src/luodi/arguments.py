@@ -62,12 +62,13 @@ def names(name: str, value: Any, example: str) -> list[str]:
     return items
 
 
-def feeds(value: Any, input_names: list[str], verb: str = "run()") -> dict[Any, Any]:
+def feeds(value: Any, inputs: Iterable[str], verb: str = "run()") -> dict[Any, Any]:
     """``run``'s feeds: a dict of input name -> array, or for a model with one input that array alone."""
     if type(value) is dict:  # the common case first: run() is a hot path, and the dict is only read
         return value
     if isinstance(value, Mapping):
         return dict(value)
+    input_names = list(inputs)
     if len(input_names) == 1 and hasattr(value, "shape") and hasattr(value, "dtype"):
         return {input_names[0]: value}
     got = f"a {type(value).__name__}"

@@ -288,7 +288,7 @@ class Session:
         """
         if self._closed:
             raise StateError("this session is closed")
-        feeds = arguments.feeds(feeds, list(self._input_by_name))
+        feeds = arguments.feeds(feeds, self._input_by_name)
         checked = {name: self._validated(name, value) for name, value in feeds.items()}
         if len(checked) != len(self._input_by_name):
             missing = [n for n in self._input_by_name if n not in checked]

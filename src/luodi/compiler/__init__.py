@@ -88,7 +88,7 @@ def compile(  # noqa: A001 - the field's word for it
     targets = arguments.names("targets", targets, "['onnxruntime', 'openvino:int8']")
     samples = None if samples is None else arguments.feed_dicts("samples", samples)
     calib_samples = arguments.optional_count("calib_samples", calib_samples)
-    if passes is not None and passes != "default":
+    if not isinstance(passes, str) and passes is not None:  # a str is "default", "none" or one pass's name
         passes = arguments.names("passes", passes, "['fold-constants']")
     accuracy_budget = arguments.text("accuracy_budget", accuracy_budget)
     max_disagreement = None
