@@ -35,6 +35,11 @@ def import_engine(module: str) -> ModuleType:
     """
     quiet_onnxruntime()
     top = module.split(".")[0]
+    if top == "onnxruntime" and not _ALLOWED:
+        mod = importlib.import_module(module)
+        # Imported before luodi set the variable: its files are written, but its events can still be stopped.
+        getattr(mod, "disable_telemetry_events", lambda: None)()
+        return mod
     if _ALLOWED or top != "openvino" or "openvino" in sys.modules or "openvino_telemetry" in sys.modules:
         return importlib.import_module(module)
     with _lock:
