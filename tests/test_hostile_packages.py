@@ -1,5 +1,6 @@
 """Packages crafted by an attacker: a pickled torch weight, external data outside the package, a zip bomb behind a
-signature, a scrypt cost meant to exhaust memory. Each is refused with a LuodiError and runs nothing."""
+signature, a scrypt cost meant to exhaust memory, escapes in the manifest, an endless licence. Each is refused with a
+LuodiError (or shown escaped) and runs nothing."""
 
 from __future__ import annotations
 
@@ -18,9 +19,6 @@ import pytest
 
 import luodi
 from conftest import installed, small_cnn
-
-HERE = Path(__file__).parent
-
 
 def luodi_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "luodi", *args], capture_output=True, text=True, timeout=300, cwd=cwd)
