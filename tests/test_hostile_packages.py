@@ -20,6 +20,7 @@ import pytest
 import luodi
 from conftest import installed, small_cnn
 
+
 def luodi_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "luodi", *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
