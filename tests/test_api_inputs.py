@@ -111,3 +111,15 @@ def test_engines_write_no_telemetry_under_home(tmp_path):
     assert "ran" in done.stdout, done.stderr
     written = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
     assert written == [], f"engines wrote under $HOME: {written}"
+
+
+def test_topk_takes_a_positive_k_only():
+    from luodi.pipeline.classify import TopK
+
+    scores = np.random.default_rng(0).random((1, 1000)).astype(np.float32)
+    assert len(TopK(k=5)(scores)[0]) == 5 and len(TopK(k=5)(scores, k=3)[0]) == 3
+    for k in (-3, 0, "3", 2.5):
+        with pytest.raises(luodi.PipelineError, match="k must be an int >= 1"):
+            TopK(k=5)(scores, k=k)
+        with pytest.raises(luodi.PipelineError, match="k must be an int >= 1"):
+            TopK(k=k)
