@@ -8,6 +8,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .telemetry import quiet_onnxruntime  # noqa: E402
+
+quiet_onnxruntime()  # before anything imports onnxruntime: it records usage from its import on
+
 from .backends import Availability, Backend, Engine, backend_names, get_backend  # noqa: E402
 from .compiler import compile  # noqa: E402
 from .errors import (  # noqa: E402

@@ -5,7 +5,6 @@ The base install is numpy + onnxruntime (load a package, run it); nothing here m
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
 from .errors import MissingExtraError
@@ -29,8 +28,10 @@ EXTRA_OF = {
 
 def require(module: str, feature: str) -> ModuleType:
     """Import ``module`` for ``feature`` (e.g. "compiling a model"), or say which luodi extra installs it."""
+    from .telemetry import import_engine
+
     try:
-        return importlib.import_module(module)
+        return import_engine(module)
     except ImportError as exc:
         top = module.split(".")[0]
         extra = EXTRA_OF.get(top)

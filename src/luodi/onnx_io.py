@@ -20,11 +20,12 @@ it, e.g. to keep the weights of a mid-sized model beside its graph too.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError
+from .errors import LuodiError, ModelError
 
 LIMIT = (2 << 30) - (64 << 20)
 """Weights above this many bytes go to external data (protobuf refuses messages over 2 GB)."""
@@ -184,6 +185,47 @@ def uses_external(model: Any) -> bool:
     return any(t.data_location == TensorProto.EXTERNAL for t in _tensors(model))
 
 
+def refuse_external(model: Any, where: str = "the model") -> None:
+    """Raise ModelError when a tensor of ``model`` still points at external data.
+
+    A model handed to the compiler has its weights inside it (luodi's frontends read a file's external data from
+    that file's own folder). A reference left unresolved would be read by an engine relative to the process's
+    working directory (OpenVINO's ONNX reader does so for a model given as bytes): a plain ``secret.txt`` there
+    would become a weight, and its bytes an output.
+    """
+    from onnx import TensorProto
+
+    for t in _tensors(model):
+        if t.data_location == TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in t.external_data}.get("location", "")
+            raise ModelError(
+                f"{where}: tensor '{t.name}' keeps its data in an external file {loc!r} that was not read in; "
+                "give the model as a path to its .onnx file (its external data is read from that file's folder), "
+                "or load it with onnx.load(path) first"
+            )
+
+
+#: What onnxruntime says when it refuses external data that :func:`sealed_ort_options` kept out.
+EXTERNAL_REFUSED = re.compile(r"External data path|External file: .* not found|model_path must not be empty")
+_NO_FOLDER = os.devnull
+"""Where onnxruntime is told a model's external files lie: a file, never a folder, so no path under it exists."""
+
+
+def sealed_ort_options(make: Callable[[], Any]) -> Callable[[], Any]:
+    """``make`` (a SessionOptions factory) whose sessions read no external data from disk.
+
+    onnxruntime resolves a model-from-bytes' external data against the working directory; pointed at a folder
+    that cannot exist, every location not handed over in memory fails to load instead.
+    """
+
+    def options() -> Any:
+        so = make()
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", _NO_FOLDER)
+        return so
+
+    return options
+
+
 def attach(model: Any, read: Callable[[str], bytes | memoryview]) -> Any:
     """Fill ``model``'s external tensors in place from ``read(location)`` (a package member, a dict...); return it.
 
@@ -201,7 +243,12 @@ def attach(model: Any, read: Callable[[str], bytes | memoryview]) -> Any:
         if not loc or Path(loc).is_absolute() or ".." in Path(loc).parts:
             raise ModelError(f"tensor '{t.name}' has external data at {loc!r}; only a file beside the graph is allowed")
         if loc not in blobs:
-            blobs[loc] = memoryview(read(loc))
+            try:
+                blobs[loc] = memoryview(read(loc))
+            except LuodiError as exc:  # the package (or artifact) has no such member: never look elsewhere
+                raise ModelError(
+                    f"tensor '{t.name}' has external data at {loc!r}, which is not in the package ({exc})"
+                ) from None
         blob = blobs[loc]
         try:
             offset = int(info.get("offset", 0))
@@ -272,6 +319,7 @@ def check(model: Any) -> None:
 
     import onnx
 
+    refuse_external(model)  # the gate every model passes on its way into the compiler
     if not is_large(model):
         onnx.checker.check_model(model)
         return

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from . import arguments
 from .backends import LoadOptions, get_backend
 from .backends.base import Artifact, CompileOptions, Engine
 from .errors import (
@@ -71,6 +72,10 @@ class Session:
         passphrase: str | bytes | None = None,
         isolate: bool | int | str = False,
     ) -> None:
+        device, backend = arguments.text("device", device), arguments.text("backend", backend)
+        precision = arguments.optional_text("precision", precision)
+        accuracy_budget = arguments.optional_text("accuracy_budget", accuracy_budget)
+        threads, options = arguments.threads(threads), arguments.mapping("options", options)
         self.device = device
         self.package: Package | None = None
         self._closed = False
@@ -216,7 +221,7 @@ class Session:
     def _concrete(self, shapes: dict[str, tuple[int, ...]] | None) -> dict[str, tuple[int, ...]]:
         """Every input's concrete shape: ``shapes`` where given, else symbolic dims as 1; checked against the specs."""
         self._check_open()
-        shapes = dict(shapes or {})
+        shapes = arguments.mapping("shapes", shapes)
         for name in shapes:
             self._spec(name)
         concrete = {}
@@ -282,10 +287,14 @@ class Session:
         self.close()
 
     # -- conveniences --------------------------------------------------------------------------
-    def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
-        """Validate ``feeds`` (every input, by name) and return every output by name."""
+    def run(self, feeds: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
+        """Validate ``feeds`` (every input, by name) and return every output by name.
+
+        ``feeds`` is a dict of input name -> array; a model with one input also takes that array alone.
+        """
         if self._closed:
             raise StateError("this session is closed")
+        feeds = arguments.feeds(feeds, self._input_by_name)
         checked = {name: self._validated(name, value) for name, value in feeds.items()}
         if len(checked) != len(self._input_by_name):
             missing = [n for n in self._input_by_name if n not in checked]
@@ -308,6 +317,7 @@ class Session:
         self._check_open()
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        samples = arguments.samples("samples", samples)
         fixed = batch.batch_mode(self._inputs, self._outputs)
         # A sample has any number of rows up to a fixed batch; only the other axes must match the spec.
         specs = self._input_by_name if fixed in (None, 1) else batch.free_batch(self._inputs)

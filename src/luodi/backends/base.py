@@ -6,7 +6,6 @@ A backend module imports its engine library lazily, inside these methods; nothin
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import BackendUnavailableError, ModelError, StateError, UnknownTensorError
+from ..telemetry import import_engine
 from ..tensor import TensorSpec
 
 
@@ -151,7 +151,7 @@ class Backend:
         if self.module is None:
             return Availability(True, devices=self.devices, precisions=self.precisions)
         try:
-            mod = importlib.import_module(self.module)
+            mod = import_engine(self.module)
         except ImportError as exc:
             return Availability(
                 False,
@@ -175,7 +175,7 @@ class Backend:
         if not avail.ok:
             hint = f"; install it with: {avail.install}" if avail.install else ""
             raise BackendUnavailableError(f"backend '{self.name}' cannot run here: {avail.reason}{hint}")
-        return importlib.import_module(self.module) if self.module else None
+        return import_engine(self.module) if self.module else None
 
     def compile(self, model: Any, options: CompileOptions) -> Artifact:
         raise NotImplementedError

@@ -26,6 +26,11 @@ _NO_OP = re.compile(r"(?:([\w.]+):)?(\w+)\((-?\d+)\) is not a registered functio
 
 def _raise_engine_error(exc: Exception, backend: str) -> None:
     msg = str(exc)
+    if onnx_io.EXTERNAL_REFUSED.search(msg):
+        raise ModelError(
+            f"{backend}: the model names external data that is not in its package ({msg.strip().splitlines()[-1]}); "
+            "a package's weights come from the package only: the package is damaged or hostile"
+        ) from exc
     m = _NO_KERNEL.search(msg)
     if m:
         op, version, node = m.groups()
@@ -49,6 +54,7 @@ _DATA = "model.onnx.data"
 
 def _session(ort: Any, files: dict[str, bytes], make_options: Callable[[], Any], providers: list[Any]) -> Any:
     """An InferenceSession from an artifact's bytes; external weights are handed over from memory, never a file."""
+    make_options = onnx_io.sealed_ort_options(make_options)
     if _DATA not in files:
         return ort.InferenceSession(files["model.onnx"], make_options(), providers=providers)
     data = files[_DATA]

@@ -15,7 +15,22 @@ import numpy as np
 from ..compiler.passes.normalize import FOLDED_KEY
 from ..errors import BackendUnavailableError, CompileError, ModelError, NotApplicableError
 from ..tensor import specs_from_onnx
+from . import _torch_archive
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
+
+
+def _load_program(torch: Any, data: bytes) -> Any:
+    """The ExportedProgram in ``data``, which luodi.backends._torch_archive has shown to be data, not code.
+
+    ``torch.export.load`` unpickles whatever the archive marks as a pickle; a package is untrusted input, so the
+    archive is checked before torch sees a byte of it, at compile and at every load.
+    """
+    _torch_archive.check(data)
+    try:
+        return torch.export.load(io.BytesIO(data))
+    except Exception as exc:  # torch raises many types for a bad archive
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"the stored torch.export program cannot be loaded: {first}") from exc
 
 
 class TorchEngine(Engine):
@@ -96,10 +111,7 @@ class TorchBackend(Backend):
                 "this model came from ONNX: choose another target, e.g. onnxruntime or openvino"
             )
         data = program() if callable(program) else program
-        try:
-            torch.export.load(io.BytesIO(data))
-        except Exception as exc:  # torch raises many types for a bad archive
-            raise ModelError(f"the stored torch.export program cannot be loaded: {exc}") from exc
+        _load_program(torch, data)
         inputs, outputs = specs_from_onnx(model)
         opts: dict[str, Any] = {"inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs]}
         folded = (getattr(options.source, "pipeline", None) or {}).get(FOLDED_KEY)
@@ -118,8 +130,9 @@ class TorchBackend(Backend):
             )
         if options.threads:
             torch.set_num_threads(options.threads)  # process-wide in torch; documented as such
-        program = torch.export.load(io.BytesIO(artifact.files["model.pt2"]))
-        module = program.module().to(device)
+        if "model.pt2" not in artifact.files:
+            raise ModelError(f"{artifact.target} artifact has no model.pt2")
+        module = _load_program(torch, artifact.files["model.pt2"]).module().to(device)
         inputs = [TensorSpec.from_dict(d) for d in artifact.options["inputs"]]
         outputs = [TensorSpec.from_dict(d) for d in artifact.options["outputs"]]
         normalization = artifact.options.get("input_normalization")

@@ -12,10 +12,10 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from ..errors import LuodiError
+from .safe import text as shown
 
 # Pipes and CI logs get rich's 80-column default, too narrow for the tables: widen them.
 out = Console(width=None if sys.stdout.isatty() else 120)
@@ -27,7 +27,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except LuodiError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {shown(exc)}", highlight=False, soft_wrap=True)
             sys.exit(2)
 
 
@@ -50,7 +50,7 @@ def backends() -> None:
         try:
             a = get_backend(name).available()
         except LuodiError as exc:
-            table.add_row(name, "[red]no[/]", "", "", "", "", "", str(exc))
+            table.add_row(name, "[red]no[/]", "", "", "", "", "", shown(exc))
             continue
         why = a.reason + (f" — {a.install}" if a.install else "")
         table.add_row(
@@ -72,7 +72,7 @@ def _int8_column(backend: Any) -> str:
     try:
         return policy_of(backend).summary()
     except LuodiError as exc:
-        return f"[yellow]no[/]: {escape(str(exc).split(': ', 1)[-1])}"
+        return f"[yellow]no[/]: {shown(str(exc).split(': ', 1)[-1])}"
 
 
 def _package_options(default_targets: tuple[str, ...]) -> Any:
@@ -128,7 +128,11 @@ def _package_options(default_targets: tuple[str, ...]) -> Any:
     type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
     help="how activation ranges are chosen from the calibration data",
 )
-@click.option("--calib-samples", type=int, help="how many calibration samples to use (spread over the set) [100]")
+@click.option(
+    "--calib-samples",
+    type=click.IntRange(min=1),
+    help="how many calibration samples to use (spread over the set) [100]",
+)
 @click.option("--validation", help="held-apart data int8 agreement is measured on (default: the calibration data)")
 @click.option(
     "--preprocess",
@@ -197,7 +201,7 @@ def _passes_arg(pass_names: tuple[str, ...], no_passes: bool) -> Any:
 
 
 def _print_compiled(pkg: Any, show_passes: bool) -> None:
-    out.print(f"wrote [bold]{pkg.path}[/] ({pkg.path.stat().st_size / 1e6:.1f} MB)")
+    out.print(f"wrote [bold]{shown(pkg.path)}[/] ({pkg.path.stat().st_size / 1e6:.1f} MB)")
     if show_passes:
         _print_passes(pkg.manifest.get("passes", []))
     _print_verification(pkg)
@@ -209,11 +213,11 @@ def _print_passes(records: list[dict[str, Any]]) -> None:
         table.add_column(col, justify="right" if col in ("nodes", "initializers", "ms") else "left")
     for r in records:
         table.add_row(
-            r["name"],
+            shown(r["name"]),
             f"{r['nodes_before']} -> {r['nodes_after']}",
             f"{r['initializers_before']} -> {r['initializers_after']}",
             f"{r['ms']:.0f}",
-            escape("; ".join(r["notes"])),
+            shown("; ".join(r["notes"])),
         )
     if not records:
         table.add_row("(none)", "", "", "", "the graph was compiled as given")
@@ -317,29 +321,31 @@ def info(package: str, device: str) -> None:
 
     pkg = Package(package)
     m = pkg.manifest
-    out.print(f"[bold]{pkg.name}[/] version {m.get('version')} — {m.get('description') or ''}")
-    out.print(f"created {m.get('created')} with luodi {m.get('toolchain', {}).get('luodi', '?')}")
+    out.print(f"[bold]{shown(pkg.name)}[/] version {shown(m.get('version'))} — {shown(m.get('description') or '')}")
+    toolchain = m.get("toolchain") if isinstance(m.get("toolchain"), dict) else {}
+    out.print(f"created {shown(m.get('created'))} with luodi {shown(toolchain.get('luodi', '?'))}")
     io = Table(title="inputs and outputs")
     for col in ("kind", "name", "dtype", "shape"):
         io.add_column(col)
     for kind, specs in (("input", pkg.inputs), ("output", pkg.outputs)):
         for s in specs:
-            io.add_row(kind, s.name, s.dtype, escape(s.shape_str()))
+            io.add_row(kind, shown(s.name), shown(s.dtype), shown(s.shape_str()))
     out.print(io)
     pipe = pkg.pipeline
     if pipe and "graph" in pipe:
         steps = " -> ".join(s.get("op") or f"[model {s['model']}]" for s in pipe["graph"])
-        out.print(f"pipeline ({pipe.get('task', '?')}): {escape(steps)}")
+        out.print(f"pipeline ({shown(pipe.get('task', '?'))}): {shown(steps)}")
         if pkg.model_names:
-            out.print(f"models: main, {', '.join(pkg.model_names)} (each compiled for every target)")
+            out.print(f"models: main, {shown(', '.join(pkg.model_names))} (each compiled for every target)")
     elif pipe:
         steps = " -> ".join(s["op"] for s in pipe.get("pre", [])) + " -> [model] -> "
         steps += " -> ".join(s["op"] for s in pipe.get("post", []))
-        out.print(f"pipeline ({pipe.get('task', '?')}): {escape(steps)}")
+        out.print(f"pipeline ({shown(pipe.get('task', '?'))}): {shown(steps)}")
     if pipe and pipe.get("folded_into_model"):
         folded = pipe["folded_into_model"]
         out.print(
-            f"input '{folded['input']}' takes pixel values: normalize(mean={folded['mean']}, std={folded['std']}) "
+            f"input '{shown(folded['input'])}' takes pixel values: "
+            f"normalize(mean={shown(folded['mean'])}, std={shown(folded['std'])}) "
             "is folded into the first Conv"
         )
     passes = m.get("passes") or []
@@ -351,22 +357,24 @@ def info(package: str, device: str) -> None:
         ]
         out.print(
             f"graph passes: {passes[0]['nodes_before']} -> {passes[-1]['nodes_after']} nodes "
-            f"({', '.join(dict.fromkeys(changed))}); `luodi compile --passes` shows each"
+            f"({shown(', '.join(dict.fromkeys(changed)))}); `luodi compile --passes` shows each"
         )
     _print_verification(pkg)
     if pkg.encrypted:
         how = pkg.manifest["encryption"].get("unlock", {})
         key = f"a licence of vendor key {how.get('issuer')}" if how.get("kind") == "license" else "its passphrase"
         signer = pkg.manifest.get("signer", {}).get("key")
-        out.print(f"encrypted (AES-256-GCM): opens with {key}" + (f"; signed by key {signer}" if signer else ""))
+        out.print(
+            f"encrypted (AES-256-GCM): opens with {shown(key)}" + (f"; signed by key {shown(signer)}" if signer else "")
+        )
         return
     from ..selection import select_target
 
     try:
         _, why = select_target(pkg, device=device)
-        out.print(f"backend=auto on {device} here: {escape(why)}")
+        out.print(f"backend=auto on {device} here: {shown(why)}")
     except LuodiError as exc:
-        out.print(f"[yellow]backend=auto on {device} here: {escape(str(exc))}[/]")
+        out.print(f"[yellow]backend=auto on {device} here: {shown(str(exc))}[/]")
 
 
 def _print_verification(pkg: Any) -> None:
@@ -385,7 +393,7 @@ def _print_model_verification(pkg: Any, title: str) -> None:
     sizes = {n: f["size"] for n, f in pkg.manifest["files"].items()}
     timings = _timings_here(pkg)
     for t in pkg.targets:
-        label = f"{t['backend']}:{t['precision']}"
+        label = shown(f"{t['backend']}:{t['precision']}")
         mb = f"{sum(sizes.get(m, 0) for m in t['files'].values()) / 1e6:.1f}"
         ms = f"{timings[label]:.2f}" if label in timings else ""
         ver = t.get("verification")
@@ -393,7 +401,7 @@ def _print_model_verification(pkg: Any, title: str) -> None:
             table.add_row(label, mb, "", "", "", "", "", "[yellow]not verified[/]", ms)
             continue
         if "error" in ver:
-            table.add_row(label, mb, "", "", "", "", "", f"[red]FAILED: {escape(ver['error'])}[/]", ms)
+            table.add_row(label, mb, "", "", "", "", "", f"[red]FAILED: {shown(ver['error'])}[/]", ms)
             continue
         tol = ver["tolerance"]
         for name, r in ver["outputs"].items():
@@ -402,7 +410,7 @@ def _print_model_verification(pkg: Any, title: str) -> None:
             table.add_row(
                 label,
                 mb,
-                name,
+                shown(name),
                 f"{r['max_abs']:.2e}",
                 f"{r['mean_abs']:.2e}",
                 f"{r['cosine']:.7f}",
@@ -429,7 +437,9 @@ def _timings_here(pkg: Any) -> dict[str, float]:
 @cli.command()
 @click.argument("package", type=click.Path(dir_okay=False))
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-k", "--top", "k", default=5, show_default=True, help="how many classes to show")
+@click.option(
+    "-k", "--top", "k", default=5, show_default=True, type=click.IntRange(min=1), help="how many classes to show"
+)
 @click.option("-b", "--backend", default="auto", show_default=True)
 @click.option("-d", "--device", default="cpu", show_default=True)
 @click.option(
@@ -456,7 +466,7 @@ def predict(
     with Session(
         package, backend=backend, device=device, license=license_file, trust=trust, passphrase=passphrase
     ) as s:
-        err.print(f"[dim]{s.selection}[/]", highlight=False)
+        err.print(f"[dim]{shown(s.selection)}[/]", highlight=False)
         for n, item in enumerate(inputs):
             result = s.predict(item, k=k)
             out.print(_result_table(Path(item).name, result))
@@ -479,12 +489,12 @@ def _result_table(title: str, result: Any) -> Table:
         for col in ("label", "score", "box x1, y1, x2, y2"):
             table.add_column(col)
         for d in result:
-            table.add_row(d.label, f"{d.score:.2f}", ", ".join(f"{v:.0f}" for v in d.box))
+            table.add_row(shown(d.label), f"{d.score:.2f}", ", ".join(f"{v:.0f}" for v in d.box))
     elif isinstance(first, TextLine):
         for col in ("line", "text", "confidence"):
             table.add_column(col)
         for i, t in enumerate(result, 1):
-            table.add_row(str(i), escape(t.text), f"{t.score:.3f}")
+            table.add_row(str(i), shown(t.text), f"{t.score:.3f}")
     elif isinstance(first, SpeechSegment):
         for col in ("segment", "start s", "end s"):
             table.add_column(col)
@@ -494,10 +504,10 @@ def _result_table(title: str, result: Any) -> Table:
         for col in ("rank", "class", "label", "probability"):
             table.add_column(col)
         for rank, p in enumerate(result, 1):
-            table.add_row(str(rank), str(p.index), p.label, f"{p.score:.1%}")
+            table.add_row(str(rank), str(p.index), shown(p.label), f"{p.score:.1%}")
     else:
         table.add_column("result")
-        table.add_row(escape(repr(result)) if result else "(nothing found)")
+        table.add_row(shown(repr(result)) if result else "(nothing found)")
     return table
 
 
@@ -524,7 +534,7 @@ def _feeds_for(pkg: Any, data: str | None, limit: int | None) -> list:
 @click.option("-t", "--target", "targets", multiple=True, help="BACKEND[:PRECISION] to check (repeat); default all")
 @click.option("--against", default="reference", show_default=True, help="what to compare with: reference or a target")
 @click.option("--data", help="a folder of images or .npy files, an .npy/.npz, or a dataset (default: 2 random inputs)")
-@click.option("--limit", type=int, help="use this many samples of --data, spread over it")
+@click.option("--limit", type=click.IntRange(min=1), help="use this many samples of --data, spread over it")
 @click.option("--layerwise", is_flag=True, help="compare every intermediate tensor and mark where the error jumps")
 @click.option("--license", "license_file", help="the licence that unlocks an encrypted package")
 @click.option("--trust", help="accept the package only if signed by this public key (.pub)")
@@ -549,12 +559,12 @@ def verify(
     chosen = [pkg.find_target(*(t.split(":", 1) if ":" in t else (t, None))) for t in targets] or None
     feeds = _feeds_for(pkg, data, limit)
     reports, ran = verify_package(pkg, feeds, chosen, against)
-    table = Table(title=f"against {against} ({escape(ran)}) on {len(feeds)} sample(s)")
+    table = Table(title=f"against {against} ({shown(ran)}) on {len(feeds)} sample(s)")
     for col in ("target", "output", "max abs err", "cosine", "SNR dB", "top-1 agreement"):
         table.add_column(col)
     for r in reports:
         agree = "" if r.agreement is None else f"{r.agreement:.2%}"
-        table.add_row(r.target, escape(r.output), f"{r.max_abs:.3g}", f"{r.cosine:.6f}", f"{r.snr_db:.1f}", agree)
+        table.add_row(shown(r.target), shown(r.output), f"{r.max_abs:.3g}", f"{r.cosine:.6f}", f"{r.snr_db:.1f}", agree)
     out.print(table)
     if layerwise:
         from ..verify.layerwise import JUMP_DB
@@ -566,15 +576,18 @@ def verify(
             base = pkg.find_target(*(against.split(":", 1) if ":" in against else (against, None)))
         for t in chosen or [t for t in pkg.targets if t is not base and t["backend"] != "reference"]:
             report = compare_layers(pkg, base, t, feeds[0])
-            lt = Table(title=f"layer-wise: {report.b} against {report.a} (first tensor below {JUMP_DB:.0f} dB marked)")
+            lt = Table(
+                title=f"layer-wise: {shown(report.b)} against {shown(report.a)} "
+                f"(first tensor below {JUMP_DB:.0f} dB marked)"
+            )
             for col in ("#", "tensor", "op", "cosine", "SNR dB", "max abs"):
                 lt.add_column(col)
             for i, row in enumerate(report.rows):
                 style = "bold red" if i == report.first_jump else None
                 lt.add_row(
                     str(i),
-                    escape(row.tensor),
-                    row.op,
+                    shown(row.tensor),
+                    shown(row.op),
                     f"{row.cosine:.6f}",
                     f"{row.snr_db:.1f}",
                     f"{row.max_abs:.3g}",
@@ -583,7 +596,9 @@ def verify(
             out.print(lt)
             if report.first_jump is not None:
                 row = report.rows[report.first_jump]
-                out.print(f"error jumps first at [bold]{escape(row.tensor)}[/] ({row.op}, node {escape(row.node)})")
+                out.print(
+                    f"error jumps first at [bold]{shown(row.tensor)}[/] ({shown(row.op)}, node {shown(row.node)})"
+                )
 
 
 @cli.command("quantize-analyse")
@@ -591,9 +606,11 @@ def verify(
 @click.option("-t", "--target", "backend", default="onnxruntime", show_default=True, help="whose int8 policy to use")
 @click.option("--calibration", required=True, help="calibration data: a folder, an .npy/.npz, or a dataset")
 @click.option("--calib-method", default="minmax", show_default=True)
-@click.option("--calib-samples", type=int, help="calibration samples [100]")
+@click.option("--calib-samples", type=click.IntRange(min=1), help="calibration samples [100]")
 @click.option("--data", help="data the error is measured on (default: the calibration data)")
-@click.option("--limit", type=int, default=32, show_default=True, help="samples of --data used per layer")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=32, show_default=True, help="samples of --data used per layer"
+)
 @click.option("--accuracy-budget", help="e.g. 1%: also run the fallback and say which layers stay float")
 def quantize_analyse(
     model: str,
@@ -634,7 +651,7 @@ def quantize_analyse(
         table.add_column(col)
     for i, r in enumerate(ranking, 1):
         agree = "" if r.agreement is None else f"{r.agreement:.2%}"
-        table.add_row(str(i), escape(r.node), r.op, f"{r.snr_db:.1f}", f"{r.cosine:.6f}", agree)
+        table.add_row(str(i), shown(r.node), shown(r.op), f"{r.snr_db:.1f}", f"{r.cosine:.6f}", agree)
     out.print(table)
     if accuracy_budget:
         ptq._ranking[target.name] = ranking

@@ -11,6 +11,7 @@ import click
 from rich.table import Table
 
 from .main import cli, out
+from .safe import text as shown
 
 
 @cli.group()
@@ -81,7 +82,9 @@ def license() -> None:  # noqa: A001 - the field's word
 @click.option("--expires", required=True, help="last valid day, YYYY-MM-DD (UTC)")
 @click.option("--models", required=True, help="model names, comma-separated ('*' for all); a package's name")
 @click.option("--bind-machine", "machine", help="a machine fingerprint from `luodi license fingerprint`")
-@click.option("--max-sessions", type=int, help="most sessions open at once under this licence, per process")
+@click.option(
+    "--max-sessions", type=click.IntRange(min=1), help="most sessions open at once under this licence, per process"
+)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="the licence file to write")
 def license_issue(
     key: str, licensee: str, expires: str, models: str, machine: str | None, max_sessions: int | None, output: str
@@ -92,7 +95,10 @@ def license_issue(
     lic = issue_license(
         key, licensee, expires, models.split(","), machine=machine, max_sessions=max_sessions, output=output
     )
-    out.print(f"wrote licence {output} for {lic.licensee}, valid to {lic.expires.isoformat()}, models {lic.models}")
+    out.print(
+        f"wrote licence {shown(output)} for {shown(lic.licensee)}, valid to {lic.expires.isoformat()}, "
+        f"models {shown(lic.models)}"
+    )
 
 
 @license.command("inspect")
@@ -104,14 +110,14 @@ def license_inspect(licence_file: str, model: str | None) -> None:
 
     lic = License.load(licence_file)
     lic.verify_signature()
-    table = Table(title=f"licence {licence_file}", show_header=False)
+    table = Table(title=f"licence {shown(licence_file)}", show_header=False)
     for k, v in lic.describe().items():
-        table.add_row(k, ", ".join(v) if isinstance(v, list) else str(v))
+        table.add_row(shown(k), shown(", ".join(map(str, v)) if isinstance(v, list) else v))
     table.add_row("signature", "[green]valid[/] (by the issuer key it names)")
     out.print(table)
     if model:
         lic.check(model)
-        out.print(f"[green]ok[/]: this licence lets '{model}' run on this machine today")
+        out.print(f"[green]ok[/]: this licence lets '{shown(model)}' run on this machine today")
 
 
 @license.command("fingerprint")

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, arguments
 from ..backends import CompileOptions, LoadOptions, get_backend
 from ..backends.base import Artifact
 from ..errors import CompileError, InputError, LuodiError, VerificationError
@@ -88,6 +88,13 @@ def compile(  # noqa: A001 - the field's word for it
     until the budget holds; a target that still misses it fails the compile and nothing is written.
     """
     say = log or (lambda _msg: None)
+    output = arguments.path("output", output)
+    targets = arguments.names("targets", targets, "['onnxruntime', 'openvino:int8']")
+    samples = None if samples is None else arguments.feed_dicts("samples", samples)
+    calib_samples = arguments.optional_count("calib_samples", calib_samples)
+    if not isinstance(passes, str) and passes is not None:  # a str is "default", "none" or one pass's name
+        passes = arguments.names("passes", passes, "['fold-constants']")
+    accuracy_budget = arguments.text("accuracy_budget", accuracy_budget)
     max_disagreement = None
     if accuracy_budget not in TOLERANCES:
         from ..quant import parse_budget

@@ -73,8 +73,10 @@ def _load_file(path: Path) -> Any:
     """An .onnx file, with its external data (weights in a side file, e.g. ``model.onnx.data``) read in."""
     import onnx
 
+    from .. import onnx_io
+
     model = _parse(path.read_bytes(), str(path))
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+    if onnx_io.uses_external(model):  # initializers and tensor attributes alike
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:  # a missing or short side file

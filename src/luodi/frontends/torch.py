@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import onnx_io
-from ..errors import ExportError, MissingExtraError
+from ..errors import ExportError, MissingExtraError, ModelError
 from .onnx import SourceModel
 
 #: ONNX opset luodi exports with: the newest one every engine here reads (ncnn's pnnx, MNN, OpenVINO).
@@ -169,7 +169,16 @@ def to_program(module: Any, example_inputs: Any, *, dynamic_batch: bool = True) 
         ) from exc
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
-    return buffer.getvalue()
+    data = buffer.getvalue()
+    from ..backends import _torch_archive
+
+    try:
+        # What luodi writes it must be able to open: a program torch stores with pickles (a tensor subclass as a
+        # weight, a custom object) would be refused at every load, so it is refused here, where it can be fixed.
+        _torch_archive.check(data, "the torch.export program")
+    except ModelError as exc:
+        raise ExportError(f"torch.export stored {type(module).__name__} in a form luodi will not load: {exc}") from None
+    return data
 
 
 def from_torch(

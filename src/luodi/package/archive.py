@@ -49,12 +49,20 @@ def read_member(zf: zipfile.ZipFile, name: str, size: int, path: Path) -> bytes:
             f"{path}: member '{name}' holds {info.file_size} bytes but the manifest pins {size}; "
             "the package was modified or damaged: do not use it, compile it again"
         )
+    bomb = bomb_error(info, path)
+    if bomb is not None:
+        raise bomb
+    return zf.read(info)
+
+
+def bomb_error(info: zipfile.ZipInfo, path: Path) -> PackageError | None:
+    """The error for a member that would inflate like a zip bomb (judged from its header alone), else None."""
     if info.file_size > _BOMB_ABOVE and info.file_size > _BOMB_RATIO * max(info.compress_size, 1):
-        raise PackageError(
-            f"{path}: member '{name}' would inflate {info.compress_size} bytes to {info.file_size} "
+        return PackageError(
+            f"{path}: member '{info.filename}' would inflate {info.compress_size} bytes to {info.file_size} "
             f"(over {_BOMB_RATIO}x): a zip bomb, not a luodi package"
         )
-    return zf.read(info)
+    return None
 
 
 def sha256(data: bytes) -> str:
@@ -106,6 +114,8 @@ class Package:
     """An opened .luodi file. Members are read on demand and checked against the manifest."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise PackageError(f"a package is opened from a path (str or os.PathLike), not a {type(path).__name__}")
         self.path = Path(path)
         self.manifest = self._read_manifest()
         self._specs_in = [TensorSpec.from_dict(d) for d in self.manifest["inputs"]]

@@ -23,6 +23,13 @@ _CHECK_PLAINTEXT = b"luodi encrypted package v1"
 _NONCE = 12
 # scrypt cost: about 0.1 s and 32 MiB per unlock on a laptop core; brute-forcing a passphrase pays the same.
 _SCRYPT = {"n": 2**15, "r": 8, "p": 1}
+# The manifest carries the cost, so a hostile package could ask for gigabytes and minutes (n=2**22 took 4.1 GB and
+# 52 s) before "the passphrase is wrong". These bounds are 8x the default's memory and 16x its work.
+SCRYPT_MAX_N = 2**20
+SCRYPT_MAX_R = 32
+SCRYPT_MAX_P = 16
+SCRYPT_MAX_MEMORY = 256 << 20  # bytes: scrypt holds 128 * r * n
+SCRYPT_MAX_WORK = 2**22  # n * r * p, the number of block mixes; the default is 2**18
 
 
 def _aesgcm() -> Any:
@@ -57,6 +64,34 @@ def _scrypt(passphrase: str | bytes, salt: bytes, n: int, r: int, p: int) -> byt
 
     secret = passphrase.encode() if isinstance(passphrase, str) else bytes(passphrase)
     return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(secret)
+
+
+def scrypt_params(info: dict[str, Any], where: str) -> tuple[int, int, int]:
+    """The manifest's scrypt ``n``, ``r``, ``p``, refused (PackageError naming the field) when they would cost more
+    memory or time than any package luodi writes; checked before anything is derived."""
+    values = {}
+    for field, top in (("n", SCRYPT_MAX_N), ("r", SCRYPT_MAX_R), ("p", SCRYPT_MAX_P)):
+        v = info.get(field)
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= top:
+            raise PackageError(
+                f"{where}: encryption.unlock.{field} = {v!r} is outside 1..{top}; the package asks for a scrypt "
+                "cost no luodi package has: it is damaged or hostile"
+            )
+        values[field] = v
+    n, r, p = values["n"], values["r"], values["p"]
+    if n < 2 or n & (n - 1):
+        raise PackageError(f"{where}: encryption.unlock.n = {n} is not a power of two; the package is corrupt")
+    if 128 * r * n > SCRYPT_MAX_MEMORY:
+        raise PackageError(
+            f"{where}: encryption.unlock.n and .r ask scrypt for {128 * r * n >> 20} MiB, over the "
+            f"{SCRYPT_MAX_MEMORY >> 20} MiB limit: the package is damaged or hostile"
+        )
+    if n * r * p > SCRYPT_MAX_WORK:
+        raise PackageError(
+            f"{where}: encryption.unlock.n, .r and .p ask scrypt for {n * r * p} block mixes, over the "
+            f"{SCRYPT_MAX_WORK} limit: the package is damaged or hostile"
+        )
+    return n, r, p
 
 
 def encrypt_package(
@@ -138,7 +173,8 @@ def unlock(pkg: Package, *, license: Any = None, passphrase: str | bytes | None 
         elif kind == "passphrase":
             if passphrase is None:
                 raise KeyRequiredError(f"{pkg.path} is encrypted with a passphrase: open it with passphrase=...")
-            kek = _scrypt(passphrase, signing.unb64(info["salt"]), int(info["n"]), int(info["r"]), int(info["p"]))
+            n, r, p = scrypt_params(info, str(pkg.path))
+            kek = _scrypt(passphrase, signing.unb64(info["salt"]), n, r, p)
         else:
             raise PackageError(f"{pkg.path} is encrypted in an unknown way ('{kind}'); upgrade luodi")
         wrapped = signing.unb64(info["wrapped_key"])

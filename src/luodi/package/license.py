@@ -71,6 +71,10 @@ def _parse_date(text: str) -> dt.date:
         raise LicenseError(f"expiry '{text}' is not a date in the form YYYY-MM-DD") from None
 
 
+MAX_LICENCE_BYTES = 1 << 20
+"""A licence is a few hundred bytes of signed JSON; anything past this is refused unread."""
+
+
 @dataclass
 class License:
     """A parsed licence file. ``check`` raises a LicenseError subclass per failed check."""
@@ -96,12 +100,15 @@ class License:
             else:
                 label = str(source)
                 try:
-                    text = Path(source).read_bytes()
+                    with open(source, "rb") as fh:  # bounded: a licence path may name /dev/zero or a huge file
+                        text = fh.read(MAX_LICENCE_BYTES + 1)
                 except OSError as exc:
                     raise LicenseError(f"cannot read licence {source}: {exc.strerror}") from exc
+            if len(text) > MAX_LICENCE_BYTES:
+                raise LicenseError(f"{label} is over {MAX_LICENCE_BYTES} bytes: not a luodi licence")
             try:
                 data = json.loads(text)
-            except (UnicodeDecodeError, ValueError) as exc:
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
                 raise LicenseError(f"{label} is not a luodi licence (not JSON: {exc})") from exc
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise LicenseError(f'{label} is not a luodi licence (no "format": "{FORMAT}")')

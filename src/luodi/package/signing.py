@@ -59,6 +59,10 @@ def generate_keys(name: str | os.PathLike[str], *, overwrite: bool = False) -> t
 def _key_bytes(key: Any, what: str) -> bytes:
     if isinstance(key, (bytes, bytearray)):
         return bytes(key)
+    if not isinstance(key, (str, os.PathLike)):
+        raise PackageError(
+            f"the {what} must be a path, PEM or raw bytes, or a cryptography Ed25519 key; got a {type(key).__name__}"
+        )
     path = Path(key)
     try:
         return path.read_bytes()
@@ -161,6 +165,7 @@ def verify_package(path: str | os.PathLike[str], trust: Any) -> bytes:
     import json
 
     from .archive import MANIFEST, sha256
+    from .schema import MAX_MANIFEST_BYTES
 
     public = load_public_key(trust)
     ed_invalid = _invalid_signature()
@@ -176,8 +181,9 @@ def verify_package(path: str | os.PathLike[str], trust: Any) -> bytes:
                 f"{path} is not signed, and a trusted key was given: only a package signed by "
                 f"{fingerprint(public)} is accepted; sign it with `luodi sign {path.name} --key VENDOR_KEY`"
             )
-        raw = _member(zf, path, MANIFEST)
-        signature = _member(zf, path, SIGNATURE)
+        # Sizes come first, before any inflating or signature work: a bomb costs its declared size, never more.
+        raw = _member(zf, path, MANIFEST, MAX_MANIFEST_BYTES)
+        signature = _member(zf, path, SIGNATURE, _SIGNATURE_BYTES)
         try:
             public.verify(signature, raw)
         except ed_invalid:
@@ -192,7 +198,10 @@ def verify_package(path: str | os.PathLike[str], trust: Any) -> bytes:
         for name, pinned in (manifest.get("files") or {}).items():
             if name not in names:
                 raise IntegrityError(f"{path}: member '{name}' is missing; the package was altered")
-            if sha256(_member(zf, path, name)) != pinned.get("sha256"):
+            size = pinned.get("size") if isinstance(pinned, dict) else None
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise IntegrityError(f"{path}: the signed manifest pins no size for member '{name}'; do not use it")
+            if sha256(_member(zf, path, name, size, exact=True)) != pinned.get("sha256"):
                 raise IntegrityError(
                     f"{path}: member '{name}' does not match its sha256 in the signed manifest; "
                     "the package was altered or damaged: do not use it"
@@ -200,9 +209,27 @@ def verify_package(path: str | os.PathLike[str], trust: Any) -> bytes:
     return raw
 
 
-def _member(zf: zipfile.ZipFile, path: Path, name: str) -> bytes:
+_SIGNATURE_BYTES = 64
+
+
+def _member(zf: zipfile.ZipFile, path: Path, name: str, size: int, exact: bool = False) -> bytes:
+    """Member ``name``, refused before inflating when it declares more than ``size`` bytes (or other than ``size``
+    when ``exact``) or inflates like a zip bomb; zipfile never reads past the declared size."""
+    from .archive import bomb_error
+
     try:
-        return zf.read(name)
+        info = zf.getinfo(name)
+        declared = info.file_size
+        if declared > size or (exact and declared != size):
+            raise IntegrityError(
+                f"{path}: member '{name}' declares {declared} bytes where "
+                + (f"the signed manifest pins {size}" if exact else f"at most {size} are allowed")
+                + "; the package was altered: do not use it"
+            )
+        bomb = bomb_error(info, path)
+        if bomb is not None:
+            raise bomb
+        return zf.read(info)
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, KeyError, ValueError) as exc:
         raise IntegrityError(
             f"{path}: member '{name}' is unreadable ({exc}); the package was altered or damaged"

@@ -9,7 +9,14 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..errors import PipelineError
 from .spec import register_op
+
+
+def _count(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise PipelineError(f"topk's k must be an int >= 1, got {k!r}")
+    return int(k)
 
 
 class Prediction(NamedTuple):
@@ -39,10 +46,11 @@ class TopK:
     options = ("k",)
 
     def __init__(self, k: int = 5, labels: list[str] | None = None) -> None:
-        self.k, self.labels = int(k), labels
+        self.k, self.labels = _count(k), labels
 
     def __call__(self, scores: np.ndarray, k: int | None = None) -> list[list[Prediction]]:
-        k = min(int(k or self.k), scores.shape[-1])
+        # A negative k would slice from the end: k=-3 gave every class but three, best first.
+        k = min(self.k if k is None else _count(k), scores.shape[-1])
         rows = scores.reshape(scores.shape[0], -1)
         best = np.argsort(-rows, axis=1, kind="stable")[:, :k]
         return [[Prediction(int(i), self._label(int(i)), float(row[i])) for i in idx] for row, idx in zip(rows, best)]

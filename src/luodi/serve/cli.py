@@ -10,10 +10,10 @@ import click
     "--repository", "-r", required=True, type=click.Path(file_okay=False), help="directory of .luodi packages"
 )
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("-b", "--backend", default="auto", show_default=True, help="engine for every model")
 @click.option("-d", "--device", default="cpu", show_default=True)
-@click.option("--threads", type=int, help="engine threads per model (default: the engine's)")
+@click.option("--threads", type=click.IntRange(min=1), help="engine threads per model (default: the engine's)")
 @click.option("--max-batch-size", default=32, show_default=True, help="dynamic batching limit; 1 turns batching off")
 @click.option(
     "--max-queue-delay-ms",
@@ -296,7 +296,9 @@ def _serve_on_ray(
 @click.option("--actors", default=1, show_default=True, help="Ray actors, each with its own Session")
 @click.option("--batch-size", default=8, show_default=True, help="files per Ray Data batch")
 @click.option("--num-cpus", default=1.0, show_default=True, help="CPUs each actor reserves")
-@click.option("-k", "--top", "k", type=int, help="how many classes to keep (classification pipelines)")
+@click.option(
+    "-k", "--top", "k", type=click.IntRange(min=1), help="how many classes to keep (classification pipelines)"
+)
 @click.option("-b", "--backend", default="auto", show_default=True)
 @click.option("-d", "--device", default="cpu", show_default=True)
 def batch(
