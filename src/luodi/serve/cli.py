@@ -251,46 +251,6 @@ def _serve_on_ray(
 @click.argument("package", type=click.Path(dir_okay=False, exists=True))
 @click.argument("input_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSON Lines file to write")
-@click.option(
-    "--max-body-mb",
-    default=64.0,
-    show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="largest request body (413 above, checked while it streams in)",
-)
-@click.option(
-    "--max-image-pixels",
-    default=40_000_000,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="largest image /predict decodes, width x height (400 above, read from the image header)",
-)
-@click.option(
-    "--body-timeout-s",
-    default=60.0,
-    show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="a request body must arrive within this (408 after)",
-)
-@click.option(
-    "--header-timeout-s",
-    default=10.0,
-    show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="a request's headers must arrive within this (the connection is closed after)",
-)
-@click.option(
-    "--api-key",
-    envvar="LUODI_API_KEY",
-    help="require this key ('Authorization: Bearer KEY' or 'X-API-Key: KEY'); prefer $LUODI_API_KEY, "
-    "which other users cannot read in the process list",
-)
-@click.option(
-    "--public-inference", is_flag=True, help="with --api-key: inference and metadata need no key, model control does"
-)
-@click.option("--read-only", is_flag=True, help="no model-control routes (/v2/repository/...) at all")
-@click.option("--ssl-keyfile", type=click.Path(dir_okay=False, exists=True), help="serve HTTPS with this key")
-@click.option("--ssl-certfile", type=click.Path(dir_okay=False, exists=True), help="and this certificate chain")
 @click.option("--ray", "on_ray", is_flag=True, required=True, help="run on Ray Data (the only runner so far)")
 @click.option("--ray-address", default="local", show_default=True, help="a cluster's HOST:PORT to join")
 @click.option("--actors", default=1, show_default=True, help="Ray actors, each with its own Session")
