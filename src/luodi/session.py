@@ -95,6 +95,8 @@ class Session:
             target, self.selection = select_target(self.package, backend, precision, device, accuracy_budget)
             self.backend, self.precision = target["backend"], target["precision"]
             artifact = self.package.artifact(target)
+            # A crash-prone engine's file is proven in a child process first (once per host), unless signed.
+            get_backend(self.backend).probe(artifact, self.package.representative_shapes, trusted=trust is not None)
             self._inputs = self.package.inputs
             self._outputs = self.package.outputs
         else:
@@ -119,6 +121,7 @@ class Session:
         self._input_by_name = {s.name: s for s in self._inputs}
         self._output_names = {s.name for s in self._outputs}
         self._lock = None if self._engine.thread_safe else threading.Lock()
+        self._runs = _RunGuard()
         self._local = threading.local()
         self._pipeline: Any = None
         log.info("luodi session: %s", self.selection)
@@ -190,7 +193,7 @@ class Session:
     def prepare(self, shapes: dict[str, tuple[int, ...]] | None = None) -> Session:
         """Fix input shapes (symbolic dims default to 1), let the engine allocate, and warm it up."""
         concrete = self._concrete(shapes)
-        self._engine.reshape(concrete)
+        self._reshape_engine(concrete)
         try:
             warm = {n: np.zeros(s, dtype=self._input_by_name[n].np_dtype) for n, s in concrete.items()}
         except (MemoryError, ValueError) as exc:
@@ -204,8 +207,15 @@ class Session:
         Engines with dynamic shapes (onnxruntime, ncnn, MNN, torch) need nothing; OpenVINO compiles a
         static-shape copy that later runs at exactly these shapes use. Unlike :meth:`prepare` it runs nothing.
         """
-        self._engine.reshape(self._concrete(shapes))
+        self._reshape_engine(self._concrete(shapes))
         return self
+
+    def _reshape_engine(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        self._runs.enter()  # like a run: close() must not free the engine under it
+        try:
+            self._engine.reshape(shapes)
+        finally:
+            self._runs.leave()
 
     def _concrete(self, shapes: dict[str, tuple[int, ...]] | None) -> dict[str, tuple[int, ...]]:
         """Every input's concrete shape: ``shapes`` where given, else symbolic dims as 1; checked against the specs."""
@@ -257,7 +267,8 @@ class Session:
         raise UnknownTensorError(self._unknown(name))
 
     def close(self) -> None:
-        if not self._closed:
+        """Release the engine: new calls get StateError; runs already in progress finish first (close waits)."""
+        if self._runs.close():
             self._closed = True
             for sub in self._models.values():
                 sub.close()
@@ -321,7 +332,7 @@ class Session:
         results: list[dict[str, np.ndarray]] = [{} for _ in items]
         for chunk in batch.plan(items, 1 if fixed == 1 else limit):
             if pad_to is not None:
-                self._engine.reshape({n: (pad_to, *a.shape[1:]) for n, a in chunk[0].feeds.items()})
+                self._reshape_engine({n: (pad_to, *a.shape[1:]) for n, a in chunk[0].feeds.items()})
             split = batch.run_chunk(chunk, self._execute, None if fixed == 1 else pad_to)
             if split is None:  # an output without a batch axis to split: one run per sample
                 split = [self._execute(s.feeds) for s in chunk]
@@ -341,6 +352,8 @@ class Session:
 
     # -- internals -------------------------------------------------------------------------------
     def _execute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        runs = self._runs
+        runs.enter()  # a shared hold: close() waits until no run holds one (ncnn segfaulted without)
         try:
             if self._lock is None:
                 return self._engine.run(feeds)
@@ -352,6 +365,8 @@ class Session:
             shapes = {n: list(a.shape) for n, a in feeds.items()}
             detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:500]
             raise BackendError(f"{self.backend} failed to run the model on inputs {shapes}: {detail}") from exc
+        finally:
+            runs.leave()
 
     def _validated(self, name: str, value: Any) -> np.ndarray:
         spec = self._input_by_name.get(name)
@@ -394,6 +409,44 @@ class Session:
 
     def __repr__(self) -> str:
         return f"<Session {self.backend}:{self.precision} on {self.device}>"
+
+
+class _RunGuard:
+    """Runs in progress on a session, so that close() frees the engine only once none is using it.
+
+    A run takes a shared hold (a counter under a lock: two uncontended lock acquisitions per run); close()
+    marks the guard closing, so new runs get StateError, and waits for the count to reach zero.
+    """
+
+    __slots__ = ("lock", "idle", "active", "closing")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
+        self.active = 0
+        self.closing = False
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.closing:
+                raise StateError("this session is closed")
+            self.active += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.active -= 1
+            if self.closing and not self.active:
+                self.idle.notify_all()
+
+    def close(self) -> bool:
+        """Mark closing and wait for the runs in progress; False if it was closing already."""
+        with self.lock:
+            if self.closing:
+                return False
+            self.closing = True
+            while self.active:
+                self.idle.wait()
+        return True
 
 
 def _is_package_path(model: Any) -> bool:
