@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import luodi
-from conftest import installed
+from conftest import installed, small_cnn
 
 ENGINES = ["onnxruntime", "openvino", "ncnn", "mnn", "torch"]
 
@@ -109,3 +109,92 @@ def test_close_while_eight_threads_run(conv_package, tmp_path, engine):
         pytest.skip(f"{engine} is not installed (make test installs every engine)")
     out = assert_survived(in_child(CLOSE_UNDER_LOAD, tmp_path, str(conv_package), engine))
     assert out.strip().endswith("ok")
+
+
+# -- malformed engine files: validated, then proven in a child process -----------------------------------------
+@pytest.fixture(scope="module")
+def effnet_engines(tmp_path_factory, effnet_source):
+    if not (installed("ncnn") and installed("mnn")):
+        pytest.skip("ncnn and mnn are needed (make test installs every engine)")
+    path = tmp_path_factory.mktemp("iso-effnet") / "effnet.luodi"
+    luodi.compile(effnet_source, path, targets=["ncnn", "mnn"], name="efficientnet-lite0", verify=False)
+    return path
+
+
+PROBE_THEN_CACHE = """
+    import os, sys, numpy as np, luodi
+    from pathlib import Path
+    good, bad, backend = sys.argv[1], sys.argv[2], sys.argv[3]
+    try:
+        with luodi.Session(bad, backend=backend) as s:
+            s.run({"images": np.ones((1, 3, 224, 224), np.float32)})  # where it crashed
+    except luodi.BackendError as exc:
+        print("refused:", exc)
+    else:
+        raise SystemExit("the malformed target loaded and ran")
+    with luodi.Session(good, backend=backend) as s:
+        s.run({"images": np.ones((1, 3, 224, 224), np.float32)})
+    print("markers:", len(list(Path(os.environ["LUODI_CACHE_DIR"], "probed").iterdir())))
+"""
+
+CACHED = """
+    import sys, numpy as np, luodi
+    import luodi.backends.probe as probe
+    def no_child(*args):
+        raise AssertionError("the probe ran again for an artifact that passed before")
+    probe._run_child = no_child
+    with luodi.Session(sys.argv[1], backend=sys.argv[2]) as s:
+        s.run({"images": np.ones((1, 3, 224, 224), np.float32)})
+    print("cached")
+"""
+
+
+def test_malformed_ncnn_param_is_a_backend_error_and_good_files_are_probed_once(effnet_engines, tmp_path, monkeypatch):
+    """Finding 2: one changed layer parameter (num_output 96 -> 4) segfaulted Session.run."""
+    monkeypatch.setenv("LUODI_CACHE_DIR", str(tmp_path / "cache"))
+    data = effnet_engines.read_bytes()
+    with zipfile.ZipFile(effnet_engines) as zf:
+        param = zf.read("targets/ncnn-fp32/model.param").decode()
+    line = next(ln for ln in param.splitlines() if " convclip_1 " in ln)
+    assert " 0=96 " in line
+    bad = tmp_path / "bad.luodi"
+    changed = param.replace(line, line.replace(" 0=96 ", " 0=4 "))
+    bad.write_bytes(repinned(data, {"targets/ncnn-fp32/model.param": changed.encode()}))
+    out = assert_survived(in_child(PROBE_THEN_CACHE, tmp_path, str(effnet_engines), str(bad), "ncnn"))
+    assert "refused: the ncnn-fp32 engine file is malformed: ncnn crashed (SIGSEGV)" in out
+    assert "markers: 1" in out  # the good file passed and is remembered; the bad one is not
+    assert_survived(in_child(CACHED, tmp_path, str(effnet_engines), "ncnn"))
+
+
+@pytest.fixture(scope="module")
+def cnn_mnn(tmp_path_factory):
+    if not installed("mnn"):
+        pytest.skip("mnn is not installed (make test installs every engine)")
+    path = tmp_path_factory.mktemp("iso-mnn") / "cnn.luodi"
+    luodi.compile(small_cnn(), path, targets=["mnn"], name="small-cnn", verify=False)
+    return path
+
+
+# One-byte changes to the small CNN's model.mnn (MNN 3.6.1) that segfaulted luodi.Session(): (offset, was, now).
+MNN_CRASHERS = [(2029, 0, 230), (1300, 1, 15)]
+
+
+@pytest.mark.parametrize("offset,was,now", MNN_CRASHERS)
+def test_one_byte_mnn_change_is_a_backend_error(cnn_mnn, tmp_path, monkeypatch, offset, was, now):
+    """Finding 3: MNN trusts its flatbuffer; the probe child crashes instead of the caller."""
+    monkeypatch.setenv("LUODI_CACHE_DIR", str(tmp_path / "cache"))
+    with zipfile.ZipFile(cnn_mnn) as zf:
+        model = bytearray(zf.read("targets/mnn-fp32/model.mnn"))
+    assert model[offset] == was, "MNN converted the small CNN differently: find the crashing bytes again"
+    model[offset] = now
+    bad = tmp_path / "bad.luodi"
+    bad.write_bytes(repinned(cnn_mnn.read_bytes(), {"targets/mnn-fp32/model.mnn": bytes(model)}))
+    code = """
+        import sys, luodi
+        try:
+            luodi.Session(sys.argv[1], backend="mnn")
+        except luodi.BackendError as exc:
+            print(exc)
+    """
+    out = assert_survived(in_child(code, tmp_path, str(bad)))
+    assert "the mnn-fp32 engine file is malformed: mnn crashed" in out

@@ -189,6 +189,7 @@ class MnnBackend(Backend):
     precisions = tuple(_PRECISIONS)
     module = "MNN"
     extra = "mnn"
+    crash_prone = True  # MNN trusts its flatbuffer: one changed byte in model.mnn can segfault the loader
 
     def available(self) -> Availability:
         try:
