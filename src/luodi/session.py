@@ -470,3 +470,10 @@ def _load(artifact: Artifact, options: LoadOptions) -> Engine:
             f"the package's {artifact.target} target cannot be loaded: its recorded options are malformed "
             f"({type(exc).__name__}: {exc}); recompile the package for this target"
         ) from exc
+    except Exception as exc:
+        # An engine's own reader refusing a malformed file in its own way (torch's deserialiser asserts).
+        detail = (str(exc).strip().splitlines() or [""])[-1][:300]
+        raise BackendError(
+            f"{artifact.backend} could not load the package's {artifact.target} engine file, which is malformed "
+            f"({type(exc).__name__}: {detail}); recompile the package or choose another target"
+        ) from exc

@@ -186,6 +186,9 @@ class Backend:
     def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
         raise NotImplementedError
 
+    def validate(self, artifact: Artifact) -> None:
+        """Cheap checks of the engine files without the engine reading them (a ModelError); load() runs them too."""
+
     def probe(self, artifact: Artifact, shapes: list[Shapes], *, trusted: bool = False) -> None:
         """Before load(): prove that ``artifact`` loads and runs at ``shapes`` without crashing the process.
 
@@ -194,6 +197,7 @@ class Backend:
         """
         if not self.crash_prone or trusted:
             return
+        self.validate(artifact)  # what can be refused without the engine costs no child process
         from .probe import prove_in_child
 
         prove_in_child(artifact, shapes, self.available().version)

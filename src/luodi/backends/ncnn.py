@@ -638,6 +638,12 @@ class NcnnBackend(Backend):
         finally:
             engine.close()
 
+    def validate(self, artifact: Artifact) -> None:
+        missing = [f for f in (_PARAM, _BIN) if f not in artifact.files]
+        if missing:
+            raise ModelError(f"{artifact.target} artifact has no {', '.join(missing)}; recompile the package")
+        _validate_param(self.require(), artifact.files[_PARAM], len(artifact.files[_BIN]))
+
     def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
         ncnn = self.require()
         if options.device.partition(":")[0] != "cpu":
@@ -650,7 +656,7 @@ class NcnnBackend(Backend):
         flags = dict(artifact.options.get("precision_flags") or {})
         if artifact.precision == "fp32" or not flags:
             flags = {**flags, **_precision_flags(ncnn.Option(), artifact.precision)}
-        _validate_param(ncnn, artifact.files[_PARAM], len(artifact.files[_BIN]))
+        self.validate(artifact)
         net = _load_net(ncnn, artifact.files[_PARAM], artifact.files[_BIN], flags, options.threads, artifact.in_memory)
         return NcnnEngine(ncnn, net, artifact.options)
 

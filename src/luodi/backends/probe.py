@@ -77,7 +77,14 @@ def prove_in_child(artifact: Artifact, shapes: list[Shapes], engine_version: str
     outcome = _run_child(artifact, shapes)
     if outcome.get("status") == "ok":
         _remember(key, artifact, time.perf_counter() - t0)
-    # "error": the engine refused the file cleanly; the real load raises the same error, in its own words.
+    elif outcome.get("during") == "run":
+        # It loads but cannot run where the compiler verified it: its layers disagree with each other, and in this
+        # process such a run may write out of bounds without crashing at once (a later call would).
+        raise BackendError(
+            f"the {artifact.target} engine file is malformed: it loads but fails to run at the package's "
+            f"representative shapes ({outcome.get('error', '')[:300]}); recompile the package or choose another target"
+        )
+    # A clean refusal while loading: the real load raises the same error, in its own words.
 
 
 def _payload(artifact: Artifact, shapes: list[Shapes]) -> bytes:
@@ -191,20 +198,31 @@ def _child_main(report_fd: int) -> None:
     artifact = Artifact(head["backend"], head["precision"], files, head["options"], in_memory=True)
     say(stage="loading it")
     try:
-        engine = _load(artifact, LoadOptions(threads=1))
+        engine = _load(artifact, LoadOptions())  # the default threads, as a Session loads it
     except LuodiError as exc:
-        say(status="error", error=f"{type(exc).__name__}: {exc}")
+        say(status="error", during="load", error=f"{type(exc).__name__}: {exc}")
         return
     for shapes in head["shapes"]:
         say(stage=f"running it at shapes {shapes}")
         try:
             feeds = {s.name: np.ones(shapes.get(s.name, s.concrete(1)), s.np_dtype) for s in engine.inputs}
-            engine.run(feeds)
-        except Exception as exc:  # a clean refusal is not a crash; the real run reports it
-            say(status="error", error=f"{type(exc).__name__}: {exc}")
+            outputs = engine.run(feeds)
+            wrong = [
+                f"{spec.name} {list(np.shape(outputs.get(spec.name)))} (expected {spec.shape_str()})"
+                for spec in engine.outputs
+                if not _fits(np.shape(outputs.get(spec.name)), spec.shape)
+            ]
+            if wrong:
+                raise ValueError(f"output shapes {', '.join(wrong)}")
+        except Exception as exc:  # reported; the parent refuses the file
+            say(status="error", during="run", error=f"{type(exc).__name__}: {exc}")
             return
     engine.close()
     say(status="ok")
+
+
+def _fits(shape: tuple[int, ...], spec: tuple[Any, ...]) -> bool:
+    return len(shape) == len(spec) and all(not isinstance(d, int) or d == n for d, n in zip(spec, shape))
 
 
 if __name__ == "__main__":
