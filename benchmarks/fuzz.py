@@ -446,6 +446,8 @@ def campaign(cases: int, seed: int, workers: int, case_timeout: float, root: Pat
             res.update(kind=kind, seed=case_seed)
             with lock:
                 results.append(res)
+            if res["outcome"] not in ("ok", "refused"):  # seen at once in a long campaign's log
+                print(json.dumps(res), file=sys.stderr, flush=True)
 
     from rich.progress import Progress
 
