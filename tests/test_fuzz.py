@@ -18,6 +18,8 @@ import hashlib
 import json
 import os
 import resource
+import subprocess
+import sys
 import tempfile
 import tracemalloc
 import warnings
@@ -466,3 +468,42 @@ def test_hostile_target_options_are_refused_on_every_engine(every_engine, sandbo
             s.run({s.inputs[0].name: np.ones((1, 3, 8, 8), np.float32)})
     except luodi.LuodiError as exc:
         assert str(exc)
+
+
+# -- engine artifacts, in worker processes: the CI share of benchmarks/fuzz.py ---------------------------------
+def test_engine_artifact_campaign_subset(tmp_path):
+    """A seeded share of the fuzz campaign (benchmarks/fuzz.py): mutated ncnn param/bin, MNN, OpenVINO IR, torch
+    program, ONNX, manifest, members and bytes, each run in a worker process whose death counts as a crash."""
+    cases = max(10, int(120 * SCALE))
+    script = Path(__file__).parents[1] / "benchmarks" / "fuzz.py"
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(Path(luodi.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    )
+    summary_file = tmp_path / "summary.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--cases",
+            str(cases),
+            "--seed",
+            "1",
+            "--workers",
+            "2",
+            "--json",
+            str(summary_file),
+            "--keep",
+            str(tmp_path / "campaign"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    summary = json.loads(summary_file.read_text())
+    assert summary["cases"] == cases, proc.stdout + proc.stderr
+    for bad in ("crash", "hang", "escape", "bad-case"):
+        assert summary["outcomes"].get(bad, 0) == 0, summary["failures"]
+    assert summary["written_outside"] == []
+    assert summary["outcomes"].get("ok", 0) and summary["outcomes"].get("refused", 0)

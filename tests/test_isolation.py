@@ -18,6 +18,7 @@ import textwrap
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import luodi
@@ -198,3 +199,39 @@ def test_one_byte_mnn_change_is_a_backend_error(cnn_mnn, tmp_path, monkeypatch, 
     """
     out = assert_survived(in_child(code, tmp_path, str(bad)))
     assert "the mnn-fp32 engine file is malformed: mnn crashed" in out
+
+
+def test_trusted_packages_skip_the_probe_and_encrypted_ones_stay_off_disk(tmp_path, monkeypatch):
+    if not installed("ncnn"):
+        pytest.skip("ncnn is not installed (make test installs every engine)")
+    from luodi.package import crypto, signing
+
+    cache, scratch = tmp_path / "cache", tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("LUODI_CACHE_DIR", str(cache))
+    monkeypatch.setenv("TMPDIR", str(scratch))  # the probe child's temp folder: must stay empty
+    plain = tmp_path / "cnn.luodi"
+    luodi.compile(small_cnn(), plain, targets=["ncnn"], name="small-cnn", verify=False)
+    key, pub = signing.generate_keys(tmp_path / "vendor")
+    signed = signing.sign_package(plain, key, tmp_path / "signed.luodi")
+    x = {"x": np.ones((1, 3, 16, 16), np.float32)}
+
+    def probed() -> int:
+        return len(list((cache / "probed").glob("*"))) if (cache / "probed").is_dir() else 0
+
+    with luodi.Session(signed, backend="ncnn", trust=pub) as s:
+        s.run(x)
+    assert probed() == 0, "a package checked against a trusted key needs no probe"
+    with luodi.Session(signed, backend="ncnn") as s:
+        s.run(x)
+    assert probed() == 1, "an unchecked package is probed once"
+    enc = crypto.encrypt_package(plain, tmp_path / "enc.luodi", passphrase="correct horse")
+    with luodi.Session(enc, backend="ncnn", passphrase="correct horse") as s:
+        s.run(x)
+    assert probed() == 1, "the decrypted files are the same bytes: the verdict is reused"
+    monkeypatch.setenv("LUODI_CACHE_DIR", str(tmp_path / "fresh"))
+    cache = tmp_path / "fresh"
+    with luodi.Session(enc, backend="ncnn", passphrase="correct horse") as s:
+        s.run(x)
+    assert probed() == 1, "an encrypted package is probed too (its bytes through a pipe)"
+    assert list(scratch.iterdir()) == [], "nothing of the decrypted model reached a temporary file"
