@@ -10,6 +10,10 @@ that works starts a Session on onnxruntime and runs it. Zip bombs (a member or m
 (the files named by the hostile member names are checked, and the working and temp folders stay empty), and the
 process's peak memory may grow by at most 256 MiB over the whole run. Settings: derandomised (the same cases every
 run), no example database, no deadline; about 1-2 min on 2 busy cores.
+
+The engines' own files (ncnn param/bin, MNN, OpenVINO IR, torch program, ONNX) are mutated by the fuzz campaign,
+``benchmarks/fuzz.py``, which runs every case in a worker process so that an engine crash is counted, not suffered;
+``test_engine_artifact_campaign_subset`` runs a seeded share of it (120 cases) and the full campaign is 10,000.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import logging
 import operator
 import os
 import threading
+import time
 import weakref
 import zipfile
 from collections.abc import Sequence
@@ -211,11 +212,14 @@ class Session:
         return self
 
     def _reshape_engine(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        self._runs.enter()  # like a run: close() must not free the engine under it
+        runs = self._runs
+        runs.inflight.append(None)  # like a run: close() must not free the engine under it
         try:
+            if runs.closing:
+                raise StateError("this session is closed")
             self._engine.reshape(shapes)
         finally:
-            self._runs.leave()
+            runs.inflight.pop()
 
     def _concrete(self, shapes: dict[str, tuple[int, ...]] | None) -> dict[str, tuple[int, ...]]:
         """Every input's concrete shape: ``shapes`` where given, else symbolic dims as 1; checked against the specs."""
@@ -353,8 +357,10 @@ class Session:
     # -- internals -------------------------------------------------------------------------------
     def _execute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         runs = self._runs
-        runs.enter()  # a shared hold: close() waits until no run holds one (ncnn segfaulted without)
+        runs.inflight.append(None)  # a shared hold: close() waits until none is held (ncnn segfaulted without)
         try:
+            if runs.closing:  # checked after taking the hold, so close() either sees the hold or we see closing
+                raise StateError("this session is closed")
             if self._lock is None:
                 return self._engine.run(feeds)
             with self._lock:
@@ -366,7 +372,7 @@ class Session:
             detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:500]
             raise BackendError(f"{self.backend} failed to run the model on inputs {shapes}: {detail}") from exc
         finally:
-            runs.leave()
+            runs.inflight.pop()
 
     def _validated(self, name: str, value: Any) -> np.ndarray:
         spec = self._input_by_name.get(name)
@@ -412,40 +418,28 @@ class Session:
 
 
 class _RunGuard:
-    """Runs in progress on a session, so that close() frees the engine only once none is using it.
+    """The calls in progress on a session's engine, so that close() frees the engine only once none is using it.
 
-    A run takes a shared hold (a counter under a lock: two uncontended lock acquisitions per run); close()
-    marks the guard closing, so new runs get StateError, and waits for the count to reach zero.
+    A call appends to ``inflight`` and then checks ``closing``; close() sets ``closing`` and then waits for
+    ``inflight`` to empty. list.append/pop are atomic, so the hot path costs two C calls and no lock, and either
+    close() sees the call's hold or the call sees ``closing`` (and gets StateError). close() polls: it is rare.
     """
 
-    __slots__ = ("lock", "idle", "active", "closing")
+    __slots__ = ("inflight", "closing", "_once")
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.idle = threading.Condition(self.lock)
-        self.active = 0
+        self.inflight: list[None] = []
         self.closing = False
-
-    def enter(self) -> None:
-        with self.lock:
-            if self.closing:
-                raise StateError("this session is closed")
-            self.active += 1
-
-    def leave(self) -> None:
-        with self.lock:
-            self.active -= 1
-            if self.closing and not self.active:
-                self.idle.notify_all()
+        self._once = threading.Lock()
 
     def close(self) -> bool:
-        """Mark closing and wait for the runs in progress; False if it was closing already."""
-        with self.lock:
+        """Mark closing and wait for the calls in progress; False if it was closing already."""
+        with self._once:
             if self.closing:
                 return False
             self.closing = True
-            while self.active:
-                self.idle.wait()
+        while self.inflight:
+            time.sleep(0.0005)
         return True
 
 

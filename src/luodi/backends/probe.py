@@ -5,7 +5,8 @@ The artifact goes to ``python -m luodi.backends.probe`` through a pipe (a JSON h
 bytes: nothing is pickled and nothing is written to disk, so a decrypted model never touches it); the child
 loads it from memory files, runs it once at each representative shape set and reports on its own pipe. A
 child killed by a signal is a BackendError naming the target; an artifact that passed is remembered under
-``<cache>/probed/<sha256>`` (files, options, shapes and engine version), so the cost is paid once per host.
+``<cache>/probed/<sha256>`` (files, options, shapes and engine version), so the cost is paid once per host
+(a decrypted artifact is never remembered: an encrypted package leaves nothing on disk, so it is probed per load).
 It must not decide anything but "crashes or not": a clean error in the child is left for the real load to raise.
 """
 
@@ -75,7 +76,8 @@ def prove_in_child(artifact: Artifact, shapes: list[Shapes], engine_version: str
         return
     t0 = time.perf_counter()
     outcome = _run_child(artifact, shapes)
-    if outcome.get("status") == "ok":
+    if outcome.get("status") == "ok" and not artifact.in_memory:
+        # A decrypted artifact leaves no trace on disk, not even a hash: it is probed again on each load.
         _remember(key, artifact, time.perf_counter() - t0)
     elif outcome.get("during") == "run":
         # It loads but cannot run where the compiler verified it: its layers disagree with each other, and in this
