@@ -278,7 +278,9 @@ class MnnBackend(Backend):
         threads = options.threads or min(4, os.cpu_count() or 1)
         _, nn, _ = _import_mnn()
         with contextlib.ExitStack() as stack:
-            if artifact.in_memory:  # decrypted: never on disk
+            if artifact.in_memory or hasattr(os, "memfd_create"):
+                # Decrypted files never touch disk; the others neither where memory files exist, so that a load
+                # that dies (a malformed file the probe passed) leaves no temporary file behind.
                 path = stack.enter_context(memory_file(data, MODEL_FILE))
             else:
                 path = stack.enter_context(_temporary_file(data))

@@ -7,7 +7,8 @@ loads it from memory files, runs it once at each representative shape set and re
 child killed by a signal is a BackendError naming the target; an artifact that passed is remembered under
 ``<cache>/probed/<sha256>`` (files, options, shapes and engine version), so the cost is paid once per host
 (a decrypted artifact is never remembered: an encrypted package leaves nothing on disk, so it is probed per load).
-It must not decide anything but "crashes or not": a clean error in the child is left for the real load to raise.
+A clean error while loading is raised as the child raised it; a file that loads but fails to run at those shapes is
+refused as malformed, because a malformed file that fails cleanly once may crash (or corrupt memory) the next time.
 """
 
 from __future__ import annotations
@@ -86,7 +87,19 @@ def prove_in_child(artifact: Artifact, shapes: list[Shapes], engine_version: str
             f"the {artifact.target} engine file is malformed: it loads but fails to run at the package's "
             f"representative shapes ({outcome.get('error', '')[:300]}); recompile the package or choose another target"
         )
-    # A clean refusal while loading: the real load raises the same error, in its own words.
+    else:
+        # A clean refusal while loading, raised here as the child raised it: loading it in this process to let it
+        # say so itself is no safer, since a malformed file that failed cleanly once may crash the next time.
+        raise _as_error(outcome.get("type", ""), outcome.get("error", ""))
+
+
+def _as_error(name: str, message: str) -> Exception:
+    from .. import errors
+
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.LuodiError)):
+        cls = BackendError
+    return cls(message)
 
 
 def _payload(artifact: Artifact, shapes: list[Shapes]) -> bytes:
@@ -202,7 +215,7 @@ def _child_main(report_fd: int) -> None:
     try:
         engine = _load(artifact, LoadOptions())  # the default threads, as a Session loads it
     except LuodiError as exc:
-        say(status="error", during="load", error=f"{type(exc).__name__}: {exc}")
+        say(status="error", during="load", type=type(exc).__name__, error=str(exc))
         return
     for shapes in head["shapes"]:
         say(stage=f"running it at shapes {shapes}")
