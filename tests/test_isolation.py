@@ -190,15 +190,20 @@ def test_one_byte_mnn_change_is_a_backend_error(cnn_mnn, tmp_path, monkeypatch, 
     model[offset] = now
     bad = tmp_path / "bad.luodi"
     bad.write_bytes(repinned(cnn_mnn.read_bytes(), {"targets/mnn-fp32/model.mnn": bytes(model)}))
+    # The same bytes sometimes fail cleanly, sometimes crash (MNN reads what the heap holds): three tries.
     code = """
         import sys, luodi
-        try:
-            luodi.Session(sys.argv[1], backend="mnn")
-        except luodi.BackendError as exc:
-            print(exc)
+        for _ in range(3):
+            try:
+                luodi.Session(sys.argv[1], backend="mnn")
+            except luodi.LuodiError as exc:
+                print(type(exc).__name__, exc)
     """
     out = assert_survived(in_child(code, tmp_path, str(bad)))
-    assert "the mnn-fp32 engine file is malformed: mnn crashed" in out
+    refusals = out.strip().splitlines()
+    assert len(refusals) == 3, out
+    for line in refusals:
+        assert "the mnn-fp32 engine file is malformed: mnn crashed" in line or "mnn could not load mnn-fp32" in line
 
 
 def test_trusted_packages_skip_the_probe_and_encrypted_ones_stay_off_disk(tmp_path, monkeypatch):
