@@ -77,9 +77,9 @@ def prove_in_child(artifact: Artifact, shapes: list[Shapes], engine_version: str
         return
     t0 = time.perf_counter()
     outcome = _run_child(artifact, shapes)
-    if outcome.get("status") == "ok" and not artifact.in_memory:
-        # A decrypted artifact leaves no trace on disk, not even a hash: it is probed again on each load.
-        _remember(key, artifact, time.perf_counter() - t0)
+    if outcome.get("status") == "ok":
+        if not artifact.in_memory:  # a decrypted artifact leaves no trace on disk, not even a hash
+            _remember(key, artifact, time.perf_counter() - t0)
     elif outcome.get("during") == "run":
         # It loads but cannot run where the compiler verified it: its layers disagree with each other, and in this
         # process such a run may write out of bounds without crashing at once (a later call would).
