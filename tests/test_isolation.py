@@ -3,7 +3,8 @@
 Each scenario that crashed the process before runs in a child Python, so that on a regression the test fails
 (with the child's exit signal) instead of killing the test run: a malformed ncnn model.param and a one-byte
 change to an MNN model.mnn are a BackendError from the probe (luodi.backends.probe) and the probe's verdict is
-cached by sha256; close() while 8 threads are in run() waits for them on all five engines.
+cached by sha256 (`luodi verify` and auto-selection survive such a target too); a package checked with trust=
+skips the probe; close() while 8 threads are in run() waits for them on all five engines.
 """
 
 from __future__ import annotations
@@ -150,17 +151,25 @@ CACHED = """
 """
 
 
-def test_malformed_ncnn_param_is_a_backend_error_and_good_files_are_probed_once(effnet_engines, tmp_path, monkeypatch):
-    """Finding 2: one changed layer parameter (num_output 96 -> 4) segfaulted Session.run."""
-    monkeypatch.setenv("LUODI_CACHE_DIR", str(tmp_path / "cache"))
-    data = effnet_engines.read_bytes()
+@pytest.fixture(scope="module")
+def bad_ncnn_effnet(effnet_engines, tmp_path_factory):
+    """EfficientNet-Lite0 whose ncnn param has one layer parameter changed (convclip_1's num_output 96 -> 4)."""
     with zipfile.ZipFile(effnet_engines) as zf:
         param = zf.read("targets/ncnn-fp32/model.param").decode()
     line = next(ln for ln in param.splitlines() if " convclip_1 " in ln)
     assert " 0=96 " in line
-    bad = tmp_path / "bad.luodi"
+    bad = tmp_path_factory.mktemp("iso-bad") / "bad.luodi"
     changed = param.replace(line, line.replace(" 0=96 ", " 0=4 "))
-    bad.write_bytes(repinned(data, {"targets/ncnn-fp32/model.param": changed.encode()}))
+    bad.write_bytes(repinned(effnet_engines.read_bytes(), {"targets/ncnn-fp32/model.param": changed.encode()}))
+    return bad
+
+
+def test_malformed_ncnn_param_is_a_backend_error_and_good_files_are_probed_once(
+    effnet_engines, bad_ncnn_effnet, tmp_path, monkeypatch
+):
+    """Finding 2: one changed layer parameter (num_output 96 -> 4) segfaulted Session.run."""
+    monkeypatch.setenv("LUODI_CACHE_DIR", str(tmp_path / "cache"))
+    bad = bad_ncnn_effnet
     out = assert_survived(in_child(PROBE_THEN_CACHE, tmp_path, str(effnet_engines), str(bad), "ncnn"))
     assert "refused: the ncnn-fp32 engine file is malformed: ncnn crashed (SIGSEGV)" in out
     assert "markers: 1" in out  # the good file passed and is remembered; the bad one is not
@@ -240,3 +249,27 @@ def test_trusted_packages_skip_the_probe_and_encrypted_ones_stay_off_disk(tmp_pa
         s.run(x)
     assert probed() == 0, "an encrypted package is probed (its bytes through a pipe) but leaves no marker"
     assert list(scratch.iterdir()) == [], "nothing of the decrypted model reached a temporary file"
+
+
+def test_verify_and_auto_survive_a_malformed_ncnn_target(bad_ncnn_effnet, tmp_path, monkeypatch):
+    """`luodi verify` and auto-selection load every target: the crashing one is reported, the others still work."""
+    monkeypatch.setenv("LUODI_CACHE_DIR", str(tmp_path / "cache"))
+    verify = subprocess.run(
+        [sys.executable, "-m", "luodi", "verify", str(bad_ncnn_effnet)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "300"},
+    )
+    assert verify.returncode >= 0, f"luodi verify died of signal {-verify.returncode}"
+    assert "ncnn-fp32 engine file is malformed" in verify.stdout + verify.stderr
+    assert "mnn:fp32" in verify.stdout
+    code = """
+        import sys, numpy as np, luodi
+        with luodi.Session(sys.argv[1]) as s:
+            s.run({"images": np.ones((1, 3, 224, 224), np.float32)})
+            print(s.backend, "|", s.selection)
+    """
+    out = assert_survived(in_child(code, tmp_path, str(bad_ncnn_effnet)))
+    assert out.startswith("mnn |") and "ncnn:fp32: could not be loaded to time it" in out
