@@ -3,7 +3,7 @@
 For engines whose loader or kernels crash the process on a malformed file (``Backend.crash_prone``: ncnn, MNN).
 The artifact goes to ``python -m luodi.backends.probe`` through a pipe (a JSON header, then the files' raw
 bytes: nothing is pickled and nothing is written to disk, so a decrypted model never touches it); the child
-loads it from memory files, runs it once at each representative shape set and reports on its own pipe. A
+loads it from memory files, runs it once at each representative shape set and reports on its stdout. A
 child killed by a signal is a BackendError naming the target; an artifact that passed is remembered under
 ``<cache>/probed/<sha256>`` (files, options, shapes and engine version), so the cost is paid once per host
 (a decrypted artifact is never remembered: an encrypted package leaves nothing on disk, so it is probed per load).
@@ -124,35 +124,36 @@ def _child_env() -> dict[str, str]:
 
 
 def _run_child(artifact: Artifact, shapes: list[Shapes]) -> dict[str, Any]:
-    report_r, report_w = os.pipe()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "luodi.backends.probe", str(report_w)],
+            [sys.executable, "-m", "luodi.backends.probe"],
             stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,  # the child's reports only: it sends the engine's own printing to stderr
             stderr=subprocess.PIPE,
-            pass_fds=(report_w,),
             env=_child_env(),
         )
     except OSError as exc:
-        os.close(report_r)
-        os.close(report_w)
         raise BackendError(f"could not start a process to check the {artifact.target} engine file: {exc}") from exc
-    os.close(report_w)
-    with os.fdopen(report_r, "rb") as report:
+    try:
+        out, err = proc.communicate(_payload(artifact, shapes), timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise BackendError(
+            f"the {artifact.target} engine file did not load and run within {TIMEOUT_S:.0f} s in a check "
+            "process; it is probably malformed: recompile the package or choose another target"
+        ) from None
+    except BrokenPipeError:  # the child died before reading everything
+        out, err = proc.communicate()
+    lines = out.decode("utf-8", "replace").splitlines()
+    events = []
+    for line in lines:
         try:
-            _, err = proc.communicate(_payload(artifact, shapes), timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise BackendError(
-                f"the {artifact.target} engine file did not load and run within {TIMEOUT_S:.0f} s in a check "
-                "process; it is probably malformed: recompile the package or choose another target"
-            ) from None
-        except BrokenPipeError:  # the child died before reading everything
-            _, err = proc.communicate()
-        lines = report.read().decode("utf-8", "replace").splitlines()
-    events = [json.loads(line) for line in lines if line.startswith("{")]
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
     final = events[-1] if events and events[-1].get("status") in ("ok", "error") else None
     if proc.returncode == 0 and final is not None:
         return final
@@ -195,12 +196,13 @@ def _read_exact(stream: Any, n: int) -> bytes:
     return data
 
 
-def _child_main(report_fd: int) -> None:
+def _child_main() -> None:
     from ..errors import LuodiError
     from ..session import _load
     from .base import LoadOptions
 
-    report = os.fdopen(report_fd, "w", buffering=1)
+    report = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # the engines print to stdout (C printf too); the reports keep the original descriptor
 
     def say(**event: Any) -> None:
         report.write(json.dumps(event) + "\n")
@@ -241,4 +243,4 @@ def _fits(shape: tuple[int, ...], spec: tuple[Any, ...]) -> bool:
 
 
 if __name__ == "__main__":
-    _child_main(int(sys.argv[1]))
+    _child_main()
