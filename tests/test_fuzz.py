@@ -10,6 +10,10 @@ that works starts a Session on onnxruntime and runs it. Zip bombs (a member or m
 (the files named by the hostile member names are checked, and the working and temp folders stay empty), and the
 process's peak memory may grow by at most 256 MiB over the whole run. Settings: derandomised (the same cases every
 run), no example database, no deadline; about 1-2 min on 2 busy cores.
+
+The engines' own files (ncnn param/bin, MNN, OpenVINO IR, torch program, ONNX) are mutated by the fuzz campaign,
+``benchmarks/fuzz.py``, which runs every case in a worker process so that an engine crash is counted, not suffered;
+``test_engine_artifact_campaign_subset`` runs a seeded share of it (120 cases) and the full campaign is 10,000.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import hashlib
 import json
 import os
 import resource
+import subprocess
+import sys
 import tempfile
 import tracemalloc
 import warnings
@@ -88,6 +94,8 @@ def sandbox(tmp_path_factory):
     cases, cwd, tmp = root / "cases", root / "cwd", root / "tmp"
     for d in (cases, cwd, tmp):
         d.mkdir()
+    for engine in ("onnxruntime", "openvino", "ncnn", "mnn", "torch"):
+        installed(engine)  # imported first: an engine library's own memory (torch: ~300 MiB) is not the cases' growth
     old_cwd, old_tmp = os.getcwd(), tempfile.tempdir
     os.chdir(cwd)
     tempfile.tempdir = str(tmp)
@@ -98,7 +106,9 @@ def sandbox(tmp_path_factory):
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     assert grown_mib <= 256, f"peak memory grew by {grown_mib:.0f} MiB during the fuzz run"
     assert sorted(p.name for p in root.iterdir()) == ["cases", "cwd", "tmp"]
-    assert list(cwd.iterdir()) == [] and list(tmp.iterdir()) == []
+    # torch makes an empty torchinductor_<user> folder in TMPDIR when it loads a program (as in test_security)
+    left = [p for p in tmp.iterdir() if not (p.name.startswith("torchinductor_") and not any(p.iterdir()))]
+    assert list(cwd.iterdir()) == [] and left == []
     for base in (root, cases, cwd, Path("/tmp"), Path("/")):
         assert not list(base.glob(f"{ESCAPE}*")), f"a hostile member name was written under {base}"
 
@@ -466,3 +476,42 @@ def test_hostile_target_options_are_refused_on_every_engine(every_engine, sandbo
             s.run({s.inputs[0].name: np.ones((1, 3, 8, 8), np.float32)})
     except luodi.LuodiError as exc:
         assert str(exc)
+
+
+# -- engine artifacts, in worker processes: the CI share of benchmarks/fuzz.py ---------------------------------
+def test_engine_artifact_campaign_subset(tmp_path):
+    """A seeded share of the fuzz campaign (benchmarks/fuzz.py): mutated ncnn param/bin, MNN, OpenVINO IR, torch
+    program, ONNX, manifest, members and bytes, each run in a worker process whose death counts as a crash."""
+    cases = max(10, int(120 * SCALE))
+    script = Path(__file__).parents[1] / "benchmarks" / "fuzz.py"
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(Path(luodi.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    )
+    summary_file = tmp_path / "summary.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--cases",
+            str(cases),
+            "--seed",
+            "1",
+            "--workers",
+            "2",
+            "--json",
+            str(summary_file),
+            "--keep",
+            str(tmp_path / "campaign"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    summary = json.loads(summary_file.read_text())
+    assert summary["cases"] == cases, proc.stdout + proc.stderr
+    for bad in ("crash", "hang", "escape", "bad-case"):
+        assert summary["outcomes"].get(bad, 0) == 0, summary["failures"]
+    assert summary["written_outside"] == []
+    assert summary["outcomes"].get("ok", 0) and summary["outcomes"].get("refused", 0)

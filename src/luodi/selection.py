@@ -231,8 +231,10 @@ def _timings(
     for t in candidates:
         if label(t) not in timings:
             try:
-                artifacts[label(t)] = package.artifact(t)
-            except LuodiError as exc:  # a damaged member: this target is left out, the others are timed
+                artifact = package.artifact(t)
+                get_backend(artifact.backend).probe(artifact, package.representative_shapes)
+                artifacts[label(t)] = artifact
+            except LuodiError as exc:  # a damaged member or a crashing engine file: left out, the others are timed
                 failed[label(t)] = str(exc)
     measured: dict[str, float] = {}
     if artifacts:

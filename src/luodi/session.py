@@ -9,6 +9,7 @@ import logging
 import operator
 import os
 import threading
+import time
 import weakref
 import zipfile
 from collections.abc import Sequence
@@ -101,6 +102,10 @@ class Session:
             target, self.selection = select_target(self.package, backend, precision, device, accuracy_budget)
             self.backend, self.precision = target["backend"], target["precision"]
             artifact = self.package.artifact(target)
+            # A crash-prone engine's file is proven in a child process first (once per host), unless signed or
+            # isolated: an isolated engine runs in a child process anyway, where a crash costs a restart.
+            if not isolate:
+                get_backend(self.backend).probe(artifact, self.package.representative_shapes, trusted=trust is not None)
             self._inputs = self.package.inputs
             self._outputs = self.package.outputs
         else:
@@ -125,6 +130,7 @@ class Session:
         self._input_by_name = {s.name: s for s in self._inputs}
         self._output_names = {s.name for s in self._outputs}
         self._lock = None if self._engine.thread_safe else threading.Lock()
+        self._runs = _RunGuard()
         self._local = threading.local()
         self._pipeline: Any = None
         log.info("luodi session: %s", self.selection)
@@ -201,7 +207,7 @@ class Session:
     def prepare(self, shapes: dict[str, tuple[int, ...]] | None = None) -> Session:
         """Fix input shapes (symbolic dims default to 1), let the engine allocate, and warm it up."""
         concrete = self._concrete(shapes)
-        self._engine.reshape(concrete)
+        self._reshape_engine(concrete)
         try:
             warm = {n: np.zeros(s, dtype=self._input_by_name[n].np_dtype) for n, s in concrete.items()}
         except (MemoryError, ValueError) as exc:
@@ -215,8 +221,18 @@ class Session:
         Engines with dynamic shapes (onnxruntime, ncnn, MNN, torch) need nothing; OpenVINO compiles a
         static-shape copy that later runs at exactly these shapes use. Unlike :meth:`prepare` it runs nothing.
         """
-        self._engine.reshape(self._concrete(shapes))
+        self._reshape_engine(self._concrete(shapes))
         return self
+
+    def _reshape_engine(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        runs = self._runs
+        runs.inflight.append(None)  # like a run: close() must not free the engine under it
+        try:
+            if runs.closing:
+                raise StateError("this session is closed")
+            self._engine.reshape(shapes)
+        finally:
+            runs.inflight.pop()
 
     def _concrete(self, shapes: dict[str, tuple[int, ...]] | None) -> dict[str, tuple[int, ...]]:
         """Every input's concrete shape: ``shapes`` where given, else symbolic dims as 1; checked against the specs."""
@@ -268,7 +284,8 @@ class Session:
         raise UnknownTensorError(self._unknown(name))
 
     def close(self) -> None:
-        if not self._closed:
+        """Release the engine: new calls get StateError; runs already in progress finish first (close waits)."""
+        if self._runs.close():
             self._closed = True
             for sub in self._models.values():
                 sub.close()
@@ -337,7 +354,7 @@ class Session:
         results: list[dict[str, np.ndarray]] = [{} for _ in items]
         for chunk in batch.plan(items, 1 if fixed == 1 else limit):
             if pad_to is not None:
-                self._engine.reshape({n: (pad_to, *a.shape[1:]) for n, a in chunk[0].feeds.items()})
+                self._reshape_engine({n: (pad_to, *a.shape[1:]) for n, a in chunk[0].feeds.items()})
             split = batch.run_chunk(chunk, self._execute, None if fixed == 1 else pad_to)
             if split is None:  # an output without a batch axis to split: one run per sample
                 split = [self._execute(s.feeds) for s in chunk]
@@ -357,7 +374,11 @@ class Session:
 
     # -- internals -------------------------------------------------------------------------------
     def _execute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        runs = self._runs
+        runs.inflight.append(None)  # a shared hold: close() waits until none is held (ncnn segfaulted without)
         try:
+            if runs.closing:  # checked after taking the hold, so close() either sees the hold or we see closing
+                raise StateError("this session is closed")
             if self._lock is None:
                 return self._engine.run(feeds)
             with self._lock:
@@ -368,6 +389,8 @@ class Session:
             shapes = {n: list(a.shape) for n, a in feeds.items()}
             detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:500]
             raise BackendError(f"{self.backend} failed to run the model on inputs {shapes}: {detail}") from exc
+        finally:
+            runs.inflight.pop()
 
     def _validated(self, name: str, value: Any) -> np.ndarray:
         spec = self._input_by_name.get(name)
@@ -412,6 +435,32 @@ class Session:
         return f"<Session {self.backend}:{self.precision} on {self.device}>"
 
 
+class _RunGuard:
+    """The calls in progress on a session's engine, so that close() frees the engine only once none is using it.
+
+    A call appends to ``inflight`` and then checks ``closing``; close() sets ``closing`` and then waits for
+    ``inflight`` to empty. list.append/pop are atomic, so the hot path costs two C calls and no lock, and either
+    close() sees the call's hold or the call sees ``closing`` (and gets StateError). close() polls: it is rare.
+    """
+
+    __slots__ = ("inflight", "closing", "_once")
+
+    def __init__(self) -> None:
+        self.inflight: list[None] = []
+        self.closing = False
+        self._once = threading.Lock()
+
+    def close(self) -> bool:
+        """Mark closing and wait for the calls in progress; False if it was closing already."""
+        with self._once:
+            if self.closing:
+                return False
+            self.closing = True
+        while self.inflight:
+            time.sleep(0.0005)
+        return True
+
+
 def _is_package_path(model: Any) -> bool:
     if not isinstance(model, (str, os.PathLike)):
         return False
@@ -438,4 +487,11 @@ def _load(artifact: Artifact, options: LoadOptions) -> Engine:
         raise PackageError(
             f"the package's {artifact.target} target cannot be loaded: its recorded options are malformed "
             f"({type(exc).__name__}: {exc}); recompile the package for this target"
+        ) from exc
+    except Exception as exc:
+        # An engine's own reader refusing a malformed file in its own way (torch's deserialiser asserts).
+        detail = (str(exc).strip().splitlines() or [""])[-1][:300]
+        raise BackendError(
+            f"{artifact.backend} could not load the package's {artifact.target} engine file, which is malformed "
+            f"({type(exc).__name__}: {detail}); recompile the package or choose another target"
         ) from exc

@@ -146,6 +146,9 @@ class Backend:
     packages load only on such backends."""
     int8_unsupported: ClassVar[str] = ""
     """Why the engine has no int8 target here, shown by `luodi backends`."""
+    crash_prone: ClassVar[bool] = False
+    """Whether the engine's loader or kernels can kill the process on a malformed file (a segfault, not an
+    error): probe() then loads and runs an artifact in a child process before it is loaded in this one."""
 
     def available(self) -> Availability:
         if self.module is None:
@@ -182,6 +185,22 @@ class Backend:
 
     def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
         raise NotImplementedError
+
+    def validate(self, artifact: Artifact) -> None:
+        """Cheap checks of the engine files without the engine reading them (a ModelError); load() runs them too."""
+
+    def probe(self, artifact: Artifact, shapes: list[Shapes], *, trusted: bool = False) -> None:
+        """Before load(): prove that ``artifact`` loads and runs at ``shapes`` without crashing the process.
+
+        A no-op unless the engine is ``crash_prone``, the artifact came from a package signed by a trusted key
+        (``trusted``), or it passed before on this host (see luodi.backends.probe). BackendError when it crashes.
+        """
+        if not self.crash_prone or trusted:
+            return
+        self.validate(artifact)  # what can be refused without the engine costs no child process
+        from .probe import prove_in_child
+
+        prove_in_child(artifact, shapes, self.available().version)
 
     def __repr__(self) -> str:
         return f"<Backend {self.name}>"

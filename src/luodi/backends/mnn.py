@@ -115,6 +115,33 @@ def _temporary_file(data: bytes) -> Iterator[str]:
         os.unlink(path)
 
 
+def _check_flatbuffer(data: bytes, target: str) -> None:
+    """Refuse what MNN's flatbuffer header shows is not a model: too short, or a root table or vtable off the end.
+
+    MNN reads its .mnn without a flatbuffers verifier, so a malformed file can crash it; this is the part a
+    header check can see, the probe (luodi.backends.probe) proves the rest in a child process.
+    """
+    size = len(data)
+    if size < 16:
+        raise ModelError(f"the {target} model.mnn has {size} bytes: it is not an MNN model; recompile the package")
+    root = int.from_bytes(data[0:4], "little")
+    if root % 4 or not 4 <= root <= size - 4:
+        raise ModelError(f"the {target} model.mnn's root table offset {root} is outside its {size} bytes")
+    vtable = root - int.from_bytes(data[root : root + 4], "little", signed=True)
+    if not 0 <= vtable <= size - 4:
+        raise ModelError(f"the {target} model.mnn's table layout points outside its {size} bytes")
+    vsize, tsize = (
+        int.from_bytes(data[vtable : vtable + 2], "little"),
+        int.from_bytes(data[vtable + 2 : vtable + 4], "little"),
+    )
+    if vsize < 4 or vsize % 2 or vtable + vsize > size or root + tsize > size:
+        raise ModelError(f"the {target} model.mnn's table layout does not fit its {size} bytes; recompile the package")
+    for i in range(4, vsize, 2):
+        field = int.from_bytes(data[vtable + i : vtable + i + 2], "little")
+        if field and field + 4 > tsize:
+            raise ModelError(f"the {target} model.mnn's net table has a field outside the table; recompile the package")
+
+
 def _import_mnn() -> tuple[Any, Any, Any]:
     """``MNN``, ``MNN.nn``, ``MNN.expr``, imported quietly (the C library prints CPU features)."""
     with _captured_output():
@@ -238,6 +265,7 @@ class MnnBackend(Backend):
     precisions = tuple(_PRECISIONS)
     module = "MNN"
     extra = "mnn"
+    crash_prone = True  # MNN trusts its flatbuffer: one changed byte in model.mnn can segfault the loader
 
     def available(self) -> Availability:
         try:
@@ -285,6 +313,12 @@ class MnnBackend(Backend):
             data = _convert_and_probe_in_child(tmp, model)
         return Artifact(self.name, options.precision, {MODEL_FILE: data}, opts)
 
+    def validate(self, artifact: Artifact) -> None:
+        data = artifact.files.get(MODEL_FILE)
+        if data is None:
+            raise ModelError(f"{artifact.target} artifact has no {MODEL_FILE}")
+        _check_flatbuffer(data, artifact.target)
+
     def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
         self.require()
         if options.device != "cpu":
@@ -292,6 +326,7 @@ class MnnBackend(Backend):
         data = artifact.files.get(MODEL_FILE)
         if data is None:
             raise ModelError(f"{artifact.target} artifact has no {MODEL_FILE}")
+        self.validate(artifact)
         inputs = [TensorSpec.from_dict(d) for d in artifact.options.get("inputs", [])]
         outputs = [TensorSpec.from_dict(d) for d in artifact.options.get("outputs", [])]
         if not inputs or not outputs:
@@ -300,7 +335,9 @@ class MnnBackend(Backend):
         threads = options.threads or min(4, os.cpu_count() or 1)
         _, nn, _ = _import_mnn()
         with contextlib.ExitStack() as stack:
-            if artifact.in_memory:  # decrypted: never on disk
+            if artifact.in_memory or hasattr(os, "memfd_create"):
+                # Decrypted files never touch disk; the others neither where memory files exist, so that a load
+                # that dies (a malformed file the probe passed) leaves no temporary file behind.
                 path = stack.enter_context(memory_file(data, MODEL_FILE))
             else:
                 path = stack.enter_context(_temporary_file(data))

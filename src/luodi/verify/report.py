@@ -35,7 +35,9 @@ def _label(t: dict[str, Any]) -> str:
 
 
 def _run(package: Any, target: dict[str, Any], feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    engine = get_backend(target["backend"]).load(package.artifact(target), LoadOptions())
+    backend, artifact = get_backend(target["backend"]), package.artifact(target)
+    backend.probe(artifact, package.representative_shapes)  # a malformed engine file must not kill `verify`
+    engine = backend.load(artifact, LoadOptions())
     try:
         return [engine.run(f) for f in feeds]
     finally:
