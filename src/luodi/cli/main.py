@@ -242,9 +242,13 @@ def _read_sample(path: str) -> dict[str, Any]:
         with np.load(path, allow_pickle=False) as npz:
             if not isinstance(npz, np.lib.npyio.NpzFile):
                 raise InputError(f"--sample {path} is a single array; save one array per input: numpy.savez(f, x=...)")
-            return {name: npz[name] for name in npz.files}
+            arrays = {name: npz[name] for name in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise InputError(f"--sample {path} is not a readable .npz of arrays keyed by input name: {exc}") from exc
+    for name, value in arrays.items():
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
+            raise InputError(f"--sample {path}: '{name}' is not a numeric array (numpy.savez(f, {name}=array))")
+    return arrays
 
 
 def _failed_targets(pkg: Any) -> list[str]:
