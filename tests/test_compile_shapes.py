@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import fcn_model, installed
 from onnx import TensorProto, helper, numpy_helper
 
 import luodi
+from conftest import fcn_model, installed
 from luodi.backends import CompileOptions, LoadOptions, get_backend
 from luodi.backends.base import Artifact, Backend, Engine
 from luodi.compiler.shapes import plan_shapes

@@ -145,10 +145,12 @@ def compile(  # noqa: A001 - the field's word for it
         done = [run.model(job) for job in jobs]
         main = done[0]
         if all(e.get("status") == "failed" for e in main.entries):
-            raise CompileError(
-                "no target could be compiled and verified, so nothing was written: "
-                + "; ".join(f"{e['backend']}:{e['precision']}: {e['reason']}" for e in main.entries)
+            message = "no target could be compiled and verified, so nothing was written: " + "; ".join(
+                f"{e['backend']}:{e['precision']}: {e['reason']}" for e in main.entries
             )
+            if len(main.entries) == 1 and 0 in run.errors:  # one target: its own error, as the backend raised it
+                raise _same_kind(run.errors[0], f"{run.errors[0]}; nothing was written") from run.errors[0]
+            raise CompileError(message)
         if tune:
             _tune(main, inputs, steps, say)
 
@@ -226,6 +228,8 @@ class CompileRun:
     say: Log
     ptq: Any = None
     quantise: Callable[[Any], tuple[Any, dict]] | None = None
+    errors: dict[int, BaseException] = field(default_factory=dict)
+    """The first exception a target of the primary model failed with: what a compile with no good target raises."""
 
     def model(self, job: ModelJob) -> ModelDone:
         """Store ``job``'s graph, choose its shapes, run the reference once, then compile and verify each target."""
@@ -295,10 +299,13 @@ class CompileRun:
             except Exception as exc:  # noqa: BLE001 - a converter may crash in any way; it is this target's result
                 reason = _one_line(exc)
                 if self.strict:
-                    raise CompileError(
+                    raise _same_kind(
+                        exc,
                         f"target {label} could not be compiled: {reason}; nothing was written. "
-                        "Drop --strict to write the other targets with this one recorded as failed."
+                        "Drop --strict to write the other targets with this one recorded as failed.",
                     ) from exc
+                if not job.prefix:
+                    self.errors.setdefault(0, exc)
                 self.say(f"{label} failed: {reason}")
                 entry = {
                     "backend": backend.name,
@@ -333,6 +340,16 @@ class Check:
 
 def _of(job: ModelJob) -> str:
     return f" for model '{job.name}'" if job.prefix else ""
+
+
+def _same_kind(exc: BaseException, message: str) -> LuodiError:
+    """A LuodiError of ``exc``'s own class (an UnsupportedOpError stays one) saying ``message``; else CompileError."""
+    if isinstance(exc, LuodiError):
+        try:
+            return type(exc)(message)
+        except Exception:  # noqa: BLE001 - a subclass with another constructor
+            pass
+    return CompileError(message)
 
 
 def _one_line(exc: BaseException) -> str:
