@@ -157,6 +157,7 @@ def test_an_unrunnable_guess_is_refused_with_what_to_give(tmp_path):
     pkg = luodi.compile(model, tmp_path / "r.luodi", input_shapes={"x": [64]})
     # 64 runs; its second size (32) cannot, so that set is dropped, and the package says why
     assert pkg.representative_shapes == [{"x": (64,)}]
+    assert pkg.manifest["shapes"]["notes"][0].startswith("x=32 was not used: the reference cannot run it")
     assert pkg.targets[0]["status"] == "verified"
 
 
@@ -229,8 +230,11 @@ def test_partial_compile_records_the_failing_target_and_writes_the_others(tmp_pa
     with pytest.raises(luodi.CompileError, match="nothing was written"):
         luodi.compile(unique_model(), tmp_path / "s.luodi", ["onnxruntime", "ncnn"], strict=True)
     assert not (tmp_path / "s.luodi").exists()
-    with pytest.raises(luodi.CompileError, match="no target could be compiled"):
+    with pytest.raises(luodi.UnsupportedOpError, match="Unique.*nothing was written"):  # its own error
         luodi.compile(unique_model(), tmp_path / "n.luodi", ["ncnn"])
+    with pytest.raises(luodi.CompileError, match="no target could be compiled.*ncnn:fp32: .*Unique"):
+        luodi.compile(unique_model(), tmp_path / "n.luodi", ["ncnn", "ncnn:fp16"])
+    assert not (tmp_path / "n.luodi").exists()
 
 
 @pytest.mark.skipif(not installed("ncnn"), reason="ncnn is not installed")

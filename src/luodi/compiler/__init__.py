@@ -144,13 +144,14 @@ def compile(  # noqa: A001 - the field's word for it
             run.quantise = lambda backend: _quantise_for(run.ptq, backend, max_disagreement, fallback)
         done = [run.model(job) for job in jobs]
         main = done[0]
-        if all(e.get("status") == "failed" for e in main.entries):
-            message = "no target could be compiled and verified, so nothing was written: " + "; ".join(
-                f"{e['backend']}:{e['precision']}: {e['reason']}" for e in main.entries
+        if not main.artifacts:  # nothing compiled at all (a target that compiled but failed verification is kept)
+            first = run.first_error
+            if len(main.entries) == 1 and first is not None:  # one target: its own error, as the backend raised it
+                raise _same_kind(first, f"{first}; nothing was written") from first
+            raise CompileError(
+                "no target could be compiled, so nothing was written: "
+                + "; ".join(f"{e['backend']}:{e['precision']}: {e['reason']}" for e in main.entries)
             )
-            if len(main.entries) == 1 and 0 in run.errors:  # one target: its own error, as the backend raised it
-                raise _same_kind(run.errors[0], f"{run.errors[0]}; nothing was written") from run.errors[0]
-            raise CompileError(message)
         if tune:
             _tune(main, inputs, steps, say)
 
@@ -228,8 +229,8 @@ class CompileRun:
     say: Log
     ptq: Any = None
     quantise: Callable[[Any], tuple[Any, dict]] | None = None
-    errors: dict[int, BaseException] = field(default_factory=dict)
-    """The first exception a target of the primary model failed with: what a compile with no good target raises."""
+    first_error: BaseException | None = None
+    """The first exception a target of the primary model failed with: what a compile with no target raises."""
 
     def model(self, job: ModelJob) -> ModelDone:
         """Store ``job``'s graph, choose its shapes, run the reference once, then compile and verify each target."""
@@ -287,7 +288,8 @@ class CompileRun:
     ) -> tuple[dict[str, Any], Artifact | None]:
         """The target's entry and artifact; on any failure (an unsupported operator, a converter crash, the int8
         gate) a failed entry with the reason, and no artifact."""
-        with self.steps.step(f"converting for {label}"):
+        what = "quantising (calibrated ranges, fallback search) and converting" if precision == "int8" else "converting"
+        with self.steps.step(f"{what} for {label}"):
             try:
                 target_model, quantization = job.src.model, None
                 if precision == "int8" and self.quantise is not None and not job.prefix:
@@ -304,8 +306,8 @@ class CompileRun:
                         f"target {label} could not be compiled: {reason}; nothing was written. "
                         "Drop --strict to write the other targets with this one recorded as failed.",
                     ) from exc
-                if not job.prefix:
-                    self.errors.setdefault(0, exc)
+                if not job.prefix and self.first_error is None:
+                    self.first_error = exc
                 self.say(f"{label} failed: {reason}")
                 entry = {
                     "backend": backend.name,

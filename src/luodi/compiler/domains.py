@@ -63,7 +63,8 @@ def _observed(feeds: Sequence[Mapping[str, np.ndarray]], name: str) -> tuple[flo
         return None
     lo = min(float(np.nanmin(v)) for v in values)
     hi = max(float(np.nanmax(v)) for v in values)
-    return (lo, hi) if np.isfinite(lo) and np.isfinite(hi) and lo < hi else None
+    # lo == hi is a constant input (a sample rate, a zero state): generated inputs keep it
+    return (lo, hi) if np.isfinite(lo) and np.isfinite(hi) else None
 
 
 def input_domains(

@@ -60,6 +60,8 @@ class ShapePlan:
             out["ranges"] = {n: {str(a): list(r) for a, r in axes.items()} for n, axes in self.ranges.items()}
         if domains:
             out["domains"] = {n: d.to_dict() for n, d in domains.items()}
+        if self.notes:
+            out["notes"] = list(self.notes)
         return out
 
 

@@ -163,6 +163,8 @@ def _shape_sets(value: Any, where: str) -> None:
             _require(isinstance(axis, str) and axis.isdigit() and int(axis) < MAX_RANK, at, "must be an axis number")
             ok = isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, int) for b in bounds)
             _require(ok and 0 <= bounds[0] <= bounds[1] <= MAX_DIM, at, "must be [low, high] sizes")
+    for i, note in enumerate(_list(value.get("notes", []), f"{where}.notes")):
+        _str(note, f"{where}.notes[{i}]", 4096)
     for name, dom in _dict(value.get("domains", {}), f"{where}.domains").items():
         at = f"{where}.domains['{name}']"
         dom = _dict(dom, at)
