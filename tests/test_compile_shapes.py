@@ -281,7 +281,7 @@ def test_cli_input_shape_and_sample_reach_the_manifest_and_verification(tmp_path
     done = luodi_cli("compile", str(model), "-o", str(tmp_path / "b.luodi"), "--input-shape", "x=1x3x96x160", "-q")
     assert done.returncode == 0, done.stderr
     assert luodi.Package(tmp_path / "b.luodi").representative_shapes[0] == {"x": (1, 3, 96, 160)}
-    assert "verified at: x=1x3x96x160" in done.stdout
+    assert "verified at): x=1x3x96x160; x=2x3x32x64" in done.stdout
     bad = luodi_cli("compile", str(model), "-o", str(tmp_path / "c.luodi"), "--input-shape", "y=1x3x8x8")
     assert bad.returncode == 2 and "has no input 'y'" in bad.stderr and "Traceback" not in bad.stderr
     with zipfile.ZipFile(tmp_path / "bad.npz", "w") as zf:
@@ -290,3 +290,25 @@ def test_cli_input_shape_and_sample_reach_the_manifest_and_verification(tmp_path
     assert bad.returncode == 2 and "--sample" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "c.luodi").exists()
     assert Path(tmp_path / "a.luodi").exists()
+
+
+def test_progress_shows_steps_on_a_terminal_and_nothing_when_quiet(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from luodi.progress import Progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    shown = io.StringIO()
+    with Progress(console=Console(file=shown, force_terminal=True, width=100)) as progress:
+        luodi.compile(fcn_model(), tmp_path / "p.luodi", ["onnxruntime"], progress=progress)
+    text = shown.getvalue()
+    assert "running the reference" in text and "converting for onnxruntime:fp32" in text
+    assert "verifying onnxruntime:fp32" in text and "3/3" in text
+    quiet = io.StringIO()
+    with Progress(quiet=True, console=Console(file=quiet, force_terminal=True)) as progress:
+        luodi.compile(fcn_model(), tmp_path / "q.luodi", ["onnxruntime"], progress=progress)
+    assert quiet.getvalue() == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # a pipe or a CI log: nothing either
+    assert not Progress(console=Console(file=io.StringIO(), force_terminal=True)).enabled

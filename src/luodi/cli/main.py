@@ -273,7 +273,7 @@ def _print_compiled(pkg: Any, show_passes: bool) -> None:
         _print_passes(pkg.manifest.get("passes", []))
     shapes = pkg.representative_shapes
     out.print(
-        "verified at: "
+        "representative shapes (converted and verified at): "
         + escape("; ".join(", ".join(f"{n}={'x'.join(map(str, d))}" for n, d in s.items()) for s in shapes))
     )
     _print_verification(pkg)
