@@ -41,6 +41,10 @@ class ShapePlan:
     generated: list[bool] = field(default_factory=list)
     """Per set: True when luodi chose it (a second size it invented), False when samples or the user gave it."""
     notes: list[str] = field(default_factory=list)
+    fallbacks: list[Shapes] = field(default_factory=list)
+    """One set per dynamic symbol, each changing that symbol alone: tried when the set changing them all at once
+    cannot run (an OCR recogniser runs any width but only its one height), so every axis that can take a second
+    size still gets one."""
 
     @property
     def primary(self) -> Shapes:
@@ -167,16 +171,15 @@ def _default_size(spec: TensorSpec, axis: int) -> int:
 
 
 def second_size(size: int, given: GivenDim | None = None) -> int | None:
-    """Another size for a dynamic axis at ``size``: in the given range, else a smaller one that keeps a stride of
-    32 (cheaper for the reference), else 2 for an axis at 1. None when the range allows no other size."""
+    """Another size for a dynamic axis at ``size``: in the given range; else, from 64 up, about half on a stride of
+    32 (cheaper for the reference, and a detector's stride kept); below, twice the size (a small input may be the
+    smallest the model takes: half of it can leave a pooling nothing to pool). None when a range allows no other."""
     if isinstance(given, tuple):
         lo, hi = given
         return lo if lo != size else (hi if hi != size else None)
-    if size == 1:
-        return 2
-    if size >= 64 and size % 32 == 0:
-        return (size // 2) // 32 * 32
-    return max(1, size // 2)
+    if size >= 64:
+        return (size // 2) // 32 * 32 if size % 32 == 0 else size // 2
+    return size * 2
 
 
 def _middle(lo: int, hi: int) -> int:
@@ -255,7 +258,16 @@ def plan_shapes(
         }
         sets.append(extra)
         generated.append(True)
-    return ShapePlan(sets, ranges, generated)
+    fallbacks = []
+    if len(seconds) > 1:
+        for symbol, other_size in seconds.items():
+            fallbacks.append(
+                {
+                    s.name: tuple(other_size if d == symbol else n for d, n in zip(s.shape, primary[s.name]))
+                    for s in specs
+                }
+            )
+    return ShapePlan(sets, ranges, generated, fallbacks=fallbacks)
 
 
 def describe(shapes: Shapes) -> str:

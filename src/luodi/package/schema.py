@@ -120,7 +120,8 @@ def _targets(value: Any, files: dict[str, Any], where: str) -> None:
             _require(member in files, f"{at}.files['{rel}']", f"names '{member}', which the manifest does not pin")
         _dict(target.get("options", {}), f"{at}.options")  # each backend reads its own options
         if "status" in target:
-            _require(target["status"] in _STATUS, f"{at}.status", f"must be one of {sorted(_STATUS)}")
+            ok = isinstance(target["status"], str) and target["status"] in _STATUS
+            _require(ok, f"{at}.status", f"must be one of {sorted(_STATUS)}")
         if "reason" in target:
             _str(target["reason"], f"{at}.reason", 4096)
         ver = target.get("verification")
