@@ -2,7 +2,8 @@
 
 For each zoo model it runs one compile for every available target of onnxruntime, openvino, ncnn, mnn and
 reference (what a user gets from `luodi compile zoo:NAME -t ... -t ...`) and prints the wall time, the
-targets written and any that failed. Each model is compiled ``--repeat`` times; the table shows the median.
+targets written and any that failed, and (where luodi reports its steps) the seconds spent running the
+reference, converting and verifying. Each model is compiled ``--repeat`` times; the table shows the median.
 It reports, it does not assert.
 
     .venv/bin/python benchmarks/compile_time.py                   # all zoo models, every engine here
@@ -12,10 +13,15 @@ It reports, it does not assert.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import inspect
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -23,6 +29,11 @@ from rich.table import Table
 import luodi
 from luodi.backends import get_backend
 from luodi.errors import LuodiError
+
+try:
+    from luodi.progress import Progress
+except ImportError:  # luodi before luodi.progress: no phases, the total only
+    Progress = object  # type: ignore[assignment,misc]
 
 ENGINES = ("onnxruntime", "openvino", "ncnn", "mnn", "reference")
 MODELS = ("zoo:efficientnet-lite0", "zoo:yolov8n-nudenet", "zoo:pp-ocrv4", "zoo:silero-vad")
@@ -32,18 +43,40 @@ def available(engines: tuple[str, ...]) -> list[str]:
     return [e for e in engines if get_backend(e).available().ok]
 
 
+class Phases(Progress):
+    """A silent Progress that adds up the seconds of each kind of step: the reference, converting, verifying."""
+
+    def __init__(self) -> None:
+        super().__init__(quiet=True)
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+
+    @contextlib.contextmanager
+    def step(self, description: str, total: int | None = None) -> Iterator[Any]:
+        kind = "reference" if description.startswith("running the reference") else description.split()[0]
+        start = time.perf_counter()
+        with super().step(description, total) as handle:
+            yield handle
+        self.seconds[kind] += time.perf_counter() - start
+
+
 def compile_once(model: str, targets: list[str], out: Path) -> tuple[float, str]:
     """Seconds for one compile, and what it wrote (targets by status) or why it failed."""
+    # luodi before the progress parameter: the total only
+    phases = Phases() if "progress" in inspect.signature(luodi.compile).parameters else None
+    extra = {"progress": phases} if phases is not None else {}
     start = time.perf_counter()
     try:
-        pkg = luodi.compile(model, out, targets)
+        pkg = luodi.compile(model, out, targets, **extra)
     except LuodiError as exc:
         return time.perf_counter() - start, f"error: {str(exc).splitlines()[0][:100]}"
     seconds = time.perf_counter() - start
     failed = [f"{t['backend']}" for t in pkg.targets if t.get("status") == "failed"]
     failed += [f"{t['backend']}" for t in pkg.targets if t.get("verification", {}).get("passed") is False]
     good = len(pkg.targets) - len(set(failed))
-    return seconds, f"{good} ok" + (f", failed: {', '.join(sorted(set(failed)))}" if failed else "")
+    result = f"{good} ok" + (f", failed: {', '.join(sorted(set(failed)))}" if failed else "")
+    if phases is not None:
+        result += "; " + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(phases.seconds.items()))
+    return seconds, result
 
 
 def main() -> None:

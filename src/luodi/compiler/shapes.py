@@ -170,13 +170,16 @@ def _default_size(spec: TensorSpec, axis: int) -> int:
     return OTHER_SIZE
 
 
-def second_size(size: int, given: GivenDim | None = None) -> int | None:
-    """Another size for a dynamic axis at ``size``: in the given range; else, from 64 up, about half on a stride of
-    32 (cheaper for the reference, and a detector's stride kept); below, twice the size (a small input may be the
-    smallest the model takes: half of it can leave a pooling nothing to pool). None when a range allows no other."""
+def second_size(size: int, given: GivenDim | None = None, batch: bool = False) -> int | None:
+    """Another size for a dynamic axis at ``size``: in the given range; else a batch (axis 0) 2 at 1 and 1 above;
+    else, from 64 up, about half on a stride of 32 (cheaper for the reference, and a detector's stride kept); below,
+    twice the size (a small input may be the smallest the model takes: half of it can leave a pooling nothing to
+    pool). None when a range allows no other size."""
     if isinstance(given, tuple):
         lo, hi = given
         return lo if lo != size else (hi if hi != size else None)
+    if batch:
+        return 2 if size == 1 else 1
     if size >= 64:
         return (size // 2) // 32 * 32 if size % 32 == 0 else size // 2
     return size * 2
@@ -248,7 +251,7 @@ def plan_shapes(
                 continue
             # A bare size on a dynamic axis fixes the representative size only: the axis still gets a second one.
             g = given.get(s.name, [None] * len(s.shape))[axis]
-            other_size = second_size(primary[s.name][axis], g)
+            other_size = second_size(primary[s.name][axis], g, batch=axis == 0)
             if other_size is not None:
                 seconds[d] = other_size
     if seconds:
