@@ -96,7 +96,7 @@ def main() -> None:
                 seconds, result = compile_once(model, targets, Path(tmp) / f"m{i}.luodi")
                 times.append(seconds)
             table.add_row(model, f"{statistics.median(times):.1f}", str(args.repeat), result)
-            Console().print(f"{model}: {statistics.median(times):.1f} s ({result})")
+            Console(width=250).print(f"{model}: {statistics.median(times):.1f} s ({result})", soft_wrap=True)
     Console().print(table)
 
 

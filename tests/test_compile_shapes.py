@@ -157,7 +157,7 @@ def test_an_unrunnable_guess_is_refused_with_what_to_give(tmp_path):
     pkg = luodi.compile(model, tmp_path / "r.luodi", input_shapes={"x": [64]})
     # 64 runs; its second size (1: an axis 0 is taken for a batch) cannot, so that set is dropped, with a note
     assert pkg.representative_shapes == [{"x": (64,)}]
-    assert pkg.manifest["shapes"]["notes"][0].startswith("x=1 was not used: the reference cannot run it")
+    assert pkg.manifest["shapes"]["notes"][0].startswith("x=1 was not used: the model cannot run it")
     assert pkg.targets[0]["status"] == "verified"
 
 
