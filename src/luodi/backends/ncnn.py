@@ -423,7 +423,12 @@ def _layer_params(tokens: list[str], where: str) -> dict[int, Any]:
         if not eq or not re.fullmatch(r"-?\d+", key):
             raise ModelError(f"{where}: parameter '{tok[:40]}' is not id=value")
         pid = int(key)
-        if pid <= _ARRAY_BASE:
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            # A string parameter (ncnn reads it verbatim), e.g. Reshape's shape expression 6="0w,120" from pnnx.
+            index, parsed = pid, value[1:-1]
+            if len(parsed) > 255 or "\0" in parsed or '"' in parsed:  # ncnn reads at most 255 characters
+                raise ModelError(f"{where}: parameter {pid} is a malformed string")
+        elif pid <= _ARRAY_BASE:
             index = _ARRAY_BASE - pid
             items = value.split(",")
             count = _number(items[0], f"{where} parameter {pid}")
@@ -775,14 +780,16 @@ class NcnnBackend(Backend):
 
     def _smoke_test(self, artifact: Artifact, shapes: dict[str, tuple[int, ...]]) -> None:
         """Load the param with ncnn and extract every output once on zeros, to fail at compile time."""
+        refused = None
         with _stderr_captured() as said:
             try:
                 engine = self.load(artifact, LoadOptions(threads=1))
-            except ModelError:
-                engine = None
+            except ModelError as exc:
+                engine, refused = None, exc
         if engine is None:
             layers = _parse_param(artifact.files[_PARAM].decode("utf-8", errors="replace"))
-            raise CompileError(f"ncnn cannot load the model pnnx wrote: {_load_reason(said[0], layers)}")
+            reason = _load_reason(said[0], layers) if said[0].strip() or refused is None else str(refused)
+            raise CompileError(f"ncnn cannot load the model pnnx wrote: {reason}")
         error = None
         with _stderr_captured() as said:
             try:
