@@ -1,7 +1,9 @@
 """`luodi verify`: run a package's targets on a dataset and compare each with another target (the float
-reference by default): max abs error, cosine and SNR per output, top-1 agreement over the set.
+reference by default): max abs error, cosine and SNR per output, top-1 agreement over the set, pass or FAIL.
 
-It runs targets through the backends' load/run only; it never changes a package.
+Samples are compared one by one, so inputs of different shapes (a package's representative shape sets) can be
+mixed; a wrong output shape or a NaN is a failed row, never an exception. It runs targets through the backends'
+load/run only; it never changes a package.
 """
 
 from __future__ import annotations
@@ -12,37 +14,59 @@ from typing import Any
 import numpy as np
 
 from ..backends import CompileOptions, LoadOptions, get_backend
-from ..errors import LuodiError
+from ..errors import BackendError, LuodiError
 from . import compare_arrays
 
 # The reference evaluator runs EfficientNet-Lite0 at about a second an image; past this many samples the canonical
 # float graph runs on onnxruntime fp32 instead (compile-time verification pins it to the evaluator within 1e-4).
 REFERENCE_EVALUATOR_MAX = 8
 
+Feeds = dict[str, np.ndarray]
+
 
 @dataclass(frozen=True)
 class OutputReport:
+    """One target's output over the samples: worst error, lowest cosine and SNR; ``problem`` says why it failed
+    when that is not a number (a wrong shape, NaN, a target that could not run)."""
+
     target: str
     output: str
     max_abs: float
     cosine: float
     snr_db: float
     agreement: float | None
+    passed: bool = True
+    problem: str = ""
 
 
 def _label(t: dict[str, Any]) -> str:
     return f"{t['backend']}:{t['precision']}"
 
 
-def _run(package: Any, target: dict[str, Any], feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+def _run_all(engine: Any, what: str, feeds: list[Feeds]) -> list[dict[str, np.ndarray]]:
+    """Every sample through ``engine``; an engine's own exception becomes a BackendError naming the inputs."""
+    results = []
+    for f in feeds:
+        try:
+            results.append(engine.run(f))
+        except LuodiError:
+            raise
+        except Exception as exc:  # e.g. the reference evaluator on an input it cannot take
+            shapes = {n: list(a.shape) for n, a in f.items()}
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+            raise BackendError(f"{what} failed to run on inputs {shapes}: {type(exc).__name__}: {detail}") from exc
+    return results
+
+
+def _run(package: Any, target: dict[str, Any], feeds: list[Feeds]) -> list[dict[str, np.ndarray]]:
     engine = get_backend(target["backend"]).load(package.artifact(target), LoadOptions())
     try:
-        return [engine.run(f) for f in feeds]
+        return _run_all(engine, _label(target), feeds)
     finally:
         engine.close()
 
 
-def reference_outputs(package: Any, feeds: list[dict[str, np.ndarray]]) -> tuple[list[dict[str, np.ndarray]], str]:
+def reference_outputs(package: Any, feeds: list[Feeds]) -> tuple[list[dict[str, np.ndarray]], str]:
     """The canonical float graph's outputs and what ran it."""
     if len(feeds) <= REFERENCE_EVALUATOR_MAX:
         backend, ran = get_backend("reference"), "reference evaluator"
@@ -50,25 +74,25 @@ def reference_outputs(package: Any, feeds: list[dict[str, np.ndarray]]) -> tuple
         backend, ran = get_backend("onnxruntime"), "canonical graph on onnxruntime fp32"
     engine = backend.load(backend.compile(package.model(), CompileOptions()), LoadOptions())
     try:
-        return [engine.run(f) for f in feeds], ran
+        return _run_all(engine, f"the reference ({ran})", feeds), ran
     finally:
         engine.close()
 
 
 def verify_package(
     package: Any,
-    feeds: list[dict[str, np.ndarray]],
+    feeds: list[Feeds],
     targets: list[dict[str, Any]] | None = None,
     against: str = "reference",
 ) -> tuple[list[OutputReport], str]:
     """Per target and output, the error against ``against`` (a target label or "reference") over ``feeds``."""
-    from ..quant.sensitivity import snr_db
-
     if against == "reference":
         base, ran = reference_outputs(package, feeds)
     else:
-        backend, _, precision = against.partition(":")
-        base, ran = _run(package, package.find_target(backend, precision or None), feeds), against
+        from ..selection import parse_target
+
+        backend, precision = parse_target(against)
+        base, ran = _run(package, package.find_target(backend, precision), feeds), against
     reports = []
     for t in targets if targets is not None else package.targets:
         if _label(t) == against or (t["backend"] == "reference" and against == "reference"):
@@ -76,12 +100,119 @@ def verify_package(
         try:
             got = _run(package, t, feeds)
         except LuodiError as exc:
-            reports.append(OutputReport(_label(t), f"failed: {exc}", float("inf"), 0.0, float("-inf"), None))
+            reports.append(failed_row(_label(t), "(all)", f"could not run: {exc}"))
             continue
         for name in base[0]:
-            ref = np.concatenate([b[name] for b in base])
-            out = np.concatenate([g[name] for g in got])
-            c = compare_arrays(name, ref, out)
-            agree = float((ref.argmax(1) == out.argmax(1)).mean()) if ref.ndim == 2 and ref.shape[1] > 1 else None
-            reports.append(OutputReport(_label(t), name, c.max_abs, c.cosine, snr_db(ref, out), agree))
+            reports.append(compare_output(_label(t), name, [b[name] for b in base], [g.get(name) for g in got]))
     return reports, ran
+
+
+def failed_row(target: str, output: str, problem: str) -> OutputReport:
+    return OutputReport(target, output, float("inf"), 0.0, float("-inf"), None, passed=False, problem=problem)
+
+
+def compare_output(target: str, name: str, refs: list[np.ndarray], gots: list[Any]) -> OutputReport:
+    """One output over the samples: shapes first, then values (integers exactly); the worst sample counts."""
+    precision = target.rpartition(":")[2]
+    max_abs, cosine, snr, hits, rows = 0.0, 1.0, float("inf"), 0, 0
+    passed = True
+    for i, (ref, got) in enumerate(zip(refs, gots)):
+        if got is None:
+            return failed_row(target, name, f"output missing on sample {i}")
+        ref, got = np.asarray(ref), np.asarray(got)
+        if ref.shape != got.shape:
+            return failed_row(target, name, f"shape {list(got.shape)} where the reference has {list(ref.shape)}")
+        problem = _nonfinite(ref, got)
+        if problem:
+            return failed_row(target, name, f"{problem} (sample {i})")
+        finite = np.isfinite(ref) if ref.dtype.kind in "fc" else np.ones(ref.shape, bool)
+        r, g = ref[finite], got[finite]  # NaN/Inf where both have the same ones: compared as equal
+        c = compare_arrays(name, r, g)
+        if ref.dtype.kind in "iub" or got.dtype.kind in "iub":
+            passed = passed and bool(np.array_equal(ref, got))  # indices, counts, masks: exactly or not at all
+        else:
+            passed = passed and c.passes(precision)
+        max_abs, cosine, snr = max(max_abs, c.max_abs), min(cosine, c.cosine), min(snr, _snr_db(r, g))
+        if ref.ndim == 2 and ref.shape[1] > 1:
+            hits += int((ref.argmax(1) == got.argmax(1)).sum())
+            rows += ref.shape[0]
+    agreement = hits / rows if rows else None
+    return OutputReport(target, name, max_abs, cosine, snr, agreement, passed, "" if passed else "outside tolerance")
+
+
+def _nonfinite(ref: np.ndarray, got: np.ndarray) -> str:
+    """Why NaN/Inf makes the sample fail: the target has them where the reference does not, or the other way."""
+    if ref.dtype.kind not in "fc" and got.dtype.kind not in "fc":
+        return ""
+    bad_ref, bad_got = ~np.isfinite(ref), ~np.isfinite(got)
+    if not bad_ref.any() and not bad_got.any():
+        return ""
+    if np.array_equal(bad_ref, bad_got) and np.array_equal(ref[bad_ref], got[bad_got], equal_nan=True):
+        return ""
+    if bad_got.any() and not bad_ref.any():
+        return f"{int(bad_got.sum())} NaN/Inf value(s) where the reference is finite"
+    if bad_ref.any() and not bad_got.any():
+        return f"the reference has {int(bad_ref.sum())} NaN/Inf value(s) the target does not"
+    return "NaN/Inf in other places than the reference's"
+
+
+def _snr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    from ..quant.sensitivity import snr_db
+
+    return snr_db(ref, got) if ref.size else float("inf")
+
+
+def data_feeds(package: Any, data: str, limit: int | None = None) -> list[Feeds]:
+    """Feeds for `luodi verify --data`: ``data`` as calibration reads it (images through the package's pipeline,
+    .npy, .npz, a dataset), or an .npz whose arrays stack whole samples along a new first axis (each array one
+    dimension more than its input: what a model with unbatched or recurrent-state inputs needs). Inputs the data
+    leaves out get the value the pipeline fixes; each feed is checked against the input specs."""
+    from ..errors import InputError, MissingInputError
+    from ..quant.data import _spread, load_feeds
+    from .representative import pipeline_constants
+
+    specs = {s.name: s for s in package.inputs}
+    stacked = _stacked_npz(data, specs)
+    if stacked is not None:
+        count = len(next(iter(stacked.values())))
+        feeds = [{n: a[i] for n, a in stacked.items()} for i in _spread(count, limit)]
+    else:
+        feeds = load_feeds(data, package.inputs, package.pipeline, limit, "verification")
+    if not feeds:
+        raise InputError(f"verification data '{data}' holds no samples")
+    constants = pipeline_constants(package)
+    for i, feed in enumerate(feeds):
+        for name, value in constants.items():
+            if stacked is None or name not in feed:  # images through the pipeline carry its constant, untyped
+                feed[name] = value
+        missing = [n for n in specs if n not in feed]
+        if missing:
+            raise MissingInputError(f"verification data '{data}' gives no value for input(s) {missing} (sample {i})")
+        for name, value in list(feed.items()):
+            if name not in specs:
+                raise InputError(f"verification data '{data}' has '{name}', not an input; inputs: {list(specs)}")
+            feed[name] = specs[name].as_array(value)
+            specs[name].check(feed[name])
+    return feeds
+
+
+def _stacked_npz(data: str, specs: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    """The arrays of an .npz that stacks samples along a new axis 0 (each one dim more than its input), else None."""
+    import zipfile
+    from pathlib import Path
+
+    from ..errors import InputError
+
+    if not str(data).endswith(".npz") or not Path(data).is_file():
+        return None
+    try:
+        with np.load(data, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"verification data {data} is not an .npz numpy can read without pickle ({exc})") from None
+    given = {n: a for n, a in arrays.items() if n in specs}
+    if not given or any(a.ndim != len(specs[n].shape) + 1 for n, a in given.items()):
+        return None
+    if len({len(a) for a in given.values()}) != 1:
+        raise InputError(f"verification data {data}: the arrays hold different numbers of samples along axis 0")
+    return given
