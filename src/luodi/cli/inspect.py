@@ -264,14 +264,17 @@ def run(
         _print_json(summary)
         return
     err.print(f"[dim]{escape(s.selection)}[/]", highlight=False)
-    table = Table(title=f"outputs of {summary['target']} ({ms:.2f} ms)")
+    where = f", written to {out_dir}" if out_dir else ""
+    table = Table(title=escape(f"outputs of {summary['target']} ({ms:.2f} ms){where}"))
     for col in ("output", "shape", "dtype", "min", "max", "mean", "file"):
         table.add_column(col, justify="right" if col in ("min", "max", "mean") else "left")
     for name, r in summary["outputs"].items():
         nums = [("" if r[k] is None else f"{r[k]:.6g}") for k in ("min", "max", "mean")]
         if r["nonfinite"]:
             nums[2] += f" ({r['nonfinite']} NaN/Inf)"
-        table.add_row(escape(name), str(r["shape"]), r["dtype"], *nums, escape(r["file"] or ""))
+        table.add_row(
+            escape(name), str(r["shape"]), r["dtype"], *nums, escape(Path(r["file"]).name if r["file"] else "")
+        )
     out.print(table)
 
 
@@ -521,9 +524,8 @@ def verify(
     for r in reports:
         agree = "" if r.agreement is None else f"{r.agreement:.2%}"
         result = "[green]pass[/]" if r.passed else f"[red]FAIL[/]: {escape(r.problem)}"
-        table.add_row(
-            r.target, escape(r.output), f"{r.max_abs:.3g}", f"{r.cosine:.6f}", f"{r.snr_db:.1f}", agree, result
-        )
+        numbers = [f"{r.max_abs:.3g}", f"{r.cosine:.6f}", f"{r.snr_db:.1f}"] if r.compared else ["-", "-", "-"]
+        table.add_row(r.target, escape(r.output), *numbers, agree, result)
     out.print(table)
     if layerwise:
         _print_layerwise(pkg, against, chosen, bool(targets), feeds[0])

@@ -37,6 +37,7 @@ class OutputReport:
     agreement: float | None
     passed: bool = True
     problem: str = ""
+    compared: bool = True  # False when no numbers were computed (wrong shape, NaN, a target that did not run)
 
 
 def _label(t: dict[str, Any]) -> str:
@@ -108,7 +109,7 @@ def verify_package(
 
 
 def failed_row(target: str, output: str, problem: str) -> OutputReport:
-    return OutputReport(target, output, float("inf"), 0.0, float("-inf"), None, passed=False, problem=problem)
+    return OutputReport(target, output, float("inf"), 0.0, float("-inf"), None, False, problem, compared=False)
 
 
 def compare_output(target: str, name: str, refs: list[np.ndarray], gots: list[Any]) -> OutputReport:
