@@ -21,7 +21,7 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import InputError, LuodiError, UnknownTensorError
+from ..errors import BackendError, InputError, LuodiError, UnknownTensorError
 from .main import _print_verification, cli, err, out
 
 _ALLOW_FAILED = click.option(
@@ -516,7 +516,16 @@ def verify(
         feeds, where = representative_inputs(pkg, per_set=2), "random input(s) at the representative shapes"
     else:
         feeds, where = data_feeds(pkg, data, limit), "sample(s)"
-    reports, ran = verify_package(pkg, feeds, chosen, against)
+    try:
+        reports, ran = verify_package(pkg, feeds, chosen, against)
+    except BackendError as exc:
+        if data is not None:
+            raise
+        shapes = "; ".join(str({n: list(v) for n, v in s.items()}) for s in pkg.representative_shapes)
+        raise BackendError(
+            f"{exc}. The random inputs were at the package's representative shapes ({shapes}); "
+            "if the model cannot run at these, verify it on real inputs with --data"
+        ) from exc
     reports += skipped
     table = Table(title=f"against {against} ({escape(ran)}) on {len(feeds)} {where}")
     for col in ("target", "output", "max abs err", "cosine", "SNR dB", "top-1 agreement", "result"):
