@@ -77,15 +77,23 @@ def _verification_failure(ver: Any) -> str:
         return "failed at compile time (no reason recorded)"
     if ver.get("error"):
         return f"failed to run during verification: {ver['error']}"
+    if isinstance(ver.get("reason"), str) and ver["reason"]:
+        return ver["reason"]
     tol = ver.get("tolerance") if isinstance(ver.get("tolerance"), dict) else TOLERANCES["fp32"]
     for name, r in (ver.get("outputs") or {}).items():
         if not isinstance(r, dict):
             continue
-        max_abs, cosine, ref_max = (float(r.get(k, float("nan"))) for k in ("max_abs", "cosine", "ref_max"))
+        if r.get("mismatch"):
+            return f"output '{name}': {r['mismatch']}"
+        max_abs, cosine, ref_max = (_number(r.get(k)) for k in ("max_abs", "cosine", "ref_max"))
         allowed = float(tol.get("rel_max_abs", 0.0)) * max(1.0, ref_max)
         if not (max_abs <= allowed and cosine >= float(tol.get("min_cosine", 1.0))):  # NaN fails too
             return f"output '{name}' outside its tolerance (max abs error {max_abs:.3g}, cosine {cosine:.6f})"
     return "verification did not pass"
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else float("nan")
 
 
 def host_key() -> str:
