@@ -337,3 +337,49 @@ def test_compare_output_nan_and_integers():
     assert compare_output("t:fp32", "y", [both], [both.copy()]).passed  # NaN where the reference has it: equal
     ints = compare_output("t:int8", "ids", [np.array([3, 4])], [np.array([3, 5])])
     assert not ints.passed and ints.max_abs == 1  # integers exactly, whatever the precision's tolerance
+
+
+# -- representative shapes: auto's timing and luodi verify ----------------------------------------------------------
+def _valid_conv() -> onnx.ModelProto:
+    """A 3x3 convolution without padding on free height and width: it cannot run at 1x1 (free dims at 1)."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((2, 1, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"])],
+        "valid_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, "oh", "ow"])],
+        initializer=[w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _with_shapes(sets: list[dict[str, list[int]]]) -> Callable[[dict], None]:
+    def edit(m: dict) -> None:
+        m.pop("example_shapes", None)  # only the representative sets say what the package runs at
+        m["shapes"] = {**(m.get("shapes") or {}), "representative": sets}
+
+    return edit
+
+
+@pytest.mark.skipif(not installed("openvino"), reason="needs a second engine: pip install 'luodi[openvino]'")
+def test_auto_times_the_targets_at_the_representative_shapes(tmp_path):
+    x = np.random.default_rng(1).standard_normal((1, 1, 12, 10)).astype(np.float32)
+    pkg = luodi.compile(_valid_conv(), tmp_path / "c.luodi", targets=["onnxruntime", "openvino"], samples=[{"x": x}])
+    shaped = rewrite(pkg.path, tmp_path / "shaped.luodi", _with_shapes([{"x": [1, 1, 12, 10]}]))
+    with luodi.Session(shaped) as s:
+        assert "fastest measured on this host" in s.selection and "could not be loaded" not in s.selection
+        s.prepare()  # warm-up at the primary set, not at 1x1
+        assert s.run({"x": x})["y"].shape == (1, 2, 10, 8)
+
+
+def test_verify_runs_at_every_representative_shape_set(tmp_path):
+    x = np.random.default_rng(1).standard_normal((1, 1, 12, 10)).astype(np.float32)
+    pkg = luodi.compile(_valid_conv(), tmp_path / "c.luodi", targets=["onnxruntime"], samples=[{"x": x}])
+    sets = [{"x": [1, 1, 12, 10]}, {"x": [2, 1, 7, 30]}]
+    shaped = rewrite(pkg.path, tmp_path / "shaped.luodi", _with_shapes(sets))
+    r = luodi_cli("verify", str(shaped))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "on 4 random input(s) at the representative shapes" in flat(r.stdout)
+    assert "onnxruntime:fp32 y" in flat(r.stdout) and "pass" in r.stdout
