@@ -70,12 +70,11 @@ class Session:
         threads: int | None = None,
         options: dict[str, Any] | None = None,
         accuracy_budget: str | None = None,
+        allow_failed: bool = False,
         trust: Any = None,
         license: Any = None,  # noqa: A002 - the field's word
         passphrase: str | bytes | None = None,
-        allow_failed: bool = False,
     ) -> None:
-        backend, precision = parse_target(backend, precision)
         self.device = device
         self.package: Package | None = None
         self._closed = False
@@ -87,6 +86,7 @@ class Session:
         self.license: Any = None
         """The License that unlocked this session's package, if any."""
         self._release_license: Any = None
+        backend, precision = parse_target(backend, precision)
         if isinstance(model, Package) or _is_package_path(model):
             if trust is None and license is None and passphrase is None:
                 self.package = model if isinstance(model, Package) else Package(model)
@@ -99,7 +99,7 @@ class Session:
 
                 self.package, self.license = open_package(model, trust=trust, license=license, passphrase=passphrase)
             target, self.selection = select_target(
-                self.package, backend, precision, device, accuracy_budget, allow_failed=allow_failed
+                self.package, backend, precision, device, accuracy_budget, allow_failed
             )
             self.backend, self.precision = target["backend"], target["precision"]
             artifact = self.package.artifact(target)

@@ -59,7 +59,7 @@ def _run_all(engine: Any, what: str, feeds: list[Feeds]) -> list[dict[str, np.nd
     return results
 
 
-def _run(package: Any, target: dict[str, Any], feeds: list[Feeds]) -> list[dict[str, np.ndarray]]:
+def _run(package: Any, target: dict[str, Any], feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     engine = get_backend(target["backend"]).load(package.artifact(target), LoadOptions())
     try:
         return _run_all(engine, _label(target), feeds)
