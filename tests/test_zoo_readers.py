@@ -96,13 +96,11 @@ def test_verify_detection_without_and_with_data(tmp_path, det_package):
     assert "on 2 sample(s)" in flat(r.stdout) and "pass" in r.stdout and "FAIL" not in r.stdout
 
 
-def _speech_frames() -> np.ndarray:
-    """32 ms frames (with silero's 64-sample context) of real speech when pyannote's sample is installed, else of a
-    voiced-like synthetic signal: the point here is that real-length frames with the pipeline's rate verify."""
+def _speech() -> np.ndarray:
+    """2 s of real speech when pyannote's sample is installed, else a voiced-like synthetic signal: the point here is
+    that frames as the pipeline cuts them, at its rate, verify."""
     import importlib.util
     import wave
-
-    from luodi.pipeline.ops.audio import AudioFrames
 
     spec = importlib.util.find_spec("pyannote")
     found = spec is not None and spec.submodule_search_locations
@@ -114,14 +112,36 @@ def _speech_frames() -> np.ndarray:
     else:
         t = np.arange(16000 * 2) / 16000
         wav = (0.3 * np.sin(2 * np.pi * 140 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
-    return AudioFrames()(wav)[::8]
+    return wav
+
+
+def _write_wav(path: Path, wav: np.ndarray) -> Path:
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(wav, -1, 1) * 32767).astype(np.int16).tobytes())
+    return path
 
 
 def test_verify_vad_without_and_with_data(tmp_path, vad_package):
     r = luodi_cli("verify", str(vad_package))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
     assert "onnxruntime:fp32 output" in flat(r.stdout) and "FAIL" not in r.stdout
-    frames = _speech_frames()
+    from luodi.pipeline.ops.audio import AudioFrames
+    from luodi.verify.report import data_feeds
+
+    wav = _speech()
+    speech = _write_wav(tmp_path / "speech.wav", wav)
+    feeds = data_feeds(luodi.Package(vad_package), str(speech))
+    assert len(feeds) == -(-len(wav) // 512) and all(int(f["sr"]) == 16000 for f in feeds)
+    assert not feeds[0]["state"].any() and np.abs(feeds[-1]["state"]).max() > 0  # the state the stream carries
+    r = luodi_cli("verify", str(vad_package), "--data", str(speech), "--limit", "6")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr  # frames with the stream's state
+    assert "on 6 sample(s)" in flat(r.stdout) and "FAIL" not in r.stdout
+    frames = AudioFrames()(wav)[::8]
     data = tmp_path / "frames.npz"  # model-ready tensors, one sample per row; 'sr' comes from the pipeline
     np.savez(data, input=frames[:, None, :], state=np.zeros((len(frames), 2, 1, 128), np.float32))
     r = luodi_cli("verify", str(vad_package), "--data", str(data), "--limit", "6")

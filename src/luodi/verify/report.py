@@ -9,6 +9,7 @@ load/run only; it never changes a package.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -165,18 +166,24 @@ def _snr_db(ref: np.ndarray, got: np.ndarray) -> float:
 
 def data_feeds(package: Any, data: str, limit: int | None = None) -> list[Feeds]:
     """Feeds for `luodi verify --data`: ``data`` as calibration reads it (images through the package's pipeline,
-    .npy, .npz, a dataset), or an .npz whose arrays stack whole samples along a new first axis (each array one
-    dimension more than its input: what a model with unbatched or recurrent-state inputs needs). Inputs the data
-    leaves out get the value the pipeline fixes; each feed is checked against the input specs."""
+    .npy, .npz, a dataset); an .npz whose arrays stack whole samples along a new first axis (each array one
+    dimension more than its input: what a model with unbatched or recurrent-state inputs needs); or, for a
+    pipeline that runs the model frame by frame with its state (a VAD), .wav files, each frame a sample with the
+    state the stream really has there. Inputs the data leaves out get the value the pipeline fixes; each feed is
+    checked against the input specs."""
     from ..errors import InputError, MissingInputError
     from ..quant.data import _spread, load_feeds
     from .representative import pipeline_constants
 
     specs = {s.name: s for s in package.inputs}
     stacked = _stacked_npz(data, specs)
+    audio = _audio_files(data) if stacked is None and _stream_step(package) is not None else []
     if stacked is not None:
         count = len(next(iter(stacked.values())))
         feeds = [{n: a[i] for n, a in stacked.items()} for i in _spread(count, limit)]
+    elif audio:
+        feeds = _stream_feeds(package, audio)
+        feeds = [feeds[i] for i in _spread(len(feeds), limit)]
     else:
         feeds = load_feeds(data, package.inputs, package.pipeline, limit, "verification")
     if not feeds:
@@ -200,7 +207,6 @@ def data_feeds(package: Any, data: str, limit: int | None = None) -> list[Feeds]
 def _stacked_npz(data: str, specs: dict[str, Any]) -> dict[str, np.ndarray] | None:
     """The arrays of an .npz that stacks samples along a new axis 0 (each one dim more than its input), else None."""
     import zipfile
-    from pathlib import Path
 
     from ..errors import InputError
 
@@ -217,3 +223,52 @@ def _stacked_npz(data: str, specs: dict[str, Any]) -> dict[str, np.ndarray] | No
     if len({len(a) for a in given.values()}) != 1:
         raise InputError(f"verification data {data}: the arrays hold different numbers of samples along axis 0")
     return given
+
+
+AUDIO_SUFFIXES = {".wav"}
+
+
+def _stream_step(package: Any) -> Any:
+    """The pipeline's first call of the main model when it scans frames with a recurrent state, else None."""
+    pipe = package.pipeline
+    if not pipe or "graph" not in pipe:
+        return None
+    from ..pipeline import Pipeline
+
+    step = Pipeline.from_spec(pipe, package.inputs).main_step()
+    return step if step is not None and step.scan and step.state else None
+
+
+def _audio_files(data: str) -> list[Path]:
+    path = Path(data)
+    if path.is_file():
+        return [path] if path.suffix.lower() in AUDIO_SUFFIXES else []
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+    return []
+
+
+def _stream_feeds(package: Any, files: list[Path]) -> list[Feeds]:
+    """One feed per frame of each file, as the pipeline frames it, with the state the stream carries into that
+    frame: the canonical graph runs each file through from a zero state (on onnxruntime, as the reference does
+    for large sets), so a target is checked on the states it meets in use, not only on zeros."""
+    from ..pipeline import Pipeline
+
+    pipe = Pipeline.from_spec(package.pipeline, package.inputs)
+    specs = {s.name: s for s in package.inputs}
+    backend = get_backend("onnxruntime")
+    engine = backend.load(backend.compile(package.model(), CompileOptions()), LoadOptions())
+    feeds: list[Feeds] = []
+    try:
+        for file in files:
+            args, step = pipe.main_inputs(str(file))
+            constants = {n: np.asarray(v, dtype=specs[n].np_dtype) for n, v in step.const.items() if n in specs}
+            state = {i: np.zeros(specs[i].concrete(1), specs[i].np_dtype) for i in step.state}
+            for k in range(min(len(a) for a in args.values())):
+                feed = {**{n: np.asarray(a[k : k + 1]) for n, a in args.items()}, **state, **constants}
+                feeds.append(feed)
+                outputs = _run_all(engine, "the canonical graph", [feed])[0]
+                state = {i: outputs[o] for i, o in step.state.items()}
+    finally:
+        engine.close()
+    return feeds
