@@ -277,16 +277,16 @@ def _by_name(package: Package, backend: str, precision: str | None, allow_failed
     status, reason = target_status(target)
     if status != "failed":
         return target, f"{label(target)}: asked for by name"
+    if not target.get("files"):
+        raise FailedTargetError(
+            f"target {label(target)} of {package.path.name} failed at compile time ({reason}) and nothing was "
+            "compiled for it, so there is nothing to load; choose another target (`luodi info` lists them)"
+        )
     if not allow_failed:
         raise FailedTargetError(
             f"target {label(target)} of {package.path.name} failed at compile time: {reason}. The package keeps it "
             "for debugging only: load it anyway with allow_failed=True (CLI: --allow-failed), or choose another "
             "target (`luodi info` lists them)"
-        )
-    if not target.get("files"):
-        raise FailedTargetError(
-            f"target {label(target)} of {package.path.name} failed at compile time ({reason}) and nothing was "
-            "compiled for it: there is nothing to load, even with allow_failed"
         )
     log.warning("loading %s, which failed at compile time (%s), because allow_failed=True", label(target), reason)
     return target, f"{label(target)}: asked for by name; FAILED at compile time ({reason}), loaded with allow_failed"
