@@ -93,8 +93,9 @@ def verify_package(
     else:
         from ..selection import parse_target
 
-        backend, precision = parse_target(against)
-        base, ran = _run(package, package.find_target(backend, precision), feeds), against
+        base_target = package.find_target(*parse_target(against))
+        against = _label(base_target)  # "openvino" -> "openvino:fp32", so the target is not compared with itself
+        base, ran = _run(package, base_target, feeds), against
     reports = []
     for t in targets if targets is not None else package.targets:
         if _label(t) == against or (t["backend"] == "reference" and against == "reference"):
