@@ -57,6 +57,8 @@ def info(package: str, device: str, as_json: bool) -> None:
     sets = pkg.representative_shapes
     shown = "; ".join(", ".join(f"{n} {list(s)}" for n, s in shapes.items()) for shapes in sets)
     out.print(f"representative shapes (verified, warmed up and timed at): {escape(shown)}")
+    for note in (m.get("shapes") or {}).get("notes") or []:
+        out.print(f"  [dim]{escape(str(note))}[/]")
     pipe = pkg.pipeline
     if pipe and "graph" in pipe:
         steps = " -> ".join(s.get("op") or f"[model {s['model']}]" for s in pipe["graph"])
@@ -157,7 +159,7 @@ def describe(pkg: Any) -> dict[str, Any]:
         return {
             "inputs": [s.to_dict() for s in p.inputs],
             "outputs": [s.to_dict() for s in p.outputs],
-            "shapes": {"representative": sets},
+            "shapes": {**(p.manifest.get("shapes") or {}), "representative": sets},
             "targets": targets(p),
         }
 
