@@ -86,10 +86,12 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     np.save(tmp_path / "small.npy", np.zeros((1, 3, 8), np.float32))
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     (tmp_path / "text.npy").write_text("not an array")
+    np.savez(tmp_path / "inputs.npz")  # no arrays at all
     x = str(tmp_path / "x.npy")
     return {
         "unknown name": (["-i", f"images={x}"], "no input 'images'"),
         "twice": (["-i", f"x={x}", "-i", f"x={x}"], "given twice"),
+        "none for x": (["-i", f"{tmp_path / 'inputs.npz'}"], "no --input for x (float32 [batch, 3, 16, 16])"),
         "dtype": (["-i", f"x={tmp_path / 'x64.npy'}"], "expects dtype float32, got float64"),
         "shape": (["-i", f"x={tmp_path / 'small.npy'}"], "expects shape [batch, 3, 16, 16], got [1, 3, 8]"),
         "missing file": (["-i", f"x={tmp_path / 'nope.npy'}"], "no file"),
@@ -98,7 +100,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-@pytest.mark.parametrize("case", ["unknown name", "twice", "dtype", "shape", "missing file", "pickle", "not npy"])
+@pytest.mark.parametrize(
+    "case", ["unknown name", "twice", "none for x", "dtype", "shape", "missing file", "pickle", "not npy"]
+)
 def test_run_bad_inputs_are_one_line_errors(tmp_path, cnn_package, case):
     args, message = _bad_inputs(tmp_path)[case]
     r = luodi_cli("run", str(cnn_package), *args, "-o", str(tmp_path / "out"))

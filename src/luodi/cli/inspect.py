@@ -21,7 +21,7 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import BackendError, InputError, LuodiError, UnknownTensorError
+from ..errors import BackendError, InputError, LuodiError, MissingInputError, UnknownTensorError
 from .main import _print_verification, cli, err, out
 
 _ALLOW_FAILED = click.option(
@@ -310,6 +310,10 @@ def read_inputs(specs: list[Any], items: tuple[str, ...]) -> dict[str, np.ndarra
                 )
             name = names[0]
         put(name, _load(file, f"--input {name}"), f"--input {item}")
+    missing = [s for s in specs if s.name not in feeds]
+    if missing:
+        wanted = ", ".join(f"{s.name} ({s.dtype} {s.shape_str()})" for s in missing)
+        raise MissingInputError(f"no --input for {wanted}; give each as --input NAME=FILE.npy")
     return feeds
 
 
