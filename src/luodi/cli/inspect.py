@@ -322,15 +322,18 @@ def _load(file: str, where: str, npz: bool = False) -> Any:
     if not path.is_file():
         raise InputError(f"{where}: no file {file}")
     try:
-        if npz:
-            with np.load(path, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
         array = np.load(path, allow_pickle=False)
+        if npz and isinstance(array, np.lib.npyio.NpzFile):
+            with array:
+                return {k: array[k] for k in array.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         kind = "an .npz" if npz else "an .npy"
         why = "it holds Python objects, which luodi never unpickles" if "pickle" in str(exc) else str(exc)
         raise InputError(f"{where}: {file} is not {kind} file of plain arrays ({why})") from None
+    if npz:
+        raise InputError(f"{where}: {file} holds a single array, not one per input; give it as --input NAME={file}")
     if not isinstance(array, np.ndarray):
+        array.close()
         raise InputError(f"{where}: {file} holds several arrays (an .npz); give it as --input {file} alone")
     return array
 
