@@ -105,6 +105,10 @@ def verify_package(
         except LuodiError as exc:
             reports.append(failed_row(_label(t), "(all)", f"could not run: {exc}"))
             continue
+        except Exception as exc:  # an engine's own error loading its file: this target's row, the others still run
+            detail = (str(exc).strip().splitlines() or [""])[-1][:300]
+            reports.append(failed_row(_label(t), "(all)", f"could not be loaded: {type(exc).__name__}: {detail}"))
+            continue
         for name in base[0]:
             reports.append(compare_output(_label(t), name, [b[name] for b in base], [g.get(name) for g in got]))
     return reports, ran
