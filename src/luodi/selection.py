@@ -6,7 +6,6 @@ and package hash; every choice comes with the reasons for it. It loads engines o
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -148,17 +147,17 @@ def measure_many(
     runs: int = TIMING_RUNS,
     shapes: dict[str, Any] | None = None,
     feeds: dict[str, np.ndarray] | None = None,
+    domains: dict[str, Any] | None = None,
 ) -> tuple[dict[str, float], dict[str, str]]:
     """Median latency (ms) of several targets at ``shapes`` (or on ``feeds``), measured side by side; and those
-    that failed, with why.
+    that failed, with why. Generated inputs take their values from ``domains`` (a constant input, e.g. a sample
+    rate, must keep its value for the model to run).
 
     The targets take turns in rounds (the order rotating each round), so a burst of load on a shared
     machine slows every candidate alike instead of deciding the choice.
     """
     if feeds is None:
-        if shapes:
-            inputs = [dataclasses.replace(s, shape=tuple(shapes.get(s.name, s.shape))) for s in inputs]
-        feeds = sample_inputs(inputs, count=1)[0]
+        feeds = sample_inputs(inputs, count=1, shapes=shapes, domains=domains)[0]
     engines: dict[str, Any] = {}
     failed: dict[str, str] = {}
     times: dict[str, list[float]] = {}

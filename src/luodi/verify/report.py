@@ -16,7 +16,7 @@ import numpy as np
 
 from ..backends import CompileOptions, LoadOptions, get_backend
 from ..errors import BackendError, LuodiError
-from . import compare_arrays
+from . import compare, failure_reason
 
 # The reference evaluator runs EfficientNet-Lite0 at about a second an image; past this many samples the canonical
 # float graph runs on onnxruntime fp32 instead (compile-time verification pins it to the evaluator within 1e-4).
@@ -119,48 +119,24 @@ def failed_row(target: str, output: str, problem: str) -> OutputReport:
 
 
 def compare_output(target: str, name: str, refs: list[np.ndarray], gots: list[Any]) -> OutputReport:
-    """One output over the samples: shapes first, then values (integers exactly); the worst sample counts."""
+    """One output over the samples, judged as compile-time verification judges it (:func:`luodi.verify.compare`:
+    shapes first, integers exactly at fp32, NaN/Inf at the same places); SNR and top-1 agreement added."""
     precision = target.rpartition(":")[2]
-    max_abs, cosine, snr, hits, rows = 0.0, 1.0, float("inf"), 0, 0
-    passed = True
-    for i, (ref, got) in enumerate(zip(refs, gots)):
-        if got is None:
-            return failed_row(target, name, f"output missing on sample {i}")
+    worst = compare([{name: r} for r in refs], [{} if g is None else {name: g} for g in gots])[name]
+    problem = failure_reason({name: worst}, precision).removeprefix(f"output '{name}': ")
+    if worst.mismatch or worst.max_abs is None or worst.cosine is None:
+        return failed_row(target, name, problem)
+    snr, hits, rows = float("inf"), 0, 0
+    for ref, got in zip(refs, gots):
         ref, got = np.asarray(ref), np.asarray(got)
-        if ref.shape != got.shape:
-            return failed_row(target, name, f"shape {list(got.shape)} where the reference has {list(ref.shape)}")
-        problem = _nonfinite(ref, got)
-        if problem:
-            return failed_row(target, name, f"{problem} (sample {i})")
-        finite = np.isfinite(ref) if ref.dtype.kind in "fc" else np.ones(ref.shape, bool)
-        r, g = ref[finite], got[finite]  # NaN/Inf where both have the same ones: compared as equal
-        c = compare_arrays(name, r, g)
-        if ref.dtype.kind in "iub" or got.dtype.kind in "iub":
-            passed = passed and bool(np.array_equal(ref, got))  # indices, counts, masks: exactly or not at all
-        else:
-            passed = passed and c.passes(precision)
-        max_abs, cosine, snr = max(max_abs, c.max_abs), min(cosine, c.cosine), min(snr, _snr_db(r, g))
+        finite = np.isfinite(ref) & np.isfinite(got) if ref.dtype.kind == "f" else np.ones(ref.shape, bool)
+        snr = min(snr, _snr_db(ref[finite], got[finite]))
         if ref.ndim == 2 and ref.shape[1] > 1:
             hits += int((ref.argmax(1) == got.argmax(1)).sum())
             rows += ref.shape[0]
+    passed = worst.passes(precision)
     agreement = hits / rows if rows else None
-    return OutputReport(target, name, max_abs, cosine, snr, agreement, passed, "" if passed else "outside tolerance")
-
-
-def _nonfinite(ref: np.ndarray, got: np.ndarray) -> str:
-    """Why NaN/Inf makes the sample fail: the target has them where the reference does not, or the other way."""
-    if ref.dtype.kind not in "fc" and got.dtype.kind not in "fc":
-        return ""
-    bad_ref, bad_got = ~np.isfinite(ref), ~np.isfinite(got)
-    if not bad_ref.any() and not bad_got.any():
-        return ""
-    if np.array_equal(bad_ref, bad_got) and np.array_equal(ref[bad_ref], got[bad_got], equal_nan=True):
-        return ""
-    if bad_got.any() and not bad_ref.any():
-        return f"{int(bad_got.sum())} NaN/Inf value(s) where the reference is finite"
-    if bad_ref.any() and not bad_got.any():
-        return f"the reference has {int(bad_ref.sum())} NaN/Inf value(s) the target does not"
-    return "NaN/Inf in other places than the reference's"
+    return OutputReport(target, name, worst.max_abs, worst.cosine, snr, agreement, passed, "" if passed else problem)
 
 
 def _snr_db(ref: np.ndarray, got: np.ndarray) -> float:

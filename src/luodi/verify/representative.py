@@ -7,12 +7,11 @@ from here, so none of them fills a free dim with 1. It generates arrays only; it
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
 
-from . import sample_inputs
+from . import Domain, sample_inputs
 
 
 def pipeline_constants(package: Any) -> dict[str, np.ndarray]:
@@ -36,16 +35,22 @@ def pipeline_constants(package: Any) -> dict[str, np.ndarray]:
     return found
 
 
+def recorded_domains(package: Any) -> dict[str, Domain]:
+    """The value domain of each input the compiler recorded (``shapes.domains``: pixels 0..255, an index within
+    what it gathers from, a constant); empty for a package written before it did."""
+    recorded = (package.manifest.get("shapes") or {}).get("domains") or {}
+    return {name: Domain.from_dict(d) for name, d in recorded.items() if isinstance(d, dict)}
+
+
 def representative_inputs(package: Any, per_set: int = 1, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """``per_set`` deterministic random feeds for each of ``package.representative_shapes``, the primary set first.
 
-    Values are standard-normal floats and small integers (see :func:`luodi.verify.sample_inputs`), except inputs
-    the pipeline fixes (:func:`pipeline_constants`).
+    Values are drawn from the domains the compiler recorded (see :func:`luodi.verify.sample_inputs`), and inputs
+    the pipeline fixes get that value (:func:`pipeline_constants`).
     """
-    constants = pipeline_constants(package)
+    constants, domains = pipeline_constants(package), recorded_domains(package)
     feeds: list[dict[str, np.ndarray]] = []
     for i, shapes in enumerate(package.representative_shapes):
-        specs = [dataclasses.replace(s, shape=tuple(shapes.get(s.name, s.concrete(1)))) for s in package.inputs]
-        for sample in sample_inputs(specs, count=per_set, seed=seed + i):
+        for sample in sample_inputs(package.inputs, per_set, seed + i, shapes=shapes, domains=domains):
             feeds.append({**sample, **{n: v for n, v in constants.items() if n in sample}})
     return feeds
