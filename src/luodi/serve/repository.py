@@ -79,7 +79,7 @@ class ModelVersion:
             options = {**options, "isolate": config.isolate}
         self.session = Session(files.path, **options)
         self.batchable = _batchable(self.session)
-        self.session.prepare()  # allocate and warm up before the first request
+        self.session.prepare()  # allocate and warm up at the package's primary representative shapes
         self.batcher = Batcher(
             self.session.run,
             config,
