@@ -381,7 +381,9 @@ def write_outputs(outputs: dict[str, np.ndarray], folder: Path) -> dict[str, str
 @cli.command()
 @click.argument("package", type=click.Path(dir_okay=False))
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-k", "--top", "k", default=5, show_default=True, help="how many classes to show")
+@click.option(
+    "-k", "--top", "k", default=5, show_default=True, type=click.IntRange(min=1), help="how many classes to show"
+)
 @click.option(
     "-b",
     "--backend",
@@ -480,7 +482,7 @@ def _result_table(title: str, result: Any) -> Table:
     help="a folder of images or .npy files, an .npy/.npz, or a dataset (default: 2 random inputs at each of the "
     "package's representative shapes)",
 )
-@click.option("--limit", type=int, help="use this many samples of --data, spread over it")
+@click.option("--limit", type=click.IntRange(min=1), help="use this many samples of --data, spread over it")
 @click.option("--layerwise", is_flag=True, help="compare every intermediate tensor and mark where the error jumps")
 @_ALLOW_FAILED
 @click.option("--license", "license_file", help="the licence that unlocks an encrypted package")
