@@ -462,9 +462,9 @@ def _child_targets(case: Case, engines: list[str]) -> list[str]:
     return [e for e in engines if e != "reference" or case.reference]
 
 
-def sweep_model(case: Case, engines: list[str], work: Path, timeout: float, samples: bool = True) -> dict:
-    """The model's record; a crash or a timeout of its child is recorded on every target it was compiling."""
-    targets = _child_targets(case, engines)
+def _run_child(case: Case, targets: list[str], work: Path, timeout: float, samples: bool) -> dict:
+    """One child process compiling ``case`` for ``targets``; a crash or a timeout is recorded on each of them."""
+    work.mkdir(parents=True, exist_ok=True)
     result_file, log_file = work / "result.json", work / "child.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", case.key, "--work", str(work)]
     cmd += ["--engines", ",".join(targets)] + ([] if samples else ["--no-samples"])
@@ -481,24 +481,46 @@ def sweep_model(case: Case, engines: list[str], work: Path, timeout: float, samp
     log_text = log_file.read_text(errors="replace")
     if rc == 0 and result_file.exists():
         result = json.loads(result_file.read_text())
+    elif "ModuleNotFoundError" in log_text and "is not installed" in log_text:
+        return {"model": case.key, "missing": log_text.strip().splitlines()[-1], "targets": {}, "notes": []}
     else:
         if rc is None:
             status, why = "timeout", f"no result within {timeout:.0f} s"
         elif rc < 0:
             status, why = "crash", f"the process was killed by signal {signal.Signals(-rc).name}"
         elif "Traceback (most recent call last)" in log_text:
-            status, why = "traceback", log_text.strip().splitlines()[-1][:300]
+            status, why = "traceback", _clean(log_text.strip().splitlines()[-1])
         else:
             status, why = "crash", f"the process exited {rc} without a result"
-        result = {"model": case.key, "notes": [], "targets": {t: {"target": f"{t}:fp32", "status": status,
-                                                                     "reason": why} for t in targets}}  # fmt: skip
-        if "ModuleNotFoundError" in log_text and "is not installed" in log_text:
-            result = {"model": case.key, "missing": log_text.strip().splitlines()[-1], "targets": {}, "notes": []}
+        records = {t: {"target": f"{t}:fp32", "status": status, "reason": why} for t in targets}
+        result = {"model": case.key, "notes": [], "targets": records}
     result["wall_s"] = round(wall, 1)
     # A traceback printed by luodi while the compile carried on is a raw traceback a user sees too.
     result["printed_tracebacks"] = log_text.count("Traceback (most recent call last)") - sum(
         1 for r in result["targets"].values() if r["status"] == "traceback"
     )
+    return result
+
+
+def sweep_model(case: Case, engines: list[str], work: Path, timeout: float, samples: bool = True) -> dict:
+    """The model's record. When the compile for every engine crashes its process, each engine is compiled alone in
+    a process of its own, so that the crash is pinned on the engine that causes it and the others are judged."""
+    targets = _child_targets(case, engines)
+    result = _run_child(case, targets, work, timeout, samples)
+    crash = next((t for t in result["targets"].values() if t["status"] == "crash"), None)
+    if crash is None or len(targets) == 1:
+        return result
+    result["crashed"] = True
+    result["notes"].append(f"the compile for all engines crashed ({crash['reason']}); each engine compiled alone")
+    for t in targets:
+        alone = _run_child(case, [t], work / t, timeout, samples)
+        result["targets"][t] = alone["targets"].get(t) or {"target": f"{t}:fp32", "status": "crash", "reason": "?"}
+        result["printed_tracebacks"] += alone["printed_tracebacks"]
+        result["notes"] += alone.get("notes", [])
+        result.setdefault("shapes", alone.get("shapes"))
+        result.setdefault("held_out", alone.get("held_out"))
+        if "compile_s" in alone:
+            result["compile_s"] = round(result.get("compile_s", 0) + alone["compile_s"], 1)
     return result
 
 
@@ -517,7 +539,9 @@ def summarise(results: list[dict]) -> dict:
         "aborted_compiles": [r["model"] for r in ran if r.get("aborted")],
         "failed_loaded": sum(1 for r in ran for t in r["targets"].values() if t.get("refused") is False),
         "tracebacks": statuses.count("traceback") + sum(max(0, r.get("printed_tracebacks", 0)) for r in ran),
-        "crashes": len({r["model"] for r in ran if any(t["status"] == "crash" for t in r["targets"].values())}),
+        "crashes": len(
+            {r["model"] for r in ran if r.get("crashed") or any(t["status"] == "crash" for t in r["targets"].values())}
+        ),
         "timeouts": len({r["model"] for r in ran if any(t["status"] == "timeout" for t in r["targets"].values())}),
         "onnxruntime_verified": sum(1 for r in ran if r["targets"].get("onnxruntime", {}).get("status") == "verified"),
     }
@@ -611,7 +635,7 @@ def markdown(results: list[dict], engines: list[str], command: str) -> str:
                 reasons.append(f"{len(reasons) + 1}. {r['model']} / {t['target']} ({t['status']}): {t['reason']}")
                 cell += f" [{len(reasons)}]"
             cells.append(cell)
-        sets = [", ".join("x".join(map(str, v)) for v in f.values()) for f in r.get("shapes", [])]
+        sets = [", ".join("x".join(map(str, v)) for v in f.values()) for f in r.get("shapes") or []]
         for i in range(len(sets) - r.get("held_out", 0), len(sets)):
             sets[i] += " (held out)"
         shapes = "; ".join(sets)
@@ -699,9 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         task = bar.add_task("models", total=len(keys))
         for key in keys:
             bar.update(task, description=key)
-            work = root / key
-            work.mkdir(parents=True, exist_ok=True)
-            results.append(sweep_model(BY_KEY[key], engines, work, args.timeout, args.samples))
+            results.append(sweep_model(BY_KEY[key], engines, root / key, args.timeout, args.samples))
             bar.advance(task)
     _console_table(results, engines)
     s = summarise(results)
