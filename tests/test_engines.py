@@ -50,7 +50,10 @@ def test_verified_and_agrees_with_reference(backend, all_targets_package):
     need(backend)
     target = all_targets_package.find_target(backend, "fp32")
     assert target["verification"]["passed"], target["verification"]
-    assert target["verification"]["outputs"]["y"]["max_abs"] <= 1e-4
+    if backend == "reference":  # the yardstick is recorded as such, never compared with itself
+        assert target["verification"]["reference"] is True
+    else:
+        assert target["verification"]["outputs"]["y"]["max_abs"] <= 1e-4
 
 
 @pytest.mark.parametrize("backend", ENGINES)

@@ -29,8 +29,10 @@ def test_round_trip(cnn_package, cnn_model):
     # the canonical graph is the model we gave (plus inferred shapes)
     assert [n.op_type for n in pkg.model().graph.node] == [n.op_type for n in cnn_model.graph.node]
     for t in pkg.targets:
-        assert t["verification"]["passed"] is True
-        assert t["verification"]["outputs"]["y"]["max_abs"] < 1e-4
+        assert t["verification"]["passed"] is True and t["status"] == "verified"
+    # the reference is the yardstick: recorded as such, never compared with itself
+    assert pkg.find_target("reference")["verification"]["reference"] is True
+    assert pkg.find_target("onnxruntime")["verification"]["outputs"]["y"]["max_abs"] < 1e-4
     assert m["toolchain"]["onnxruntime"] == __import__("onnxruntime").__version__
 
 
@@ -117,12 +119,16 @@ def test_failed_compile_keeps_the_previous_package(cnn_package, tmp_path):
         [helper.make_tensor_value_info("b", TensorProto.DOUBLE, [2])],
     )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    with pytest.raises(luodi.UnsupportedOpError) as e:
-        luodi.compile(model, dest, targets=["reference", "onnxruntime"])
+    with pytest.raises(luodi.UnsupportedOpError) as e:  # with --strict the first failure ends the compile
+        luodi.compile(model, dest, targets=["reference", "onnxruntime"], strict=True)
     msg = str(e.value)
-    assert "Tan" in msg and "tan_node" in msg and "onnxruntime" in msg
+    assert "Tan" in msg and "tan_node" in msg and "onnxruntime" in msg and "nothing was written" in msg
     assert dest.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.luodi"]
+    # without strict the reference is written and onnxruntime recorded as failed, with the same reason
+    partial = luodi.compile(model, dest, targets=["reference", "onnxruntime"])
+    failed = partial.find_target("onnxruntime")
+    assert failed["status"] == "failed" and "tan_node" in failed["reason"] and failed["files"] == {}
 
 
 def test_bad_model_files_are_model_errors(tmp_path):

@@ -36,7 +36,8 @@ def test_compare_reports_the_worst_sample():
 
 def test_shape_mismatch_never_passes():
     c = compare_arrays("y", np.ones((2, 3)), np.ones((3, 2)))
-    assert not c.passes("fp32") and c.max_abs == float("inf")
+    assert not c.passes("fp32") and not c.passes("int8") and c.max_abs is None
+    assert c.mismatch == "shape (3, 2) where the reference has (2, 3)"
 
 
 def test_sample_inputs_are_deterministic(cnn_package):
@@ -50,7 +51,10 @@ def test_user_samples_and_strict(tmp_path, cnn_model):
     x = np.full((2, 3, 16, 16), 0.5, np.float32)
     pkg = luodi.compile(cnn_model, tmp_path / "s.luodi", samples=[{"x": x}], strict=True)
     ver = pkg.targets[0]["verification"]
-    assert ver["samples"] == 1 and ver["passed"]
+    # the sample, then a generated input giving the dynamic batch axis a second size
+    assert ver["samples"] == 2 and ver["passed"]
+    assert ver["shapes"] == [{"x": [2, 3, 16, 16]}, {"x": [1, 3, 16, 16]}]
+    assert pkg.representative_shapes == [{"x": (2, 3, 16, 16)}, {"x": (1, 3, 16, 16)}]
     assert ver["outputs"]["y"]["ref_max"] > 0
 
 

@@ -132,6 +132,21 @@ def _package_options(default_targets: tuple[str, ...]) -> Any:
 @click.option("--validation", help="held-apart data int8 agreement is measured on (default: the calibration data)")
 @click.option("--no-fallback", is_flag=True, help="never keep layers in float to meet the accuracy budget")
 @click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False), help="sign with this private key")
+@click.option(
+    "--input-shape",
+    "input_shapes",
+    multiple=True,
+    metavar="NAME=DIMS",
+    help="an input's shape, e.g. images=1x3x640x640; a dynamic axis may be a range 32..640 (repeat per input)",
+)
+@click.option(
+    "--sample",
+    "sample_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="a real input: an .npz with one array per input name, verified against (repeat)",
+)
+@click.option("-q", "--quiet", is_flag=True, help="no progress bars")
 def compile(
     model: str,
     output: str,
@@ -151,19 +166,30 @@ def compile(
     validation: str | None,
     no_fallback: bool,
     sign_key: str | None,
+    input_shapes: tuple[str, ...],
+    sample_files: tuple[str, ...],
+    quiet: bool,
 ) -> None:
-    """Compile MODEL (an .onnx file or zoo:NAME) into a verified .luodi package."""
+    """Compile MODEL (an .onnx file or zoo:NAME) into a verified .luodi package.
+
+    A target that fails to compile or verify is recorded in the package as failed, with its reason, and the
+    others are written. Exit status: 0 every target verified, 3 some target failed (a partial package), 2 an
+    error (nothing written; with --strict any failing target is one).
+    """
     from .. import compiler
+    from ..progress import Progress
 
     if precision:
         targets = tuple(t if ":" in t else f"{t}:{precision}" for t in targets)
 
-    with err.status("compiling") as status:
+    with Progress(quiet=quiet) as progress:
         pkg = compiler.compile(
             model,
             output,
             targets,
             name=name,
+            samples=[_read_sample(f) for f in sample_files] or None,
+            input_shapes=_parse_input_shapes(input_shapes),
             verify=not no_verify,
             strict=strict,
             accuracy_budget=accuracy_budget,
@@ -174,7 +200,7 @@ def compile(
             calib_samples=calib_samples,
             validation=validation,
             fallback=not no_fallback,
-            log=lambda msg: status.update(msg),
+            progress=progress,
         )
     if sign_key:
         from ..package import Package
@@ -184,15 +210,83 @@ def compile(
     _print_compiled(pkg, show_passes)
 
 
+PARTIAL_EXIT = 3
+"""The exit status of `luodi compile`/`export` when the package was written but some target failed."""
+
+
+def _parse_input_shapes(given: tuple[str, ...]) -> dict[str, str] | None:
+    from ..errors import InputError
+
+    shapes: dict[str, str] = {}
+    for item in given:
+        name, sep, dims = item.partition("=")
+        if not sep or not name or not dims:
+            raise InputError(
+                f"--input-shape takes NAME=DIMS, e.g. images=1x3x640x640 or x=1x3x32..640x32..640; got '{item}'"
+            )
+        if name in shapes:
+            raise InputError(f"--input-shape gives input '{name}' twice")
+        shapes[name] = dims
+    return shapes or None
+
+
+def _read_sample(path: str) -> dict[str, Any]:
+    """An .npz of arrays keyed by input name (never unpickled)."""
+    import zipfile
+
+    import numpy as np
+
+    from ..errors import InputError
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise InputError(f"--sample {path} is a single array; save one array per input: numpy.savez(f, x=...)")
+            arrays = {name: npz[name] for name in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise InputError(f"--sample {path} is not a readable .npz of arrays keyed by input name: {exc}") from exc
+    for name, value in arrays.items():
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
+            raise InputError(f"--sample {path}: '{name}' is not a numeric array (numpy.savez(f, {name}=array))")
+    return arrays
+
+
+def _failed_targets(pkg: Any) -> list[str]:
+    """Targets of every model of ``pkg`` that failed, as "backend:precision (model)"."""
+    failed = []
+    for model in ["main", *pkg.model_names]:
+        for t in pkg.submodel(model).targets:
+            ver = t.get("verification") or {}
+            if t.get("status") == "failed" or ver.get("passed") is False:
+                failed.append(f"{t['backend']}:{t['precision']}" + (f" ({model})" if model != "main" else ""))
+    return failed
+
+
 def _passes_arg(pass_names: tuple[str, ...], no_passes: bool) -> Any:
     return None if no_passes else (list(pass_names) if pass_names else "default")
 
 
 def _print_compiled(pkg: Any, show_passes: bool) -> None:
+    """The package written, its passes on request, the verification table; exit 3 when some target failed."""
     out.print(f"wrote [bold]{pkg.path}[/] ({pkg.path.stat().st_size / 1e6:.1f} MB)")
     if show_passes:
         _print_passes(pkg.manifest.get("passes", []))
+    shapes = pkg.representative_shapes
+    out.print(
+        "representative shapes (converted and verified at): "
+        + escape("; ".join(", ".join(f"{n}={'x'.join(map(str, d))}" for n, d in s.items()) for s in shapes))
+    )
     _print_verification(pkg)
+    failed = _failed_targets(pkg)
+    if failed:
+        err.print(
+            f"[bold yellow]partial package:[/] {len(failed)} target(s) failed and are recorded as failed: "
+            f"{escape(', '.join(failed))}; the others were written (exit status {PARTIAL_EXIT}; --strict writes "
+            "nothing instead)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(PARTIAL_EXIT)
 
 
 def _print_passes(records: list[dict[str, Any]]) -> None:
@@ -245,6 +339,7 @@ def passes() -> None:
 @click.option("--strict", is_flag=True, help="fail, writing nothing, if a target is outside its tolerance")
 @click.option("--passes", "show_passes", is_flag=True, help="list the graph passes that ran, nodes before/after")
 @click.option("--no-passes", is_flag=True, help="compile the exported graph exactly as exported")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bars")
 def export(
     builder: str,
     weights: str | None,
@@ -259,8 +354,12 @@ def export(
     strict: bool,
     show_passes: bool,
     no_passes: bool,
+    quiet: bool,
 ) -> None:
-    """Export a PyTorch model (BUILDER = my_pkg.models:build) into a verified .luodi package."""
+    """Export a PyTorch model (BUILDER = my_pkg.models:build) into a verified .luodi package.
+
+    Exit status as for `luodi compile`: 0 every target verified, 3 some target failed, 2 an error.
+    """
     import json
 
     from ..errors import ExportError
@@ -279,8 +378,11 @@ def export(
             spec = json.loads(Path(pipeline).read_text())
         except json.JSONDecodeError as exc:
             raise ExportError(f"{pipeline} is not valid JSON: {exc}") from exc
-    with err.status("exporting") as status:
-        module = build_module(builder, weights)  # a MissingExtraError if torch is not installed
+    from ..progress import Progress
+
+    with Progress(quiet=quiet) as progress:
+        with progress.step("loading the module"):
+            module = build_module(builder, weights)  # a MissingExtraError if torch is not installed
         import torch
 
         pkg = export_package(
@@ -295,7 +397,7 @@ def export(
             pipeline=spec,
             strict=strict,
             passes=None if no_passes else "default",
-            log=lambda msg: status.update(msg),
+            progress=progress,
         )
     _print_compiled(pkg, show_passes)
 
@@ -381,29 +483,42 @@ def _print_model_verification(pkg: Any, title: str) -> None:
         mb = f"{sum(sizes.get(m, 0) for m in t['files'].values()) / 1e6:.1f}"
         ms = f"{timings[label]:.2f}" if label in timings else ""
         ver = t.get("verification")
+        if t.get("status") == "failed" and (ver is None or "error" in ver or not ver.get("outputs")):
+            reason = t.get("reason") or (ver or {}).get("error") or "failed"
+            table.add_row(label, mb, "", "", "", "", "", f"[red]FAILED: {escape(reason)}[/]", ms)
+            continue
         if ver is None:
             table.add_row(label, mb, "", "", "", "", "", "[yellow]not verified[/]", ms)
             continue
         if "error" in ver:
             table.add_row(label, mb, "", "", "", "", "", f"[red]FAILED: {escape(ver['error'])}[/]", ms)
             continue
+        if ver.get("reference"):
+            table.add_row(label, mb, "", "", "", "", "", "[green]the reference[/] (not compared with itself)", ms)
+            continue
         tol = ver["tolerance"]
         for name, r in ver["outputs"].items():
-            ok = OutputComparison(name, **r).passes(t["precision"])
-            allowed = tol["rel_max_abs"] * max(1.0, r["ref_max"])
+            c = OutputComparison(name, **r)
+            ok = c.passes(t["precision"])
+            allowed = tol["rel_max_abs"] * max(1.0, c.ref_max or 0.0)
+            result = "[green]pass[/]" if ok else "[red]FAIL[/]" + (f": {escape(c.mismatch)}" if c.mismatch else "")
             table.add_row(
                 label,
                 mb,
                 name,
-                f"{r['max_abs']:.2e}",
-                f"{r['mean_abs']:.2e}",
-                f"{r['cosine']:.7f}",
-                f"{allowed:.1e} (cos ≥ {tol['min_cosine']})",
-                "[green]pass[/]" if ok else "[red]FAIL[/]",
+                _num(c.max_abs, ".2e"),
+                _num(c.mean_abs, ".2e"),
+                _num(c.cosine, ".7f"),
+                "exact" if c.exact and t["precision"] == "fp32" else f"{allowed:.1e} (cos ≥ {tol['min_cosine']})",
+                result,
                 ms,
             )
             label, mb, ms = "", "", ""
     out.print(table)
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
 
 
 def _timings_here(pkg: Any) -> dict[str, float]:

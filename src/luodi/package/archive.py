@@ -84,7 +84,10 @@ def write_package(
     dest.parent.mkdir(parents=True, exist_ok=True)
     manifest = dict(manifest)
     manifest["files"] = {name: {"sha256": sha256(data), "size": len(data)} for name, data in sorted(members.items())}
-    blob = json.dumps(manifest, indent=2, sort_keys=False).encode()
+    try:  # strict JSON: a NaN or Inf written as a bare token would make the package unreadable
+        blob = json.dumps(manifest, indent=2, sort_keys=False, allow_nan=False).encode()
+    except ValueError as exc:
+        raise PackageError(f"the manifest for {dest} cannot be written as JSON ({exc}); nothing was written") from exc
     unpinned = sign(blob) if sign is not None else {}
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
@@ -95,11 +98,26 @@ def write_package(
                 zf.writestr(name, data, compress_type=method)
             for name, data in unpinned.items():
                 zf.writestr(name, data, compress_type=zipfile.ZIP_STORED)
+        _read_back(Path(tmp), dest, members)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return dest
+
+
+def _read_back(tmp: Path, dest: Path, members: dict[str, bytes]) -> None:
+    """Open the written file with the reader a user will use, so an unreadable package is never put in place:
+    its manifest parses and passes the schema, and every member is there at its pinned size."""
+    try:
+        pkg = Package(tmp)
+        with pkg._zip() as zf:
+            sizes = {info.filename: info.file_size for info in zf.infolist()}
+    except PackageError as exc:
+        raise PackageError(f"the package written for {dest} does not read back ({exc}); nothing was written") from exc
+    short = [name for name, data in members.items() if sizes.get(name) != len(data)]
+    if short:
+        raise PackageError(f"the package written for {dest} lacks members {short[:5]} when read back; nothing written")
 
 
 class Package:

@@ -26,6 +26,7 @@ DTYPES.add("bool")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _COMPARISON = {"max_abs", "mean_abs", "cosine", "ref_max"}
+_STATUS = {"verified", "unverified", "failed"}
 
 
 class _Bad(Exception):
@@ -118,30 +119,59 @@ def _targets(value: Any, files: dict[str, Any], where: str) -> None:
             member_name(member, f"{at}.files['{rel}']")
             _require(member in files, f"{at}.files['{rel}']", f"names '{member}', which the manifest does not pin")
         _dict(target.get("options", {}), f"{at}.options")  # each backend reads its own options
+        if "status" in target:
+            ok = isinstance(target["status"], str) and target["status"] in _STATUS
+            _require(ok, f"{at}.status", f"must be one of {sorted(_STATUS)}")
+        if "reason" in target:
+            _str(target["reason"], f"{at}.reason", 4096)
         ver = target.get("verification")
         if ver is not None:
             ver = _dict(ver, f"{at}.verification")
             _require(isinstance(ver.get("passed", False), bool), f"{at}.verification.passed", "must be true or false")
             for name, r in _dict(ver.get("outputs", {}), f"{at}.verification.outputs").items():
-                r = _dict(r, f"{at}.verification.outputs['{name}']")
+                at_out = f"{at}.verification.outputs['{name}']"
+                r = _dict(r, at_out)
+                extra = set(r) - _COMPARISON
                 _require(
-                    set(r) == _COMPARISON, f"{at}.verification.outputs['{name}']", f"must have {sorted(_COMPARISON)}"
+                    set(r) >= _COMPARISON and extra <= {"mismatch", "exact"}, at_out, f"must have {sorted(_COMPARISON)}"
                 )
                 for k in _COMPARISON:
-                    _number(r[k], f"{at}.verification.outputs['{name}'].{k}")
+                    if r[k] is None:  # null only where a mismatch (a shape, NaN) made the number meaningless
+                        _require("mismatch" in r, f"{at_out}.{k}", "may be null only beside a 'mismatch'")
+                    else:
+                        _number(r[k], f"{at_out}.{k}")
+                if "mismatch" in r:
+                    _str(r["mismatch"], f"{at_out}.mismatch", 4096)
+                _require(isinstance(r.get("exact", False), bool), f"{at_out}.exact", "must be true or false")
         if "timing" in target:
             timing = _dict(target["timing"], f"{at}.timing")
             _number(timing.get("median_ms"), f"{at}.timing.median_ms")
 
 
 def _shape_sets(value: Any, where: str) -> None:
-    """``shapes``: {"representative": [{input: [sizes]}, ...], ...}; every size concrete."""
-    sets = _list(_dict(value, where).get("representative", []), f"{where}.representative")
+    """``shapes``: {"representative": [{input: [sizes]}, ...], "ranges": {input: {axis: [low, high]}},
+    "domains": {input: {"kind", "low", "high"}}}; every size concrete."""
+    value = _dict(value, where)
+    sets = _list(value.get("representative", []), f"{where}.representative")
     for i, shapes in enumerate(sets):
         for name, shape in _dict(shapes, f"{where}.representative[{i}]").items():
             at = f"{where}.representative[{i}]['{name}']"
             _shape(shape, "float64", at)
             _require(all(isinstance(d, int) for d in shape), at, "must hold sizes only")
+    for name, axes in _dict(value.get("ranges", {}), f"{where}.ranges").items():
+        for axis, bounds in _dict(axes, f"{where}.ranges['{name}']").items():
+            at = f"{where}.ranges['{name}']['{axis}']"
+            _require(isinstance(axis, str) and axis.isdigit() and int(axis) < MAX_RANK, at, "must be an axis number")
+            ok = isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, int) for b in bounds)
+            _require(ok and 0 <= bounds[0] <= bounds[1] <= MAX_DIM, at, "must be [low, high] sizes")
+    for i, note in enumerate(_list(value.get("notes", []), f"{where}.notes")):
+        _str(note, f"{where}.notes[{i}]", 4096)
+    for name, dom in _dict(value.get("domains", {}), f"{where}.domains").items():
+        at = f"{where}.domains['{name}']"
+        dom = _dict(dom, at)
+        _require(dom.get("kind") in ("normal", "uniform", "index"), f"{at}.kind", "must be normal, uniform or index")
+        _number(dom.get("low", 0), f"{at}.low")
+        _number(dom.get("high", 0), f"{at}.high")
 
 
 def check_manifest(manifest: dict[str, Any], where: str) -> None:

@@ -42,11 +42,15 @@ class FoldConstants(Pass):
         from ... import onnx_io
 
         graph = model.graph
-        try:  # the inferred element types keep folded values in the dtype the graph declares
-            typed = onnx_io.infer_shapes(model)
-            elem = {v.name: v.type.tensor_type.elem_type for v in typed.graph.value_info}
-        except Exception:  # folding is still exact without them; the dtype comes from the evaluator
-            elem = {}
+        # The inferred element types keep folded values in the dtype the graph declares. The infer-shapes pass
+        # before this one annotated them already: inference runs again only on a graph that has none.
+        elem = {v.name: v.type.tensor_type.elem_type for v in graph.value_info}
+        if not elem:
+            try:
+                typed = onnx_io.infer_shapes(model)
+                elem = {v.name: v.type.tensor_type.elem_type for v in typed.graph.value_info}
+            except Exception:  # folding is still exact without them; the dtype comes from the evaluator
+                elem = {}
         known = initializer_arrays(graph)
         graph_outputs = {o.name for o in graph.output}
         opsets = {o.domain or "": o.version for o in model.opset_import}
