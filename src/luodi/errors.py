@@ -53,6 +53,10 @@ class IntegrityError(PackageError):
     """A package member does not match the checksum its manifest pins."""
 
 
+class FailedTargetError(PackageError):
+    """A target failed at compile time (kept in the package with its reason); load it only with allow_failed=True."""
+
+
 class BackendError(LuodiError):
     """Something about an inference engine: not known, not installed, or it failed."""
 

@@ -6,9 +6,9 @@ and package hash; every choice comes with the reasons for it. It loads engines o
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -19,16 +19,80 @@ from typing import Any
 import numpy as np
 
 from .backends import Artifact, LoadOptions, get_backend
-from .errors import BackendError, BackendUnavailableError, LuodiError, PackageError
+from .errors import BackendError, BackendUnavailableError, FailedTargetError, InputError, LuodiError, PackageError
 from .package import Package
 from .tensor import TensorSpec
 from .verify import TOLERANCES, OutputComparison, sample_inputs
 
 TIMING_RUNS = 10
+STATUSES = ("verified", "unverified", "failed")
+
+log = logging.getLogger("luodi")
 
 
 def label(target: dict[str, Any]) -> str:
     return f"{target['backend']}:{target['precision']}"
+
+
+def parse_target(backend: str, precision: str | None = None) -> tuple[str, str | None]:
+    """``"openvino:int8"`` -> ``("openvino", "int8")``, the name the CLI's ``--target`` takes; a plain name is kept.
+
+    ``precision`` given as well must agree with the one in the name (else an InputError saying so).
+    """
+    if not isinstance(backend, str):
+        raise InputError(f"backend must be a name such as 'onnxruntime' or 'openvino:int8', got {backend!r}")
+    name, sep, given = backend.partition(":")
+    if not sep:
+        return backend, precision
+    if not name or not given or ":" in given:
+        raise InputError(f"backend '{backend}' is not BACKEND or BACKEND:PRECISION, e.g. 'openvino:int8'")
+    if precision is not None and precision != given:
+        raise InputError(
+            f"backend='{backend}' asks for precision '{given}' but precision='{precision}' was given too; "
+            "give the precision once"
+        )
+    return name, given
+
+
+def target_status(target: dict[str, Any]) -> tuple[str, str]:
+    """``(status, reason)``: "verified", "unverified" or "failed", and for a failed target why, in one line.
+
+    The compiler records ``status``/``reason``; a package written before that has only its verification record,
+    and one that did not pass counts as failed.
+    """
+    ver = target.get("verification")
+    status = target.get("status")
+    reason = str(target.get("reason") or "")
+    if status == "failed" or (isinstance(ver, dict) and not ver.get("passed", False)):
+        return "failed", reason or _verification_failure(ver)
+    if status in STATUSES:
+        return status, reason
+    return ("unverified", "") if ver is None else ("verified", "")
+
+
+def _verification_failure(ver: Any) -> str:
+    """One line saying why a verification record did not pass."""
+    if not isinstance(ver, dict):
+        return "failed at compile time (no reason recorded)"
+    if ver.get("error"):
+        return f"failed to run during verification: {ver['error']}"
+    if isinstance(ver.get("reason"), str) and ver["reason"]:
+        return ver["reason"]
+    tol = ver.get("tolerance") if isinstance(ver.get("tolerance"), dict) else TOLERANCES["fp32"]
+    for name, r in (ver.get("outputs") or {}).items():
+        if not isinstance(r, dict):
+            continue
+        if r.get("mismatch"):
+            return f"output '{name}': {r['mismatch']}"
+        max_abs, cosine, ref_max = (_number(r.get(k)) for k in ("max_abs", "cosine", "ref_max"))
+        allowed = float(tol.get("rel_max_abs", 0.0)) * max(1.0, ref_max)
+        if not (max_abs <= allowed and cosine >= float(tol.get("min_cosine", 1.0))):  # NaN fails too
+            return f"output '{name}' outside its tolerance (max abs error {max_abs:.3g}, cosine {cosine:.6f})"
+    return "verification did not pass"
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else float("nan")
 
 
 def host_key() -> str:
@@ -62,14 +126,15 @@ def measure(
     inputs: list[TensorSpec],
     device: str = "cpu",
     runs: int = TIMING_RUNS,
-    shapes: dict[str, list[int]] | None = None,
+    shapes: dict[str, Any] | None = None,
+    feeds: dict[str, np.ndarray] | None = None,
 ) -> float:
-    """Median batch-1 latency of a compiled target on this host, in milliseconds.
+    """Median latency of a compiled target on this host, in milliseconds.
 
-    ``shapes`` (the package's ``example_shapes``) fixes free dims a model cannot run at 1, such as the height
-    and width of a detector's image.
+    ``shapes`` (the package's primary representative set) fixes free dims a model cannot run at 1, such as the
+    height and width of a detector's image; ``feeds`` gives the very inputs instead.
     """
-    timings, failed = measure_many({"target": artifact}, inputs, device, runs, shapes)
+    timings, failed = measure_many({"target": artifact}, inputs, device, runs, shapes, feeds)
     if failed:
         raise BackendError(failed["target"])
     return timings["target"]
@@ -80,16 +145,19 @@ def measure_many(
     inputs: list[TensorSpec],
     device: str = "cpu",
     runs: int = TIMING_RUNS,
-    shapes: dict[str, list[int]] | None = None,
+    shapes: dict[str, Any] | None = None,
+    feeds: dict[str, np.ndarray] | None = None,
+    domains: dict[str, Any] | None = None,
 ) -> tuple[dict[str, float], dict[str, str]]:
-    """Median batch-1 latency (ms) of several targets, measured side by side; and those that failed, with why.
+    """Median latency (ms) of several targets at ``shapes`` (or on ``feeds``), measured side by side; and those
+    that failed, with why. Generated inputs take their values from ``domains`` (a constant input, e.g. a sample
+    rate, must keep its value for the model to run).
 
     The targets take turns in rounds (the order rotating each round), so a burst of load on a shared
     machine slows every candidate alike instead of deciding the choice.
     """
-    if shapes:
-        inputs = [dataclasses.replace(s, shape=tuple(shapes.get(s.name, s.shape))) for s in inputs]
-    feeds = sample_inputs(inputs, count=1)[0]
+    if feeds is None:
+        feeds = sample_inputs(inputs, count=1, shapes=shapes, domains=domains)[0]
     engines: dict[str, Any] = {}
     failed: dict[str, str] = {}
     times: dict[str, list[float]] = {}
@@ -153,12 +221,17 @@ def select_target(
     precision: str | None = None,
     device: str = "cpu",
     accuracy_budget: str | None = None,
+    allow_failed: bool = False,
 ) -> tuple[dict[str, Any], str]:
-    """The target to load and a sentence saying why."""
+    """The target to load and a sentence saying why.
+
+    ``backend`` is a name, ``BACKEND:PRECISION`` (as the CLI's ``--target``) or "auto", which never picks a
+    target that failed at compile time. Asking for a failed target by name is a FailedTargetError naming its
+    reason, unless ``allow_failed`` (for debugging: it loads with a logged warning).
+    """
+    backend, precision = parse_target(backend, precision)
     if backend != "auto":
-        get_backend(backend)  # an unknown name is a BackendNotFoundError listing the known ones
-        target = package.find_target(backend, precision)
-        return target, f"{label(target)}: asked for by name"
+        return _by_name(package, backend, precision, allow_failed)
 
     budget = accuracy_budget or package.manifest.get("accuracy_budget", "fp32")
     if budget not in TOLERANCES:
@@ -194,12 +267,37 @@ def select_target(
     return best, f"{label(best)}: fastest measured on this host within budget '{budget}' ({table}){note}"
 
 
+def _by_name(package: Package, backend: str, precision: str | None, allow_failed: bool) -> tuple[dict[str, Any], str]:
+    get_backend(backend)  # an unknown name is a BackendNotFoundError listing the known ones
+    target = package.find_target(backend, precision)
+    if precision is None:  # "ncnn" alone: a precision that did not fail, if the package has one
+        same = [t for t in package.targets if t["backend"] == backend]
+        target = next((t for t in same if target_status(t)[0] != "failed"), target)
+    status, reason = target_status(target)
+    if status != "failed":
+        return target, f"{label(target)}: asked for by name"
+    if not target.get("files"):
+        raise FailedTargetError(
+            f"target {label(target)} of {package.path.name} failed at compile time ({reason}) and nothing was "
+            "compiled for it, so there is nothing to load; choose another target (`luodi info` lists them)"
+        )
+    if not allow_failed:
+        raise FailedTargetError(
+            f"target {label(target)} of {package.path.name} failed at compile time: {reason}. The package keeps it "
+            "for debugging only: load it anyway with allow_failed=True (CLI: --allow-failed), or choose another "
+            "target (`luodi info` lists them)"
+        )
+    log.warning("loading %s, which failed at compile time (%s), because allow_failed=True", label(target), reason)
+    return target, f"{label(target)}: asked for by name; FAILED at compile time ({reason}), loaded with allow_failed"
+
+
 def _unusable(target: dict[str, Any], device: str, budget: str) -> str:
     if target["backend"] == "reference":
         return "the reference is for verification, chosen only by name"
     ver = target.get("verification")
-    if ver is not None and not ver.get("passed", False):
-        return "failed verification at compile time"
+    status, reason = target_status(target)
+    if status == "failed":
+        return f"failed at compile time ({reason})"
     if ver is not None and not within_budget(target, budget):
         return f"its measured error is outside the '{budget}' accuracy budget"
     try:
@@ -236,8 +334,10 @@ def _timings(
                 failed[label(t)] = str(exc)
     measured: dict[str, float] = {}
     if artifacts:
-        shapes = package.manifest.get("example_shapes")
-        measured, failed_now = measure_many(artifacts, package.inputs, device, shapes=shapes)
+        from .verify.representative import representative_inputs
+
+        feeds = representative_inputs(package)[0]  # the primary set: the shapes the package is run at
+        measured, failed_now = measure_many(artifacts, package.inputs, device, feeds=feeds)
         failed.update(failed_now)
     if measured:
         cache.put(package_id, measured)

@@ -31,7 +31,7 @@ from .errors import (
     UnknownTensorError,
 )
 from .package import Package
-from .selection import select_target
+from .selection import parse_target, select_target
 from .stream import Stream
 from .tensor import TensorSpec
 
@@ -42,10 +42,14 @@ class Session:
     """A model loaded on one engine, ready to run.
 
     ``model`` is a .luodi package (path or :class:`Package`), or an ONNX model (path or
-    ``onnx.ModelProto``) which is compiled in memory for ``backend``. ``backend="auto"`` picks the
-    fastest target measured on this host among those that run here and whose compile-time error fits
+    ``onnx.ModelProto``) which is compiled in memory for ``backend``. ``backend`` is a name or
+    ``"BACKEND:PRECISION"`` as the CLI's ``--target`` takes it (``"openvino:int8"``). ``backend="auto"`` picks
+    the fastest target measured on this host among those that run here and whose compile-time error fits
     ``accuracy_budget`` (a precision class: "fp32" unless the package was compiled with another);
     ``Session.selection`` says which and why. See luodi.selection.
+
+    A target that failed at compile time is never picked by "auto", and asking for it by name is a
+    :class:`~luodi.FailedTargetError` naming why, unless ``allow_failed=True`` (for debugging; logged).
 
     ``trust`` (a public key: .pub path or bytes) accepts only a package signed by that key, every member
     checked; ``license`` (a licence file) or ``passphrase`` unlock an encrypted package, decrypted in
@@ -66,6 +70,7 @@ class Session:
         threads: int | None = None,
         options: dict[str, Any] | None = None,
         accuracy_budget: str | None = None,
+        allow_failed: bool = False,
         trust: Any = None,
         license: Any = None,  # noqa: A002 - the field's word
         passphrase: str | bytes | None = None,
@@ -81,6 +86,7 @@ class Session:
         self.license: Any = None
         """The License that unlocked this session's package, if any."""
         self._release_license: Any = None
+        backend, precision = parse_target(backend, precision)
         if isinstance(model, Package) or _is_package_path(model):
             if trust is None and license is None and passphrase is None:
                 self.package = model if isinstance(model, Package) else Package(model)
@@ -92,7 +98,9 @@ class Session:
                 from .package.crypto import open_package
 
                 self.package, self.license = open_package(model, trust=trust, license=license, passphrase=passphrase)
-            target, self.selection = select_target(self.package, backend, precision, device, accuracy_budget)
+            target, self.selection = select_target(
+                self.package, backend, precision, device, accuracy_budget, allow_failed
+            )
             self.backend, self.precision = target["backend"], target["precision"]
             artifact = self.package.artifact(target)
             self._inputs = self.package.inputs
@@ -188,13 +196,25 @@ class Session:
 
     # -- the six verbs --------------------------------------------------------------------------
     def prepare(self, shapes: dict[str, tuple[int, ...]] | None = None) -> Session:
-        """Fix input shapes (symbolic dims default to 1), let the engine allocate, and warm it up."""
+        """Fix input shapes, let the engine allocate, and warm it up.
+
+        Without ``shapes``, a package's primary representative shapes (the ones it was verified at; an ONNX
+        model's symbolic dims at 1). Inputs the package's pipeline fixes (e.g. a sample rate) get that value.
+        """
+        constants: dict[str, np.ndarray] = {}
+        if self.package is not None:
+            from .verify.representative import pipeline_constants
+
+            constants = pipeline_constants(self.package)
+            if shapes is None:
+                shapes = self.package.representative_shapes[0]
         concrete = self._concrete(shapes)
         self._engine.reshape(concrete)
         try:
             warm = {n: np.zeros(s, dtype=self._input_by_name[n].np_dtype) for n, s in concrete.items()}
         except (MemoryError, ValueError) as exc:
             raise ShapeError(f"cannot allocate inputs of shapes {concrete} to warm up: {exc}") from exc
+        warm.update({n: v for n, v in constants.items() if n in warm and v.shape == warm[n].shape})
         self._execute(warm)
         return self
 

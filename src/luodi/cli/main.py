@@ -5,7 +5,6 @@ Errors a user can cause are LuodiErrors: printed as one red line with exit code 
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except LuodiError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(2)
 
 
@@ -402,67 +401,6 @@ def export(
     _print_compiled(pkg, show_passes)
 
 
-@cli.command()
-@click.argument("package", type=click.Path(dir_okay=False))
-@click.option("-d", "--device", default="cpu", show_default=True, help="the device auto-selection is shown for")
-def info(package: str, device: str) -> None:
-    """Show a package's inputs, outputs, targets and verification results."""
-    from ..package import Package
-
-    pkg = Package(package)
-    m = pkg.manifest
-    out.print(f"[bold]{pkg.name}[/] version {m.get('version')} — {m.get('description') or ''}")
-    out.print(f"created {m.get('created')} with luodi {m.get('toolchain', {}).get('luodi', '?')}")
-    io = Table(title="inputs and outputs")
-    for col in ("kind", "name", "dtype", "shape"):
-        io.add_column(col)
-    for kind, specs in (("input", pkg.inputs), ("output", pkg.outputs)):
-        for s in specs:
-            io.add_row(kind, s.name, s.dtype, escape(s.shape_str()))
-    out.print(io)
-    pipe = pkg.pipeline
-    if pipe and "graph" in pipe:
-        steps = " -> ".join(s.get("op") or f"[model {s['model']}]" for s in pipe["graph"])
-        out.print(f"pipeline ({pipe.get('task', '?')}): {escape(steps)}")
-        if pkg.model_names:
-            out.print(f"models: main, {', '.join(pkg.model_names)} (each compiled for every target)")
-    elif pipe:
-        steps = " -> ".join(s["op"] for s in pipe.get("pre", [])) + " -> [model] -> "
-        steps += " -> ".join(s["op"] for s in pipe.get("post", []))
-        out.print(f"pipeline ({pipe.get('task', '?')}): {escape(steps)}")
-    if pipe and pipe.get("folded_into_model"):
-        folded = pipe["folded_into_model"]
-        out.print(
-            f"input '{folded['input']}' takes pixel values: normalize(mean={folded['mean']}, std={folded['std']}) "
-            "is folded into the first Conv"
-        )
-    passes = m.get("passes") or []
-    if passes:
-        changed = [
-            r["name"]
-            for r in passes
-            if (r["nodes_before"], r["initializers_before"]) != (r["nodes_after"], r["initializers_after"])
-        ]
-        out.print(
-            f"graph passes: {passes[0]['nodes_before']} -> {passes[-1]['nodes_after']} nodes "
-            f"({', '.join(dict.fromkeys(changed))}); `luodi compile --passes` shows each"
-        )
-    _print_verification(pkg)
-    if pkg.encrypted:
-        how = pkg.manifest["encryption"].get("unlock", {})
-        key = f"a licence of vendor key {how.get('issuer')}" if how.get("kind") == "license" else "its passphrase"
-        signer = pkg.manifest.get("signer", {}).get("key")
-        out.print(f"encrypted (AES-256-GCM): opens with {key}" + (f"; signed by key {signer}" if signer else ""))
-        return
-    from ..selection import select_target
-
-    try:
-        _, why = select_target(pkg, device=device)
-        out.print(f"backend=auto on {device} here: {escape(why)}")
-    except LuodiError as exc:
-        out.print(f"[yellow]backend=auto on {device} here: {escape(str(exc))}[/]")
-
-
 def _print_verification(pkg: Any) -> None:
     """The verification table of the package's model, then one per further model of a multi-model package."""
     _print_model_verification(pkg, "targets, verified against the float reference")
@@ -534,163 +472,12 @@ def _timings_here(pkg: Any) -> dict[str, float]:
 
 
 @cli.command()
-@click.argument("package", type=click.Path(dir_okay=False))
-@click.argument("inputs", nargs=-1, required=True)
-@click.option("-k", "--top", "k", default=5, show_default=True, help="how many classes to show")
-@click.option("-b", "--backend", default="auto", show_default=True)
-@click.option("-d", "--device", default="cpu", show_default=True)
-@click.option(
-    "--save-vis",
-    type=click.Path(dir_okay=False),
-    help="draw detection boxes / text boxes on the input and save the picture here (with several inputs: NAME-N.png)",
-)
-@click.option("--license", "license_file", help="the licence that unlocks an encrypted package")
-@click.option("--trust", help="accept the package only if signed by this public key (.pub)")
-def predict(
-    package: str,
-    inputs: tuple[str, ...],
-    k: int,
-    backend: str,
-    device: str,
-    save_vis: str | None,
-    license_file: str | None,
-    trust: str | None,
-) -> None:
-    """Run PACKAGE's pipeline on each input (image or .wav files) and print the result."""
-    from ..session import Session
-
-    passphrase = os.environ.get("LUODI_PASSPHRASE") or None
-    with Session(
-        package, backend=backend, device=device, license=license_file, trust=trust, passphrase=passphrase
-    ) as s:
-        err.print(f"[dim]{s.selection}[/]", highlight=False)
-        for n, item in enumerate(inputs):
-            result = s.predict(item, k=k)
-            out.print(_result_table(Path(item).name, result))
-            if save_vis:
-                from ..pipeline.draw import draw_results
-
-                dest = Path(save_vis) if len(inputs) == 1 else Path(save_vis).with_stem(f"{Path(save_vis).stem}-{n}")
-                draw_results(item, result).save(dest)
-                err.print(f"[dim]saved {dest}[/]", highlight=False)
-
-
-def _result_table(title: str, result: Any) -> Table:
-    """A table of whatever a pipeline returned: top-k classes, detections, text lines or speech segments."""
-    from ..pipeline import Prediction
-    from ..pipeline.ops import Detection, SpeechSegment, TextLine
-
-    table = Table(title=title)
-    first = result[0] if result else None
-    if isinstance(first, Detection):
-        for col in ("label", "score", "box x1, y1, x2, y2"):
-            table.add_column(col)
-        for d in result:
-            table.add_row(d.label, f"{d.score:.2f}", ", ".join(f"{v:.0f}" for v in d.box))
-    elif isinstance(first, TextLine):
-        for col in ("line", "text", "confidence"):
-            table.add_column(col)
-        for i, t in enumerate(result, 1):
-            table.add_row(str(i), escape(t.text), f"{t.score:.3f}")
-    elif isinstance(first, SpeechSegment):
-        for col in ("segment", "start s", "end s"):
-            table.add_column(col)
-        for i, seg in enumerate(result, 1):
-            table.add_row(str(i), f"{seg.start_s:.2f}", f"{seg.end_s:.2f}")
-    elif isinstance(first, Prediction):
-        for col in ("rank", "class", "label", "probability"):
-            table.add_column(col)
-        for rank, p in enumerate(result, 1):
-            table.add_row(str(rank), str(p.index), p.label, f"{p.score:.1%}")
-    else:
-        table.add_column("result")
-        table.add_row(escape(repr(result)) if result else "(nothing found)")
-    return table
-
-
-@cli.command()
 def zoo() -> None:
     """List the pretrained models luodi can build from PyPI packages (use as zoo:NAME)."""
     from .. import zoo as zoo_mod
 
     for name in zoo_mod.names():
         out.print(f"zoo:{name}")
-
-
-def _feeds_for(pkg: Any, data: str | None, limit: int | None) -> list:
-    from ..quant.data import load_feeds
-    from ..verify import sample_inputs
-
-    if data is None:
-        return sample_inputs(pkg.inputs, count=2)
-    return load_feeds(data, pkg.inputs, pkg.pipeline, limit, "verification")
-
-
-@cli.command()
-@click.argument("package", type=click.Path(dir_okay=False))
-@click.option("-t", "--target", "targets", multiple=True, help="BACKEND[:PRECISION] to check (repeat); default all")
-@click.option("--against", default="reference", show_default=True, help="what to compare with: reference or a target")
-@click.option("--data", help="a folder of images or .npy files, an .npy/.npz, or a dataset (default: 2 random inputs)")
-@click.option("--limit", type=int, help="use this many samples of --data, spread over it")
-@click.option("--layerwise", is_flag=True, help="compare every intermediate tensor and mark where the error jumps")
-@click.option("--license", "license_file", help="the licence that unlocks an encrypted package")
-@click.option("--trust", help="accept the package only if signed by this public key (.pub)")
-def verify(
-    package: str,
-    targets: tuple[str, ...],
-    against: str,
-    data: str | None,
-    limit: int | None,
-    layerwise: bool,
-    license_file: str | None,
-    trust: str | None,
-) -> None:
-    """Compare PACKAGE's targets with the float reference (or another target) on real data.
-
-    An encrypted package is unlocked with --license or $LUODI_PASSPHRASE, in memory, as Session does."""
-    from ..package.crypto import open_package
-    from ..verify.report import verify_package
-
-    passphrase = os.environ.get("LUODI_PASSPHRASE") or None
-    pkg, _ = open_package(package, trust=trust, license=license_file, passphrase=passphrase)
-    chosen = [pkg.find_target(*(t.split(":", 1) if ":" in t else (t, None))) for t in targets] or None
-    feeds = _feeds_for(pkg, data, limit)
-    reports, ran = verify_package(pkg, feeds, chosen, against)
-    table = Table(title=f"against {against} ({escape(ran)}) on {len(feeds)} sample(s)")
-    for col in ("target", "output", "max abs err", "cosine", "SNR dB", "top-1 agreement"):
-        table.add_column(col)
-    for r in reports:
-        agree = "" if r.agreement is None else f"{r.agreement:.2%}"
-        table.add_row(r.target, escape(r.output), f"{r.max_abs:.3g}", f"{r.cosine:.6f}", f"{r.snr_db:.1f}", agree)
-    out.print(table)
-    if layerwise:
-        from ..verify.layerwise import JUMP_DB
-        from ..verify.layerwise import layerwise as compare_layers
-
-        if against == "reference":  # the canonical graph is in every package, a reference target or not
-            base = {"backend": "reference", "precision": "fp32"}
-        else:
-            base = pkg.find_target(*(against.split(":", 1) if ":" in against else (against, None)))
-        for t in chosen or [t for t in pkg.targets if t is not base and t["backend"] != "reference"]:
-            report = compare_layers(pkg, base, t, feeds[0])
-            lt = Table(title=f"layer-wise: {report.b} against {report.a} (first tensor below {JUMP_DB:.0f} dB marked)")
-            for col in ("#", "tensor", "op", "cosine", "SNR dB", "max abs"):
-                lt.add_column(col)
-            for i, row in enumerate(report.rows):
-                style = "bold red" if i == report.first_jump else None
-                lt.add_row(
-                    str(i),
-                    escape(row.tensor),
-                    row.op,
-                    f"{row.cosine:.6f}",
-                    f"{row.snr_db:.1f}",
-                    f"{row.max_abs:.3g}",
-                    style=style,
-                )
-            out.print(lt)
-            if report.first_jump is not None:
-                row = report.rows[report.first_jump]
-                out.print(f"error jumps first at [bold]{escape(row.tensor)}[/] ({row.op}, node {escape(row.node)})")
 
 
 @cli.command("quantize-analyse")
@@ -761,7 +548,7 @@ from ..serve.cli import batch as _batch  # noqa: E402  (`luodi batch --ray`: Ray
 
 cli.add_command(_batch)
 
-from . import security  # noqa: E402,F401 - registers keys, sign, encrypt, license
+from . import inspect, security  # noqa: E402,F401 - registers info/run/predict/verify; keys, sign, encrypt, license
 
 
 def main() -> None:

@@ -506,7 +506,7 @@ def _tune(main: ModelDone, inputs: list[TensorSpec], steps: Progress, say: Log) 
     }
     with steps.step(f"timing {len(timed)} target(s) side by side"):
         primary = {n: list(s) for n, s in main.plan.primary.items()}
-        ms, failed = measure_many({k: a for k, (a, _) in timed.items()}, inputs, shapes=primary)
+        ms, failed = measure_many({k: a for k, (a, _) in timed.items()}, inputs, shapes=primary, domains=main.domains)
     for k, (_, entry) in timed.items():
         if k in ms:
             entry["timing"] = {"host": host_key(), "device": "cpu", "median_ms": round(ms[k], 4)}

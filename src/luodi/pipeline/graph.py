@@ -181,6 +181,35 @@ class GraphPipeline:
         """Seconds spent in pre-processing, models and post-processing by this thread's last run."""
         return dict(getattr(self._local, "timings", {}))
 
+    def main_step(self) -> ModelStep | None:
+        """The first call of the primary model, or None when another model is called before it."""
+        for step in self.steps:
+            if isinstance(step, ModelStep):
+                return step if step.model == MAIN else None
+        return None
+
+    def main_inputs(self, raw: Any) -> tuple[dict[str, Any], ModelStep]:
+        """What the primary model's first call receives for ``raw`` (the op steps before it run), and that call."""
+        step = self.main_step()
+        if step is None:
+            raise PipelineError(f"the pipeline does not call model '{MAIN}' before its other models")
+        values: dict[str, Any] = {RAW: raw}
+        for op in self.steps[: self.steps.index(step)]:
+            op.run(values, None, {})
+        return {name: values[v] for name, v in step.feeds.items()}, step
+
+    def preprocess(self, raw: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The primary model's feeds for ``raw`` plus its constants, as the classic pipeline's ``preprocess`` gives
+        them: what calibration and `luodi verify --data` run on images."""
+        feeds, step = self.main_inputs(raw)
+        if step.scan or step.each:
+            raise PipelineError(
+                f"the pipeline calls model '{MAIN}' {'frame by frame with its state' if step.scan else 'per item'}"
+                ", so a raw input gives no single set of feeds; give model-ready tensors instead "
+                "(an .npz with one array per input)"
+            )
+        return {**feeds, **step.const}, {}
+
     def run(self, raw: Any, session: Any, **options: Any) -> Any:
         """``raw`` (or each item of a list of them) through the graph; a list gives a list of results."""
         if isinstance(raw, list):

@@ -74,7 +74,7 @@ class ModelVersion:
         self.observer: Any = None  # metrics hooks, set by the repository
         self.session = Session(files.path, **options)
         self.batchable = _batchable(self.session)
-        self.session.prepare()  # allocate and warm up before the first request
+        self.session.prepare()  # allocate and warm up at the package's primary representative shapes
         self.batcher = Batcher(
             self.session.run,
             config,
