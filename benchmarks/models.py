@@ -773,27 +773,34 @@ def main(argv: list[str] | None = None) -> int:
         _console_table(results, engines)
         return results
 
+    command = "python benchmarks/models.py" + (
+        " --short" if args.short else f" --models {args.models}" if args.models else ""
+    )
+    command += "" if args.samples else " --no-samples"
+    source = f" from {args.source}" if args.source else ""
+
+    def report(results: list[dict], shapes_only: list[dict] | None, command: str) -> None:
+        if args.out != "-":
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(markdown(results, engines, command, shapes_only, source))
+        if args.json:
+            extra = (
+                {}
+                if shapes_only is None
+                else {"shapes_only": {"summary": summarise(shapes_only), "results": shapes_only}}
+            )
+            Path(args.json).write_text(
+                json.dumps({"summary": summarise(results), "results": results, **extra}, indent=1)
+            )
+
     results = sweep(keys, args.samples, "samples" if args.samples else "shapes-only")
-    s = summarise(results)
-    print(json.dumps(s))
-    shapes_only = None
+    print(json.dumps(summarise(results)))
+    report(results, None, command)  # written now too: the second pass may be cut short
     if args.also_no_samples:
         dynamic = [r["model"] for r in results if r.get("held_out") and _declares_range(r)]
         shapes_only = sweep(dynamic, False, "shapes-only")
         print(json.dumps(summarise(shapes_only)))
-    command = "python benchmarks/models.py" + (
-        " --short" if args.short else f" --models {args.models}" if args.models else ""
-    )
-    command += ("" if args.samples else " --no-samples") + (" --also-no-samples" if args.also_no_samples else "")
-    if args.out != "-":
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        source = f" from {args.source}" if args.source else ""
-        Path(args.out).write_text(markdown(results, engines, command, shapes_only, source))
-    if args.json:
-        extra = (
-            {} if shapes_only is None else {"shapes_only": {"summary": summarise(shapes_only), "results": shapes_only}}
-        )
-        Path(args.json).write_text(json.dumps({"summary": s, "results": results, **extra}, indent=1))
+        report(results, shapes_only, command + " --also-no-samples")
     return 0
 
 
