@@ -467,6 +467,7 @@ def _run_child(case: Case, targets: list[str], work: Path, timeout: float, sampl
     """One child process compiling ``case`` for ``targets``; a crash or a timeout is recorded on each of them."""
     work.mkdir(parents=True, exist_ok=True)
     result_file, log_file = work / "result.json", work / "child.log"
+    result_file.unlink(missing_ok=True)  # a --keep folder from an earlier run must not answer for this one
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", case.key, "--work", str(work)]
     cmd += ["--engines", ",".join(targets)] + ([] if samples else ["--no-samples"])
     t0 = time.perf_counter()
@@ -482,6 +483,13 @@ def _run_child(case: Case, targets: list[str], work: Path, timeout: float, sampl
     log_text = log_file.read_text(errors="replace")
     if rc == 0 and result_file.exists():
         result = json.loads(result_file.read_text())
+    elif rc is not None and rc < 0 and result_file.exists():
+        # The work was done and recorded, then the process died on its way out (an engine's objects freed in
+        # the wrong order): a user's compile would write its package and still end in a crash.
+        result = json.loads(result_file.read_text())
+        died = f"then the process died of {signal.Signals(-rc).name} on its way out"
+        for t in result["targets"].values():
+            t.update(status="crash", reason=f"{t['status']}: {t['reason']}; {died}" if t["reason"] else died)
     elif "ModuleNotFoundError" in log_text and "is not installed" in log_text:
         return {"model": case.key, "missing": log_text.strip().splitlines()[-1], "targets": {}, "notes": []}
     else:
