@@ -288,3 +288,32 @@ def _onnx_file(tmp_path, model) -> str:
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     return str(path)
+
+
+def test_dead_initializers_listed_as_graph_inputs_leave_no_required_input() -> None:
+    """An IR-3 style model lists every initializer as a graph input; removing an unused one removes its input too."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from luodi.compiler.passes import run_passes
+    from luodi.tensor import specs_from_onnx
+
+    used = numpy_helper.from_array(np.ones((1, 4), np.float32), "w")
+    unused = numpy_helper.from_array(np.zeros((3,), np.int64), "stale")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "w"], ["y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [1, 4]),
+            helper.make_tensor_value_info("stale", TensorProto.INT64, [3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [used, unused],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=3)
+    onnx.checker.check_model(model)
+    out, _, _ = run_passes(model, ["eliminate-dead-nodes"], None)
+    inputs, _ = specs_from_onnx(out)
+    assert [s.name for s in inputs] == ["x"]
+    assert [i.name for i in out.graph.input] == ["x", "w"]

@@ -790,20 +790,17 @@ class NcnnBackend(Backend):
             layers = _parse_param(artifact.files[_PARAM].decode("utf-8", errors="replace"))
             reason = _load_reason(said[0], layers) if said[0].strip() or refused is None else str(refused)
             raise CompileError(f"ncnn cannot load the model pnnx wrote: {reason}")
-        error = None
-        with _stderr_captured() as said:
-            try:
-                engine.run({name: np.zeros(shape, np.float32) for name, shape in shapes.items()})
-            except (BackendError, ValueError) as exc:
-                error = exc
-            finally:
-                engine.close()
-        if error is not None:
-            why = next((ln.strip() for ln in said[0].splitlines() if ln.strip()), "")
+        engine.close()
+        # The run on zeros happens in a child process: ncnn may crash the process when a converted model fails to
+        # run (pnnx's ddddocr: "malformed literal token", then a segfault at exit), and compile must survive it.
+        from .probe import prove_in_child
+
+        try:
+            prove_in_child(artifact, [shapes], self.available().version)
+        except BackendError as exc:
             raise CompileError(
-                f"ncnn loaded the converted model but could not run it on zeros at {shapes}: {error}"
-                + (f"; ncnn said: {why[:300]}" if why else "")
-            ) from error
+                f"ncnn loaded the converted model but could not run it on zeros at {shapes}: {exc}"
+            ) from exc
 
     def validate(self, artifact: Artifact) -> None:
         missing = [f for f in (_PARAM, _BIN) if f not in artifact.files]

@@ -83,9 +83,11 @@ def prove_in_child(artifact: Artifact, shapes: list[Shapes], engine_version: str
     elif outcome.get("during") == "run":
         # It loads but cannot run where the compiler verified it: its layers disagree with each other, and in this
         # process such a run may write out of bounds without crashing at once (a later call would).
+        said = f"; {artifact.backend} said: {outcome['said']}" if outcome.get("said") else ""
         raise BackendError(
             f"the {artifact.target} engine file is malformed: it loads but fails to run at the package's "
-            f"representative shapes ({outcome.get('error', '')[:300]}); recompile the package or choose another target"
+            f"representative shapes ({outcome.get('error', '')[:300]}{said}); recompile the package or choose "
+            "another target"
         )
     else:
         # A clean refusal while loading, raised here as the child raised it: loading it in this process to let it
@@ -156,7 +158,8 @@ def _run_child(artifact: Artifact, shapes: list[Shapes]) -> dict[str, Any]:
             events.append(event)
     final = events[-1] if events and events[-1].get("status") in ("ok", "error") else None
     if proc.returncode == 0 and final is not None:
-        return final
+        said = [ln.strip() for ln in err.decode("utf-8", "replace").splitlines() if ln.strip()]
+        return {**final, "said": said[0][:300] if said else ""}  # the engine's own first complaint
     stage = events[-1].get("stage", "loading it") if events else "starting"
     if proc.returncode < 0:
         try:

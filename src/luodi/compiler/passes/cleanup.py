@@ -62,9 +62,14 @@ class EliminateDeadNodes(Pass):
         # Deleted in place: re-adding the kept ones would copy every weight (and protobuf cannot copy a tensor
         # over 2 GB at all).
         dead = [i for i, t in enumerate(graph.initializer) if t.name not in used]
+        dead_names = {graph.initializer[i].name for i in dead}
         for i in reversed(dead):
             del graph.initializer[i]
         dead_inits = len(dead)
+        # Before IR 4 every initializer was also a graph input (an input with a default). Its input entry goes with
+        # it, or the model would gain a required input that nothing reads (centerface gained 60).
+        for i in reversed([i for i, v in enumerate(graph.input) if v.name in dead_names]):
+            del graph.input[i]
         alive = used | {o for n in graph.node for o in n.output}
         stale = [v for v in graph.value_info if v.name not in alive]
         for v in stale:
