@@ -73,3 +73,29 @@ def test_bad_target_lists(tmp_path, cnn_model):
     with pytest.raises(luodi.BackendNotFoundError):
         luodi.compile(cnn_model, tmp_path / "a.luodi", targets=["warp-drive"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_the_reference_evaluator_cannot_run_is_verified_against_onnxruntime(tmp_path) -> None:
+    """An operator outside the ONNX standard (com.microsoft's Gelu) stops the evaluator, not the compile: targets are
+    compared with onnxruntime on the canonical graph, and the records say so."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    import luodi
+
+    graph = helper.make_graph(
+        [helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    path = tmp_path / "gelu.onnx"
+    onnx.save(model, path)
+    pkg = luodi.compile(path, tmp_path / "gelu.luodi", ["onnxruntime", "reference"])
+    by = {t["backend"]: t for t in pkg.targets}
+    assert by["onnxruntime"]["status"] == "verified"
+    assert by["onnxruntime"]["verification"]["against"].startswith("onnxruntime fp32 (the reference evaluator cannot")
+    assert by["reference"]["status"] == "failed" and "com.microsoft" in by["reference"]["reason"]

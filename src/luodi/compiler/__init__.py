@@ -214,6 +214,9 @@ class ModelJob:
     member: str
     samples: list[dict[str, np.ndarray]] | None = None
     given: dict[str, list[GivenDim]] = field(default_factory=dict)
+    reference: str = "reference"
+    """What the targets were compared with: the reference evaluator, or onnxruntime when the evaluator cannot run
+    the model (an operator outside the ONNX standard, e.g. com.microsoft's): recorded as the records' ``against``."""
 
 
 @dataclass
@@ -290,6 +293,7 @@ class CompileRun:
             tolerance = tolerance_class(precision, source_format, backend.int8_policy is not None)
             with self.steps.step(f"verifying {label}", total=len(used)) as step:
                 record = _verify(backend, artifact, used, tolerance, step)
+            record["against"] = job.reference
             if source_format:
                 record["source"] = f"pre-quantised ({source_format})"
                 record["tolerance_class"] = tolerance
@@ -426,7 +430,11 @@ def _run_reference(job: ModelJob, plan: ShapePlan, checks: list[Check], step: An
 
     # The evaluator straight on the model: no serialise/parse round trip, one copy of the weights (they matter
     # for a model of gigabytes). Targets are still compared with exactly what the reference backend runs.
-    engine = ReferenceEngine(job.src.model)
+    try:
+        engine: Any = ReferenceEngine(job.src.model)
+    except CompileError as exc:
+        engine = _onnxruntime_reference(job.src.model, exc)
+        job.reference = f"onnxruntime fp32 (the reference evaluator cannot run this model: {_one_line(exc)})"
     probe = _Probe(job.src.model)
     dropped: dict[int, str] = {}
     try:
@@ -459,6 +467,16 @@ def _run_reference(job: ModelJob, plan: ShapePlan, checks: list[Check], step: An
     return [
         Check(c.feeds, renumber[c.shape_set], c.generated, c.reference) for c in checks if c.shape_set not in dropped
     ]
+
+
+def _onnxruntime_reference(model: Any, why: CompileError) -> Any:
+    """onnxruntime on the canonical graph, for a model the evaluator cannot load (operators outside the ONNX
+    standard, which only onnxruntime runs); the evaluator's own error when onnxruntime cannot load it either."""
+    backend = get_backend("onnxruntime")
+    try:
+        return backend.load(backend.compile(model, CompileOptions()), LoadOptions())
+    except Exception:  # noqa: BLE001 - neither can run it: the evaluator's reason is the one to give
+        raise why from None
 
 
 class _Probe:
