@@ -76,6 +76,9 @@ class CompileOptions:
     """Representative input shapes, the first the primary one; later sets give every dynamic axis another size.
     Converters that trace (pnnx, MNN) or fix shapes (OpenVINO's static model) use these, never 1 for a free dim.
     Empty: the backend has no better knowledge than the specs."""
+    model_bytes: bytes | None = None
+    """The graph given to compile(), serialised once by the compiler for every consumer (None: serialise it yourself;
+    it is None for a graph the compiler changed for this target, e.g. int8's, and for one over 2 GB)."""
 
 
 @dataclass(frozen=True)

@@ -236,7 +236,7 @@ class OnnxRuntimeBackend(Backend):
                 )
                 source: Any = str(onnx_io.save(model, os.path.join(tmp, "model.onnx"))[0])
             else:
-                source = model.SerializeToString()
+                source = options.model_bytes or model.SerializeToString()
             try:
                 ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
             except Exception as exc:  # ORT raises its own exception types; translate them

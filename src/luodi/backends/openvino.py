@@ -334,7 +334,7 @@ class OpenVinoBackend(Backend):
                 with tempfile.TemporaryDirectory(prefix="luodi-ov-") as tmp:
                     ov_model = core.read_model(str(onnx_io.save(model, Path(tmp) / "model.onnx")[0]))
             else:
-                ov_model = core.read_model(model.SerializeToString())
+                ov_model = core.read_model(options.model_bytes or model.SerializeToString())
         except Exception as exc:  # OpenVINO raises RuntimeError/its own types; translate them
             _raise_read_error(exc, model, self.name)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__, arguments
+from .. import __version__, arguments, onnx_io
 from ..backends import CompileOptions, LoadOptions, get_backend
 from ..backends.base import Artifact
 from ..errors import CompileError, InputError, LuodiError, VerificationError
@@ -215,6 +215,8 @@ class ModelJob:
     samples: list[dict[str, np.ndarray]] | None = None
     given: dict[str, list[GivenDim]] = field(default_factory=dict)
     reference: str = "reference"
+    data: bytes | None = None
+    """The graph serialised once (the package member's bytes), for every consumer; None over 2 GB."""
     """What the targets were compared with: the reference evaluator, or onnxruntime when the evaluator cannot run
     the model (an operator outside the ONNX standard, e.g. com.microsoft's): recorded as the records' ``against``."""
 
@@ -250,6 +252,7 @@ class CompileRun:
     def model(self, job: ModelJob) -> ModelDone:
         """Store ``job``'s graph, choose its shapes, run the reference once, then compile and verify each target."""
         member = store_model(job.src.model, job.member, self.members, self.by_sha)
+        job.data = self.members.get(member) if not onnx_io.is_large(job.src.model) else None
         examples = [] if job.samples else _examples(job.src, job.inputs)
         plan = plan_shapes(job.inputs, given=job.given, samples=job.samples or [], examples=examples)
         real = job.samples or examples
@@ -334,7 +337,8 @@ class CompileRun:
                 target_model, quantization = job.src.model, None
                 if precision == "int8" and self.quantise is not None and not job.prefix:
                     target_model, quantization = self.quantise(backend)
-                opts = CompileOptions(precision=precision, source=job.src, **options)
+                data = job.data if target_model is job.src.model else None
+                opts = CompileOptions(precision=precision, source=job.src, model_bytes=data, **options)
                 artifact = backend.compile(target_model, opts)
             except (KeyboardInterrupt, SystemExit, MemoryError):
                 raise
@@ -435,7 +439,7 @@ def _run_reference(job: ModelJob, plan: ShapePlan, checks: list[Check], step: An
     except CompileError as exc:
         engine = _onnxruntime_reference(job.src.model, exc)
         job.reference = f"onnxruntime fp32 (the reference evaluator cannot run this model: {_one_line(exc)})"
-    probe = _Probe(job.src.model)
+    probe = _Probe(job.src.model, job.data)
     dropped: dict[int, str] = {}
     try:
         for check in checks:
@@ -483,22 +487,20 @@ class _Probe:
     """onnxruntime on the graph, asked first whether a generated shape set runs at all: it answers in milliseconds
     where the reference evaluator may run a whole network before the node that cannot take the size."""
 
-    def __init__(self, model: Any) -> None:
-        self._model, self._session, self._tried = model, None, False
+    def __init__(self, model: Any, data: bytes | None = None) -> None:
+        self._model, self._data, self._session, self._tried = model, data, None, False
 
     def fails(self, feeds: dict[str, np.ndarray]) -> str:
         """Why the model cannot run ``feeds`` ("" when it can, or when onnxruntime cannot tell)."""
         if not self._tried:
             self._tried = True
-            from .. import onnx_io
-
             if not onnx_io.is_large(self._model):
                 try:
                     import onnxruntime as ort
 
                     so = ort.SessionOptions()
                     so.log_severity_level = 3
-                    data = self._model.SerializeToString()
+                    data = self._data or self._model.SerializeToString()
                     self._session = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
                 except Exception:  # noqa: BLE001 - an operator onnxruntime lacks: the reference alone decides
                     self._session = None
