@@ -175,7 +175,7 @@ def test_close_waits_for_runs_in_flight_and_frees_everything(cnn_package: Path) 
 def test_a_load_error_in_the_child_is_the_same_luodi_error() -> None:
     bad = Artifact("onnxruntime", "fp32", {"model.onnx": b"not a model"})
     with pytest.raises(luodi.CompileError) as in_process:
-        luodi.session._load(bad, LoadOptions())
+        luodi.backends.load_engine(bad, LoadOptions())
     with pytest.raises(luodi.CompileError) as isolated:
         WorkerEngine(bad, LoadOptions())
     assert str(isolated.value) == str(in_process.value)

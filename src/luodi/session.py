@@ -19,14 +19,13 @@ from typing import Any
 import numpy as np
 
 from . import arguments
-from .backends import LoadOptions, get_backend
+from .backends import LoadOptions, get_backend, load_engine
 from .backends.base import Artifact, CompileOptions, Engine
 from .errors import (
     BackendError,
     InputError,
     LuodiError,
     MissingInputError,
-    PackageError,
     PipelineError,
     ShapeError,
     StateError,
@@ -126,7 +125,9 @@ class Session:
             self.selection = f"{self.backend}: compiled in memory from an ONNX model"
             artifact = get_backend(self.backend).compile(src.model, CompileOptions(precision=self.precision))
             self._inputs, self._outputs = specs_from_onnx(src.model)
-        self._engine: Engine = _isolated(artifact, load_options, isolate) if isolate else _load(artifact, load_options)
+        self._engine: Engine = (
+            _isolated(artifact, load_options, isolate) if isolate else load_engine(artifact, load_options)
+        )
         del artifact  # an encrypted package's plaintext lives on only inside the engine
         if self.license is not None:
             try:
@@ -494,24 +495,3 @@ def _isolated(artifact: Artifact, options: LoadOptions, isolate: bool | int | st
     from .worker import isolated_engine
 
     return isolated_engine(artifact, options, isolate)
-
-
-def _load(artifact: Artifact, options: LoadOptions) -> Engine:
-    try:
-        return get_backend(artifact.backend).load(artifact, options)
-    except LuodiError:
-        raise
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-        # A backend reads its target's recorded options (tensor specs, flags) as it wrote them; a damaged or
-        # hand-edited manifest fails there, in any backend, plugins included: say so instead of a raw KeyError.
-        raise PackageError(
-            f"the package's {artifact.target} target cannot be loaded: its recorded options are malformed "
-            f"({type(exc).__name__}: {exc}); recompile the package for this target"
-        ) from exc
-    except Exception as exc:
-        # An engine's own reader refusing a malformed file in its own way (torch's deserialiser asserts).
-        detail = (str(exc).strip().splitlines() or [""])[-1][:300]
-        raise BackendError(
-            f"{artifact.backend} could not load the package's {artifact.target} engine file, which is malformed "
-            f"({type(exc).__name__}: {detail}); recompile the package or choose another target"
-        ) from exc

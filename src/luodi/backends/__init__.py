@@ -10,7 +10,7 @@ import pkgutil
 import types
 from typing import Any
 
-from ..errors import BackendError, BackendNotFoundError
+from ..errors import BackendError, BackendNotFoundError, LuodiError, PackageError
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "Engine",
     "LoadOptions",
     "get_backend",
+    "load_engine",
     "backend_names",
 ]
 
@@ -87,3 +88,25 @@ def get_backend(name: str) -> Backend:
         raise BackendError(f"backend '{name}' failed to start: {exc}") from exc
     _cache[name] = backend
     return backend
+
+
+def load_engine(artifact: Artifact, options: LoadOptions) -> Engine:
+    """The backend's load(); whatever it raises becomes a LuodiError naming the target."""
+    try:
+        return get_backend(artifact.backend).load(artifact, options)
+    except LuodiError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        # A backend reads its target's recorded options (tensor specs, flags) as it wrote them; a damaged or
+        # hand-edited manifest fails there, in any backend, plugins included: say so instead of a raw KeyError.
+        raise PackageError(
+            f"the package's {artifact.target} target cannot be loaded: its recorded options are malformed "
+            f"({type(exc).__name__}: {exc}); recompile the package for this target"
+        ) from exc
+    except Exception as exc:
+        # An engine's own reader refusing a malformed file in its own way (torch's deserialiser asserts).
+        detail = (str(exc).strip().splitlines() or [""])[-1][:300]
+        raise BackendError(
+            f"{artifact.backend} could not load the package's {artifact.target} engine file, which is malformed "
+            f"({type(exc).__name__}: {detail}); recompile the package or choose another target"
+        ) from exc

@@ -200,8 +200,8 @@ def _read_exact(stream: Any, n: int) -> bytes:
 
 
 def _child_main() -> None:
+    from ..backends import load_engine
     from ..errors import LuodiError
-    from ..session import _load
     from .base import LoadOptions
 
     report = os.fdopen(os.dup(1), "w", buffering=1)
@@ -218,7 +218,7 @@ def _child_main() -> None:
     artifact = Artifact(head["backend"], head["precision"], files, head["options"], in_memory=True)
     say(stage="loading it")
     try:
-        engine = _load(artifact, LoadOptions())  # the default threads, as a Session loads it
+        engine = load_engine(artifact, LoadOptions())  # the default threads, as a Session loads it
     except LuodiError as exc:
         say(status="error", during="load", type=type(exc).__name__, error=str(exc))
         return

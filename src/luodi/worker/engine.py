@@ -19,9 +19,9 @@ def isolated_engine(artifact: Any, options: Any, isolate: bool | int | str) -> E
 
     if isolate == "auto":
         if not getattr(get_backend(artifact.backend), "crash_prone", False):
-            from ..session import _load
+            from .. import backends
 
-            return _load(artifact, options)
+            return backends.load_engine(artifact, options)
         isolate = True
     if isolate is True:
         return WorkerEngine(artifact, options)
@@ -92,8 +92,8 @@ class _EngineHandler:
     """In the child: the backend's Engine, loaded from the files the parent sent."""
 
     def __init__(self, args: dict[str, Any], payload: bytearray) -> None:
+        from .. import backends
         from ..backends.base import Artifact, LoadOptions
-        from ..session import _load
 
         files, offset, view = {}, 0, memoryview(payload)
         for name, size in args["files"]:
@@ -101,7 +101,7 @@ class _EngineHandler:
             offset += size
         artifact = Artifact(args["backend"], args["precision"], files, args["options"], args["in_memory"])
         self.backend = args["backend"]
-        self.engine = _load(artifact, LoadOptions(args["device"], args["threads"], args["extra"]))
+        self.engine = backends.load_engine(artifact, LoadOptions(args["device"], args["threads"], args["extra"]))
         self.lock = None if self.engine.thread_safe else threading.Lock()
         self.info = {
             "inputs": [s.to_dict() for s in self.engine.inputs],
