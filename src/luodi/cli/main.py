@@ -5,6 +5,7 @@ Errors a user can cause are LuodiErrors: printed as one red line with exit code 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,10 @@ from rich.table import Table
 from ..errors import LuodiError
 from .safe import text as shown
 
-# Pipes and CI logs get rich's 80-column default, too narrow for the tables: widen them.
-out = Console(width=None if sys.stdout.isatty() else 120)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+# Pipes and CI logs get rich's 80-column default, too narrow for the tables: widen them, unless $COLUMNS says.
+_PIPE_WIDTH = None if os.environ.get("COLUMNS", "").isdigit() else 120
+out = Console(width=None if sys.stdout.isatty() else _PIPE_WIDTH)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else _PIPE_WIDTH)
 
 
 class _Group(click.Group):
