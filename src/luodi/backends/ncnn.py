@@ -397,6 +397,8 @@ _WEIGHTED = {
     "Convolution3D": (6, 0, 5),
     "InnerProduct": (2, 0, 1),
 }
+# Convolution*/Deconvolution*: 19=1 takes the weights from a second input blob (pnnx, for ONNX weights as inputs)
+_DYNAMIC_WEIGHT = 19
 # Parameters that ncnn divides by, allocates with or loops over, which must be >= 1 (id -> default).
 _POSITIVE = {
     "Convolution": {0: None, 1: None, 2: 1, 3: 1, 6: None},
@@ -492,7 +494,9 @@ def _validate_param(ncnn: Any, param: bytes, bin_size: int) -> None:
             value = params.get(pid, default)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ModelError(f"{where}: parameter {pid} is {value!r}; ncnn needs an integer >= 1 there")
-        if ltype in _WEIGHTED:
+        if ltype in _WEIGHTED and params.get(_DYNAMIC_WEIGHT) == 1 and nb < 2:
+            raise ModelError(f"{where}: takes its weights from an input (19=1) but has {nb} input(s)")
+        if ltype in _WEIGHTED and params.get(_DYNAMIC_WEIGHT) != 1:  # dynamic weights come in as a blob, not from .bin
             count_id, out_id, bias_id = _WEIGHTED[ltype]
             count, outputs = params.get(count_id, 0), params.get(out_id, 0)
             if isinstance(count, int) and isinstance(outputs, int) and outputs > 0 and count % outputs:
