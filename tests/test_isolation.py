@@ -76,7 +76,7 @@ def conv_package(tmp_path_factory):
 CLOSE_UNDER_LOAD = """
     import sys, threading, numpy as np, luodi
     for attempt in range(3):
-        s = luodi.Session(sys.argv[1], backend=sys.argv[2])
+        s = luodi.Session(sys.argv[1], backend=sys.argv[2], allow_failed=True)  # MNN misses fp32 here: not the point
         x = np.ones((1, 3, 32, 32), np.float32)
         want = s.run({s.inputs[0].name: x})
         started, ends, bad = threading.Barrier(9), [], []

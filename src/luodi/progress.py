@@ -19,10 +19,13 @@ class Progress:
     """
 
     def __init__(self, quiet: bool = False, console: Any = None) -> None:
-        from rich.console import Console
+        self.console = console
+        self.enabled = False
+        if not quiet:  # a quiet one needs no rich: the runtime-only install compiles without the CLI extra
+            from rich.console import Console
 
-        self.console = console or Console(stderr=True)
-        self.enabled = not quiet and self.console.is_terminal and sys.stderr.isatty()
+            self.console = console or Console(stderr=True)
+            self.enabled = self.console.is_terminal and sys.stderr.isatty()
         self._bars: Any = None
         self._depth = 0  # the CLI opens it around a compile that opens it again: one display for both
 

@@ -800,7 +800,7 @@ class NcnnBackend(Backend):
         from .probe import prove_in_child
 
         try:
-            prove_in_child(artifact, [shapes], self.available().version)
+            prove_in_child(artifact, [shapes], self.available().version, remember=False)
         except BackendError as exc:
             raise CompileError(
                 f"ncnn loaded the converted model but could not run it on zeros at {shapes}: {exc}"

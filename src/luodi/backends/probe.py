@@ -70,15 +70,18 @@ def _remember(key: str, artifact: Artifact, seconds: float) -> None:
         pass  # a read-only home must not stop inference; the probe runs again next time
 
 
-def prove_in_child(artifact: Artifact, shapes: list[Shapes], engine_version: str = "") -> None:
-    """Load and run ``artifact`` in a child process unless it passed before; BackendError if the child crashes."""
+def prove_in_child(artifact: Artifact, shapes: list[Shapes], engine_version: str = "", remember: bool = True) -> None:
+    """Load and run ``artifact`` in a child process unless it passed before; BackendError if the child crashes.
+
+    ``remember=False``: a one-off check (a converter's output at compile time) that leaves no verdict behind.
+    """
     key = cache_key(artifact, shapes, engine_version)
-    if passed_before(key):
+    if remember and passed_before(key):
         return
     t0 = time.perf_counter()
     outcome = _run_child(artifact, shapes)
     if outcome.get("status") == "ok":
-        if not artifact.in_memory:  # a decrypted artifact leaves no trace on disk, not even a hash
+        if remember and not artifact.in_memory:  # a decrypted artifact leaves no trace on disk, not even a hash
             _remember(key, artifact, time.perf_counter() - t0)
     elif outcome.get("during") == "run":
         # It loads but cannot run where the compiler verified it: its layers disagree with each other, and in this
