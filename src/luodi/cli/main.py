@@ -17,8 +17,10 @@ from rich.table import Table
 from ..errors import LuodiError
 from .safe import text as shown
 
-# Pipes and CI logs get rich's 80-column default, too narrow for the tables: widen them, unless $COLUMNS says.
-_PIPE_WIDTH = None if os.environ.get("COLUMNS", "").isdigit() else 120
+# Pipes and CI logs get rich's 80-column default, too narrow for the tables: widen them to 120, or to $COLUMNS
+# when that is wider (a long reason in a table cell then stays on one line).
+_COLUMNS = os.environ.get("COLUMNS", "")
+_PIPE_WIDTH = max(120, int(_COLUMNS)) if _COLUMNS.isdigit() else 120
 out = Console(width=None if sys.stdout.isatty() else _PIPE_WIDTH)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else _PIPE_WIDTH)
 
