@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import BackendError
 from .base import Artifact, Shapes
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2
 """Part of the cache key: bump it when what the probe proves changes."""
 TIMEOUT_S = 300.0
 
@@ -230,22 +230,16 @@ def _child_main() -> None:
         try:
             feeds = {s.name: np.ones(shapes.get(s.name, s.concrete(1)), s.np_dtype) for s in engine.inputs}
             outputs = engine.run(feeds)
-            wrong = [
-                f"{spec.name} {list(np.shape(outputs.get(spec.name)))} (expected {spec.shape_str()})"
-                for spec in engine.outputs
-                if not _fits(np.shape(outputs.get(spec.name)), spec.shape)
-            ]
-            if wrong:
-                raise ValueError(f"output shapes {', '.join(wrong)}")
+            # Only that every output came back: the shapes an ONNX file declares may be wrong (ddddocr declares
+            # [1, seqlen] for a [T, 1, C] output), and verification compares the shapes with the reference's.
+            missing = [spec.name for spec in engine.outputs if spec.name not in outputs]
+            if missing:
+                raise ValueError(f"no output(s) {missing}")
         except Exception as exc:  # reported; the parent refuses the file
             say(status="error", during="run", error=f"{type(exc).__name__}: {exc}")
             return
     engine.close()
     say(status="ok")
-
-
-def _fits(shape: tuple[int, ...], spec: tuple[Any, ...]) -> bool:
-    return len(shape) == len(spec) and all(not isinstance(d, int) or d == n for d, n in zip(spec, shape))
 
 
 if __name__ == "__main__":
