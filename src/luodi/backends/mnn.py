@@ -433,7 +433,9 @@ def _convert_and_probe_in_child(workdir: str, model: Any) -> bytes:
 def _child_main() -> None:
     """The child side of _convert_and_probe_in_child: argv[1] is the work folder."""
     work = Path(sys.argv[1])
-    _limit_memory()
+    from .probe import limit_memory  # some graphs make MNN allocate without bound: a cap ends the child at once
+
+    limit_memory()
     stage, result = work / "stage", work / "result.json"
     opts = json.loads((work / "job.json").read_text())
     src, dst = str(work / "model.onnx"), str(work / MODEL_FILE)
@@ -486,26 +488,6 @@ def _engine_said(log: str, lines: int = 2) -> str:
     """The last lines MNN printed (its errors go to stdout with printf), without the CPU feature banner."""
     kept = [ln.strip() for ln in log.splitlines() if not _NOISE.search(ln)]
     return " | ".join(kept[-lines:])[:400]
-
-
-def _limit_memory() -> None:
-    """Cap the child's address space at half the machine's memory (at least 4 GiB).
-
-    Some graphs make MNN allocate without bound (OneHot did, for 90 s, until the OOM killer came);
-    with a cap the allocation fails at once and the child ends with SIGABRT.
-    """
-    try:
-        import resource
-
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        cap = max(total // 2, 4 << 30)
-        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        if hard != resource.RLIM_INFINITY:
-            cap = min(cap, hard)
-        if soft == resource.RLIM_INFINITY or soft > cap:
-            resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-    except (ImportError, ValueError, OSError):  # no resource module (Windows) or not allowed
-        pass
 
 
 def _legalised(model: Any) -> Any:

@@ -179,7 +179,7 @@ def _run_child(artifact: Artifact, shapes: list[Shapes]) -> dict[str, Any]:
 
 
 # -- the child --------------------------------------------------------------------------------------------------
-def _limit_memory() -> None:
+def limit_memory() -> None:
     """Cap the child's address space at half the machine's memory (at least 4 GiB): a runaway allocation aborts."""
     try:
         import resource
@@ -213,7 +213,7 @@ def _child_main() -> None:
     def say(**event: Any) -> None:
         report.write(json.dumps(event) + "\n")
 
-    _limit_memory()
+    limit_memory()
     stdin = sys.stdin.buffer
     head = json.loads(stdin.readline())
     files = {name: _read_exact(stdin, size) for name, size in head["files"]}

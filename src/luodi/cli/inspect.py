@@ -31,6 +31,24 @@ _ALLOW_FAILED = click.option(
 )
 
 
+def _open_session(
+    package: str, backend: str, device: str, license_file: str | None, trust: str | None, allow_failed: bool
+) -> Any:
+    """The Session `run` and `predict` use: a licence, a trusted key or $LUODI_PASSPHRASE unlock the package."""
+    from ..session import Session
+
+    passphrase = os.environ.get("LUODI_PASSPHRASE") or None
+    return Session(
+        package,
+        backend=backend,
+        device=device,
+        license=license_file,
+        trust=trust,
+        passphrase=passphrase,
+        allow_failed=allow_failed,
+    )
+
+
 # -- info -----------------------------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("package", type=click.Path(dir_okay=False))
@@ -242,18 +260,7 @@ def run(
     """Run PACKAGE's model on tensors from .npy files; print each output's shape, dtype, min/max/mean.
 
     Works for any model, with or without a pipeline (`luodi predict` runs the pipeline on raw files)."""
-    from ..session import Session
-
-    passphrase = os.environ.get("LUODI_PASSPHRASE") or None
-    with Session(
-        package,
-        backend=backend,
-        device=device,
-        license=license_file,
-        trust=trust,
-        passphrase=passphrase,
-        allow_failed=allow_failed,
-    ) as s:
+    with _open_session(package, backend, device, license_file, trust, allow_failed) as s:
         feeds = read_inputs(s.inputs, inputs)
         start = time.perf_counter()
         outputs = s.run(feeds)
@@ -415,18 +422,7 @@ def predict(
     trust: str | None,
 ) -> None:
     """Run PACKAGE's pipeline on each input (image or .wav files) and print the result."""
-    from ..session import Session
-
-    passphrase = os.environ.get("LUODI_PASSPHRASE") or None
-    with Session(
-        package,
-        backend=backend,
-        device=device,
-        license=license_file,
-        trust=trust,
-        passphrase=passphrase,
-        allow_failed=allow_failed,
-    ) as s:
+    with _open_session(package, backend, device, license_file, trust, allow_failed) as s:
         err.print(f"[dim]{shown(s.selection)}[/]", highlight=False)
         for n, item in enumerate(inputs):
             result = s.predict(item, k=k)
