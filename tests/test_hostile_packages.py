@@ -410,3 +410,29 @@ def test_damaged_pt2_archives_are_model_errors_never_a_crash_or_code(torch_pkg, 
         except luodi.LuodiError:
             outcomes["refused"] += 1
     assert outcomes["refused"] > 0
+
+
+def test_pt2_archive_headers_zipfile_cannot_read_are_model_errors(torch_pkg):
+    """Header fields zipfile refuses with NotImplementedError or RuntimeError (seen in CI from a random flip)."""
+    import struct
+
+    import torch
+
+    from luodi.backends.torch import _load_program
+
+    pkg = luodi.Package(torch_pkg)
+    program = pkg.read(pkg.find_target("torch")["files"]["model.pt2"])
+    end = program.rindex(b"PK\x05\x06")  # the end record says where the central directory starts
+    (central,) = struct.unpack_from("<L", program, end + 16)  # (the sample inputs are a zip inside: not index())
+    assert program[central : central + 4] == b"PK\x01\x02"
+    edits = {
+        "an extract version past 6.3": (central + 6, bytes([142])),
+        "an unknown compression method": (central + 10, struct.pack("<H", 99)),
+        "the encrypted flag": (central + 8, struct.pack("<H", 1)),
+    }
+    for what, (at, value) in edits.items():
+        data = bytearray(program)
+        data[at : at + len(value)] = value
+        with pytest.raises(luodi.ModelError):  # by luodi's check, or by torch's reader (a flag zipfile ignores)
+            _load_program(torch, bytes(data))
+        print(what, "refused")

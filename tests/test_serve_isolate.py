@@ -103,12 +103,6 @@ def test_kill_9_one_models_worker_only_its_in_flight_requests_fail(repo: Path, t
                 httpx.post(f"{srv.base}/v2/models/a/infer", content=big_body, headers=headers, timeout=60)
             )
 
-        big_request()  # the first run at a new shape allocates: time the second
-        t0 = time.monotonic()
-        big_request()  # alone: how long it takes from sending to the answer, most of it in the engine
-        alone_s = time.monotonic() - t0
-        assert [r.status_code for r in big_answer] == [200, 200]
-        big_answer.clear()
         victims: list[int] = []
 
         for t in threads:
@@ -117,13 +111,13 @@ def test_kill_9_one_models_worker_only_its_in_flight_requests_fail(repo: Path, t
             time.sleep(1.5)
             killed_at = 0.0
             for _ in range(3):  # a kill that misses the big request's run (a hiccup of this busy host) is redone
-                big = threading.Thread(target=big_request)
-                big.start()
-                time.sleep(alone_s / 2)  # past sending and decoding it, well inside its run
+                sender = threading.Thread(target=big_request)
+                sender.start()
+                _wait_until_mapped(victim, big.nbytes, big_answer)  # the worker reads the big request: it runs it now
                 killed_at = killed_at or time.monotonic()
                 os.kill(victim, signal.SIGKILL)
                 victims.append(victim)
-                big.join(60)
+                sender.join(60)
                 if big_answer[-1].status_code == 503:
                     break
                 deadline = time.monotonic() + 60
@@ -169,6 +163,27 @@ def test_kill_9_one_models_worker_only_its_in_flight_requests_fail(repo: Path, t
         while _running(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _running(pid), f"worker {pid} outlived the server"
+
+
+def _wait_until_mapped(pid: int, nbytes: int, answered: list, timeout_s: float = 30.0) -> None:
+    """Until worker ``pid`` maps shared memory of ``nbytes`` or more: it reads a request that big, then runs it.
+
+    A fresh worker's tensor regions start small and grow only to fit what it is sent, so the first mapping this big
+    is the big request reaching the engine. (A kill timed from the send would land while the request still waits in
+    the server's queue on a busy host, and that request then runs on the restarted worker.)
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not answered:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        except OSError:
+            return
+        for line in maps:
+            if "memfd:luodi-worker" in line:
+                start, end = (int(v, 16) for v in line.split()[0].split("-"))
+                if end - start >= nbytes:
+                    return
+        time.sleep(0.001)
 
 
 def _running(pid: int) -> bool:

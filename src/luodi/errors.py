@@ -5,6 +5,18 @@ Only exception classes live here; raising sites build the message, because they 
 
 from __future__ import annotations
 
+import struct
+import zipfile
+import zlib
+
+# What zipfile (and numpy's .npz reader over it) raises on a damaged or hostile archive: a bad header or CRC, a
+# truncated stream, an unknown compression method, an "extract version" past what zipfile reads or a flipped
+# "encrypted" flag (NotImplementedError, RuntimeError), a corrupt deflate stream (zlib.error), a short record
+# (struct.error), a name that is not UTF-8 (a ValueError). Catch this tuple wherever untrusted zip bytes are opened.
+ZIP_ERRORS = (
+    zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error, NotImplementedError, RuntimeError, struct.error
+)  # fmt: skip
+
 
 class LuodiError(Exception):
     """Base class of every error luodi raises on purpose."""

@@ -17,7 +17,7 @@ import re
 import zipfile
 from typing import Any
 
-from ..errors import ModelError
+from ..errors import ZIP_ERRORS, ModelError
 
 _ROOT = "archive/"
 # What torch 2.x's torch.export.save writes for one program named "model" (relative to the archive root).
@@ -67,7 +67,7 @@ def check(data: bytes, where: str = "model.pt2") -> None:
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = zf.infolist()
-    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as exc:
+    except ZIP_ERRORS as exc:
         raise ModelError(f"{where} is not a torch.export archive (not a readable zip: {exc})") from None
     with zf:
         members = _members(infos, len(data), where)
@@ -78,7 +78,7 @@ def check(data: bytes, where: str = "model.pt2") -> None:
             program = _json(zf, "models/model.json", where)
             _walk(program, where)
             samples = zf.read(_ROOT + "data/sample_inputs/model.pt")
-        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as exc:  # a bad CRC, ...
+        except ZIP_ERRORS as exc:  # a bad CRC, an unknown compression, ...
             raise ModelError(f"{where} is not a readable torch.export archive ({exc})") from None
         _sample_inputs(samples, where)
 

@@ -12,7 +12,6 @@ import re
 import secrets
 import sys
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import click
 import numpy as np
 from rich.table import Table
 
-from ..errors import BackendError, InputError, LuodiError, MissingInputError, UnknownTensorError
+from ..errors import ZIP_ERRORS, BackendError, InputError, LuodiError, MissingInputError, UnknownTensorError
 from .main import _print_verification, cli, err, out
 from .safe import text as shown
 
@@ -335,7 +334,7 @@ def _load(file: str, where: str, npz: bool = False) -> Any:
         if npz and isinstance(array, np.lib.npyio.NpzFile):
             with array:
                 return {k: array[k] for k in array.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except ZIP_ERRORS as exc:
         kind = "an .npz" if npz else "an .npy"
         why = "it holds Python objects, which luodi never unpickles" if "pickle" in str(exc) else str(exc)
         raise InputError(f"{where}: {file} is not {kind} file of plain arrays ({why})") from None

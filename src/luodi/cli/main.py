@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import LuodiError
+from ..errors import ZIP_ERRORS, LuodiError
 from .safe import text as shown
 
 # Pipes and CI logs get rich's 80-column default, too narrow for the tables: widen them to 120, or to $COLUMNS
@@ -247,7 +247,6 @@ def _parse_input_shapes(given: tuple[str, ...]) -> dict[str, str] | None:
 
 def _read_sample(path: str) -> dict[str, Any]:
     """An .npz of arrays keyed by input name (never unpickled)."""
-    import zipfile
 
     import numpy as np
 
@@ -258,7 +257,7 @@ def _read_sample(path: str) -> dict[str, Any]:
             if not isinstance(npz, np.lib.npyio.NpzFile):
                 raise InputError(f"--sample {path} is a single array; save one array per input: numpy.savez(f, x=...)")
             arrays = {name: npz[name] for name in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except ZIP_ERRORS as exc:
         raise InputError(f"--sample {path} is not a readable .npz of arrays keyed by input name: {exc}") from exc
     for name, value in arrays.items():
         if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":

@@ -12,13 +12,12 @@ import os
 import posixpath
 import tempfile
 import zipfile
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..backends.base import Artifact
-from ..errors import IntegrityError, KeyRequiredError, PackageError
+from ..errors import ZIP_ERRORS, IntegrityError, KeyRequiredError, PackageError
 from ..tensor import TensorSpec
 from .schema import MAX_MANIFEST_BYTES, check_manifest
 
@@ -30,9 +29,6 @@ MODEL = "model.onnx"
 _STORE_ABOVE = 1 << 20
 
 
-# What zipfile raises on a damaged archive: a bad header or CRC, a truncated stream, an unknown compression
-# method or a flipped "encrypted" flag (NotImplementedError, RuntimeError), a corrupt deflate stream (zlib.error).
-ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error, NotImplementedError, RuntimeError)
 # A member this much bigger than its compressed bytes is a zip bomb: luodi stores big members uncompressed.
 _BOMB_RATIO = 100
 _BOMB_ABOVE = 64 << 20

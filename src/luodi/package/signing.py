@@ -9,11 +9,10 @@ import base64
 import hashlib
 import os
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Any
 
-from ..errors import IntegrityError, MissingExtraError, PackageError
+from ..errors import ZIP_ERRORS, IntegrityError, MissingExtraError, PackageError
 
 SIGNATURE = "signature.ed25519"
 """The package member holding the 64-byte Ed25519 signature of manifest.json's exact bytes."""
@@ -172,7 +171,7 @@ def verify_package(path: str | os.PathLike[str], trust: Any) -> bytes:
     path = Path(path)
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+    except ZIP_ERRORS as exc:
         raise IntegrityError(f"{path} is not a readable package ({exc}); it may be damaged or altered") from exc
     with zf:
         names = set(zf.namelist())
@@ -230,7 +229,7 @@ def _member(zf: zipfile.ZipFile, path: Path, name: str, size: int, exact: bool =
         if bomb is not None:
             raise bomb
         return zf.read(info)
-    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, KeyError, ValueError) as exc:
+    except (*ZIP_ERRORS, KeyError) as exc:
         raise IntegrityError(
             f"{path}: member '{name}' is unreadable ({exc}); the package was altered or damaged"
         ) from exc

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..backends import CompileOptions, LoadOptions, get_backend
-from ..errors import BackendError, LuodiError
+from ..errors import ZIP_ERRORS, BackendError, LuodiError
 from . import compare, failure_reason
 
 # The reference evaluator runs EfficientNet-Lite0 at about a second an image; past this many samples the canonical
@@ -189,7 +189,6 @@ def data_feeds(package: Any, data: str, limit: int | None = None) -> list[Feeds]
 
 def _stacked_npz(data: str, specs: dict[str, Any]) -> dict[str, np.ndarray] | None:
     """The arrays of an .npz that stacks samples along a new axis 0 (each one dim more than its input), else None."""
-    import zipfile
 
     from ..errors import InputError
 
@@ -198,7 +197,7 @@ def _stacked_npz(data: str, specs: dict[str, Any]) -> dict[str, np.ndarray] | No
     try:
         with np.load(data, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except ZIP_ERRORS as exc:
         raise InputError(f"verification data {data} is not an .npz numpy can read without pickle ({exc})") from None
     given = {n: a for n, a in arrays.items() if n in specs}
     if not given or any(a.ndim != len(specs[n].shape) + 1 for n, a in given.items()):
