@@ -311,19 +311,25 @@ def _unusable(target: dict[str, Any], device: str, budget: str) -> str:
     return ""
 
 
+def known_timings(package: Package, device: str = "cpu") -> dict[str, float]:
+    """Batch-1 latency per target label known on this host without measuring: stored in the package by
+    ``compile --tune`` for this host and device, else cached here by an earlier auto-selection."""
+    here = host_key()
+    stored = {
+        label(t): t["timing"]["median_ms"]
+        for t in package.targets
+        if t.get("timing", {}).get("host") == here and t["timing"].get("device") == device
+    }
+    return {**TimingCache().get(f"{package.manifest_sha256}:{device}"), **stored}
+
+
 def _timings(
     package: Package, candidates: list[dict[str, Any]], device: str
 ) -> tuple[dict[str, float], dict[str, str]]:
     """Latency per target label (stored, cached or measured now) and the targets that failed to load."""
-    here = host_key()
-    timings = {
-        label(t): t["timing"]["median_ms"]
-        for t in candidates
-        if t.get("timing", {}).get("host") == here and t["timing"].get("device") == device
-    }
+    timings = known_timings(package, device)
     cache = TimingCache()
     package_id = f"{package.manifest_sha256}:{device}"
-    timings = {**cache.get(package_id), **timings}
     artifacts: dict[str, Artifact] = {}
     failed: dict[str, str] = {}
     for t in candidates:
