@@ -117,6 +117,15 @@ class PTQ:
             self._float = first_output(simulate(self.model, self.validation_feeds))
         return self._float
 
+    def rank_layers(self, backend: Any, limit: int = 32) -> list[LayerSensitivity]:
+        """Layers by the error each adds when it alone is quantised for ``backend``'s policy, most sensitive
+        first, on the first ``limit`` validation samples; kept, so a later :meth:`for_backend` falls back in
+        this order instead of ranking again."""
+        policy = policy_of(backend)
+        ranking = sensitivity(self.model, self.calibration_for(policy), policy, self.validation_feeds[:limit])
+        self._ranking[backend.name] = ranking
+        return ranking
+
     def for_backend(
         self, backend: Any, max_disagreement: float = DEFAULT_MAX_DISAGREEMENT, allow_fallback: bool = True
     ) -> tuple[Any, dict[str, Any]]:
@@ -138,8 +147,7 @@ class PTQ:
             if first is not None and 1 - first > max_disagreement + 1e-12:
                 if ranking is None:
                     self.say(f"{backend.name}: agreement {first:.2%} misses the budget; ranking layers by sensitivity")
-                    ranking = sensitivity(self.model, calib, policy, self.validation_feeds[:32])
-                    self._ranking[backend.name] = ranking
+                    ranking = self.rank_layers(backend)
                 qdq, decision = fallback(
                     self.model, calib, policy, self.validation_feeds, max_disagreement, deployed, ranking
                 )
