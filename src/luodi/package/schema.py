@@ -27,6 +27,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _COMPARISON = {"max_abs", "mean_abs", "cosine", "ref_max"}
 _STATUS = {"verified", "unverified", "failed"}
+# The pipeline key under which the compiler records a normalisation folded into the model's first Conv.
+FOLDED_KEY = "folded_into_model"
 
 
 class _Bad(Exception):
