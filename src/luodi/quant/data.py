@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ZIP_ERRORS, InputError, MissingExtraError
+from ..arrays import load_npy, load_npz
+from ..errors import InputError, MissingExtraError
 from ..tensor import TensorSpec
 
 Feeds = dict[str, np.ndarray]
@@ -130,18 +131,19 @@ def load_feeds(
         if images:
             return _from_images([images[i] for i in _spread(len(images), limit)], inputs, pipeline, str(path), what)
         if arrays:
-            return [{inputs[0].name: _batch1(_load(arrays[i], what), inputs[0])} for i in _spread(len(arrays), limit)]
+            picked = [arrays[i] for i in _spread(len(arrays), limit)]
+            return [{inputs[0].name: _batch1(load_npy(file, what), inputs[0])} for file in picked]
         raise InputError(f"{what} folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and no .npy")
     if path.is_file() and path.suffix in (".npy", ".npz"):
-        data = _load(path, what)
         if path.suffix == ".npz":
+            data = load_npz(path, what)
             names = [s.name for s in inputs]
-            missing = [n for n in names if n not in data.files]
+            missing = [n for n in names if n not in data]
             if missing:
-                raise InputError(f"{what} file {path} has arrays {data.files}; the model needs {names}")
+                raise InputError(f"{what} file {path} has arrays {list(data)}; the model needs {names}")
             count = len(data[names[0]])
             return [{n: data[n][i : i + 1] for n in names} for i in _spread(count, limit)]
-        return _from_array(data, inputs, limit, what)
+        return _from_array(load_npy(path, what), inputs, limit, what)
     raise InputError(
         f"{what} data '{source}' is not a folder, an .npy/.npz file or a known dataset; "
         f"known datasets: {', '.join(DATASETS)}"
@@ -202,12 +204,3 @@ def batches(feeds: Sequence[Feeds], size: int) -> list[Feeds]:
         chunk = feeds[i : i + size]
         out.append({k: np.concatenate([f[k] for f in chunk]) for k in chunk[0]})
     return out
-
-
-def _load(path: Path, what: str) -> Any:
-    """An .npy array or an .npz archive, read without pickle; a damaged or pickled file is an InputError."""
-    try:
-        return np.load(path, allow_pickle=False)
-    except ZIP_ERRORS as exc:
-        why = "it holds Python objects, which luodi never unpickles" if "pickle" in str(exc) else str(exc)
-        raise InputError(f"{what} file {path} is not an array numpy reads without pickle: {why}") from None

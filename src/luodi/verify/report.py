@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..backends import CompileOptions, LoadOptions, get_backend
-from ..errors import ZIP_ERRORS, BackendError, LuodiError
+from ..errors import BackendError, LuodiError
 from . import compare, failure_reason
 
 # The reference evaluator runs EfficientNet-Lite0 at about a second an image; past this many samples the canonical
@@ -190,15 +190,12 @@ def data_feeds(package: Any, data: str, limit: int | None = None) -> list[Feeds]
 def _stacked_npz(data: str, specs: dict[str, Any]) -> dict[str, np.ndarray] | None:
     """The arrays of an .npz that stacks samples along a new axis 0 (each one dim more than its input), else None."""
 
+    from ..arrays import load_npz
     from ..errors import InputError
 
     if not str(data).endswith(".npz") or not Path(data).is_file():
         return None
-    try:
-        with np.load(data, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except ZIP_ERRORS as exc:
-        raise InputError(f"verification data {data} is not an .npz numpy can read without pickle ({exc})") from None
+    arrays = load_npz(data, "verification data")
     given = {n: a for n, a in arrays.items() if n in specs}
     if not given or any(a.ndim != len(specs[n].shape) + 1 for n, a in given.items()):
         return None
