@@ -5,12 +5,10 @@ Each is a few lines over signing.py, crypto.py and license.py; nothing here hand
 
 from __future__ import annotations
 
-import os
-
 import click
 from rich.table import Table
 
-from .main import cli, out
+from .app import cli, env_passphrase, out
 from .safe import text as shown
 
 
@@ -46,10 +44,7 @@ def sign(package: str, key: str, output: str | None) -> None:
 
 
 def _passphrase() -> str:
-    env = os.environ.get("LUODI_PASSPHRASE")
-    if env:
-        return env
-    return click.prompt("passphrase", hide_input=True, confirmation_prompt=True)
+    return env_passphrase() or click.prompt("passphrase", hide_input=True, confirmation_prompt=True)
 
 
 @cli.command()
