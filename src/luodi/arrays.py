@@ -27,14 +27,18 @@ def load(path: str | os.PathLike[str], what: str) -> np.ndarray | dict[str, np.n
         raise InputError(f"{what}: no file {given}")
     try:
         data = np.load(given, allow_pickle=False)
-        if isinstance(data, np.lib.npyio.NpzFile):
-            with data:
-                return {name: data[name] for name in data.files}
-        return data
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            return data
+        with data:
+            arrays = {name: data[name] for name in data.files}
     except ZIP_ERRORS as exc:
         kind = "an .npz" if given.endswith(".npz") else "an .npy"
         why = "it holds Python objects, which luodi never unpickles" if "pickle" in str(exc) else str(exc)
         raise InputError(f"{what}: {given} is not {kind} file of plain arrays ({why})") from None
+    for name, value in arrays.items():
+        if not isinstance(value, np.ndarray):  # numpy hands back a member that is not an .npy as its raw bytes
+            raise InputError(f"{what}: {given}: '{name}' is not an array (numpy.savez(f, {name}=array) writes one)")
+    return arrays
 
 
 def load_npy(path: str | os.PathLike[str], what: str) -> np.ndarray:
