@@ -19,17 +19,6 @@ from ..errors import InputError, MissingInputError, UnknownTensorError
 from .app import allow_failed_option, cli, env_passphrase, err, out, print_json, unlock_options
 from .safe import text as shown
 
-_target_option = click.option(
-    "-t",
-    "--target",
-    "-b",
-    "--backend",
-    "backend",
-    default="auto",
-    show_default=True,
-    help="BACKEND[:PRECISION] to run, or auto",
-)
-
 
 def _open_session(
     package: str, backend: str, device: str, license_file: str | None, trust: str | None, allow_failed: bool
@@ -59,7 +48,16 @@ def _open_session(
     help="an input tensor from an .npy file (repeat per input); FILE.npy alone for a one-input model, "
     "or FILE.npz holding one array per input name",
 )
-@_target_option
+@click.option(
+    "-t",
+    "--target",
+    "-b",
+    "--backend",
+    "backend",
+    default="auto",
+    show_default=True,
+    help="BACKEND[:PRECISION] to run, or auto",
+)
 @click.option("-d", "--device", default="cpu", show_default=True)
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), help="write each output as DIR/NAME.npy")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON instead of a table")
