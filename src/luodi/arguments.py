@@ -103,3 +103,17 @@ def optional_count(name: str, value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(f"{name} must be an int >= 1, got {value!r}")
     return value
+
+
+def per_input(option: str, items: Iterable[str], form: str, example: str) -> dict[str, str]:
+    """Repeated ``NAME=VALUE`` items of a command-line option (``--input-shape x=1x3x224x224``) as a dict, in order;
+    an item without a name or a value, or an input given twice, is an InputError naming the option."""
+    given: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise InputError(f"{option} takes {form}, e.g. {example}; got '{item}'")
+        if name in given:
+            raise InputError(f"{option} gives input '{name}' twice")
+        given[name] = value
+    return given

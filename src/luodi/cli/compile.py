@@ -133,6 +133,7 @@ def compile(
     error (nothing written; with --strict any failing target is one).
     """
     from .. import compiler
+    from ..arguments import per_input
     from ..arrays import load_npz
     from ..progress import Progress
 
@@ -146,7 +147,10 @@ def compile(
             targets,
             name=name,
             samples=[load_npz(f, "--sample") for f in sample_files] or None,
-            input_shapes=_parse_input_shapes(input_shapes),
+            input_shapes=per_input(
+                "--input-shape", input_shapes, "NAME=DIMS", "images=1x3x640x640 or x=1x3x32..640x32..640"
+            )
+            or None,
             verify=not no_verify,
             strict=strict,
             accuracy_budget=accuracy_budget,
@@ -166,23 +170,6 @@ def compile(
 
         pkg = Package(sign_package(output, sign_key))
     _print_compiled(pkg, show_passes)
-
-
-def _parse_input_shapes(given: tuple[str, ...]) -> dict[str, str] | None:
-    """``--input-shape NAME=DIMS`` (repeated) as the ``input_shapes`` mapping luodi.compile takes."""
-    from ..errors import InputError
-
-    shapes: dict[str, str] = {}
-    for item in given:
-        name, sep, dims = item.partition("=")
-        if not sep or not name or not dims:
-            raise InputError(
-                f"--input-shape takes NAME=DIMS, e.g. images=1x3x640x640 or x=1x3x32..640x32..640; got '{item}'"
-            )
-        if name in shapes:
-            raise InputError(f"--input-shape gives input '{name}' twice")
-        shapes[name] = dims
-    return shapes or None
 
 
 @cli.command()
