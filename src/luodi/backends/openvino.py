@@ -52,6 +52,7 @@ from __future__ import annotations
 import re
 import tempfile
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -67,7 +68,8 @@ from ..errors import (
     UnsupportedOpError,
 )
 from ..tensor import TensorSpec
-from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
+from ._int8 import QDQ_U8S8
+from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, Option
 
 # luodi precision -> OpenVINO INFERENCE_PRECISION_HINT, and the OPTIMIZATION_CAPABILITIES entry it needs.
 # int8: the QDQ graph's FakeQuantize ops run in int8 (OpenVINO's low-precision transformations); the rest in f32.
@@ -197,7 +199,7 @@ class OpenVinoEngine(Engine):
         index = {name: i for i, port in enumerate(compiled.outputs) for name in port.get_names()}
         self._out = [(name, index[name]) for name in output_names]
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             plan = self._static
             if plan is None or any(feeds[n].shape != s for n, s in plan.shapes):
@@ -255,16 +257,12 @@ class OpenVinoBackend(Backend):
     devices = ("cpu", "gpu", "npu")
     module = "openvino"
     extra = "openvino"
-    # OpenVINO reads the QDQ ONNX (not QOperator int8 ONNX) into FakeQuantize and runs u8 activations x s8
-    # weights on CPU (oneDNN); per-channel symmetric weights; the same saturation as ORT without VNNI.
-    int8_policy: ClassVar[dict[str, Any] | None] = {
-        "activations": {"dtype": "uint8", "symmetric": False},
-        "weights": {"dtype": "int8", "symmetric": True, "per_channel": True, "bits": 8},
-        "weight_bits_without_vnni": 7,  # see luodi.quant.policy.policy_of (u8 x u8 was 2-5x slower here)
-        "bias_correction": True,
-        "rounding": "half_to_even",
-        "ops": ["Conv", "MatMul", "Gemm", "Add", "Relu", "Clip", "AveragePool", "GlobalAveragePool", "MaxPool"],
-        "format": "qdq",
+    # OpenVINO reads the QDQ ONNX into FakeQuantize and runs u8 x s8 on CPU (oneDNN): see luodi.backends._int8.
+    int8_policy: ClassVar[dict[str, Any] | None] = QDQ_U8S8
+    load_options: ClassVar[Mapping[str, Option]] = {
+        "performance_hint": Option(str, 'OpenVINO\'s PERFORMANCE_HINT, "LATENCY" (the default) or "THROUGHPUT"'),
+        "openvino_config": Option(dict, "more OpenVINO properties, passed to compile_model unchanged"),
+        "static_reshape": Option(bool, "whether prepare(shapes) compiles a static-shape copy (default True)"),
     }
 
     def __init__(self) -> None:
@@ -322,12 +320,8 @@ class OpenVinoBackend(Backend):
         return tuple(p for p in self.precisions if _CAPABILITY[p] in caps)
 
     # -- compile ---------------------------------------------------------------------------------
-    def compile(self, model: Any, options: CompileOptions) -> Artifact:
+    def _compile(self, model: Any, options: CompileOptions) -> Artifact:
         ov = self.require()
-        if options.precision not in self.precisions:
-            raise CompileError(
-                f"{self.name} has no precision '{options.precision}'; choose one of {list(self.precisions)}"
-            )
         core = self._core()
         try:
             if onnx_io.is_large(model):  # over 2 GB: OpenVINO reads the graph and its external weights from files
@@ -387,7 +381,7 @@ class OpenVinoBackend(Backend):
         raise CompileError(f"{self.name} could not build the model on CPU: {_last_line(msg)}") from exc
 
     # -- load ------------------------------------------------------------------------------------
-    def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
+    def _load(self, artifact: Artifact, options: LoadOptions) -> Engine:
         ov = self.require()
         core = self._core()
         try:

@@ -20,6 +20,7 @@ import numpy as np
 from rich.table import Table
 
 from ..errors import ZIP_ERRORS, BackendError, InputError, LuodiError, MissingInputError, UnknownTensorError
+from ..package.schema import FOLDED_NORMALIZATION
 from .main import _print_verification, cli, err, out
 from .safe import text as shown
 
@@ -85,8 +86,8 @@ def info(package: str, device: str, as_json: bool) -> None:
             out.print(f"models: main, {shown(', '.join(pkg.model_names))} (each compiled for every target)")
     elif pipe:
         out.print(f"pipeline ({shown(pipe.get('task', '?'))}): {shown(_classic_steps(pipe))}")
-    if pipe and pipe.get("folded_into_model"):
-        folded = pipe["folded_into_model"]
+    if pipe and pipe.get(FOLDED_NORMALIZATION):
+        folded = pipe[FOLDED_NORMALIZATION]
         out.print(
             f"input '{shown(folded['input'])}' takes pixel values: "
             f"normalize(mean={shown(folded['mean'])}, std={shown(folded['std'])}) "
