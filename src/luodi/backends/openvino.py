@@ -49,7 +49,6 @@ Reshape (``Session.prepare(shapes)``)
 
 from __future__ import annotations
 
-import re
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -69,6 +68,7 @@ from ..errors import (
 )
 from ..tensor import TensorSpec
 from ._int8 import QDQ_U8S8
+from ._openvino_errors import last_line, raise_read_error
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, Option
 
 # luodi precision -> OpenVINO INFERENCE_PRECISION_HINT, and the OPTIMIZATION_CAPABILITIES entry it needs.
@@ -76,80 +76,6 @@ from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadO
 _HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 _CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16", "int8": "INT8"}
 _LUODI_DEVICE = {"CPU": "cpu", "GPU": "gpu", "NPU": "npu"}
-
-# OpenVINO's ONNX frontend report: "-- No conversion rule found for operations: Det-17, ai.onnx.ml.X"
-# and "-- Conversion is failed for: RandomUniformLike-21".
-_UNCONVERTED = re.compile(r"(?:No conversion rule found for operations|Conversion is failed for):\s*(.+)")
-_OP_TOKEN = re.compile(r"^(?:(?P<domain>[A-Za-z_][\w.]*)\.)?(?P<op>[A-Za-z_]\w*)(?:-(?P<version>\d+))?$")
-
-
-def _last_line(msg: str) -> str:
-    lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
-    return (lines[-1] if lines else msg)[:500]
-
-
-def _nodes_of(model: Any, op: str, domain: str) -> list[str]:
-    """Names of the nodes (subgraphs included) running ``domain``.``op``; unnamed ones by output."""
-    found: list[str] = []
-
-    def walk(graph: Any) -> None:
-        for node in graph.node:
-            if node.op_type == op and (node.domain if node.domain != "ai.onnx" else "") == domain:
-                found.append(node.name or f"<unnamed, output {node.output[0] if node.output else '?'}>")
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    walk(attr.g)
-                for g in attr.graphs:
-                    walk(g)
-
-    walk(model.graph)
-    return found
-
-
-def _conversion_reason(msg: str, token: str) -> str:
-    """The last line of the frontend's detailed log for ``token`` ("-- Conv-17 with a message:\n...\n"):
-    the reason the conversion failed (e.g. a channel count that does not match), or ""."""
-    m = re.search(rf"^-- {re.escape(token)} with a message:\s*\n(.*?)(?=^-- |^Summary:|\Z)", msg, re.S | re.M)
-    if not m:
-        return ""
-    lines = [ln.strip() for ln in m[1].splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else ""
-
-
-def _unsupported_from_message(msg: str, model: Any) -> str | None:
-    """A sentence naming every operator OpenVINO's report lists, with its nodes, or None."""
-    parts = []
-    for line in _UNCONVERTED.findall(msg):
-        for token in (t.strip() for t in line.split(",")):
-            m = _OP_TOKEN.match(token)
-            if not m:
-                continue
-            op, domain, version = m["op"], m["domain"] or "", m["version"]
-            nodes = _nodes_of(model, op, domain)
-            qual = f"{domain}.{op}" if domain else op
-            opset = f" (opset {version})" if version else ""
-            where = (
-                "at node "
-                + ", ".join(f"'{n}'" for n in nodes[:5])
-                + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
-                if nodes
-                else "(inside a function or expanded operator of the model)"
-            )
-            why = _conversion_reason(msg, token)
-            parts.append(f"operator {qual}{opset} {where}" + (f" ({why})" if why else ""))
-    if not parts:
-        return None
-    return "; ".join(dict.fromkeys(parts))
-
-
-def _raise_read_error(exc: Exception, model: Any, backend: str) -> None:
-    msg = str(exc)
-    what = _unsupported_from_message(msg, model)
-    if what:
-        raise UnsupportedOpError(
-            f"{backend} cannot run {what}; try another target or replace the operator before export"
-        ) from exc
-    raise CompileError(f"{backend} could not read the model: {_last_line(msg)}") from exc
 
 
 class _Plan:
@@ -206,7 +132,7 @@ class OpenVinoEngine(Engine):
                 plan = self._dynamic
             values = plan.request().infer(feeds, share_inputs=True).to_tuple()
         except (RuntimeError, TypeError, KeyError, ValueError) as exc:
-            raise BackendError(f"openvino failed to run the model: {_last_line(str(exc))}") from exc
+            raise BackendError(f"openvino failed to run the model: {last_line(str(exc))}") from exc
         return {name: values[i] for name, i in self._out}
 
     def reshape(self, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -221,7 +147,7 @@ class OpenVinoEngine(Engine):
             model.reshape({n: list(s) for n, s in key})
             compiled = self._core.compile_model(model, self.device, self.config)
         except RuntimeError as exc:
-            raise ShapeError(f"openvino cannot fix the input shapes to {dict(key)}: {_last_line(str(exc))}") from exc
+            raise ShapeError(f"openvino cannot fix the input shapes to {dict(key)}: {last_line(str(exc))}") from exc
         self._static = _Plan(compiled, key)
 
     def close(self) -> None:
@@ -292,7 +218,7 @@ class OpenVinoBackend(Backend):
             self._core_obj = core
             present = list(core.available_devices)
         except RuntimeError as exc:
-            return Availability(False, reason=f"openvino could not start: {_last_line(str(exc))}", install="")
+            return Availability(False, reason=f"openvino could not start: {last_line(str(exc))}", install="")
         names = tuple(dict.fromkeys(_LUODI_DEVICE.get(d.split(".")[0], d.lower()) for d in present))
         by_device = self.device_precisions()
         runnable = {p for ps in by_device.values() for p in ps}
@@ -330,7 +256,7 @@ class OpenVinoBackend(Backend):
             else:
                 ov_model = core.read_model(options.model_bytes or model.SerializeToString())
         except Exception as exc:  # OpenVINO raises RuntimeError/its own types; translate them
-            _raise_read_error(exc, model, self.name)
+            raise_read_error(exc, model, self.name)
 
         onnx_inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
         onnx_outputs = [o.name for o in model.graph.output]
@@ -378,7 +304,7 @@ class OpenVinoBackend(Backend):
                     f"{self.name} (CPU plugin) cannot run operator {names}; "
                     "try another target or replace the operator before export"
                 ) from exc
-        raise CompileError(f"{self.name} could not build the model on CPU: {_last_line(msg)}") from exc
+        raise CompileError(f"{self.name} could not build the model on CPU: {last_line(msg)}") from exc
 
     # -- load ------------------------------------------------------------------------------------
     def _load(self, artifact: Artifact, options: LoadOptions) -> Engine:
@@ -417,7 +343,7 @@ class OpenVinoBackend(Backend):
             compiled = core.compile_model(model, device, config)
         except Exception as exc:  # OpenVINO's own exception types; translate them
             raise CompileError(
-                f"{self.name} could not load {artifact.target} on {device}: {_last_line(str(exc))}"
+                f"{self.name} could not load {artifact.target} on {device}: {last_line(str(exc))}"
             ) from exc
         got = _read_hint(compiled)
         if got is not None and got != _HINT[precision]:
