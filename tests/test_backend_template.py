@@ -69,9 +69,8 @@ def test_engine_run_names_a_missing_and_an_unknown_input(ort_artifact: Artifact)
 
 def test_an_engines_own_exception_is_a_backend_error_naming_the_backend_and_shapes() -> None:
     # the reference evaluator's numpy error at a shape the graph cannot take (channels 4, weights for 3)
-    with open_engine("reference", small_cnn()) as engine:
-        with pytest.raises(BackendError, match=r"\[1, 4, 16, 16\]"):
-            engine.run({"x": np.ones((1, 4, 16, 16), np.float32)})
+    with open_engine("reference", small_cnn()) as engine, pytest.raises(BackendError, match=r"\[1, 4, 16, 16\]"):
+        engine.run({"x": np.ones((1, 4, 16, 16), np.float32)})
 
 
 # -- the template for new backends and old ones ----------------------------------------------------------------
