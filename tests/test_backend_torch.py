@@ -20,8 +20,11 @@ def torch_package(tmp_path_factory, effnet_source):
 
 
 def test_fp32_matches_the_reference(torch_package):
-    ver = torch_package.find_target("torch", "fp32")["verification"]
+    target = torch_package.find_target("torch", "fp32")
+    ver = target["verification"]
     assert ver["passed"] and ver["outputs"]["logits"]["max_abs"] <= 2e-4
+    # the normalisation folded into the graph's first Conv reached the torch backend through CompileOptions
+    assert target["options"]["input_normalization"]["input"] == "images"
     with luodi.Session(torch_package.path, backend="torch") as s:
         assert s.backend == "torch"
         for batch in (1, 3):

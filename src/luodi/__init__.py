@@ -6,8 +6,7 @@ and accuracy verified against a float reference. Engines are imported only when 
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .telemetry import quiet_onnxruntime  # noqa: E402
 
 quiet_onnxruntime()  # before anything imports onnxruntime: it records usage from its import on

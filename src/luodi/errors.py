@@ -73,6 +73,10 @@ class BackendError(LuodiError):
     """Something about an inference engine: not known, not installed, or it failed."""
 
 
+class OptionError(BackendError, ValueError):
+    """An engine option (``Session(options=...)``, compile options) the backend does not take, or of the wrong type."""
+
+
 class BackendNotFoundError(BackendError):
     """No backend of that name is registered."""
 

@@ -21,6 +21,7 @@ import numpy as np
 from .backends import Artifact, LoadOptions, get_backend
 from .errors import BackendError, BackendUnavailableError, FailedTargetError, InputError, LuodiError, PackageError
 from .package import Package
+from .paths import cache_dir
 from .tensor import TensorSpec
 from .verify import TOLERANCES, OutputComparison, sample_inputs
 
@@ -107,10 +108,6 @@ def host_key() -> str:
         pass
     raw = f"{platform.system()}|{platform.machine()}|{cpu}|{os.cpu_count()}"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LUODI_CACHE_DIR") or Path.home() / ".cache" / "luodi")
 
 
 def within_budget(target: dict[str, Any], budget: str) -> bool:

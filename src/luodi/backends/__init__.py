@@ -8,7 +8,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import types
+from collections.abc import Iterable
 from typing import Any
+
+import numpy as np
 
 from ..errors import BackendError, BackendNotFoundError, LuodiError, PackageError
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
@@ -23,10 +26,14 @@ __all__ = [
     "get_backend",
     "load_engine",
     "backend_names",
+    "open_engine",
+    "run_once",
 ]
 
 ENTRY_POINT_GROUP = "luodi.backends"
-_NOT_BACKENDS = {"base"}
+# Modules here that are no backend: the contract and the helpers several backends share (a module whose name starts
+# with "_" is never one either: converters such as _pnnx, shared data such as _int8).
+_NOT_BACKENDS = {"base", "onnx_compat", "probe", "shapes"}
 _cache: dict[str, Backend] = {}
 
 
@@ -110,3 +117,30 @@ def load_engine(artifact: Artifact, options: LoadOptions) -> Engine:
             f"{artifact.backend} could not load the package's {artifact.target} engine file, which is malformed "
             f"({type(exc).__name__}: {detail}); recompile the package or choose another target"
         ) from exc
+
+
+def open_engine(
+    backend: str | Backend,
+    source: Any,
+    compile_options: CompileOptions | None = None,
+    load_options: LoadOptions | None = None,
+) -> Engine:
+    """``source`` loaded on ``backend``: an Artifact as it is, a model (onnx.ModelProto) compiled in memory first.
+
+    The engine is a context manager: ``with open_engine("onnxruntime", model) as engine:`` closes it on the way out.
+    """
+    b = get_backend(backend) if isinstance(backend, str) else backend
+    artifact = source if isinstance(source, Artifact) else b.compile(source, compile_options or CompileOptions())
+    return b.load(artifact, load_options or LoadOptions())
+
+
+def run_once(
+    backend: str | Backend,
+    source: Any,
+    feeds: Iterable[dict[str, np.ndarray]],
+    compile_options: CompileOptions | None = None,
+    load_options: LoadOptions | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Load ``source`` (see :func:`open_engine`), run every feed dict of ``feeds`` in order, close: the outputs."""
+    with open_engine(backend, source, compile_options, load_options) as engine:
+        return [engine.run(f) for f in feeds]

@@ -1,19 +1,33 @@
 """The contract between luodi and an inference engine: Backend (available/compile/load) and Engine.
 
-A backend module imports its engine library lazily, inside these methods; nothing here imports one.
+A template in the style of Polygraphy's ``BaseRunner.infer()`` -> ``infer_impl()``: the public verbs here do the
+checks every engine needs once (the engine is installed, the precision is one it has, the engine options are known
+and of the right type, every input is fed, every output comes back, no call after close) and call the backend's
+``_compile`` / ``_load`` / ``_run``. A backend module imports its engine library lazily, inside those methods;
+nothing here imports one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, ModelError, StateError, UnknownTensorError
+from ..errors import (
+    BackendError,
+    BackendUnavailableError,
+    CompileError,
+    LuodiError,
+    MissingInputError,
+    ModelError,
+    OptionError,
+    StateError,
+    UnknownTensorError,
+)
 from ..telemetry import import_engine
 from ..tensor import TensorSpec
 
@@ -63,12 +77,22 @@ Shapes = dict[str, tuple[int, ...]]
 
 
 @dataclass(frozen=True)
+class Option:
+    """One engine option a backend takes (in ``CompileOptions.extra`` or ``LoadOptions.extra``): its type(s) and
+    what it does. The base class refuses a key a backend does not declare, and a value of another type."""
+
+    types: type | tuple[type, ...]
+    help: str
+
+
+@dataclass(frozen=True)
 class CompileOptions:
     precision: str = "fp32"
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
+    """Engine-specific options, checked against the backend's ``compile_options`` (an unknown key is an OptionError)."""
     source: Any = None
-    """The frontend's SourceModel, for backends that compile from more than the ONNX graph (torch)."""
+    """The frontend's SourceModel, for backends that compile from more than the ONNX graph (torch's program)."""
     inputs: tuple[TensorSpec, ...] = ()
     """The model's inputs, computed once by the compiler (empty: the backend reads them from the graph)."""
     outputs: tuple[TensorSpec, ...] = ()
@@ -79,6 +103,18 @@ class CompileOptions:
     model_bytes: bytes | None = None
     """The graph given to compile(), serialised once by the compiler for every consumer (None: serialise it yourself;
     it is None for a graph the compiler changed for this target, e.g. int8's, and for one over 2 GB)."""
+    input_normalization: Mapping[str, Any] | None = None
+    """The pipeline's normalisation the compiler folded into the graph's first Conv (``{"input", "mean", "std"}``),
+    set by the compiler from the pipeline's record (package.schema.FOLDED_NORMALIZATION); None when nothing was
+    folded. A backend that runs something other than the graph (torch's exported program) applies it itself."""
+
+    def io(self, model: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """The model's input and output specs: the compiler's, computed once, else read from ``model``'s graph."""
+        if self.inputs and self.outputs:
+            return list(self.inputs), list(self.outputs)
+        from ..tensor import specs_from_onnx
+
+        return specs_from_onnx(model)
 
 
 @dataclass(frozen=True)
@@ -86,27 +122,93 @@ class LoadOptions:
     device: str = "cpu"
     threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    """Engine-specific options (``Session(options=...)``), checked against the backend's ``load_options``."""
+
+
+def check_options(backend: str, verb: str, given: Mapping[str, Any], known: Mapping[str, Option]) -> None:
+    """OptionError for a key ``backend`` does not take at ``verb`` (compile/load) or a value of another type."""
+    for key, value in given.items():
+        option = known.get(key)
+        if option is None:
+            takes = ", ".join(f"{k} ({_type_names(o.types)})" for k, o in sorted(known.items())) or "none"
+            raise OptionError(f"backend '{backend}' has no {verb} option '{key}'; the {verb} options it takes: {takes}")
+        types = option.types if isinstance(option.types, tuple) else (option.types,)
+        # bool is an int in Python: an int option must not silently take True
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise OptionError(
+                f"backend '{backend}' {verb} option '{key}' must be {_type_names(option.types)}, "
+                f"got {type(value).__name__} {value!r:.80}; it is {option.help}"
+            )
+
+
+def _type_names(types: type | tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
 
 
 class Engine:
-    """A loaded model on one engine. Subclasses implement ``run``; the six verbs come with it.
+    """A loaded model on one engine. Subclasses implement ``_run``; ``run`` and the six verbs come with it.
 
-    ``run`` must be safe to call from several threads at once unless ``thread_safe`` is False,
-    in which case the Session serialises calls with a lock.
+    ``run`` checks what every engine needs (open, every input fed by name, every output back) and turns an engine's
+    own exception into a BackendError naming the backend and the input shapes; dtypes and shapes are the Session's
+    to check, once, at the boundary. ``_run`` must be safe to call from several threads at once unless
+    ``thread_safe`` is False, in which case the Session serialises calls with a lock. An Engine is a context
+    manager: ``with backend.load(artifact, options) as engine:`` closes it on the way out.
     """
 
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     thread_safe: ClassVar[bool] = True
+    backend: str = "engine"
+    """The name of the backend that loaded it (set by Backend.load), for messages."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The override point before the template was ``run``: a subclass that still defines ``run`` (a plugin
+        # written then) and no ``_run`` gets its ``run`` as ``_run`` under the checking ``run``.
+        if "run" in cls.__dict__ and _defines_below(cls, "_run", Engine) is None:
+            cls._run = cls.__dict__["run"]  # type: ignore[method-assign]
+            cls.run = Engine.run  # type: ignore[method-assign]
 
     def __init__(self, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
         self.inputs = inputs
         self.outputs = outputs
         self._bound: dict[str, np.ndarray] = {}
         self._results: dict[str, np.ndarray] = {}
+        self._input_names = frozenset(s.name for s in inputs)
+        self._output_count = len(outputs)
+        self._closed = False
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """Every output by name for ``feeds`` (every input by name, already of its dtype and shape)."""
+        if self._closed:
+            raise StateError(f"this {self.backend} engine is closed")
+        if feeds.keys() != self._input_names:
+            self._refuse_names(feeds)
+        try:
+            outputs = self._run(feeds)
+        except LuodiError:
+            raise
+        except Exception as exc:  # an engine's own exception on inputs that passed the checks (e.g. an empty batch)
+            shapes = {n: list(np.shape(a)) for n, a in feeds.items()}
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:500]
+            raise BackendError(f"{self.backend} failed to run the model on inputs {shapes}: {detail}") from exc
+        if len(outputs) != self._output_count:
+            missing = [o.name for o in self.outputs if o.name not in outputs]
+            raise BackendError(
+                f"{self.backend} returned {len(outputs)} output(s) for a model with {self._output_count}"
+                + (f": no {missing}" if missing else "")
+            )
+        return outputs
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError(f"{type(self).__qualname__} must implement _run(feeds)")
+
+    def _refuse_names(self, feeds: dict[str, np.ndarray]) -> None:
+        unknown = sorted(set(feeds) - self._input_names)
+        if unknown:
+            raise UnknownTensorError(f"the model has no input(s) {unknown}; its inputs: {sorted(self._input_names)}")
+        missing = sorted(self._input_names - set(feeds))
+        raise MissingInputError(f"run() is missing input(s) {missing}")
 
     def reshape(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """Prepare for these input shapes. Engines with dynamic shapes need do nothing."""
@@ -127,8 +229,26 @@ class Engine:
         raise UnknownTensorError(f"no tensor named '{name}'")
 
     def close(self) -> None:
+        """Release the engine; ``run`` then raises StateError. Subclasses free their engine and call this."""
+        self._closed = True
         self._bound.clear()
         self._results.clear()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _defines_below(cls: type, name: str, base: type) -> type | None:
+    """The first class in ``cls``'s MRO, before ``base``, whose body defines ``name``; None when none does."""
+    for klass in cls.__mro__:
+        if klass is base:
+            return None
+        if name in klass.__dict__:
+            return klass
+    return None
 
 
 class Backend:
@@ -152,6 +272,12 @@ class Backend:
     crash_prone: ClassVar[bool] = False
     """Whether the engine's loader or kernels can kill the process on a malformed file (a segfault, not an
     error): probe() then loads and runs an artifact in a child process before it is loaded in this one."""
+    precision_note: ClassVar[str] = ""
+    """Said after the precisions when compile() is asked for another one (e.g. why bf16 is not offered)."""
+    compile_options: ClassVar[Mapping[str, Option]] = {}
+    """The keys the backend takes in ``CompileOptions.extra``; any other key is an OptionError."""
+    load_options: ClassVar[Mapping[str, Option]] = {}
+    """The keys the backend takes in ``LoadOptions.extra`` (``Session(options=...)``); any other is an OptionError."""
 
     def available(self) -> Availability:
         if self.module is None:
@@ -183,11 +309,46 @@ class Backend:
             raise BackendUnavailableError(f"backend '{self.name}' cannot run here: {avail.reason}{hint}")
         return import_engine(self.module) if self.module else None
 
-    def compile(self, model: Any, options: CompileOptions) -> Artifact:
-        raise NotImplementedError
+    def compile(self, model: Any, options: CompileOptions | None = None) -> Artifact:
+        """Host side, offline: the engine files for ``model`` (an onnx.ModelProto) at ``options.precision``.
 
-    def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
-        raise NotImplementedError
+        Checks once what every backend needs (the engine is installed, the precision is one it has, the engine
+        options are known and typed), then calls ``_compile``.
+        """
+        options = options or CompileOptions()
+        self.require()
+        if options.precision not in self.precisions:
+            note = f" ({self.precision_note})" if self.precision_note else ""
+            raise CompileError(
+                f"{self.name} has no precision '{options.precision}'; choose one of {list(self.precisions)}{note}"
+            )
+        check_options(self.name, "compile", options.extra, self.compile_options)
+        return self._compile(model, options)
+
+    def load(self, artifact: Artifact, options: LoadOptions | None = None) -> Engine:
+        """Device side: ``artifact`` loaded as an Engine. Checks the engine is installed and the engine options,
+        then calls ``_load``; the engine comes back named after this backend (for its messages)."""
+        options = options or LoadOptions()
+        self.require()
+        check_options(self.name, "load", options.extra, self.load_options)
+        engine = self._load(artifact, options)
+        engine.backend = self.name
+        return engine
+
+    def _compile(self, model: Any, options: CompileOptions) -> Artifact:
+        raise NotImplementedError(f"{type(self).__qualname__} must implement _compile(model, options)")
+
+    def _load(self, artifact: Artifact, options: LoadOptions) -> Engine:
+        raise NotImplementedError(f"{type(self).__qualname__} must implement _load(artifact, options)")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Before the template a backend overrode ``compile``/``load`` (plugins written then still do): such a
+        # method becomes the ``_compile``/``_load`` the checking verb calls, unless the class has one already.
+        for verb in ("compile", "load"):
+            if verb in cls.__dict__ and _defines_below(cls, f"_{verb}", Backend) is None:
+                setattr(cls, f"_{verb}", cls.__dict__[verb])
+                setattr(cls, verb, getattr(Backend, verb))
 
     def validate(self, artifact: Artifact) -> None:
         """Cheap checks of the engine files without the engine reading them (a ModelError); load() runs them too."""

@@ -1,16 +1,9 @@
 """MNN (Alibaba's mobile inference engine): ONNX -> .mnn at compile time, the Module API at run time.
 
-Compile converts the canonical graph with MNN's converter (the ``_tools`` C extension, called
-directly: the ``mnnconvert`` command and ``MNN.tools`` send usage telemetry and pip-install a
-logging SDK at import time, so this module never imports them), then loads the result and runs it
-once on ones and, if that fails, on zeros (zeros are no valid integer divisor or Resize scale). An
-operator MNN cannot handle is an ``UnsupportedOpError`` at compile time, naming the op and node when
-the converter names it ("These Op Not Support: ONNX::Hardmax"). Conversion and that first run
-happen in a child process: MNN 3.6.1 dies of SIGSEGV/SIGFPE/SIGABRT on many graphs it cannot
-handle (about 50 of the first 1300 ONNX node test cases, converter and kernels alike; OneHot
-allocated until the OOM killer came), and a crash must not take the caller down. The child costs
-about 0.2-0.4 s per compile and runs with its address space capped at half the machine's memory.
-Pooling nodes without ``strides`` get the ONNX default written out first (MNN reads it as 0, SIGFPE).
+Compile converts the canonical graph with MNN's converter and runs the result once, both in a child
+process (luodi.backends._mnn_convert: MNN crashes on many graphs it cannot handle, and a crash must not
+take the caller down); an operator MNN cannot handle is an ``UnsupportedOpError`` at compile time, naming
+the op and node when the converter names it. The child costs about 0.2-0.4 s per compile.
 
 Precisions, as measured with the MNN 3.6.1 x86-64 wheel on an AVX-512 (incl. AVX512_BF16) CPU:
 
@@ -52,31 +45,24 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .. import onnx_io
-from ..errors import BackendError, BackendUnavailableError, CompileError, InputError, ModelError, UnsupportedOpError
-from ..tensor import TensorSpec, specs_from_onnx
+from ..errors import BackendError, BackendUnavailableError, CompileError, InputError, ModelError
+from ..tensor import TensorSpec
+from . import _mnn_convert
+from ._mnn_convert import MODEL_FILE
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, memory_file
 from .shapes import primary_shapes
 
-MODEL_FILE = "model.mnn"
 # precision -> (converter stores fp16 weights, runtime precision mode)
 _PRECISIONS: dict[str, tuple[bool, str]] = {"fp32": (False, "high"), "fp16": (True, "low")}
-_NOT_SUPPORTED = re.compile(r"These Op Not Support:\s*(.*)")
-_POOLS = {"MaxPool", "AveragePool", "LpPool"}
 _EXECUTOR_LOCK = threading.Lock()  # pymnn's modules all share MNN's global Executor
 
 
@@ -208,7 +194,7 @@ class MnnEngine(Engine):
         self._widen = {s.name: s.np_dtype for s in outputs if s.np_dtype in _NARROWED}
         self._out_names = [s.name for s in outputs]
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         const, nchw = self._const, self._nchw
         if self._narrow:
             feeds = {**feeds, **{name: _narrowed(name, feeds[name]) for name in self._narrow}}
@@ -266,6 +252,7 @@ class MnnBackend(Backend):
     module = "MNN"
     extra = "mnn"
     crash_prone = True  # MNN trusts its flatbuffer: one changed byte in model.mnn can segfault the loader
+    precision_note = "bf16 is not offered: MNN's x86 CPU backend runs Low_BF16 in fp32"
 
     def available(self) -> Availability:
         try:
@@ -282,22 +269,11 @@ class MnnBackend(Backend):
         version = MNN.version() if hasattr(MNN, "version") else ""
         return Availability(True, devices=self.devices, precisions=self.precisions, version=str(version))
 
-    def compile(self, model: Any, options: CompileOptions) -> Artifact:
-        self.require()
-        if options.precision not in _PRECISIONS:
-            raise CompileError(
-                f"{self.name} has no precision '{options.precision}'; choose one of {list(self.precisions)} "
-                "(bf16 is not offered: MNN's x86 CPU backend runs Low_BF16 in fp32)"
-            )
+    def _compile(self, model: Any, options: CompileOptions) -> Artifact:
         if options.device != "cpu":
             raise BackendUnavailableError(f"{self.name} runs on device 'cpu' only here, not '{options.device}'")
         fp16_weights, mode = _PRECISIONS[options.precision]
-        # the compiler's specs, computed once; the graph's own when a caller gives none
-        inputs, outputs = (
-            (list(options.inputs), list(options.outputs))
-            if options.inputs and options.outputs
-            else specs_from_onnx(model)
-        )
+        inputs, outputs = options.io(model)
         trial = primary_shapes(inputs, options)  # the representative shapes; free dims at 1 without them
         opts = {
             "precision_mode": mode,
@@ -306,11 +282,7 @@ class MnnBackend(Backend):
             "outputs": [s.to_dict() for s in outputs],
             "trial_shapes": {name: list(shape) for name, shape in trial.items()},
         }
-        job = {**opts, "representative": bool(options.shapes)}
-        with tempfile.TemporaryDirectory(prefix="luodi-mnn-") as tmp:
-            onnx_io.save(_legalised(model), Path(tmp, "model.onnx"))  # + model.onnx.data over 2 GB
-            Path(tmp, "job.json").write_text(json.dumps(job))
-            data = _convert_and_probe_in_child(tmp, model)
+        data = _mnn_convert.convert(model, {**opts, "representative": bool(options.shapes)})
         return Artifact(self.name, options.precision, {MODEL_FILE: data}, opts)
 
     def validate(self, artifact: Artifact) -> None:
@@ -319,8 +291,7 @@ class MnnBackend(Backend):
             raise ModelError(f"{artifact.target} artifact has no {MODEL_FILE}")
         _check_flatbuffer(data, artifact.target)
 
-    def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
-        self.require()
+    def _load(self, artifact: Artifact, options: LoadOptions) -> Engine:
         if options.device != "cpu":
             raise BackendUnavailableError(f"{self.name} has no device '{options.device}' here; choose 'cpu'")
         data = artifact.files.get(MODEL_FILE)
@@ -361,126 +332,6 @@ class MnnBackend(Backend):
         return MnnEngine(module, runtime, inputs, outputs)
 
 
-_CHILD_TIMEOUT_S = 300
-_STAGES = {
-    "convert": "converting the ONNX graph",
-    "load": "loading the converted model",
-    "run": "running the converted model once on zeros/ones",
-}
-
-
-def _convert_and_probe_in_child(workdir: str, model: Any) -> bytes:
-    """Convert ``workdir/model.onnx`` and run it once, in a child process; the .mnn bytes.
-
-    MNN dies of SIGSEGV/SIGFPE/SIGABRT (or allocates until the OOM killer comes) on a fair number of
-    graphs it cannot handle, in the converter and in its kernels alike; in a child process that is
-    an UnsupportedOpError for the caller instead of the end of the caller's process.
-    """
-    import luodi
-
-    env = dict(os.environ)
-    src_root = str(Path(luodi.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH")) if p)
-    code = "from luodi.backends.mnn import _child_main; _child_main()"
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", code, workdir],
-            capture_output=True,
-            env=env,
-            cwd=workdir,  # the converter drops scratch files (.__convert_external_data.bin) in the cwd
-            timeout=_CHILD_TIMEOUT_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise CompileError(f"mnn did not finish converting the model within {_CHILD_TIMEOUT_S} s") from None
-    text = (proc.stdout + proc.stderr).decode("utf-8", "replace")
-    _raise_unsupported(text, model)
-    stage_file = Path(workdir, "stage")
-    stage = stage_file.read_text() if stage_file.exists() else "convert"
-    doing = _STAGES.get(stage, stage)
-    ops = sorted({n.op_type for n in model.graph.node})
-    if proc.returncode < 0:
-        try:
-            sig = signal.Signals(-proc.returncode).name
-        except ValueError:
-            sig = f"signal {-proc.returncode}"
-        hint = " (probably out of memory)" if sig == "SIGKILL" or "bad_alloc" in text else ""
-        raise UnsupportedOpError(
-            f"mnn crashed with {sig}{hint} while {doing}; the model's operators are {ops}; "
-            "MNN cannot handle one of them here: try another target"
-        )
-    result_file = Path(workdir, "result.json")
-    result = json.loads(result_file.read_text()) if result_file.exists() else {}
-    if result.get("status") == "run-failed":
-        shapes = json.loads(Path(workdir, "job.json").read_text()).get("trial_shapes", {})
-        free = any(not isinstance(d, int) for s in specs_from_onnx(model)[0] for d in s.shape[1:])  # beyond batch
-        hint = (
-            "; the model has free dimensions: give shapes it really runs at (--input-shape NAME=1x3x224x224)"
-            if free and not result.get("representative")
-            else "; try another target"
-        )
-        raise UnsupportedOpError(
-            f"mnn converted the model but cannot run it at input shapes {shapes} (on ones nor zeros): "
-            f"{result.get('error')}; the model's operators are {ops}{hint}"
-        )
-    if proc.returncode != 0 or result.get("status") != "ok":
-        tail = " | ".join(line.strip() for line in text.strip().splitlines()[-3:])
-        detail = result.get("error") or tail or f"exit status {proc.returncode}"
-        raise CompileError(f"mnn failed while {doing}: {detail}")
-    return Path(workdir, MODEL_FILE).read_bytes()
-
-
-def _child_main() -> None:
-    """The child side of _convert_and_probe_in_child: argv[1] is the work folder."""
-    work = Path(sys.argv[1])
-    from .probe import limit_memory  # some graphs make MNN allocate without bound: a cap ends the child at once
-
-    limit_memory()
-    stage, result = work / "stage", work / "result.json"
-    opts = json.loads((work / "job.json").read_text())
-    src, dst = str(work / "model.onnx"), str(work / MODEL_FILE)
-    stage.write_text("convert")
-    argv = ["mnnconvert", "-f", "ONNX", "--modelFile", src, "--MNNModel", dst, "--bizCode", "luodi"]
-    if opts["fp16_weights"]:
-        argv.append("--fp16")
-    import _tools  # MNN's converter extension; never MNN.tools (telemetry)
-
-    try:
-        _tools.mnnconvert(argv)
-    except Exception as exc:  # the extension raises bare exceptions
-        result.write_text(json.dumps({"status": "convert-failed", "error": str(exc)}))
-        return
-    sys.stdout.flush()
-    if not os.path.exists(dst):
-        result.write_text(json.dumps({"status": "convert-failed", "error": "the converter wrote no model"}))
-        return
-    stage.write_text("load")
-    backend = MnnBackend()
-    artifact = Artifact(backend.name, "probe", {MODEL_FILE: Path(dst).read_bytes()}, opts)
-    engine = backend.load(artifact, LoadOptions(threads=1))
-    stage.write_text("run")
-    error = None
-    shapes = {name: tuple(shape) for name, shape in opts["trial_shapes"].items()}
-    for fill in (1, 0):  # ones first: zeros are no valid integer divisor or "scales"; then zeros
-        feeds = {s.name: np.full(shapes[s.name], fill, dtype=s.np_dtype) for s in engine.inputs}
-        with _captured_output() as log:
-            try:
-                engine.run(feeds)
-            except BackendError as exc:
-                error = str(exc)
-            else:
-                error = None
-        if error is None:
-            break
-        said = _engine_said(log[0] if log else "")
-        if said and "MNN said" not in error:
-            error = f"{error}; MNN said: {said}"
-    engine.close()
-    status = {"status": "ok"} if error is None else {"status": "run-failed", "error": error}
-    status["representative"] = bool(opts.get("representative"))
-    result.write_text(json.dumps(status))
-
-
 _NOISE = re.compile(r"The device supports:|^\s*$")
 
 
@@ -488,39 +339,3 @@ def _engine_said(log: str, lines: int = 2) -> str:
     """The last lines MNN printed (its errors go to stdout with printf), without the CPU feature banner."""
     kept = [ln.strip() for ln in log.splitlines() if not _NOISE.search(ln)]
     return " | ".join(kept[-lines:])[:400]
-
-
-def _legalised(model: Any) -> Any:
-    """``model`` with the attribute defaults MNN's converter gets wrong written out explicitly.
-
-    MNN 3.6.1 converts a MaxPool/AveragePool/LpPool without ``strides`` to stride 0 (ONNX's default
-    is 1), and the CPU kernel then dies of SIGFPE, a division by zero that takes the process down.
-    """
-    from onnx import helper
-
-    missing = [n for n in model.graph.node if n.op_type in _POOLS and not any(a.name == "strides" for a in n.attribute)]
-    if not missing:
-        return model
-    fixed = type(model)()
-    fixed.CopyFrom(model)
-    for node in fixed.graph.node:
-        if node.op_type in _POOLS and not any(a.name == "strides" for a in node.attribute):
-            kernel = next((list(a.ints) for a in node.attribute if a.name == "kernel_shape"), [])
-            node.attribute.append(helper.make_attribute("strides", [1] * len(kernel)))
-    return fixed
-
-
-def _raise_unsupported(text: str, model: Any) -> None:
-    """Turn the converter's "These Op Not Support: ONNX::Hardmax ..." line into UnsupportedOpError."""
-    m = _NOT_SUPPORTED.search(text)
-    if not m:
-        return
-    ops = [tok.split("::")[-1] for tok in m.group(1).split() if tok.strip(",")]
-    ops = [o.strip(",") for o in ops]
-    where = []
-    for op in ops:
-        nodes = [n.name or f"#{i}" for i, n in enumerate(model.graph.node) if n.op_type == op]
-        where.append(f"{op} at node(s) {', '.join(repr(n) for n in nodes[:5])}" if nodes else op)
-    raise UnsupportedOpError(
-        f"mnn cannot run operator(s) {'; '.join(where)}; try another target or replace the operator before export"
-    )

@@ -10,7 +10,7 @@ import ctypes.util
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,7 +18,8 @@ import numpy as np
 
 from .. import onnx_io
 from ..errors import BackendUnavailableError, CompileError, MissingExtraError, ModelError, UnsupportedOpError
-from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
+from ._int8 import QDQ_U8S8
+from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, Option
 
 _NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'")
 _NO_OP = re.compile(r"(?:([\w.]+):)?(\w+)\((-?\d+)\) is not a registered function/op")
@@ -143,7 +144,7 @@ class OnnxRuntimeEngine(Engine):
         self._stream = stream
         self.providers = session.get_providers()
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._out_names, self._sess.run(self._out_names, feeds)))
 
     def close(self) -> None:
@@ -186,17 +187,10 @@ class OnnxRuntimeBackend(Backend):
     precisions = ("fp32", "int8")
     module = "onnxruntime"
     extra = None  # part of the default install
-    # ORT fuses each QDQ node unit into an int8 kernel (QLinearConv, MatMulInteger...). uint8 activations: its x86
-    # kernels are u8 x s8 (an s8 x s8 graph is shifted to u8 or runs ~8x slower as QOperator); symmetric per-channel
-    # int8 weights; QuantizeLinear rounds half to even. Without VNNI, VPMADDUBSW saturates on 8-bit weights.
-    int8_policy: ClassVar[dict[str, Any] | None] = {
-        "activations": {"dtype": "uint8", "symmetric": False},
-        "weights": {"dtype": "int8", "symmetric": True, "per_channel": True, "bits": 8},
-        "weight_bits_without_vnni": 7,  # see luodi.quant.policy.policy_of (u8 x u8 was 2-5x slower here)
-        "bias_correction": True,
-        "rounding": "half_to_even",
-        "ops": ["Conv", "MatMul", "Gemm", "Add", "Relu", "Clip", "AveragePool", "GlobalAveragePool", "MaxPool"],
-        "format": "qdq",
+    # ORT fuses each QDQ node unit into an int8 kernel (QLinearConv, MatMulInteger...): see luodi.backends._int8.
+    int8_policy: ClassVar[dict[str, Any] | None] = QDQ_U8S8
+    load_options: ClassVar[Mapping[str, Option]] = {
+        "tensorrt": Option(bool, "whether to put TensorRT's execution provider in front of CUDA's (device='cuda')"),
     }
 
     def available(self) -> Availability:
@@ -213,12 +207,8 @@ class OnnxRuntimeBackend(Backend):
             devices.append("tensorrt")
         return Availability(True, devices=tuple(devices), precisions=self.precisions, version=ort.__version__)
 
-    def compile(self, model: Any, options: CompileOptions) -> Artifact:
+    def _compile(self, model: Any, options: CompileOptions) -> Artifact:
         ort = self.require()
-        if options.precision not in self.precisions:
-            raise CompileError(
-                f"{self.name} has no precision '{options.precision}'; choose one of {list(self.precisions)}"
-            )
         if options.precision == "int8":
             return self._compile_qdq(ort, model)
         so = ort.SessionOptions()
@@ -265,7 +255,7 @@ class OnnxRuntimeBackend(Backend):
             _raise_engine_error(exc, self.name)
         return Artifact(self.name, "int8", files, {"optimization": "none (QDQ as written)"})
 
-    def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
+    def _load(self, artifact: Artifact, options: LoadOptions) -> Engine:
         ort = self.require()
 
         def session_options() -> Any:

@@ -49,9 +49,9 @@ Reshape (``Session.prepare(shapes)``)
 
 from __future__ import annotations
 
-import re
 import tempfile
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -67,87 +67,15 @@ from ..errors import (
     UnsupportedOpError,
 )
 from ..tensor import TensorSpec
-from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
+from ._int8 import QDQ_U8S8
+from ._openvino_errors import last_line, raise_read_error
+from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, Option
 
 # luodi precision -> OpenVINO INFERENCE_PRECISION_HINT, and the OPTIMIZATION_CAPABILITIES entry it needs.
 # int8: the QDQ graph's FakeQuantize ops run in int8 (OpenVINO's low-precision transformations); the rest in f32.
 _HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 _CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16", "int8": "INT8"}
 _LUODI_DEVICE = {"CPU": "cpu", "GPU": "gpu", "NPU": "npu"}
-
-# OpenVINO's ONNX frontend report: "-- No conversion rule found for operations: Det-17, ai.onnx.ml.X"
-# and "-- Conversion is failed for: RandomUniformLike-21".
-_UNCONVERTED = re.compile(r"(?:No conversion rule found for operations|Conversion is failed for):\s*(.+)")
-_OP_TOKEN = re.compile(r"^(?:(?P<domain>[A-Za-z_][\w.]*)\.)?(?P<op>[A-Za-z_]\w*)(?:-(?P<version>\d+))?$")
-
-
-def _last_line(msg: str) -> str:
-    lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
-    return (lines[-1] if lines else msg)[:500]
-
-
-def _nodes_of(model: Any, op: str, domain: str) -> list[str]:
-    """Names of the nodes (subgraphs included) running ``domain``.``op``; unnamed ones by output."""
-    found: list[str] = []
-
-    def walk(graph: Any) -> None:
-        for node in graph.node:
-            if node.op_type == op and (node.domain if node.domain != "ai.onnx" else "") == domain:
-                found.append(node.name or f"<unnamed, output {node.output[0] if node.output else '?'}>")
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    walk(attr.g)
-                for g in attr.graphs:
-                    walk(g)
-
-    walk(model.graph)
-    return found
-
-
-def _conversion_reason(msg: str, token: str) -> str:
-    """The last line of the frontend's detailed log for ``token`` ("-- Conv-17 with a message:\n...\n"):
-    the reason the conversion failed (e.g. a channel count that does not match), or ""."""
-    m = re.search(rf"^-- {re.escape(token)} with a message:\s*\n(.*?)(?=^-- |^Summary:|\Z)", msg, re.S | re.M)
-    if not m:
-        return ""
-    lines = [ln.strip() for ln in m[1].splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else ""
-
-
-def _unsupported_from_message(msg: str, model: Any) -> str | None:
-    """A sentence naming every operator OpenVINO's report lists, with its nodes, or None."""
-    parts = []
-    for line in _UNCONVERTED.findall(msg):
-        for token in (t.strip() for t in line.split(",")):
-            m = _OP_TOKEN.match(token)
-            if not m:
-                continue
-            op, domain, version = m["op"], m["domain"] or "", m["version"]
-            nodes = _nodes_of(model, op, domain)
-            qual = f"{domain}.{op}" if domain else op
-            opset = f" (opset {version})" if version else ""
-            where = (
-                "at node "
-                + ", ".join(f"'{n}'" for n in nodes[:5])
-                + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
-                if nodes
-                else "(inside a function or expanded operator of the model)"
-            )
-            why = _conversion_reason(msg, token)
-            parts.append(f"operator {qual}{opset} {where}" + (f" ({why})" if why else ""))
-    if not parts:
-        return None
-    return "; ".join(dict.fromkeys(parts))
-
-
-def _raise_read_error(exc: Exception, model: Any, backend: str) -> None:
-    msg = str(exc)
-    what = _unsupported_from_message(msg, model)
-    if what:
-        raise UnsupportedOpError(
-            f"{backend} cannot run {what}; try another target or replace the operator before export"
-        ) from exc
-    raise CompileError(f"{backend} could not read the model: {_last_line(msg)}") from exc
 
 
 class _Plan:
@@ -197,14 +125,14 @@ class OpenVinoEngine(Engine):
         index = {name: i for i, port in enumerate(compiled.outputs) for name in port.get_names()}
         self._out = [(name, index[name]) for name in output_names]
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             plan = self._static
             if plan is None or any(feeds[n].shape != s for n, s in plan.shapes):
                 plan = self._dynamic
             values = plan.request().infer(feeds, share_inputs=True).to_tuple()
         except (RuntimeError, TypeError, KeyError, ValueError) as exc:
-            raise BackendError(f"openvino failed to run the model: {_last_line(str(exc))}") from exc
+            raise BackendError(f"openvino failed to run the model: {last_line(str(exc))}") from exc
         return {name: values[i] for name, i in self._out}
 
     def reshape(self, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -219,7 +147,7 @@ class OpenVinoEngine(Engine):
             model.reshape({n: list(s) for n, s in key})
             compiled = self._core.compile_model(model, self.device, self.config)
         except RuntimeError as exc:
-            raise ShapeError(f"openvino cannot fix the input shapes to {dict(key)}: {_last_line(str(exc))}") from exc
+            raise ShapeError(f"openvino cannot fix the input shapes to {dict(key)}: {last_line(str(exc))}") from exc
         self._static = _Plan(compiled, key)
 
     def close(self) -> None:
@@ -255,16 +183,12 @@ class OpenVinoBackend(Backend):
     devices = ("cpu", "gpu", "npu")
     module = "openvino"
     extra = "openvino"
-    # OpenVINO reads the QDQ ONNX (not QOperator int8 ONNX) into FakeQuantize and runs u8 activations x s8
-    # weights on CPU (oneDNN); per-channel symmetric weights; the same saturation as ORT without VNNI.
-    int8_policy: ClassVar[dict[str, Any] | None] = {
-        "activations": {"dtype": "uint8", "symmetric": False},
-        "weights": {"dtype": "int8", "symmetric": True, "per_channel": True, "bits": 8},
-        "weight_bits_without_vnni": 7,  # see luodi.quant.policy.policy_of (u8 x u8 was 2-5x slower here)
-        "bias_correction": True,
-        "rounding": "half_to_even",
-        "ops": ["Conv", "MatMul", "Gemm", "Add", "Relu", "Clip", "AveragePool", "GlobalAveragePool", "MaxPool"],
-        "format": "qdq",
+    # OpenVINO reads the QDQ ONNX into FakeQuantize and runs u8 x s8 on CPU (oneDNN): see luodi.backends._int8.
+    int8_policy: ClassVar[dict[str, Any] | None] = QDQ_U8S8
+    load_options: ClassVar[Mapping[str, Option]] = {
+        "performance_hint": Option(str, 'OpenVINO\'s PERFORMANCE_HINT, "LATENCY" (the default) or "THROUGHPUT"'),
+        "openvino_config": Option(dict, "more OpenVINO properties, passed to compile_model unchanged"),
+        "static_reshape": Option(bool, "whether prepare(shapes) compiles a static-shape copy (default True)"),
     }
 
     def __init__(self) -> None:
@@ -294,7 +218,7 @@ class OpenVinoBackend(Backend):
             self._core_obj = core
             present = list(core.available_devices)
         except RuntimeError as exc:
-            return Availability(False, reason=f"openvino could not start: {_last_line(str(exc))}", install="")
+            return Availability(False, reason=f"openvino could not start: {last_line(str(exc))}", install="")
         names = tuple(dict.fromkeys(_LUODI_DEVICE.get(d.split(".")[0], d.lower()) for d in present))
         by_device = self.device_precisions()
         runnable = {p for ps in by_device.values() for p in ps}
@@ -322,12 +246,8 @@ class OpenVinoBackend(Backend):
         return tuple(p for p in self.precisions if _CAPABILITY[p] in caps)
 
     # -- compile ---------------------------------------------------------------------------------
-    def compile(self, model: Any, options: CompileOptions) -> Artifact:
+    def _compile(self, model: Any, options: CompileOptions) -> Artifact:
         ov = self.require()
-        if options.precision not in self.precisions:
-            raise CompileError(
-                f"{self.name} has no precision '{options.precision}'; choose one of {list(self.precisions)}"
-            )
         core = self._core()
         try:
             if onnx_io.is_large(model):  # over 2 GB: OpenVINO reads the graph and its external weights from files
@@ -336,7 +256,7 @@ class OpenVinoBackend(Backend):
             else:
                 ov_model = core.read_model(options.model_bytes or model.SerializeToString())
         except Exception as exc:  # OpenVINO raises RuntimeError/its own types; translate them
-            _raise_read_error(exc, model, self.name)
+            raise_read_error(exc, model, self.name)
 
         onnx_inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
         onnx_outputs = [o.name for o in model.graph.output]
@@ -384,10 +304,10 @@ class OpenVinoBackend(Backend):
                     f"{self.name} (CPU plugin) cannot run operator {names}; "
                     "try another target or replace the operator before export"
                 ) from exc
-        raise CompileError(f"{self.name} could not build the model on CPU: {_last_line(msg)}") from exc
+        raise CompileError(f"{self.name} could not build the model on CPU: {last_line(msg)}") from exc
 
     # -- load ------------------------------------------------------------------------------------
-    def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
+    def _load(self, artifact: Artifact, options: LoadOptions) -> Engine:
         ov = self.require()
         core = self._core()
         try:
@@ -423,7 +343,7 @@ class OpenVinoBackend(Backend):
             compiled = core.compile_model(model, device, config)
         except Exception as exc:  # OpenVINO's own exception types; translate them
             raise CompileError(
-                f"{self.name} could not load {artifact.target} on {device}: {_last_line(str(exc))}"
+                f"{self.name} could not load {artifact.target} on {device}: {last_line(str(exc))}"
             ) from exc
         got = _read_hint(compiled)
         if got is not None and got != _HINT[precision]:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendError
+from ..paths import cache_dir, child_env
 from .base import Artifact, Shapes
 
 PROBE_VERSION = 2
@@ -50,8 +51,6 @@ def cache_key(artifact: Artifact, shapes: list[Shapes], engine_version: str) -> 
 
 
 def _marker(key: str) -> Path:
-    from ..selection import cache_dir
-
     return cache_dir() / "probed" / key
 
 
@@ -119,15 +118,6 @@ def _payload(artifact: Artifact, shapes: list[Shapes]) -> bytes:
     return b"".join([json.dumps(head).encode(), b"\n", *(artifact.files[n] for n in names)])
 
 
-def _child_env() -> dict[str, str]:
-    import luodi
-
-    env = dict(os.environ)
-    src_root = str(Path(luodi.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH")) if p)
-    return env
-
-
 def _run_child(artifact: Artifact, shapes: list[Shapes]) -> dict[str, Any]:
     try:
         proc = subprocess.Popen(
@@ -135,7 +125,7 @@ def _run_child(artifact: Artifact, shapes: list[Shapes]) -> dict[str, Any]:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,  # the child's reports only: it sends the engine's own printing to stderr
             stderr=subprocess.PIPE,
-            env=_child_env(),
+            env=child_env(),
         )
     except OSError as exc:
         raise BackendError(f"could not start a process to check the {artifact.target} engine file: {exc}") from exc

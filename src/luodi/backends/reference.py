@@ -30,7 +30,7 @@ class ReferenceEngine(Engine):
             _translate(exc)
         self._out_names = [o.name for o in outputs]
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # onnx.reference computes both branches of e.g. Sigmoid's np.where; the discarded one overflows
         # on large inputs and numpy warns about a value nobody uses
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -87,14 +87,12 @@ class ReferenceBackend(Backend):
     module = "onnx"
     extra = "compiler"
 
-    def compile(self, model: Any, options: CompileOptions) -> Artifact:
-        if options.precision != "fp32":
-            raise CompileError(f"reference runs fp32 only, not '{options.precision}'")
+    def _compile(self, model: Any, options: CompileOptions) -> Artifact:
         ReferenceEngine(model)  # fail at compile time, not at first forward
         # The same bytes as the canonical model.onnx (and model.onnx.data over 2 GB): the package stores them once.
         return Artifact(self.name, "fp32", onnx_io.to_members(model))
 
-    def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
+    def _load(self, artifact: Artifact, options: LoadOptions) -> Engine:
         data = artifact.files.get("model.onnx")
         if data is None:
             raise ModelError("reference artifact has no model.onnx")

@@ -12,8 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..compiler.passes.normalize import FOLDED_KEY
-from ..errors import BackendUnavailableError, CompileError, ModelError, NotApplicableError
+from ..errors import BackendUnavailableError, ModelError, NotApplicableError
 from ..tensor import specs_from_onnx
 from . import _torch_archive
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
@@ -61,7 +60,7 @@ class TorchEngine(Engine):
             inv_std = 1.0 / torch.tensor(normalization["std"], dtype=torch.float32, device=self._device).reshape(shape)
             self._norm = (normalization["input"], mean, inv_std)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
         args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self._device) for n in self._in]
         if self._norm is not None:
@@ -100,10 +99,8 @@ class TorchBackend(Backend):
         devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
         return Availability(True, devices=devices, precisions=self.precisions, version=torch.__version__)
 
-    def compile(self, model: Any, options: CompileOptions) -> Artifact:
+    def _compile(self, model: Any, options: CompileOptions) -> Artifact:
         torch = self.require()
-        if options.precision not in self.precisions:
-            raise CompileError(f"torch has no precision '{options.precision}'; choose one of {list(self.precisions)}")
         program = getattr(options.source, "torch_program", None)
         if program is None:
             raise NotApplicableError(
@@ -114,12 +111,11 @@ class TorchBackend(Backend):
         _load_program(torch, data)
         inputs, outputs = specs_from_onnx(model)
         opts: dict[str, Any] = {"inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs]}
-        folded = (getattr(options.source, "pipeline", None) or {}).get(FOLDED_KEY)
-        if folded:
-            opts["input_normalization"] = folded
+        if options.input_normalization:  # folded into the graph's first Conv, not into the exported program
+            opts["input_normalization"] = dict(options.input_normalization)
         return Artifact(self.name, options.precision, {"model.pt2": data}, opts)
 
-    def load(self, artifact: Artifact, options: LoadOptions) -> Engine:
+    def _load(self, artifact: Artifact, options: LoadOptions) -> Engine:
         torch = self.require()
         from ..tensor import TensorSpec
 

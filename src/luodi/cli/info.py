@@ -23,7 +23,7 @@ from .safe import text as shown
 def info(package: str, device: str, as_json: bool) -> None:
     """Show a package's inputs, outputs, targets and verification results."""
     from ..package import Package
-    from ..package.schema import FOLDED_KEY
+    from ..package.schema import FOLDED_NORMALIZATION
 
     pkg = Package(package)
     if as_json:
@@ -53,8 +53,8 @@ def info(package: str, device: str, as_json: bool) -> None:
             out.print(f"models: main, {shown(', '.join(pkg.model_names))} (each compiled for every target)")
     elif pipe:
         out.print(f"pipeline ({shown(pipe.get('task', '?'))}): {shown(_classic_steps(pipe))}")
-    if pipe and pipe.get(FOLDED_KEY):
-        folded = pipe[FOLDED_KEY]
+    if pipe and pipe.get(FOLDED_NORMALIZATION):
+        folded = pipe[FOLDED_NORMALIZATION]
         out.print(
             f"input '{shown(folded['input'])}' takes pixel values: "
             f"normalize(mean={shown(folded['mean'])}, std={shown(folded['std'])}) "

@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 
 from .. import __version__, arguments, onnx_io
-from ..backends import CompileOptions, LoadOptions, get_backend
+from ..backends import CompileOptions, get_backend, open_engine
 from ..backends.base import Artifact
 from ..errors import CompileError, InputError, LuodiError, VerificationError
 from ..frontends import SourceModel, load_model
 from ..package import FORMAT, SCHEMA_VERSION, Package, write_package
 from ..package.archive import MODEL, target_dir
+from ..package.schema import FOLDED_NORMALIZATION
 from ..progress import Progress
 from ..selection import host_key, measure_many
 from ..tensor import TensorSpec, specs_from_onnx
@@ -269,7 +270,12 @@ class CompileRun:
         from ..quant.source import quantised_format, tolerance_class
 
         source_format = quantised_format(job.src.model)  # a pre-quantised source: engines may run it in int8 kernels
-        options = {"inputs": tuple(job.inputs), "outputs": tuple(job.outputs), "shapes": tuple(plan.sets)}
+        options = {
+            "inputs": tuple(job.inputs),
+            "outputs": tuple(job.outputs),
+            "shapes": tuple(plan.sets),
+            "input_normalization": (job.src.pipeline or {}).get(FOLDED_NORMALIZATION),
+        }
         entries, artifacts = [], {}
         for backend_name, precision in self.wanted:
             backend = self.backends[backend_name]
@@ -476,9 +482,8 @@ def _run_reference(job: ModelJob, plan: ShapePlan, checks: list[Check], step: An
 def _onnxruntime_reference(model: Any, why: CompileError) -> Any:
     """onnxruntime on the canonical graph, for a model the evaluator cannot load (operators outside the ONNX
     standard, which only onnxruntime runs); the evaluator's own error when onnxruntime cannot load it either."""
-    backend = get_backend("onnxruntime")
     try:
-        return backend.load(backend.compile(model, CompileOptions()), LoadOptions())
+        return open_engine("onnxruntime", model)
     except Exception:  # noqa: BLE001 - neither can run it: the evaluator's reason is the one to give
         raise why from None
 
@@ -516,11 +521,11 @@ class _Probe:
 def _verify(backend: Any, artifact: Artifact, checks: list[Check], precision: str, step: Any) -> dict[str, Any]:
     """Run every check on the target and compare with the reference; a failure to load or run is a result."""
     try:
-        engine = backend.load(artifact, LoadOptions())
+        engine = open_engine(backend, artifact)
     except Exception as exc:  # noqa: BLE001 - an engine failing to load is a verification result
         return {"against": "reference", "passed": False, "error": f"cannot load: {_one_line(exc)}"}
     got = []
-    try:
+    with engine:
         for check in checks:
             try:
                 got.append(engine.run(check.feeds))
@@ -528,8 +533,6 @@ def _verify(backend: Any, artifact: Artifact, checks: list[Check], precision: st
                 where = describe(_shapes_of(check.feeds))
                 return {"against": "reference", "passed": False, "error": f"fails at {where}: {_one_line(exc)}"}
             step.advance()
-    finally:
-        engine.close()
     shapes = []
     for c in checks:
         if _shapes_of(c.feeds) not in shapes:

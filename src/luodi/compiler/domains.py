@@ -75,9 +75,9 @@ def input_domains(
 ) -> dict[str, Domain]:
     """Per input the Domain generated inputs are drawn from (inputs with none keep the defaults: normal floats,
     integers 0..9, bools 0/1)."""
-    from .passes.normalize import FOLDED_KEY
+    from ..package.schema import FOLDED_NORMALIZATION
 
-    folded = (pipeline or {}).get(FOLDED_KEY) or {}
+    folded = (pipeline or {}).get(FOLDED_NORMALIZATION) or {}
     out: dict[str, Domain] = {}
     for s in specs:
         kind = s.np_dtype.kind

@@ -14,6 +14,10 @@ import numpy as np
 
 from ..errors import PackageError
 
+FOLDED_NORMALIZATION = "folded_into_model"
+"""The key of the manifest's pipeline that records a normalisation folded into the graph's first Conv:
+``{"input": name, "mean": [...], "std": [...]}`` (written by the compiler's fold-input-normalization pass)."""
+
 # Limits on what a manifest may declare. A member or tensor beyond them is refused before anything is allocated.
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_MEMBER_BYTES = 16 << 30
@@ -27,8 +31,6 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _COMPARISON = {"max_abs", "mean_abs", "cosine", "ref_max"}
 _STATUS = {"verified", "unverified", "failed"}
-# The pipeline key under which the compiler records a normalisation folded into the model's first Conv.
-FOLDED_KEY = "folded_into_model"
 
 
 class _Bad(Exception):

@@ -56,15 +56,11 @@ def parse_budget(value: str | float | None) -> float | None:
 def run_on(backend: Any, model: Any, feeds: Sequence[Feeds], precision: str = "int8") -> list[dict[str, np.ndarray]]:
     """Compile ``model`` for ``backend`` in memory, load it and run ``feeds`` (batched where the batch is
     symbolic): the deployed engine's outputs, the figure an int8 target is judged by."""
-    from ..backends import CompileOptions, LoadOptions
+    from ..backends import CompileOptions, run_once
     from .calibrate import _batch_is_symbolic
 
-    engine = backend.load(backend.compile(model, CompileOptions(precision=precision)), LoadOptions())
-    try:
-        runs = batches(feeds, 16) if _batch_is_symbolic(model) else list(feeds)
-        return [engine.run(f) for f in runs]
-    finally:
-        engine.close()
+    runs = batches(feeds, 16) if _batch_is_symbolic(model) else list(feeds)
+    return run_once(backend, model, runs, CompileOptions(precision=precision))
 
 
 class PTQ:

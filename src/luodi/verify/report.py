@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends import CompileOptions, LoadOptions, get_backend
+from ..backends import get_backend, open_engine
 from ..errors import BackendError, LuodiError
 from . import compare, failure_reason
 
@@ -63,11 +63,8 @@ def _run_all(engine: Any, what: str, feeds: list[Feeds]) -> list[dict[str, np.nd
 def _run(package: Any, target: dict[str, Any], feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     backend, artifact = get_backend(target["backend"]), package.artifact(target)
     backend.probe(artifact, package.representative_shapes)  # a malformed engine file must not kill `verify`
-    engine = backend.load(artifact, LoadOptions())
-    try:
+    with open_engine(backend, artifact) as engine:
         return _run_all(engine, _label(target), feeds)
-    finally:
-        engine.close()
 
 
 def reference_outputs(package: Any, feeds: list[Feeds]) -> tuple[list[dict[str, np.ndarray]], str]:
@@ -76,11 +73,8 @@ def reference_outputs(package: Any, feeds: list[Feeds]) -> tuple[list[dict[str, 
         backend, ran = get_backend("reference"), "reference evaluator"
     else:
         backend, ran = get_backend("onnxruntime"), "canonical graph on onnxruntime fp32"
-    engine = backend.load(backend.compile(package.model(), CompileOptions()), LoadOptions())
-    try:
+    with open_engine(backend, package.model()) as engine:
         return _run_all(engine, f"the reference ({ran})", feeds), ran
-    finally:
-        engine.close()
 
 
 def verify_package(
@@ -235,10 +229,8 @@ def _stream_feeds(package: Any, files: list[Path]) -> list[Feeds]:
 
     pipe = Pipeline.from_spec(package.pipeline, package.inputs)
     specs = {s.name: s for s in package.inputs}
-    backend = get_backend("onnxruntime")
-    engine = backend.load(backend.compile(package.model(), CompileOptions()), LoadOptions())
     feeds: list[Feeds] = []
-    try:
+    with open_engine("onnxruntime", package.model()) as engine:
         for file in files:
             args, step = pipe.main_inputs(str(file))
             constants = {n: np.asarray(v, dtype=specs[n].np_dtype) for n, v in step.const.items() if n in specs}
@@ -248,6 +240,4 @@ def _stream_feeds(package: Any, files: list[Path]) -> list[Feeds]:
                 feeds.append(feed)
                 outputs = _run_all(engine, "the canonical graph", [feed])[0]
                 state = {i: outputs[o] for i, o in step.state.items()}
-    finally:
-        engine.close()
     return feeds

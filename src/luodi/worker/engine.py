@@ -40,6 +40,8 @@ class WorkerEngine(Engine):
     thread_safe = True  # the worker's slots serialise; the child serialises an engine that is not reentrant
 
     def __init__(self, artifact: Any, options: Any, *, slots: int = 4, auto_restart: bool = True) -> None:
+        from ..backends import get_backend
+        from ..backends.base import check_options
         from ..errors import InputError
         from ..tensor import TensorSpec
 
@@ -47,6 +49,8 @@ class WorkerEngine(Engine):
             extra = json.loads(json.dumps(options.extra))
         except (TypeError, ValueError) as exc:
             raise InputError(f"engine options must be JSON values to reach a worker process: {exc}") from None
+        # a misspelt option is refused here, before a child process starts, as load() would refuse it
+        check_options(artifact.backend, "load", extra, get_backend(artifact.backend).load_options)
         names = list(artifact.files)
         args = {
             "backend": artifact.backend,
@@ -73,8 +77,9 @@ class WorkerEngine(Engine):
             [TensorSpec.from_dict(d) for d in info.get("inputs", [])],
             [TensorSpec.from_dict(d) for d in info.get("outputs", [])],
         )
+        self.backend = artifact.backend
 
-    def run(self, feeds: Arrays) -> Arrays:
+    def _run(self, feeds: Arrays) -> Arrays:
         return self.worker.call("run", None, feeds)[1]
 
     def reshape(self, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -110,17 +115,8 @@ class _EngineHandler:
 
     def call(self, op: str, args: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
         with self.lock or contextlib.nullcontext():
-            if op == "run":
-                try:
-                    return {}, self.engine.run(arrays)
-                except Exception as exc:
-                    from ..errors import BackendError, LuodiError
-
-                    if isinstance(exc, LuodiError):
-                        raise
-                    shapes = {n: list(a.shape) for n, a in arrays.items()}
-                    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:500]
-                    raise BackendError(f"{self.backend} failed to run the model on inputs {shapes}: {detail}") from exc
+            if op == "run":  # Engine.run turns an engine's own exception into a BackendError naming the shapes
+                return {}, self.engine.run(arrays)
             if op == "reshape":
                 self.engine.reshape({n: tuple(s) for n, s in args["shapes"].items()})
                 return {}, {}

@@ -11,13 +11,14 @@ from typing import Any
 
 import numpy as np
 
+from ...package.schema import FOLDED_NORMALIZATION
 from . import Pass, PassContext
 from .graph import attribute, consumers, fresh_name, initializer_arrays, replace_initializer, set_attribute
 
 #: Pipeline ops that may sit between ``normalize`` and the model without changing pixel values.
 _LAYOUT_ONLY = {"to_tensor"}
-#: Where a folded normalisation is recorded in the pipeline spec (and read by the torch backend).
-FOLDED_KEY = "folded_into_model"
+#: Where a folded normalisation is recorded in the pipeline spec (the compiler hands it to every backend).
+FOLDED_KEY = FOLDED_NORMALIZATION
 
 
 class FoldInputNormalization(Pass):
