@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import luodi
 from luodi.zoo.images import skimage_picture
 
 
@@ -27,7 +28,12 @@ def test_compile_info_and_errors(tmp_path, cnn_model):
     out = tmp_path / "cnn.luodi"
     r = luodi_cli("compile", str(model), "-o", str(out), "--target", "onnxruntime", "--target", "reference")
     assert r.returncode == 0, r.stderr
-    assert out.exists() and "onnxruntime:fp32" in r.stdout and "pass" in r.stdout
+    rows = {line.split()[1]: line for line in r.stdout.splitlines() if line.startswith("│ ") and line.split()[1] != "│"}
+    assert "pass" in rows["onnxruntime:fp32"].split("│")[8], r.stdout  # the result column of that target's row
+    assert "FAIL" not in r.stdout and "the reference" in rows["reference:fp32"]
+    targets = {(t["backend"], t["precision"]): t for t in luodi.Package.open(out).targets}
+    assert targets["onnxruntime", "fp32"]["status"] == "verified"
+    assert targets["onnxruntime", "fp32"]["verification"]["passed"] is True
     r = luodi_cli("info", str(out))
     assert r.returncode == 0, r.stderr
     assert "[batch, 3, 16, 16]" in r.stdout and "reference:fp32" in r.stdout
@@ -46,6 +52,16 @@ def test_predict_prints_top_labels(effnet_package):
     assert "espresso" in r.stdout and "%" in r.stdout
 
 
-@pytest.mark.parametrize("args", [("predict",), ("info",), ("compile", "x.onnx")])
-def test_usage_errors_exit_nonzero(args):
-    assert luodi_cli(*args).returncode != 0
+@pytest.mark.parametrize(
+    ("args", "missing"),
+    [
+        (("predict",), "Missing argument 'PACKAGE'"),
+        (("info",), "Missing argument 'PACKAGE'"),
+        (("compile", "x.onnx"), "Missing option '-o' / '--output'"),
+    ],
+)
+def test_usage_errors_exit_nonzero(args, missing):
+    r = luodi_cli(*args)
+    # click's usage error: exit status 2, the usage line and what is missing, never a traceback
+    assert r.returncode == 2, r.stderr
+    assert f"Usage: luodi {args[0]}" in r.stderr and missing in r.stderr and "Traceback" not in r.stderr

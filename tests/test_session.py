@@ -96,9 +96,13 @@ def test_wrong_name_lists_the_real_names(cnn_package, backend):
 
 
 def test_nested_lists_are_converted_to_the_input_dtype(cnn_package):
-    with luodi.Session(cnn_package) as s:
-        y = s.run({"x": np.zeros((1, 3, 16, 16)).tolist()})["y"]
-        assert y.shape == (1, 5)
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16))  # float64 nested lists, as JSON gives them
+    with luodi.Session(cnn_package, backend="onnxruntime") as s:
+        y = s.run({"x": x.tolist()})["y"]
+        expected = s.run({"x": x.astype(np.float32)})["y"]
+    assert y.dtype == np.float32 and y.shape == (1, 5)
+    np.testing.assert_array_equal(y, expected)  # converted to float32 exactly as an array of that dtype would be
+    assert np.abs(expected).max() > 0.1  # a real output, not zeros on both sides
 
 
 def test_unknown_backend_and_missing_target(cnn_package):
