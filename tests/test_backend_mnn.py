@@ -158,6 +158,7 @@ def effnet_mnn(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_efficientnet_lite0_fp32(effnet_mnn):
     from luodi.zoo.images import foolbox_imagenet
 

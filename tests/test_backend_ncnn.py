@@ -213,6 +213,7 @@ def test_unknown_precision_is_a_compile_error(cnn_model):
         get_backend("ncnn").compile(cnn_model, CompileOptions(precision="int8"))
 
 
+@pytest.mark.slow
 def test_efficientnet_lite0_verifies_and_agrees_with_onnxruntime(effnet_ncnn):
     from luodi.zoo.images import foolbox_imagenet
 

@@ -238,6 +238,7 @@ def test_available_reports_devices_and_precisions():
 
 
 # -- EfficientNet-Lite0 -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_efficientnet_fp32_and_bf16_verification(effnet_ov):
     fp32, bf16 = _outputs_record(effnet_ov, "fp32"), _outputs_record(effnet_ov, "bf16")
     assert fp32["passed"] and fp32["outputs"]["logits"]["max_abs"] <= 2e-4, fp32

@@ -154,6 +154,7 @@ def test_fixed_width_crnn_stacks_a_batch_on_the_axis_its_output_names():
 
 
 @pytest.mark.skipif(not HAVE["ncnn"], reason="ncnn/pnnx are not installed")
+@pytest.mark.slow
 def test_ppocr_v4_recogniser_on_ncnn_is_right_at_two_widths():
     """The real PP-OCRv4 recogniser (rapidocr-onnxruntime wheel): its height is declared free but is 48. Traced at a
     second height pnnx's Reshape failed; traced at a second batch of 4 pnnx converted it wrongly (0.67 max error on

@@ -19,6 +19,7 @@ def torch_package(tmp_path_factory, effnet_source):
     return luodi.compile(effnet_source, out, targets=["torch", "torch:bf16", "onnxruntime"])
 
 
+@pytest.mark.slow
 def test_fp32_matches_the_reference(torch_package):
     target = torch_package.find_target("torch", "fp32")
     ver = target["verification"]

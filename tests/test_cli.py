@@ -46,6 +46,7 @@ def test_compile_info_and_errors(tmp_path, cnn_model):
     assert not (tmp_path / "y.luodi").exists()
 
 
+@pytest.mark.slow
 def test_predict_prints_top_labels(effnet_package):
     r = luodi_cli("predict", str(effnet_package), str(skimage_picture("coffee")), "-k", "3")
     assert r.returncode == 0, r.stderr

@@ -238,6 +238,7 @@ def test_partial_compile_records_the_failing_target_and_writes_the_others(tmp_pa
 
 
 @pytest.mark.skipif(not installed("ncnn"), reason="ncnn is not installed")
+@pytest.mark.slow
 def test_partial_compile_cli_exit_status(tmp_path):
     model = tmp_path / "unique.onnx"
     onnx.save(unique_model(), model)

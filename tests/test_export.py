@@ -16,6 +16,8 @@ import luodi  # noqa: E402
 from conftest import installed  # noqa: E402
 from luodi.zoo.images import foolbox_imagenet  # noqa: E402
 
+pytestmark = pytest.mark.slow  # see docs/testing.md: `make check` leaves these out
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

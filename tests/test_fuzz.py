@@ -38,6 +38,8 @@ from hypothesis import strategies as st
 import luodi
 from conftest import installed, small_cnn
 
+pytestmark = pytest.mark.slow  # see docs/testing.md: `make check` leaves these out
+
 # Examples per test; together >= 10,000 cases. LUODI_FUZZ_SCALE=0.1 runs a tenth, e.g. while editing.
 N_BYTES, N_MEMBERS, N_MANIFEST, N_INPUTS = 3500, 2500, 3000, 1500
 SCALE = float(os.environ.get("LUODI_FUZZ_SCALE", "1"))

@@ -111,6 +111,7 @@ def test_a_pickled_torch_weight_runs_nothing_in_session(torch_pkg, tmp_path, whe
         assert s.run({"input": np.ones((2, 3, 8, 8), np.float32)})["output"].shape == (2, 5)
 
 
+@pytest.mark.slow
 def test_a_pickled_torch_weight_runs_nothing_in_info_and_verify(torch_pkg, tmp_path):
     marker = tmp_path / "pwned"
     bad = _hostile_package(torch_pkg, tmp_path / "bad.luodi", marker)
@@ -122,6 +123,7 @@ def test_a_pickled_torch_weight_runs_nothing_in_info_and_verify(torch_pkg, tmp_p
     assert not marker.exists(), "the package's pickle ran"
 
 
+@pytest.mark.slow
 def test_a_pickled_torch_weight_runs_nothing_in_serve(torch_pkg, tmp_path):
     import httpx
 

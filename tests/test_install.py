@@ -23,6 +23,8 @@ import pytest
 import luodi
 from conftest import small_cnn
 
+pytestmark = pytest.mark.slow  # see docs/testing.md: `make check` leaves these out
+
 ROOT = Path(__file__).resolve().parents[1]
 # Optional packages that loading and running a package on onnxruntime must never import.
 EXTRAS = ["onnx", "torch", "openvino", "ncnn", "MNN", "fastapi", "uvicorn", "ray", "click", "rich", "PIL", "cv2"]

@@ -106,6 +106,7 @@ CLOSE_UNDER_LOAD = """
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.slow
 def test_close_while_eight_threads_run(conv_package, tmp_path, engine):
     if not installed(engine):
         pytest.skip(f"{engine} is not installed (make test installs every engine)")
@@ -164,6 +165,7 @@ def bad_ncnn_effnet(effnet_engines, tmp_path_factory):
     return bad
 
 
+@pytest.mark.slow
 def test_malformed_ncnn_param_is_a_backend_error_and_good_files_are_probed_once(
     effnet_engines, bad_ncnn_effnet, tmp_path, monkeypatch
 ):
@@ -251,6 +253,7 @@ def test_trusted_packages_skip_the_probe_and_encrypted_ones_stay_off_disk(tmp_pa
     assert list(scratch.iterdir()) == [], "nothing of the decrypted model reached a temporary file"
 
 
+@pytest.mark.slow
 def test_verify_and_auto_survive_a_malformed_ncnn_target(bad_ncnn_effnet, tmp_path, monkeypatch):
     """`luodi verify` and auto-selection load every target: the crashing one is reported, the others still work."""
     monkeypatch.setenv("LUODI_CACHE_DIR", str(tmp_path / "cache"))

@@ -53,6 +53,7 @@ def vad_package(tmp_path_factory) -> Path:
 
 
 # -- detection ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_detection_finds_the_face_nudenet_finds(det_package):
     from nudenet import NudeDetector
 
@@ -103,6 +104,7 @@ def test_detection_of_a_batch_and_bad_input(det_package):
 
 
 # -- OCR -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_ocr_reads_what_rapidocr_reads(ocr_package):
     from rapidocr_onnxruntime import RapidOCR
 

@@ -79,6 +79,7 @@ def mlp(seed=0):
 """
 
 
+@pytest.mark.slow
 def test_backends_cli_lists_the_plugin(plugin: Path, tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "luodi", "backends"],

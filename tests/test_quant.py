@@ -10,6 +10,8 @@ import luodi
 from luodi.quant import PTQ, calibrate, load_feeds, policy_of, prepare, quantize, simulate
 from luodi.zoo import fashion_mnist as fm
 
+pytestmark = pytest.mark.slow  # see docs/testing.md: `make check` leaves these out
+
 pytest.importorskip("torch")
 INT8_TARGETS = ["onnxruntime:int8", "openvino:int8"]
 

@@ -136,6 +136,7 @@ def test_image_folder_calibrates_a_model_without_a_pipeline(tmp_path):
     assert pkg.manifest["pipeline"] is None  # calibration only: the package gains no pipeline
 
 
+@pytest.mark.slow
 def test_cli_compile_takes_preprocess_and_reports_a_bad_one_in_one_line(tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -260,6 +260,7 @@ def test_auto_skips_a_failed_target_for_a_good_one(tmp_path, cnn_model):
         assert s.backend == "openvino" and "onnxruntime:fp32: failed at compile time" in s.selection
 
 
+@pytest.mark.slow
 def test_cli_lists_refuses_and_opts_in_to_failed_targets(tmp_path, cnn_package):
     pkg = rewrite(cnn_package, tmp_path / "failed.luodi", _mark_failed(False))
     np.save(tmp_path / "x.npy", _x(1))

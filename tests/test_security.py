@@ -240,6 +240,7 @@ def test_altered_encrypted_package_fails_authentication(sec, encrypted, tmp_path
         luodi.Session(bad, backend="onnxruntime", passphrase="correct horse")
 
 
+@pytest.mark.slow
 def test_encrypt_and_license_commands(sec, tmp_path):
     fp = luodi_cli("license", "fingerprint")
     assert fp.returncode == 0 and fp.stdout.strip() == license.machine_fingerprint()
@@ -467,6 +468,7 @@ def test_the_watch_sees_a_plain_package_written_to_a_temp_file(sec, tmp_path):
 
 
 @pytest.mark.skipif(not installed("torch"), reason="torch is not installed")
+@pytest.mark.slow
 def test_no_plaintext_reaches_disk_on_torch(tmp_path):
     """torch.export.load from a buffer; torch itself only makes an empty torchinductor_<user> folder in TMPDIR."""
     import torch

@@ -65,6 +65,7 @@ def test_auto_picks_the_fastest_measured_and_caches_it(tmp_path, cnn_model, monk
 
 
 @pytest.mark.skipif(not installed("torch"), reason="needs torch for a bf16 target: pip install 'luodi[torch]'")
+@pytest.mark.slow
 def test_bf16_is_never_chosen_silently(tmp_path, effnet_source):
     # torch's CPU autocast runs bf16 on any x86 CPU (emulated where the CPU has no bf16), so this
     # holds on every host; OpenVINO's bf16 exists only on CPUs with AVX512_BF16/AMX.

@@ -223,6 +223,7 @@ def _queued(srv: Server) -> int:
     return httpx.get(f"{srv.base}/luodi/models").json()["models"][0]["versions"][0]["queue_depth"]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_accepting_drains_in_flight_and_exits_zero(cnn_repo: Path, tmp_path: Path, expected) -> None:
     # requests wait up to 3 s for a batch to fill: SIGTERM arrives while they are queued
     srv = Server(cnn_repo, "--max-queue-delay-ms", "3000", "--max-batch-size", "16", log=tmp_path / "log")

@@ -62,6 +62,7 @@ def test_pipeline_route_classifies_an_uploaded_photo(server: Server, local) -> N
     assert r.status_code == 400 and "image" in r.json()["error"].lower()
 
 
+@pytest.mark.slow
 def test_overload_gets_answers_or_503_and_the_server_stays_up(server: Server, local) -> None:
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     want = local.run({"images": x})["logits"]
@@ -125,6 +126,7 @@ def test_overload_gets_answers_or_503_and_the_server_stays_up(server: Server, lo
     assert r.status_code == 200 and server.proc.poll() is None
 
 
+@pytest.mark.slow
 def test_web_page_shows_models_and_classifies_an_uploaded_photo(server: Server, local) -> None:
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service

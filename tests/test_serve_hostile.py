@@ -421,6 +421,7 @@ def test_one_broken_model_does_not_make_the_server_unready(tmp_path: Path, img_p
 # -- finding 11: authentication, read-only, no server paths, slow clients ------------------------------
 
 
+@pytest.mark.slow
 def test_an_api_key_guards_model_control_always_and_inference_unless_public(repo: Path, tmp_path: Path) -> None:
     key = "k3y-" + "x" * 28
     control = "/v2/repository/models/img/unload"
@@ -468,6 +469,7 @@ def test_read_only_has_no_model_control_and_clients_never_see_server_paths(repo:
             assert str(tmp_path) not in text and "/tmp" not in text, text[:500]
 
 
+@pytest.mark.slow
 def test_slow_clients_are_cut_off(repo: Path, tmp_path: Path) -> None:
     args = ("--poll-s", "0", "--header-timeout-s", "1", "--body-timeout-s", "1")
     with running(repo, *args, log=tmp_path / "log") as srv:
@@ -593,6 +595,7 @@ def heavy_model():
     return model
 
 
+@pytest.mark.slow
 def test_at_four_times_capacity_plus_the_battery_every_request_is_answered(tmp_path: Path, img_package: Path) -> None:
     import asyncio
     import threading

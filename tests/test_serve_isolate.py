@@ -71,6 +71,7 @@ def _workers(base: str) -> dict[str, dict | None]:
     return {m["name"]: m["versions"][0]["worker"] for m in models}
 
 
+@pytest.mark.slow
 def test_kill_9_one_models_worker_only_its_in_flight_requests_fail(repo: Path, tmp_path: Path) -> None:
     x = np.random.default_rng(0).standard_normal((1, 3, 96, 96)).astype(np.float32)
     big = np.repeat(x, 32, axis=0)  # a request that runs alone for a while: certainly in flight at the kill

@@ -32,6 +32,8 @@ from conftest import small_cnn  # noqa: E402
 from luodi.serve.ray import Scaling  # noqa: E402
 from serve_helpers import free_port  # noqa: E402
 
+pytestmark = pytest.mark.slow  # see docs/testing.md: `make check` leaves these out
+
 # Ray kills its workers when the machine is short of memory; on a shared test machine that is mostly others' memory.
 ENV = {
     **os.environ,

@@ -219,6 +219,7 @@ def crashy(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), src])}
 
 
+@pytest.mark.slow
 def test_a_generic_worker_takes_files_and_arrays_and_survives_its_handler(crashy: dict[str, str]) -> None:
     with Worker("crashy:load", {}, b"model bytes", label="the test toolchain", env=crashy, slots=2) as w:
         assert w.info == {"kind": "toolchain"}

@@ -66,6 +66,7 @@ def _infer(base: str, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np
     return {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in r.json()["outputs"]}
 
 
+@pytest.mark.slow
 def test_detection_and_vad_are_served(tmp_path, det_package, vad_package):
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -89,6 +90,7 @@ def test_detection_and_vad_are_served(tmp_path, det_package, vad_package):
     assert det["output0"].shape == (1, 22, 1680)
 
 
+@pytest.mark.slow
 def test_verify_detection_without_and_with_data(tmp_path, det_package):
     r = luodi_cli("verify", str(det_package))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
@@ -133,6 +135,7 @@ def _write_wav(path: Path, wav: np.ndarray) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_verify_vad_without_and_with_data(tmp_path, vad_package):
     r = luodi_cli("verify", str(vad_package))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
