@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from .arguments import parse_target  # noqa: F401  (luodi.selection.parse_target, as before)
 from .backends import Artifact, LoadOptions, get_backend
-from .errors import BackendError, BackendUnavailableError, FailedTargetError, InputError, LuodiError, PackageError
+from .errors import BackendError, BackendUnavailableError, FailedTargetError, LuodiError, PackageError
 from .package import Package
 from .paths import cache_dir
 from .tensor import TensorSpec
@@ -33,26 +34,6 @@ log = logging.getLogger("luodi")
 
 def label(target: dict[str, Any]) -> str:
     return f"{target['backend']}:{target['precision']}"
-
-
-def parse_target(backend: str, precision: str | None = None) -> tuple[str, str | None]:
-    """``"openvino:int8"`` -> ``("openvino", "int8")``, the name the CLI's ``--target`` takes; a plain name is kept.
-
-    ``precision`` given as well must agree with the one in the name (else an InputError saying so).
-    """
-    if not isinstance(backend, str):
-        raise InputError(f"backend must be a name such as 'onnxruntime' or 'openvino:int8', got {backend!r}")
-    name, sep, given = backend.partition(":")
-    if not sep:
-        return backend, precision
-    if not name or not given or ":" in given:
-        raise InputError(f"backend '{backend}' is not BACKEND or BACKEND:PRECISION, e.g. 'openvino:int8'")
-    if precision is not None and precision != given:
-        raise InputError(
-            f"backend='{backend}' asks for precision '{given}' but precision='{precision}' was given too; "
-            "give the precision once"
-        )
-    return name, given
 
 
 def target_status(target: dict[str, Any]) -> tuple[str, str]:
@@ -238,7 +219,7 @@ def select_target(
         name = label(target)
         if precision is not None and target["precision"] != precision:
             continue
-        why = _unusable(target, device, budget)
+        why = _unusable(target, device, budget, package.encrypted)
         if why:
             skipped.append(f"{name}: {why}")
         else:
@@ -288,7 +269,7 @@ def _by_name(package: Package, backend: str, precision: str | None, allow_failed
     return target, f"{label(target)}: asked for by name; FAILED at compile time ({reason}), loaded with allow_failed"
 
 
-def _unusable(target: dict[str, Any], device: str, budget: str) -> str:
+def _unusable(target: dict[str, Any], device: str, budget: str, encrypted: bool = False) -> str:
     if target["backend"] == "reference":
         return "the reference is for verification, chosen only by name"
     ver = target.get("verification")
@@ -305,6 +286,8 @@ def _unusable(target: dict[str, Any], device: str, budget: str) -> str:
         return avail.reason
     if device.partition(":")[0] not in avail.devices:
         return f"no device '{device}' here"
+    if encrypted and not get_backend(target["backend"]).in_memory:
+        return "the package is encrypted and this backend loads a model only from a file"
     return ""
 
 

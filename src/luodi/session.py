@@ -20,12 +20,13 @@ import numpy as np
 
 from . import arguments
 from .backends import LoadOptions, get_backend, load_engine
-from .backends.base import Artifact, CompileOptions, Engine
+from .backends.base import Artifact, CompileOptions, Engine, file_only_refusal
 from .errors import (
     BackendError,
     InputError,
     LuodiError,
     MissingInputError,
+    PackageError,
     PipelineError,
     ShapeError,
     StateError,
@@ -108,6 +109,8 @@ class Session:
                 self.package, backend, precision, device, accuracy_budget, allow_failed
             )
             self.backend, self.precision = target["backend"], target["precision"]
+            if self.package.encrypted and not get_backend(self.backend).in_memory:  # decrypted bytes stay off disk
+                raise PackageError(file_only_refusal(self.backend, str(self.package.path)))
             artifact = self.package.artifact(target)
             # A crash-prone engine's file is proven in a child process first (once per host), unless signed or
             # isolated: an isolated engine runs in a child process anyway, where a crash costs a restart.
@@ -116,10 +119,10 @@ class Session:
             self._inputs = self.package.inputs
             self._outputs = self.package.outputs
         else:
-            from .frontends import load_model
+            from .compiler.load_source import load_source
             from .tensor import specs_from_onnx
 
-            src = load_model(model)
+            src = load_source(model)
             self.backend = "onnxruntime" if backend == "auto" else backend
             self.precision = precision or "fp32"
             self.selection = f"{self.backend}: compiled in memory from an ONNX model"

@@ -16,9 +16,9 @@ import numpy as np
 
 from ..errors import BackendError
 from ._mnn_convert import MODEL_FILE
+from .contract import Artifact, LoadOptions
 from .mnn import MnnBackend, _captured_output, _engine_said
 from .probe import limit_memory
-from .types import Artifact, LoadOptions
 
 
 def main() -> None:

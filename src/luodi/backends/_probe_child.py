@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import LuodiError
-from . import load_engine
+from . import get_backend, load_engine
+from .contract import Artifact, LoadOptions
 from .probe import _read_exact, limit_memory
-from .types import Artifact, LoadOptions
 
 
 def main() -> None:
@@ -31,8 +31,10 @@ def main() -> None:
     stdin = sys.stdin.buffer
     head = json.loads(stdin.readline())
     files = {name: _read_exact(stdin, size) for name, size in head["files"]}
-    # in_memory: the engine reads memory files, so a crash leaves no temporary file behind.
-    artifact = Artifact(head["backend"], head["precision"], files, head["options"], in_memory=True)
+    # in_memory: the engine reads memory files, so a crash leaves no temporary file behind (a backend that loads only
+    # from files gets them as files: the parent never probes decrypted files on one, see Backend.load).
+    in_memory = get_backend(head["backend"]).in_memory
+    artifact = Artifact(head["backend"], head["precision"], files, head["options"], in_memory=in_memory)
     say(stage="loading it")
     try:
         engine = load_engine(artifact, LoadOptions())  # the default threads, as a Session loads it

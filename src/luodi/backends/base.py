@@ -22,12 +22,13 @@ from ..errors import (
     CompileError,
     LuodiError,
     MissingInputError,
+    PackageError,
     StateError,
     UnknownTensorError,
 )
 from ..telemetry import import_engine
 from ..tensor import TensorSpec
-from .types import (  # noqa: F401  (re-exported: the contract's data, luodi.backends.base.X as before)
+from .contract import (  # noqa: F401  (re-exported: the contract's data, luodi.backends.base.X as before)
     Artifact,
     Availability,
     CompileOptions,
@@ -224,6 +225,8 @@ class Backend:
         options = options or LoadOptions()
         self.require()
         check_options(self.name, "load", options.extra, self.load_options)
+        if artifact.in_memory and not self.in_memory:
+            raise PackageError(file_only_refusal(self.name))
         engine = self._load(artifact, options)
         engine.backend = self.name
         return engine
@@ -261,6 +264,15 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<Backend {self.name}>"
+
+
+def file_only_refusal(backend: str, where: str = "the package") -> str:
+    """Why decrypted files may not go to ``backend``, which loads a model only from a file (``in_memory`` False)."""
+    return (
+        f"{where} is encrypted and backend '{backend}' can only load a model from a file, which would put the "
+        "decrypted model on disk: choose a backend that loads from memory (see the 'encrypted' column of "
+        "`luodi backends`)"
+    )
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import BackendError
 from ..paths import cache_dir, child_env
-from .types import Artifact, Shapes
+from .contract import Artifact, Shapes
 
 PROBE_VERSION = 2
 """Part of the cache key: bump it when what the probe proves changes."""

@@ -319,15 +319,9 @@ class Package:
         )
 
     def artifact(self, target: dict[str, Any]) -> Artifact:
-        if self.encrypted:
-            from ..backends import get_backend
-
-            if not get_backend(target["backend"]).in_memory:
-                raise PackageError(
-                    f"{self.path} is encrypted and backend '{target['backend']}' can only load a model from a file, "
-                    "which would put the decrypted model on disk: choose a backend that loads from memory "
-                    "(see the 'encrypted' column of `luodi backends`)"
-                )
+        """``target``'s files and options. An encrypted package's files are plaintext in memory (``in_memory``):
+        whether a backend may load them is the loader's decision (Session, auto-selection, Backend.load), not
+        the package's."""
         files = {rel: self.read(member) for rel, member in target["files"].items()}
         artifact = Artifact(target["backend"], target["precision"], files, dict(target.get("options", {})))
         artifact.in_memory = self.encrypted
