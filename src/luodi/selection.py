@@ -6,6 +6,8 @@ and package hash; every choice comes with the reasons for it. It loads engines o
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -13,14 +15,23 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .arguments import parse_target  # noqa: F401  (luodi.selection.parse_target, as before)
-from .backends import Artifact, LoadOptions, get_backend
-from .errors import BackendError, BackendUnavailableError, FailedTargetError, LuodiError, PackageError
+from .backends import Artifact, Engine, LoadOptions, get_backend, load_engine
+from .backends.base import check_options
+from .errors import (
+    BackendError,
+    BackendUnavailableError,
+    FailedTargetError,
+    LuodiError,
+    OptionError,
+    PackageError,
+)
 from .package import Package
 from .paths import cache_dir
 from .tensor import TensorSpec
@@ -126,10 +137,16 @@ def measure_many(
     shapes: dict[str, Any] | None = None,
     feeds: dict[str, np.ndarray] | None = None,
     domains: dict[str, Any] | None = None,
+    load_options: dict[str, LoadOptions] | None = None,
+    keep_open: dict[str, Engine] | None = None,
 ) -> tuple[dict[str, float], dict[str, str]]:
     """Median latency (ms) of several targets at ``shapes`` (or on ``feeds``), measured side by side; and those
     that failed, with why. Generated inputs take their values from ``domains`` (a constant input, e.g. a sample
     rate, must keep its value for the model to run).
+
+    Each target loads with ``load_options[name]`` (else on ``device`` with the defaults). With ``keep_open`` (a
+    dict) the engines that were timed are put there, open, for the caller to keep one and close the rest; else
+    they are closed here.
 
     The targets take turns in rounds (the order rotating each round), so a burst of load on a shared
     machine slows every candidate alike instead of deciding the choice.
@@ -142,7 +159,8 @@ def measure_many(
     try:
         for name, artifact in artifacts.items():
             try:
-                engine = get_backend(artifact.backend).load(artifact, LoadOptions(device=device))
+                options = (load_options or {}).get(name) or LoadOptions(device=device)
+                engine = get_backend(artifact.backend).load(artifact, options)
                 engines[name] = engine
                 engine.run(feeds)  # warm-up: first runs allocate and may compile kernels
                 engine.run(feeds)
@@ -159,8 +177,14 @@ def measure_many(
                     t0 = time.perf_counter()
                     engines[name].run(feeds)
                     times[name].append(time.perf_counter() - t0)
-    finally:
+    except BaseException:
         for engine in engines.values():
+            engine.close()
+        raise
+    for name, engine in engines.items():
+        if keep_open is not None and name in times:
+            keep_open[name] = engine
+        else:
             engine.close()
     return {name: float(np.median(t) * 1e3) for name, t in times.items()}, failed
 
@@ -193,6 +217,16 @@ class TimingCache:
             pass  # a read-only home must not stop inference; we measure again next time
 
 
+@dataclass
+class Choice:
+    """The target to load, a sentence saying why, and (auto with ``load_options``) its engine, if the timing round
+    loaded it: the winner is kept open, not loaded again."""
+
+    target: dict[str, Any]
+    reason: str
+    engine: Engine | None = None
+
+
 def select_target(
     package: Package,
     backend: str = "auto",
@@ -207,9 +241,25 @@ def select_target(
     target that failed at compile time. Asking for a failed target by name is a FailedTargetError naming its
     reason, unless ``allow_failed`` (for debugging: it loads with a logged warning).
     """
+    choice = choose(package, backend, precision, device, accuracy_budget, allow_failed)
+    return choice.target, choice.reason
+
+
+def choose(
+    package: Package,
+    backend: str = "auto",
+    precision: str | None = None,
+    device: str = "cpu",
+    accuracy_budget: str | None = None,
+    allow_failed: bool = False,
+    load_options: LoadOptions | None = None,
+) -> Choice:
+    """select_target's choice; with ``load_options`` the timing round of "auto" loads every candidate with them
+    (each gets the engine options its backend takes: :func:`options_for`) and the winner's engine comes back open
+    in ``Choice.engine``, the others closed. The package is read (decrypted) once per target."""
     backend, precision = parse_target(backend, precision)
     if backend != "auto":
-        return _by_name(package, backend, precision, allow_failed)
+        return Choice(*_by_name(package, backend, precision, allow_failed))
 
     budget = accuracy_budget or package.manifest.get("accuracy_budget", "fp32")
     if budget not in TOLERANCES:
@@ -232,17 +282,65 @@ def select_target(
         )
     note = f" (not considered: {'; '.join(skipped)})" if skipped else ""
     if len(candidates) == 1:
-        return candidates[0], f"{label(candidates[0])}: the only target that runs here within budget '{budget}'{note}"
+        only = candidates[0]
+        return Choice(only, f"{label(only)}: the only target that runs here within budget '{budget}'{note}")
 
-    timings, failed = _timings(package, candidates, device)
-    skipped += [f"{name}: could not be loaded to time it ({why})" for name, why in failed.items()]
-    note = f" (not considered: {'; '.join(skipped)})" if skipped else ""
-    candidates = [t for t in candidates if label(t) in timings]
-    if not candidates:
-        raise BackendUnavailableError(f"no target in {package.path} could be loaded here: {'; '.join(skipped)}")
-    best = min(candidates, key=lambda t: timings[label(t)])
-    table = ", ".join(f"{label(t)} {timings[label(t)]:.2f} ms" for t in candidates)
-    return best, f"{label(best)}: fastest measured on this host within budget '{budget}' ({table}){note}"
+    opened: dict[str, Engine] = {}
+    try:
+        timings, failed = _timings(package, candidates, device, load_options, opened if load_options else None)
+        skipped += [f"{name}: could not be loaded to time it ({why})" for name, why in failed.items()]
+        note = f" (not considered: {'; '.join(skipped)})" if skipped else ""
+        candidates = [t for t in candidates if label(t) in timings]
+        if not candidates:
+            raise BackendUnavailableError(f"no target in {package.path} could be loaded here: {'; '.join(skipped)}")
+        best = min(candidates, key=lambda t: timings[label(t)])
+        table = ", ".join(f"{label(t)} {timings[label(t)]:.2f} ms" for t in candidates)
+        kept = opened.pop(label(best), None)
+    finally:
+        for engine in opened.values():  # the candidates that lost (all of them, on an error)
+            engine.close()
+    return Choice(best, f"{label(best)}: fastest measured on this host within budget '{budget}' ({table}){note}", kept)
+
+
+def options_for(backend: str, options: LoadOptions) -> LoadOptions:
+    """``options`` with only the engine options (``extra``) that ``backend`` declares: what each candidate of "auto"
+    gets, since ``Session(options=...)`` may name options of several engines."""
+    known = get_backend(backend).load_options
+    if all(k in known for k in options.extra):
+        return options
+    return dataclasses.replace(options, extra={k: v for k, v in options.extra.items() if k in known})
+
+
+def check_auto_options(package: Package, extra: dict[str, Any]) -> None:
+    """For "auto": an OptionError for an engine option that no backend of the package's targets takes, or a value
+    of the wrong type for one that does; an option only some of them take is fine (the others never see it)."""
+    backends = []
+    for name in dict.fromkeys(t["backend"] for t in package.targets if t["backend"] != "reference"):
+        with contextlib.suppress(LuodiError):  # a backend not registered here is no candidate
+            backends.append(get_backend(name))
+    for key, value in extra.items():
+        takers = [b for b in backends if key in b.load_options]
+        if not takers:
+            takes = "; ".join(f"{b.name}: {', '.join(sorted(b.load_options)) or 'none'}" for b in backends) or "none"
+            raise OptionError(f"no backend of {package.path.name}'s targets has a load option '{key}' ({takes})")
+        for b in takers:
+            check_options(b.name, "load", {key: value}, b.load_options)
+
+
+def load_target(
+    package: Package, target: dict[str, Any], options: LoadOptions, *, trusted: bool = False, isolate: Any = False
+) -> Engine:
+    """``target`` of ``package`` loaded: its files read (decrypted) once, a crash-prone engine's file proven in a
+    child process first (unless ``trusted``, or ``isolate``d: an isolated engine runs in a child process anyway,
+    where a crash costs a restart), then loaded in this process or in a worker (``isolate``)."""
+    artifact = package.artifact(target)
+    if not isolate:
+        get_backend(artifact.backend).probe(artifact, package.representative_shapes, trusted=trusted)
+    if isolate:
+        from .worker import isolated_engine
+
+        return isolated_engine(artifact, options, isolate)
+    return load_engine(artifact, options)
 
 
 def _by_name(package: Package, backend: str, precision: str | None, allow_failed: bool) -> tuple[dict[str, Any], str]:
@@ -304,9 +402,15 @@ def known_timings(package: Package, device: str = "cpu") -> dict[str, float]:
 
 
 def _timings(
-    package: Package, candidates: list[dict[str, Any]], device: str
+    package: Package,
+    candidates: list[dict[str, Any]],
+    device: str,
+    load_options: LoadOptions | None = None,
+    keep_open: dict[str, Engine] | None = None,
 ) -> tuple[dict[str, float], dict[str, str]]:
-    """Latency per target label (stored, cached or measured now) and the targets that failed to load."""
+    """Latency per target label (stored, cached or measured now) and the targets that failed to load. The targets
+    measured now load with ``load_options`` (each with the engine options its backend takes); with ``keep_open``
+    their engines stay open there."""
     timings = known_timings(package, device)
     cache = TimingCache()
     package_id = f"{package.manifest_sha256}:{device}"
@@ -325,7 +429,11 @@ def _timings(
         from .verify.representative import representative_inputs
 
         feeds = representative_inputs(package)[0]  # the primary set: the shapes the package is run at
-        measured, failed_now = measure_many(artifacts, package.inputs, device, feeds=feeds)
+        per_target = {k: options_for(a.backend, load_options) for k, a in artifacts.items()} if load_options else None
+        measured, failed_now = measure_many(
+            artifacts, package.inputs, device, feeds=feeds, load_options=per_target, keep_open=keep_open
+        )
+        del artifacts  # an encrypted package's plaintext lives on only inside the engines
         failed.update(failed_now)
     if measured:
         cache.put(package_id, measured)

@@ -33,7 +33,7 @@ from .errors import (
     UnknownTensorError,
 )
 from .package import Package
-from .selection import parse_target, select_target
+from .selection import check_auto_options, choose, load_target, options_for, parse_target
 from .stream import Stream
 from .tensor import TensorSpec
 
@@ -105,17 +105,29 @@ class Session:
                 from .package.crypto import open_package
 
                 self.package, self.license = open_package(model, trust=trust, license=license, passphrase=passphrase)
-            target, self.selection = select_target(
-                self.package, backend, precision, device, accuracy_budget, allow_failed
+            auto = backend == "auto"
+            if auto and load_options.extra:  # options of several engines: each candidate gets those it takes
+                check_auto_options(self.package, load_options.extra)
+            # auto's timing round loads the candidates with this session's options and keeps the winner open
+            choice = choose(
+                self.package,
+                backend,
+                precision,
+                device,
+                accuracy_budget,
+                allow_failed,
+                None if isolate else load_options,
             )
+            target, self.selection = choice.target, choice.reason
             self.backend, self.precision = target["backend"], target["precision"]
             if self.package.encrypted and not get_backend(self.backend).in_memory:  # decrypted bytes stay off disk
                 raise PackageError(file_only_refusal(self.backend, str(self.package.path)))
-            artifact = self.package.artifact(target)
-            # A crash-prone engine's file is proven in a child process first (once per host), unless signed or
-            # isolated: an isolated engine runs in a child process anyway, where a crash costs a restart.
-            if not isolate:
-                get_backend(self.backend).probe(artifact, self.package.representative_shapes, trusted=trust is not None)
+            if auto:  # further models (Session.model) load on this backend by name: with its options only
+                load_options = options_for(self.backend, load_options)
+                self._load_args["options"] = dict(load_options.extra)
+            self._engine: Engine = choice.engine or load_target(
+                self.package, target, load_options, trusted=trust is not None, isolate=isolate
+            )
             self._inputs = self.package.inputs
             self._outputs = self.package.outputs
         else:
@@ -128,10 +140,10 @@ class Session:
             self.selection = f"{self.backend}: compiled in memory from an ONNX model"
             artifact = get_backend(self.backend).compile(src.model, CompileOptions(precision=self.precision))
             self._inputs, self._outputs = specs_from_onnx(src.model)
-        self._engine: Engine = (
-            _isolated(artifact, load_options, isolate) if isolate else load_engine(artifact, load_options)
-        )
-        del artifact  # an encrypted package's plaintext lives on only inside the engine
+            self._engine = (
+                _isolated(artifact, load_options, isolate) if isolate else load_engine(artifact, load_options)
+            )
+            del artifact
         if self.license is not None:
             try:
                 # Released by close(), or when the session is garbage-collected unclosed.
