@@ -1,31 +1,22 @@
 """Which compiled target a Session runs: by name, or "auto" = the fastest measured within the accuracy budget.
 
 Timings are measured on this host (at compile time with tune=True, or at first load) and cached per host
-and package hash; every choice comes with the reasons for it. It loads engines only to time them.
+and package hash (luodi.timing); every choice comes with the reasons for it. The timing round of "auto" loads
+each candidate once, with the session's options, and the winner's engine is the one the session runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
-import os
-import platform
-import tempfile
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from .arguments import parse_target  # noqa: F401  (luodi.selection.parse_target, as before)
 from .backends import Artifact, Engine, LoadOptions, get_backend, load_engine
-from .backends.base import check_options
+from .backends.base import check_options, file_only_refusal
 from .errors import (
-    BackendError,
     BackendUnavailableError,
     FailedTargetError,
     LuodiError,
@@ -33,11 +24,17 @@ from .errors import (
     PackageError,
 )
 from .package import Package
-from .paths import cache_dir
-from .tensor import TensorSpec
-from .verify import TOLERANCES, OutputComparison, sample_inputs
+from .paths import cache_dir  # noqa: F401  (luodi.selection.cache_dir, as before)
+from .timing import (  # noqa: F401  (luodi.selection.X as before)
+    TIMING_RUNS,
+    TimingCache,
+    host_key,
+    known_timings,
+    measure,
+    measure_many,
+)
+from .verify import TOLERANCES, OutputComparison
 
-TIMING_RUNS = 10
 STATUSES = ("verified", "unverified", "failed")
 
 log = logging.getLogger("luodi")
@@ -88,133 +85,12 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else float("nan")
 
 
-def host_key() -> str:
-    """What makes timings comparable: CPU model, core count, OS and machine."""
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    raw = f"{platform.system()}|{platform.machine()}|{cpu}|{os.cpu_count()}"
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
-
-
 def within_budget(target: dict[str, Any], budget: str) -> bool:
     """Whether the target's compile-time errors fit the tolerance of precision class ``budget``."""
     ver = target.get("verification")
     if ver is None or "outputs" not in ver:
         return False
     return all(OutputComparison(n, **r).passes(budget) for n, r in ver["outputs"].items())
-
-
-def measure(
-    artifact: Artifact,
-    inputs: list[TensorSpec],
-    device: str = "cpu",
-    runs: int = TIMING_RUNS,
-    shapes: dict[str, Any] | None = None,
-    feeds: dict[str, np.ndarray] | None = None,
-) -> float:
-    """Median latency of a compiled target on this host, in milliseconds.
-
-    ``shapes`` (the package's primary representative set) fixes free dims a model cannot run at 1, such as the
-    height and width of a detector's image; ``feeds`` gives the very inputs instead.
-    """
-    timings, failed = measure_many({"target": artifact}, inputs, device, runs, shapes, feeds)
-    if failed:
-        raise BackendError(failed["target"])
-    return timings["target"]
-
-
-def measure_many(
-    artifacts: dict[str, Artifact],
-    inputs: list[TensorSpec],
-    device: str = "cpu",
-    runs: int = TIMING_RUNS,
-    shapes: dict[str, Any] | None = None,
-    feeds: dict[str, np.ndarray] | None = None,
-    domains: dict[str, Any] | None = None,
-    load_options: dict[str, LoadOptions] | None = None,
-    keep_open: dict[str, Engine] | None = None,
-) -> tuple[dict[str, float], dict[str, str]]:
-    """Median latency (ms) of several targets at ``shapes`` (or on ``feeds``), measured side by side; and those
-    that failed, with why. Generated inputs take their values from ``domains`` (a constant input, e.g. a sample
-    rate, must keep its value for the model to run).
-
-    Each target loads with ``load_options[name]`` (else on ``device`` with the defaults). With ``keep_open`` (a
-    dict) the engines that were timed are put there, open, for the caller to keep one and close the rest; else
-    they are closed here.
-
-    The targets take turns in rounds (the order rotating each round), so a burst of load on a shared
-    machine slows every candidate alike instead of deciding the choice.
-    """
-    if feeds is None:
-        feeds = sample_inputs(inputs, count=1, shapes=shapes, domains=domains)[0]
-    engines: dict[str, Any] = {}
-    failed: dict[str, str] = {}
-    times: dict[str, list[float]] = {}
-    try:
-        for name, artifact in artifacts.items():
-            try:
-                options = (load_options or {}).get(name) or LoadOptions(device=device)
-                engine = get_backend(artifact.backend).load(artifact, options)
-                engines[name] = engine
-                engine.run(feeds)  # warm-up: first runs allocate and may compile kernels
-                engine.run(feeds)
-                times[name] = []
-            except LuodiError as exc:  # one broken target must not stop the others from being timed
-                failed[name] = str(exc)
-            except Exception as exc:  # an engine failing on the timing input: the same, in its own words
-                failed[name] = f"{type(exc).__name__}: {exc}"
-        order = list(times)
-        per_round = 2
-        for r in range((runs + per_round - 1) // per_round):
-            for name in order[r % len(order) :] + order[: r % len(order)] if order else []:
-                for _ in range(per_round):
-                    t0 = time.perf_counter()
-                    engines[name].run(feeds)
-                    times[name].append(time.perf_counter() - t0)
-    except BaseException:
-        for engine in engines.values():
-            engine.close()
-        raise
-    for name, engine in engines.items():
-        if keep_open is not None and name in times:
-            keep_open[name] = engine
-        else:
-            engine.close()
-    return {name: float(np.median(t) * 1e3) for name, t in times.items()}, failed
-
-
-class TimingCache:
-    """``<cache>/timings.json``: {host: {package sha256: {target: median ms}}}."""
-
-    def __init__(self, path: Path | None = None) -> None:
-        self.path = path or cache_dir() / "timings.json"
-
-    def load(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def get(self, package_id: str) -> dict[str, float]:
-        return dict(self.load().get(host_key(), {}).get(package_id, {}))
-
-    def put(self, package_id: str, timings: dict[str, float]) -> None:
-        data = self.load()
-        data.setdefault(host_key(), {}).setdefault(package_id, {}).update(timings)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".timings.")
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh, indent=1)
-            os.replace(tmp, self.path)
-        except OSError:
-            pass  # a read-only home must not stop inference; we measure again next time
 
 
 @dataclass
@@ -327,15 +203,52 @@ def check_auto_options(package: Package, extra: dict[str, Any]) -> None:
             check_options(b.name, "load", {key: value}, b.load_options)
 
 
+def open_target(
+    package: Package,
+    backend: str,
+    precision: str | None,
+    device: str,
+    accuracy_budget: str | None,
+    allow_failed: bool,
+    options: LoadOptions,
+    trust: Any = None,
+    isolate: Any = False,
+) -> tuple[Choice, LoadOptions]:
+    """The Session's target of ``package``, loaded once, and the load options it got. "auto" times the candidates
+    with ``options`` (each with the engine options its backend takes) and keeps the winner's engine; a target
+    chosen otherwise is loaded here. An encrypted package's target must be on a backend that loads from memory."""
+    auto = parse_target(backend, precision)[0] == "auto"
+    if auto and options.extra:  # options of several engines: each candidate gets those it takes
+        check_auto_options(package, options.extra)
+    choice = choose(package, backend, precision, device, accuracy_budget, allow_failed, None if isolate else options)
+    name = choice.target["backend"]
+    if package.encrypted and not get_backend(name).in_memory:  # the decrypted files must stay off disk
+        raise PackageError(file_only_refusal(name, str(package.path)))
+    if auto:
+        options = options_for(name, options)
+    if choice.engine is None:
+        choice.engine = load_target(package, choice.target, options, trusted=trust is not None, isolate=isolate)
+    return choice, options
+
+
 def load_target(
-    package: Package, target: dict[str, Any], options: LoadOptions, *, trusted: bool = False, isolate: Any = False
+    package: Package | None,
+    target: dict[str, Any] | Artifact,
+    options: LoadOptions,
+    *,
+    trusted: bool = False,
+    isolate: Any = False,
 ) -> Engine:
-    """``target`` of ``package`` loaded: its files read (decrypted) once, a crash-prone engine's file proven in a
-    child process first (unless ``trusted``, or ``isolate``d: an isolated engine runs in a child process anyway,
-    where a crash costs a restart), then loaded in this process or in a worker (``isolate``)."""
-    artifact = package.artifact(target)
-    if not isolate:
-        get_backend(artifact.backend).probe(artifact, package.representative_shapes, trusted=trusted)
+    """``target`` of ``package`` (or an artifact as it is) loaded: its files read (decrypted) once, a crash-prone
+    engine's file proven in a child process first (unless ``trusted``, or ``isolate``d: an isolated engine runs in a
+    child process anyway, where a crash costs a restart), then loaded in this process or in a worker."""
+    if isinstance(target, Artifact):
+        artifact = target
+    else:
+        assert package is not None
+        artifact = package.artifact(target)
+        if not isolate:
+            get_backend(artifact.backend).probe(artifact, package.representative_shapes, trusted=trusted)
     if isolate:
         from .worker import isolated_engine
 
@@ -387,18 +300,6 @@ def _unusable(target: dict[str, Any], device: str, budget: str, encrypted: bool 
     if encrypted and not get_backend(target["backend"]).in_memory:
         return "the package is encrypted and this backend loads a model only from a file"
     return ""
-
-
-def known_timings(package: Package, device: str = "cpu") -> dict[str, float]:
-    """Batch-1 latency per target label known on this host without measuring: stored in the package by
-    ``compile --tune`` for this host and device, else cached here by an earlier auto-selection."""
-    here = host_key()
-    stored = {
-        label(t): t["timing"]["median_ms"]
-        for t in package.targets
-        if t.get("timing", {}).get("host") == here and t["timing"].get("device") == device
-    }
-    return {**TimingCache().get(f"{package.manifest_sha256}:{device}"), **stored}
 
 
 def _timings(

@@ -21,8 +21,8 @@ from ..errors import CompileError, InputError
 from ..package import FORMAT, SCHEMA_VERSION, Package, write_package
 from ..package.archive import MODEL
 from ..progress import Progress
-from ..selection import host_key, measure_many
 from ..tensor import TensorSpec, specs_from_onnx
+from ..timing import host_key, measure_many
 from ..verify import TOLERANCES
 from .int8 import ptq_for, quantise_for
 from .job import CompileRun, ModelDone, ModelJob

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..backends import Artifact, CompileOptions, get_backend
 from ..frontends import load_model
 from ..source import SourceModel
+from ..tensor import TensorSpec, specs_from_onnx
 
 
 def load_source(src: Any, name: str | None = None) -> SourceModel:
@@ -20,4 +22,11 @@ def load_source(src: Any, name: str | None = None) -> SourceModel:
     return load_model(src, name=name)
 
 
-__all__ = ["load_source"]
+def compile_in_memory(model: Any, backend: str, precision: str) -> tuple[Artifact, list[TensorSpec], list[TensorSpec]]:
+    """A Session on an ONNX model (no package): its artifact for ``backend``, compiled in memory, and its io specs."""
+    src = load_source(model)
+    artifact = get_backend(backend).compile(src.model, CompileOptions(precision=precision))
+    return artifact, *specs_from_onnx(src.model)
+
+
+__all__ = ["compile_in_memory", "load_source"]

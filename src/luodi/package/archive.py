@@ -330,3 +330,13 @@ class Package:
     def __repr__(self) -> str:
         ts = ", ".join(f"{t['backend']}:{t['precision']}" for t in self.targets)
         return f"<Package {self.name} targets=[{ts}] at {self.path}>"
+
+
+def is_package_path(model: Any) -> bool:
+    """Whether ``model`` names a .luodi package (by its suffix, or a zip that is no .onnx file)."""
+    if not isinstance(model, (str, os.PathLike)):
+        return False
+    path = Path(model)
+    if path.suffix == ".luodi":
+        return True
+    return path.is_file() and path.suffix != ".onnx" and zipfile.is_zipfile(path)
