@@ -30,6 +30,7 @@ from .timing import (  # noqa: F401  (luodi.selection.X as before)
     TimingCache,
     host_key,
     known_timings,
+    label,
     measure,
     measure_many,
 )
@@ -38,10 +39,6 @@ from .verify import TOLERANCES, OutputComparison
 STATUSES = ("verified", "unverified", "failed")
 
 log = logging.getLogger("luodi")
-
-
-def label(target: dict[str, Any]) -> str:
-    return f"{target['backend']}:{target['precision']}"
 
 
 def target_status(target: dict[str, Any]) -> tuple[str, str]:

@@ -26,6 +26,11 @@ from .verify import sample_inputs
 TIMING_RUNS = 10
 
 
+def label(target: dict[str, Any]) -> str:
+    """A target's name as the CLI's ``--target`` takes it: ``"openvino:int8"``."""
+    return f"{target['backend']}:{target['precision']}"
+
+
 def host_key() -> str:
     """What makes timings comparable: CPU model, core count, OS and machine."""
     cpu = platform.processor()
@@ -152,12 +157,8 @@ def known_timings(package: Package, device: str = "cpu") -> dict[str, float]:
     ``compile --tune`` for this host and device, else cached here by an earlier auto-selection."""
     here = host_key()
     stored = {
-        _label(t): t["timing"]["median_ms"]
+        label(t): t["timing"]["median_ms"]
         for t in package.targets
         if t.get("timing", {}).get("host") == here and t["timing"].get("device") == device
     }
     return {**TimingCache().get(f"{package.manifest_sha256}:{device}"), **stored}
-
-
-def _label(target: dict[str, Any]) -> str:
-    return f"{target['backend']}:{target['precision']}"
