@@ -90,16 +90,9 @@ class Session:
         self._release_license: Any = None
         backend, precision = parse_target(backend, precision)
         if isinstance(model, Package) or is_package_path(model):
-            if trust is None and license is None and passphrase is None:
-                self.package = model if isinstance(model, Package) else Package(model)
-                if self.package.encrypted and self.package._decrypt is None:
-                    from .package.crypto import unlock
+            from .package.crypto import open_package  # verified against trust, unlocked (or says which key it needs)
 
-                    unlock(self.package)  # says which key the package needs
-            else:
-                from .package.crypto import open_package
-
-                self.package, self.license = open_package(model, trust=trust, license=license, passphrase=passphrase)
+            self.package, self.license = open_package(model, trust=trust, license=license, passphrase=passphrase)
             choice, load_options = open_target(
                 self.package, backend, precision, device, accuracy_budget, allow_failed, load_options, trust, isolate
             )
