@@ -69,6 +69,7 @@ check: lint
 lint: $(VENV)/.test
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/lint-imports  # the layer order of docs/ARCHITECTURE.md and no import cycle ([tool.importlinter])
 
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/overhead.py

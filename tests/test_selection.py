@@ -10,6 +10,7 @@ import pytest
 import luodi
 from conftest import installed
 from luodi import selection
+from luodi.errors import OptionError
 
 
 def test_single_candidate_needs_no_timing(cnn_package):
@@ -95,3 +96,42 @@ def test_a_damaged_target_does_not_stop_auto(tmp_path, cnn_model):
     with luodi.Session(bad) as s:
         assert s.backend == "onnxruntime"
         assert "openvino:fp32: could not be loaded to time it" in s.selection and "sha256" in s.selection
+
+
+@pytest.mark.skipif(not installed("openvino"), reason="needs a second engine: pip install 'luodi[openvino]'")
+def test_auto_keeps_the_engine_that_won_the_timing_round(tmp_path, cnn_model, monkeypatch):
+    """auto loads each candidate once, reads each target's files once, and the session runs the winner's very
+    engine from the timing round (the loser closed); engine options go to the candidates that take them."""
+    from luodi.backends.base import Backend, Engine
+
+    pkg = luodi.compile(cnn_model, tmp_path / "two.luodi", targets=["onnxruntime", "openvino"])
+    loads, reads, closed = [], [], []
+    real_load, real_artifact, real_close = Backend.load, luodi.Package.artifact, Engine.close
+
+    def counted_load(self, artifact, options=None):  # the real load; the calls are recorded
+        engine = real_load(self, artifact, options)
+        loads.append((self.name, dict(options.extra), engine))
+        return engine
+
+    monkeypatch.setattr(Backend, "load", counted_load)
+    monkeypatch.setattr(luodi.Package, "artifact", lambda p, t: reads.append(t["backend"]) or real_artifact(p, t))
+    monkeypatch.setattr(Engine, "close", lambda e: closed.append(e) or real_close(e))
+    with luodi.Session(pkg.path, options={"performance_hint": "THROUGHPUT"}) as s:
+        assert "fastest measured on this host" in s.selection
+        assert sorted(name for name, _, _ in loads) == ["onnxruntime", "openvino"]  # once each, the winner too
+        assert sorted(reads) == ["onnxruntime", "openvino"]  # each target's files read (decrypted) once
+        assert {name: extra for name, extra, _ in loads} == {
+            "onnxruntime": {},  # an option only openvino takes never reaches onnxruntime
+            "openvino": {"performance_hint": "THROUGHPUT"},
+        }
+        (winner,) = [e for name, _, e in loads if name == s.backend]
+        (loser,) = [e for name, _, e in loads if name != s.backend]
+        assert s._engine is winner and winner not in closed and loser in closed
+        assert s.run({"x": np.ones((2, 3, 16, 16), np.float32)})["y"].shape == (2, 5)
+    assert winner in closed
+    with pytest.raises(OptionError, match="no backend of two.luodi's targets has a load option 'perfomance_hint'"):
+        luodi.Session(pkg.path, options={"perfomance_hint": "LATENCY"})
+    with pytest.raises(OptionError, match="performance_hint' must be str"):
+        luodi.Session(pkg.path, options={"performance_hint": 1})
+    with pytest.raises(OptionError, match="backend 'onnxruntime' has no load option 'performance_hint'"):
+        luodi.Session(pkg.path, backend="onnxruntime", options={"performance_hint": "LATENCY"})  # by name: as before

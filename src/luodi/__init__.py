@@ -13,6 +13,7 @@ quiet_onnxruntime()  # before anything imports onnxruntime: it records usage fro
 
 from .backends import Availability, Backend, Engine, backend_names, get_backend  # noqa: E402
 from .compiler import compile  # noqa: E402
+from .compiler.export import export  # noqa: E402
 from .errors import (  # noqa: E402
     BackendError,
     BackendNotFoundError,
@@ -44,7 +45,6 @@ from .errors import (  # noqa: E402
     UnsupportedOpError,
     VerificationError,
 )
-from .frontends.torch import export  # noqa: E402
 from .package import Package  # noqa: E402
 from .session import Session  # noqa: E402
 from .tensor import TensorSpec  # noqa: E402

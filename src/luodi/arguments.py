@@ -117,3 +117,23 @@ def per_input(option: str, items: Iterable[str], form: str, example: str) -> dic
             raise InputError(f"{option} gives input '{name}' twice")
         given[name] = value
     return given
+
+
+def parse_target(backend: str, precision: str | None = None) -> tuple[str, str | None]:
+    """``"openvino:int8"`` -> ``("openvino", "int8")``, the name the CLI's ``--target`` takes; a plain name is kept.
+
+    ``precision`` given as well must agree with the one in the name (else an InputError saying so).
+    """
+    if not isinstance(backend, str):
+        raise InputError(f"backend must be a name such as 'onnxruntime' or 'openvino:int8', got {backend!r}")
+    name, sep, given = backend.partition(":")
+    if not sep:
+        return backend, precision
+    if not name or not given or ":" in given:
+        raise InputError(f"backend '{backend}' is not BACKEND or BACKEND:PRECISION, e.g. 'openvino:int8'")
+    if precision is not None and precision != given:
+        raise InputError(
+            f"backend='{backend}' asks for precision '{given}' but precision='{precision}' was given too; "
+            "give the precision once"
+        )
+    return name, given

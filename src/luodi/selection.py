@@ -1,58 +1,44 @@
 """Which compiled target a Session runs: by name, or "auto" = the fastest measured within the accuracy budget.
 
 Timings are measured on this host (at compile time with tune=True, or at first load) and cached per host
-and package hash; every choice comes with the reasons for it. It loads engines only to time them.
+and package hash (luodi.timing); every choice comes with the reasons for it. The timing round of "auto" loads
+each candidate once, with the session's options, and the winner's engine is the one the session runs.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
+import dataclasses
 import logging
-import os
-import platform
-import tempfile
-import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from .backends import Artifact, LoadOptions, get_backend
-from .errors import BackendError, BackendUnavailableError, FailedTargetError, InputError, LuodiError, PackageError
+from .arguments import parse_target  # noqa: F401  (luodi.selection.parse_target, as before)
+from .backends import Artifact, Engine, LoadOptions, get_backend, load_engine
+from .backends.base import check_options, file_only_refusal
+from .errors import (
+    BackendUnavailableError,
+    FailedTargetError,
+    LuodiError,
+    OptionError,
+    PackageError,
+)
 from .package import Package
-from .paths import cache_dir
-from .tensor import TensorSpec
-from .verify import TOLERANCES, OutputComparison, sample_inputs
+from .paths import cache_dir  # noqa: F401  (luodi.selection.cache_dir, as before)
+from .timing import (  # noqa: F401  (luodi.selection.X as before)
+    TIMING_RUNS,
+    TimingCache,
+    host_key,
+    known_timings,
+    label,
+    measure,
+    measure_many,
+)
+from .verify import TOLERANCES, OutputComparison
 
-TIMING_RUNS = 10
 STATUSES = ("verified", "unverified", "failed")
 
 log = logging.getLogger("luodi")
-
-
-def label(target: dict[str, Any]) -> str:
-    return f"{target['backend']}:{target['precision']}"
-
-
-def parse_target(backend: str, precision: str | None = None) -> tuple[str, str | None]:
-    """``"openvino:int8"`` -> ``("openvino", "int8")``, the name the CLI's ``--target`` takes; a plain name is kept.
-
-    ``precision`` given as well must agree with the one in the name (else an InputError saying so).
-    """
-    if not isinstance(backend, str):
-        raise InputError(f"backend must be a name such as 'onnxruntime' or 'openvino:int8', got {backend!r}")
-    name, sep, given = backend.partition(":")
-    if not sep:
-        return backend, precision
-    if not name or not given or ":" in given:
-        raise InputError(f"backend '{backend}' is not BACKEND or BACKEND:PRECISION, e.g. 'openvino:int8'")
-    if precision is not None and precision != given:
-        raise InputError(
-            f"backend='{backend}' asks for precision '{given}' but precision='{precision}' was given too; "
-            "give the precision once"
-        )
-    return name, given
 
 
 def target_status(target: dict[str, Any]) -> tuple[str, str]:
@@ -96,20 +82,6 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else float("nan")
 
 
-def host_key() -> str:
-    """What makes timings comparable: CPU model, core count, OS and machine."""
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    raw = f"{platform.system()}|{platform.machine()}|{cpu}|{os.cpu_count()}"
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
-
-
 def within_budget(target: dict[str, Any], budget: str) -> bool:
     """Whether the target's compile-time errors fit the tolerance of precision class ``budget``."""
     ver = target.get("verification")
@@ -118,98 +90,14 @@ def within_budget(target: dict[str, Any], budget: str) -> bool:
     return all(OutputComparison(n, **r).passes(budget) for n, r in ver["outputs"].items())
 
 
-def measure(
-    artifact: Artifact,
-    inputs: list[TensorSpec],
-    device: str = "cpu",
-    runs: int = TIMING_RUNS,
-    shapes: dict[str, Any] | None = None,
-    feeds: dict[str, np.ndarray] | None = None,
-) -> float:
-    """Median latency of a compiled target on this host, in milliseconds.
+@dataclass
+class Choice:
+    """The target to load, a sentence saying why, and (auto with ``load_options``) its engine, if the timing round
+    loaded it: the winner is kept open, not loaded again."""
 
-    ``shapes`` (the package's primary representative set) fixes free dims a model cannot run at 1, such as the
-    height and width of a detector's image; ``feeds`` gives the very inputs instead.
-    """
-    timings, failed = measure_many({"target": artifact}, inputs, device, runs, shapes, feeds)
-    if failed:
-        raise BackendError(failed["target"])
-    return timings["target"]
-
-
-def measure_many(
-    artifacts: dict[str, Artifact],
-    inputs: list[TensorSpec],
-    device: str = "cpu",
-    runs: int = TIMING_RUNS,
-    shapes: dict[str, Any] | None = None,
-    feeds: dict[str, np.ndarray] | None = None,
-    domains: dict[str, Any] | None = None,
-) -> tuple[dict[str, float], dict[str, str]]:
-    """Median latency (ms) of several targets at ``shapes`` (or on ``feeds``), measured side by side; and those
-    that failed, with why. Generated inputs take their values from ``domains`` (a constant input, e.g. a sample
-    rate, must keep its value for the model to run).
-
-    The targets take turns in rounds (the order rotating each round), so a burst of load on a shared
-    machine slows every candidate alike instead of deciding the choice.
-    """
-    if feeds is None:
-        feeds = sample_inputs(inputs, count=1, shapes=shapes, domains=domains)[0]
-    engines: dict[str, Any] = {}
-    failed: dict[str, str] = {}
-    times: dict[str, list[float]] = {}
-    try:
-        for name, artifact in artifacts.items():
-            try:
-                engine = get_backend(artifact.backend).load(artifact, LoadOptions(device=device))
-                engines[name] = engine
-                engine.run(feeds)  # warm-up: first runs allocate and may compile kernels
-                engine.run(feeds)
-                times[name] = []
-            except LuodiError as exc:  # one broken target must not stop the others from being timed
-                failed[name] = str(exc)
-            except Exception as exc:  # an engine failing on the timing input: the same, in its own words
-                failed[name] = f"{type(exc).__name__}: {exc}"
-        order = list(times)
-        per_round = 2
-        for r in range((runs + per_round - 1) // per_round):
-            for name in order[r % len(order) :] + order[: r % len(order)] if order else []:
-                for _ in range(per_round):
-                    t0 = time.perf_counter()
-                    engines[name].run(feeds)
-                    times[name].append(time.perf_counter() - t0)
-    finally:
-        for engine in engines.values():
-            engine.close()
-    return {name: float(np.median(t) * 1e3) for name, t in times.items()}, failed
-
-
-class TimingCache:
-    """``<cache>/timings.json``: {host: {package sha256: {target: median ms}}}."""
-
-    def __init__(self, path: Path | None = None) -> None:
-        self.path = path or cache_dir() / "timings.json"
-
-    def load(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def get(self, package_id: str) -> dict[str, float]:
-        return dict(self.load().get(host_key(), {}).get(package_id, {}))
-
-    def put(self, package_id: str, timings: dict[str, float]) -> None:
-        data = self.load()
-        data.setdefault(host_key(), {}).setdefault(package_id, {}).update(timings)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".timings.")
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh, indent=1)
-            os.replace(tmp, self.path)
-        except OSError:
-            pass  # a read-only home must not stop inference; we measure again next time
+    target: dict[str, Any]
+    reason: str
+    engine: Engine | None = None
 
 
 def select_target(
@@ -226,9 +114,25 @@ def select_target(
     target that failed at compile time. Asking for a failed target by name is a FailedTargetError naming its
     reason, unless ``allow_failed`` (for debugging: it loads with a logged warning).
     """
+    choice = choose(package, backend, precision, device, accuracy_budget, allow_failed)
+    return choice.target, choice.reason
+
+
+def choose(
+    package: Package,
+    backend: str = "auto",
+    precision: str | None = None,
+    device: str = "cpu",
+    accuracy_budget: str | None = None,
+    allow_failed: bool = False,
+    load_options: LoadOptions | None = None,
+) -> Choice:
+    """select_target's choice; with ``load_options`` the timing round of "auto" loads every candidate with them
+    (each gets the engine options its backend takes: :func:`options_for`) and the winner's engine comes back open
+    in ``Choice.engine``, the others closed. The package is read (decrypted) once per target."""
     backend, precision = parse_target(backend, precision)
     if backend != "auto":
-        return _by_name(package, backend, precision, allow_failed)
+        return Choice(*_by_name(package, backend, precision, allow_failed))
 
     budget = accuracy_budget or package.manifest.get("accuracy_budget", "fp32")
     if budget not in TOLERANCES:
@@ -238,7 +142,7 @@ def select_target(
         name = label(target)
         if precision is not None and target["precision"] != precision:
             continue
-        why = _unusable(target, device, budget)
+        why = _unusable(target, device, budget, package.encrypted)
         if why:
             skipped.append(f"{name}: {why}")
         else:
@@ -251,17 +155,102 @@ def select_target(
         )
     note = f" (not considered: {'; '.join(skipped)})" if skipped else ""
     if len(candidates) == 1:
-        return candidates[0], f"{label(candidates[0])}: the only target that runs here within budget '{budget}'{note}"
+        only = candidates[0]
+        return Choice(only, f"{label(only)}: the only target that runs here within budget '{budget}'{note}")
 
-    timings, failed = _timings(package, candidates, device)
-    skipped += [f"{name}: could not be loaded to time it ({why})" for name, why in failed.items()]
-    note = f" (not considered: {'; '.join(skipped)})" if skipped else ""
-    candidates = [t for t in candidates if label(t) in timings]
-    if not candidates:
-        raise BackendUnavailableError(f"no target in {package.path} could be loaded here: {'; '.join(skipped)}")
-    best = min(candidates, key=lambda t: timings[label(t)])
-    table = ", ".join(f"{label(t)} {timings[label(t)]:.2f} ms" for t in candidates)
-    return best, f"{label(best)}: fastest measured on this host within budget '{budget}' ({table}){note}"
+    opened: dict[str, Engine] = {}
+    try:
+        timings, failed = _timings(package, candidates, device, load_options, opened if load_options else None)
+        skipped += [f"{name}: could not be loaded to time it ({why})" for name, why in failed.items()]
+        note = f" (not considered: {'; '.join(skipped)})" if skipped else ""
+        candidates = [t for t in candidates if label(t) in timings]
+        if not candidates:
+            raise BackendUnavailableError(f"no target in {package.path} could be loaded here: {'; '.join(skipped)}")
+        best = min(candidates, key=lambda t: timings[label(t)])
+        table = ", ".join(f"{label(t)} {timings[label(t)]:.2f} ms" for t in candidates)
+        kept = opened.pop(label(best), None)
+    finally:
+        for engine in opened.values():  # the candidates that lost (all of them, on an error)
+            engine.close()
+    return Choice(best, f"{label(best)}: fastest measured on this host within budget '{budget}' ({table}){note}", kept)
+
+
+def options_for(backend: str, options: LoadOptions) -> LoadOptions:
+    """``options`` with only the engine options (``extra``) that ``backend`` declares: what each candidate of "auto"
+    gets, since ``Session(options=...)`` may name options of several engines."""
+    known = get_backend(backend).load_options
+    if all(k in known for k in options.extra):
+        return options
+    return dataclasses.replace(options, extra={k: v for k, v in options.extra.items() if k in known})
+
+
+def check_auto_options(package: Package, extra: dict[str, Any]) -> None:
+    """For "auto": an OptionError for an engine option that no backend of the package's targets takes, or a value
+    of the wrong type for one that does; an option only some of them take is fine (the others never see it)."""
+    backends = []
+    for name in dict.fromkeys(t["backend"] for t in package.targets if t["backend"] != "reference"):
+        with contextlib.suppress(LuodiError):  # a backend not registered here is no candidate
+            backends.append(get_backend(name))
+    for key, value in extra.items():
+        takers = [b for b in backends if key in b.load_options]
+        if not takers:
+            takes = "; ".join(f"{b.name}: {', '.join(sorted(b.load_options)) or 'none'}" for b in backends) or "none"
+            raise OptionError(f"no backend of {package.path.name}'s targets has a load option '{key}' ({takes})")
+        for b in takers:
+            check_options(b.name, "load", {key: value}, b.load_options)
+
+
+def open_target(
+    package: Package,
+    backend: str,
+    precision: str | None,
+    device: str,
+    accuracy_budget: str | None,
+    allow_failed: bool,
+    options: LoadOptions,
+    trust: Any = None,
+    isolate: Any = False,
+) -> tuple[Choice, LoadOptions]:
+    """The Session's target of ``package``, loaded once, and the load options it got. "auto" times the candidates
+    with ``options`` (each with the engine options its backend takes) and keeps the winner's engine; a target
+    chosen otherwise is loaded here. An encrypted package's target must be on a backend that loads from memory."""
+    auto = parse_target(backend, precision)[0] == "auto"
+    if auto and options.extra:  # options of several engines: each candidate gets those it takes
+        check_auto_options(package, options.extra)
+    choice = choose(package, backend, precision, device, accuracy_budget, allow_failed, None if isolate else options)
+    name = choice.target["backend"]
+    if package.encrypted and not get_backend(name).in_memory:  # the decrypted files must stay off disk
+        raise PackageError(file_only_refusal(name, str(package.path)))
+    if auto:
+        options = options_for(name, options)
+    if choice.engine is None:
+        choice.engine = load_target(package, choice.target, options, trusted=trust is not None, isolate=isolate)
+    return choice, options
+
+
+def load_target(
+    package: Package | None,
+    target: dict[str, Any] | Artifact,
+    options: LoadOptions,
+    *,
+    trusted: bool = False,
+    isolate: Any = False,
+) -> Engine:
+    """``target`` of ``package`` (or an artifact as it is) loaded: its files read (decrypted) once, a crash-prone
+    engine's file proven in a child process first (unless ``trusted``, or ``isolate``d: an isolated engine runs in a
+    child process anyway, where a crash costs a restart), then loaded in this process or in a worker."""
+    if isinstance(target, Artifact):
+        artifact = target
+    else:
+        assert package is not None
+        artifact = package.artifact(target)
+        if not isolate:
+            get_backend(artifact.backend).probe(artifact, package.representative_shapes, trusted=trusted)
+    if isolate:
+        from .worker import isolated_engine
+
+        return isolated_engine(artifact, options, isolate)
+    return load_engine(artifact, options)
 
 
 def _by_name(package: Package, backend: str, precision: str | None, allow_failed: bool) -> tuple[dict[str, Any], str]:
@@ -288,7 +277,7 @@ def _by_name(package: Package, backend: str, precision: str | None, allow_failed
     return target, f"{label(target)}: asked for by name; FAILED at compile time ({reason}), loaded with allow_failed"
 
 
-def _unusable(target: dict[str, Any], device: str, budget: str) -> str:
+def _unusable(target: dict[str, Any], device: str, budget: str, encrypted: bool = False) -> str:
     if target["backend"] == "reference":
         return "the reference is for verification, chosen only by name"
     ver = target.get("verification")
@@ -305,25 +294,21 @@ def _unusable(target: dict[str, Any], device: str, budget: str) -> str:
         return avail.reason
     if device.partition(":")[0] not in avail.devices:
         return f"no device '{device}' here"
+    if encrypted and not get_backend(target["backend"]).in_memory:
+        return "the package is encrypted and this backend loads a model only from a file"
     return ""
 
 
-def known_timings(package: Package, device: str = "cpu") -> dict[str, float]:
-    """Batch-1 latency per target label known on this host without measuring: stored in the package by
-    ``compile --tune`` for this host and device, else cached here by an earlier auto-selection."""
-    here = host_key()
-    stored = {
-        label(t): t["timing"]["median_ms"]
-        for t in package.targets
-        if t.get("timing", {}).get("host") == here and t["timing"].get("device") == device
-    }
-    return {**TimingCache().get(f"{package.manifest_sha256}:{device}"), **stored}
-
-
 def _timings(
-    package: Package, candidates: list[dict[str, Any]], device: str
+    package: Package,
+    candidates: list[dict[str, Any]],
+    device: str,
+    load_options: LoadOptions | None = None,
+    keep_open: dict[str, Engine] | None = None,
 ) -> tuple[dict[str, float], dict[str, str]]:
-    """Latency per target label (stored, cached or measured now) and the targets that failed to load."""
+    """Latency per target label (stored, cached or measured now) and the targets that failed to load. The targets
+    measured now load with ``load_options`` (each with the engine options its backend takes); with ``keep_open``
+    their engines stay open there."""
     timings = known_timings(package, device)
     cache = TimingCache()
     package_id = f"{package.manifest_sha256}:{device}"
@@ -342,7 +327,11 @@ def _timings(
         from .verify.representative import representative_inputs
 
         feeds = representative_inputs(package)[0]  # the primary set: the shapes the package is run at
-        measured, failed_now = measure_many(artifacts, package.inputs, device, feeds=feeds)
+        per_target = {k: options_for(a.backend, load_options) for k, a in artifacts.items()} if load_options else None
+        measured, failed_now = measure_many(
+            artifacts, package.inputs, device, feeds=feeds, load_options=per_target, keep_open=keep_open
+        )
+        del artifacts  # an encrypted package's plaintext lives on only inside the engines
         failed.update(failed_now)
     if measured:
         cache.put(package_id, measured)

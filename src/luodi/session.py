@@ -6,21 +6,15 @@ It validates tensors at the boundary and delegates to one Engine; it never reach
 from __future__ import annotations
 
 import logging
-import operator
-import os
 import threading
-import time
 import weakref
-import zipfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import arguments
-from .backends import LoadOptions, get_backend, load_engine
-from .backends.base import Artifact, CompileOptions, Engine
+from .backends import LoadOptions
 from .errors import (
     BackendError,
     InputError,
@@ -32,9 +26,11 @@ from .errors import (
     UnknownTensorError,
 )
 from .package import Package
-from .selection import parse_target, select_target
+from .package.archive import is_package_path
+from .runguard import RunGuard
+from .selection import load_target, open_target, parse_target
 from .stream import Stream
-from .tensor import TensorSpec
+from .tensor import TensorSpec, concrete_shapes
 
 log = logging.getLogger("luodi")
 
@@ -93,42 +89,27 @@ class Session:
         """The License that unlocked this session's package, if any."""
         self._release_license: Any = None
         backend, precision = parse_target(backend, precision)
-        if isinstance(model, Package) or _is_package_path(model):
-            if trust is None and license is None and passphrase is None:
-                self.package = model if isinstance(model, Package) else Package(model)
-                if self.package.encrypted and self.package._decrypt is None:
-                    from .package.crypto import unlock
+        if isinstance(model, Package) or is_package_path(model):
+            from .package.crypto import open_package  # verified against trust, unlocked (or says which key it needs)
 
-                    unlock(self.package)  # says which key the package needs
-            else:
-                from .package.crypto import open_package
-
-                self.package, self.license = open_package(model, trust=trust, license=license, passphrase=passphrase)
-            target, self.selection = select_target(
-                self.package, backend, precision, device, accuracy_budget, allow_failed
+            self.package, self.license = open_package(model, trust=trust, license=license, passphrase=passphrase)
+            choice, load_options = open_target(
+                self.package, backend, precision, device, accuracy_budget, allow_failed, load_options, trust, isolate
             )
+            target, self.selection, self._engine = choice.target, choice.reason, choice.engine
             self.backend, self.precision = target["backend"], target["precision"]
-            artifact = self.package.artifact(target)
-            # A crash-prone engine's file is proven in a child process first (once per host), unless signed or
-            # isolated: an isolated engine runs in a child process anyway, where a crash costs a restart.
-            if not isolate:
-                get_backend(self.backend).probe(artifact, self.package.representative_shapes, trusted=trust is not None)
+            self._load_args["options"] = dict(load_options.extra)  # further models load on this backend by name
             self._inputs = self.package.inputs
             self._outputs = self.package.outputs
         else:
-            from .frontends import load_model
-            from .tensor import specs_from_onnx
+            from .compiler.load_source import compile_in_memory
 
-            src = load_model(model)
             self.backend = "onnxruntime" if backend == "auto" else backend
             self.precision = precision or "fp32"
             self.selection = f"{self.backend}: compiled in memory from an ONNX model"
-            artifact = get_backend(self.backend).compile(src.model, CompileOptions(precision=self.precision))
-            self._inputs, self._outputs = specs_from_onnx(src.model)
-        self._engine: Engine = (
-            _isolated(artifact, load_options, isolate) if isolate else load_engine(artifact, load_options)
-        )
-        del artifact  # an encrypted package's plaintext lives on only inside the engine
+            artifact, self._inputs, self._outputs = compile_in_memory(model, self.backend, self.precision)
+            self._engine = load_target(None, artifact, load_options, isolate=isolate)
+            del artifact
         if self.license is not None:
             try:
                 # Released by close(), or when the session is garbage-collected unclosed.
@@ -139,7 +120,7 @@ class Session:
         self._input_by_name = {s.name: s for s in self._inputs}
         self._output_names = {s.name for s in self._outputs}
         self._lock = None if self._engine.thread_safe else threading.Lock()
-        self._runs = _RunGuard()
+        self._runs = RunGuard()
         self._local = threading.local()
         self._pipeline: Any = None
         log.info("luodi session: %s", self.selection)
@@ -256,25 +237,11 @@ class Session:
             runs.inflight.pop()
 
     def _concrete(self, shapes: dict[str, tuple[int, ...]] | None) -> dict[str, tuple[int, ...]]:
-        """Every input's concrete shape: ``shapes`` where given, else symbolic dims as 1; checked against the specs."""
         self._check_open()
         shapes = arguments.mapping("shapes", shapes)
         for name in shapes:
             self._spec(name)
-        concrete = {}
-        for spec in self._inputs:
-            given = shapes.get(spec.name, spec.concrete(1))
-            try:
-                shape = tuple(operator.index(d) for d in given)
-            except TypeError as exc:
-                raise ShapeError(f"input '{spec.name}': a shape is a sequence of ints, got {given!r}") from exc
-            fits = len(shape) == len(spec.shape) and all(
-                n >= 1 and (not isinstance(d, int) or d == n) for d, n in zip(spec.shape, shape)
-            )
-            if not fits:
-                raise ShapeError(f"input '{spec.name}' expects shape {spec.shape_str()}, got {list(shape)}")
-            concrete[spec.name] = shape
-        return concrete
+        return concrete_shapes(self._inputs, shapes)
 
     def set_tensor(self, name: str, array: Any) -> None:
         """Bind input ``name`` for the next forward() on this thread."""
@@ -454,44 +421,3 @@ class Session:
 
     def __repr__(self) -> str:
         return f"<Session {self.backend}:{self.precision} on {self.device}>"
-
-
-class _RunGuard:
-    """The calls in progress on a session's engine, so that close() frees the engine only once none is using it.
-
-    A call appends to ``inflight`` and then checks ``closing``; close() sets ``closing`` and then waits for
-    ``inflight`` to empty. list.append/pop are atomic, so the hot path costs two C calls and no lock, and either
-    close() sees the call's hold or the call sees ``closing`` (and gets StateError). close() polls: it is rare.
-    """
-
-    __slots__ = ("inflight", "closing", "_once")
-
-    def __init__(self) -> None:
-        self.inflight: list[None] = []
-        self.closing = False
-        self._once = threading.Lock()
-
-    def close(self) -> bool:
-        """Mark closing and wait for the calls in progress; False if it was closing already."""
-        with self._once:
-            if self.closing:
-                return False
-            self.closing = True
-        while self.inflight:
-            time.sleep(0.0005)
-        return True
-
-
-def _is_package_path(model: Any) -> bool:
-    if not isinstance(model, (str, os.PathLike)):
-        return False
-    path = Path(model)
-    if path.suffix == ".luodi":
-        return True
-    return path.is_file() and path.suffix != ".onnx" and zipfile.is_zipfile(path)
-
-
-def _isolated(artifact: Artifact, options: LoadOptions, isolate: bool | int | str) -> Engine:
-    from .worker import isolated_engine
-
-    return isolated_engine(artifact, options, isolate)

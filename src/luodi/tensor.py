@@ -5,6 +5,8 @@ It carries dtype as run-time data, never as a type parameter; it must not import
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,3 +142,22 @@ def specs_from_onnx(model: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
     inputs = [spec(vi) for vi in graph.input if vi.name not in initializers]
     outputs = [spec(vi) for vi in graph.output]
     return inputs, outputs
+
+
+def concrete_shapes(specs: Sequence[TensorSpec], shapes: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every input's concrete shape: ``shapes`` where given, else symbolic dims as 1; a ShapeError for a shape that
+    is no sequence of ints or does not fit the input's spec."""
+    concrete = {}
+    for spec in specs:
+        given = shapes.get(spec.name, spec.concrete(1))
+        try:
+            shape = tuple(operator.index(d) for d in given)
+        except TypeError as exc:
+            raise ShapeError(f"input '{spec.name}': a shape is a sequence of ints, got {given!r}") from exc
+        fits = len(shape) == len(spec.shape) and all(
+            n >= 1 and (not isinstance(d, int) or d == n) for d, n in zip(spec.shape, shape)
+        )
+        if not fits:
+            raise ShapeError(f"input '{spec.name}' expects shape {spec.shape_str()}, got {list(shape)}")
+        concrete[spec.name] = shape
+    return concrete

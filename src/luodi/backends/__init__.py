@@ -33,7 +33,7 @@ __all__ = [
 ENTRY_POINT_GROUP = "luodi.backends"
 # Modules here that are no backend: the contract and the helpers several backends share (a module whose name starts
 # with "_" is never one either: converters such as _pnnx, shared data such as _int8).
-_NOT_BACKENDS = {"base", "onnx_compat", "probe", "shapes"}
+_NOT_BACKENDS = {"base", "contract", "onnx_compat", "probe", "shapes"}
 _cache: dict[str, Backend] = {}
 
 

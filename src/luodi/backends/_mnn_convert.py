@@ -12,7 +12,6 @@ registry (a leading underscore): luodi.backends.mnn is the engine.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -21,13 +20,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .. import onnx_io
-from ..errors import BackendError, CompileError, UnsupportedOpError
+from ..errors import CompileError, UnsupportedOpError
 from ..paths import child_env
 from ..tensor import specs_from_onnx
-from .base import Artifact, LoadOptions
 
 MODEL_FILE = "model.mnn"
 _NOT_SUPPORTED = re.compile(r"These Op Not Support:\s*(.*)")
@@ -58,7 +54,7 @@ def _convert_and_probe_in_child(workdir: str, model: Any) -> bytes:
     graphs it cannot handle, in the converter and in its kernels alike; in a child process that is
     an UnsupportedOpError for the caller instead of the end of the caller's process.
     """
-    code = "from luodi.backends._mnn_convert import _child_main; _child_main()"
+    code = "from luodi.backends._mnn_child import main; main()"
     try:
         proc = subprocess.run(
             [sys.executable, "-c", code, workdir],
@@ -105,58 +101,6 @@ def _convert_and_probe_in_child(workdir: str, model: Any) -> bytes:
         detail = result.get("error") or tail or f"exit status {proc.returncode}"
         raise CompileError(f"mnn failed while {doing}: {detail}")
     return Path(workdir, MODEL_FILE).read_bytes()
-
-
-def _child_main() -> None:
-    """The child side of _convert_and_probe_in_child: argv[1] is the work folder."""
-    work = Path(sys.argv[1])
-    from .mnn import MnnBackend, _captured_output, _engine_said
-    from .probe import limit_memory  # some graphs make MNN allocate without bound: a cap ends the child at once
-
-    limit_memory()
-    stage, result = work / "stage", work / "result.json"
-    opts = json.loads((work / "job.json").read_text())
-    src, dst = str(work / "model.onnx"), str(work / MODEL_FILE)
-    stage.write_text("convert")
-    argv = ["mnnconvert", "-f", "ONNX", "--modelFile", src, "--MNNModel", dst, "--bizCode", "luodi"]
-    if opts["fp16_weights"]:
-        argv.append("--fp16")
-    import _tools  # MNN's converter extension; never MNN.tools (telemetry)
-
-    try:
-        _tools.mnnconvert(argv)
-    except Exception as exc:  # the extension raises bare exceptions
-        result.write_text(json.dumps({"status": "convert-failed", "error": str(exc)}))
-        return
-    sys.stdout.flush()
-    if not os.path.exists(dst):
-        result.write_text(json.dumps({"status": "convert-failed", "error": "the converter wrote no model"}))
-        return
-    stage.write_text("load")
-    backend = MnnBackend()
-    artifact = Artifact(backend.name, "probe", {MODEL_FILE: Path(dst).read_bytes()}, opts)
-    engine = backend.load(artifact, LoadOptions(threads=1))
-    stage.write_text("run")
-    error = None
-    shapes = {name: tuple(shape) for name, shape in opts["trial_shapes"].items()}
-    for fill in (1, 0):  # ones first: zeros are no valid integer divisor or "scales"; then zeros
-        feeds = {s.name: np.full(shapes[s.name], fill, dtype=s.np_dtype) for s in engine.inputs}
-        with _captured_output() as log:
-            try:
-                engine.run(feeds)
-            except BackendError as exc:
-                error = str(exc)
-            else:
-                error = None
-        if error is None:
-            break
-        said = _engine_said(log[0] if log else "")
-        if said and "MNN said" not in error:
-            error = f"{error}; MNN said: {said}"
-    engine.close()
-    status = {"status": "ok"} if error is None else {"status": "run-failed", "error": error}
-    status["representative"] = bool(opts.get("representative"))
-    result.write_text(json.dumps(status))
 
 
 def _legalised(model: Any) -> Any:

@@ -1,7 +1,7 @@
 """Prove an engine file harmless in a child process before this process loads it: one load, one run per shape set.
 
 For engines whose loader or kernels crash the process on a malformed file (``Backend.crash_prone``: ncnn, MNN).
-The artifact goes to ``python -m luodi.backends.probe`` through a pipe (a JSON header, then the files' raw
+The artifact goes to ``python -m luodi.backends._probe_child`` through a pipe (a JSON header, then the files' raw
 bytes: nothing is pickled and nothing is written to disk, so a decrypted model never touches it); the child
 loads it from memory files, runs it once at each representative shape set and reports on its stdout. A
 child killed by a signal is a BackendError naming the target; an artifact that passed is remembered under
@@ -23,11 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..errors import BackendError
 from ..paths import cache_dir, child_env
-from .base import Artifact, Shapes
+from .contract import Artifact, Shapes
 
 PROBE_VERSION = 2
 """Part of the cache key: bump it when what the probe proves changes."""
@@ -121,7 +119,7 @@ def _payload(artifact: Artifact, shapes: list[Shapes]) -> bytes:
 def _run_child(artifact: Artifact, shapes: list[Shapes]) -> dict[str, Any]:
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "luodi.backends.probe"],
+            [sys.executable, "-m", "luodi.backends._probe_child"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,  # the child's reports only: it sends the engine's own printing to stderr
             stderr=subprocess.PIPE,
@@ -190,47 +188,3 @@ def _read_exact(stream: Any, n: int) -> bytes:
     if len(data) != n:
         raise EOFError("the probe payload ended early")
     return data
-
-
-def _child_main() -> None:
-    from ..backends import load_engine
-    from ..errors import LuodiError
-    from .base import LoadOptions
-
-    report = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # the engines print to stdout (C printf too); the reports keep the original descriptor
-
-    def say(**event: Any) -> None:
-        report.write(json.dumps(event) + "\n")
-
-    limit_memory()
-    stdin = sys.stdin.buffer
-    head = json.loads(stdin.readline())
-    files = {name: _read_exact(stdin, size) for name, size in head["files"]}
-    # in_memory: the engine reads memory files, so a crash leaves no temporary file behind.
-    artifact = Artifact(head["backend"], head["precision"], files, head["options"], in_memory=True)
-    say(stage="loading it")
-    try:
-        engine = load_engine(artifact, LoadOptions())  # the default threads, as a Session loads it
-    except LuodiError as exc:
-        say(status="error", during="load", type=type(exc).__name__, error=str(exc))
-        return
-    for shapes in head["shapes"]:
-        say(stage=f"running it at shapes {shapes}")
-        try:
-            feeds = {s.name: np.ones(shapes.get(s.name, s.concrete(1)), s.np_dtype) for s in engine.inputs}
-            outputs = engine.run(feeds)
-            # Only that every output came back: the shapes an ONNX file declares may be wrong (ddddocr declares
-            # [1, seqlen] for a [T, 1, C] output), and verification compares the shapes with the reference's.
-            missing = [spec.name for spec in engine.outputs if spec.name not in outputs]
-            if missing:
-                raise ValueError(f"no output(s) {missing}")
-        except Exception as exc:  # reported; the parent refuses the file
-            say(status="error", during="run", error=f"{type(exc).__name__}: {exc}")
-            return
-    engine.close()
-    say(status="ok")
-
-
-if __name__ == "__main__":
-    _child_main()

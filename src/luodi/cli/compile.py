@@ -215,9 +215,9 @@ def export(
     import json
     from pathlib import Path
 
+    from ..compiler.export import export as export_package
     from ..errors import ExportError
     from ..frontends.torch import build_module
-    from ..frontends.torch import export as export_package
     from ..progress import Progress
 
     try:

@@ -36,11 +36,11 @@ def quantize_analyse(
 ) -> None:
     """Per-layer int8 sensitivity of MODEL: the error each layer adds when it alone is quantised."""
     from ..backends import get_backend
-    from ..frontends import load_model
+    from ..compiler.load_source import load_source
     from ..quant import PTQ, parse_budget, policy_of
     from ..tensor import specs_from_onnx
 
-    src = load_model(model)
+    src = load_source(model)
     inputs, _ = specs_from_onnx(src.model)
     target = get_backend(backend.split(":")[0])
     with err.status("quantising") as status:

@@ -5,7 +5,7 @@ The compiler compiles and verifies every model in one loop (luodi.compiler.compi
 
 from __future__ import annotations
 
-from ..frontends import SourceModel
+from ..source import SourceModel
 from ..tensor import TensorSpec, specs_from_onnx
 
 

@@ -1,6 +1,7 @@
-"""Frontends: turn what the user has (an ONNX file, a ModelProto, a zoo model) into one canonical graph.
+"""Frontends: turn what the user has (an ONNX file, bytes, a ModelProto, a torch module) into one canonical graph.
 
-They validate and normalise the graph; they never run it.
+They validate and normalise the graph; they never run it, and import neither the zoo nor the compiler
+(``zoo:`` names and ``luodi.export`` are the compiler's: luodi.compiler.load_source, luodi.compiler.export).
 """
 
 from .onnx import SourceModel, load_model

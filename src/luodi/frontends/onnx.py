@@ -7,35 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
-
-
-@dataclass
-class SourceModel:
-    """A canonical float graph plus what travels with it into a package."""
-
-    model: Any  # onnx.ModelProto
-    name: str
-    pipeline: dict[str, Any] | None = None
-    version: str = "1"
-    description: str = ""
-    samples: list[Any] = field(default_factory=list)
-    """Raw inputs (e.g. image paths) that the pipeline turns into realistic verification inputs."""
-    torch_program: bytes | Callable[[], bytes] | None = None
-    """A ``torch.export`` program saved with ``torch.export.save`` (or a function making it on demand),
-    when the model came from PyTorch."""
-    models: dict[str, SourceModel] = field(default_factory=dict)
-    """Further models of a multi-model pipeline (e.g. OCR's "cls" and "rec"), by the name the pipeline's
-    graph calls them; this model is "main". Each is compiled for the same targets and verified alike."""
+from ..source import SourceModel
 
 
 def load_model(src: Any, name: str | None = None) -> SourceModel:
-    """Load ``src`` (path to .onnx, ``zoo:<name>``, bytes, ModelProto or SourceModel) and check it."""
+    """Load ``src`` (path to .onnx, bytes, ModelProto or SourceModel) and check it.
+
+    ``zoo:<name>`` is resolved a layer up (luodi.compiler.load_source): a frontend imports no zoo."""
     from ..extras import require
 
     onnx = require("onnx", "compiling or loading an ONNX model")
@@ -43,9 +25,7 @@ def load_model(src: Any, name: str | None = None) -> SourceModel:
     if isinstance(src, SourceModel):
         out = dataclasses.replace(src)  # the caller's object may be compiled again under another name
     elif isinstance(src, str) and src.startswith("zoo:"):
-        from .. import zoo
-
-        out = zoo.get(src[4:])
+        raise ModelError(f"'{src}' is a zoo name: load it with luodi.compiler.load_source (luodi.compile does)")
     elif isinstance(src, onnx.ModelProto):
         out = SourceModel(src, name or (src.graph.name or "model"))
     elif isinstance(src, bytes):

@@ -12,13 +12,13 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .. import onnx_io
 from ..errors import ExportError, MissingExtraError, ModelError
-from .onnx import SourceModel
+from ..source import SourceModel
 
 #: ONNX opset luodi exports with: the newest one every engine here reads (ncnn's pnnx, MNN, OpenVINO).
 OPSET = 17
@@ -268,41 +268,4 @@ def build_module(builder: str, weights: str | os.PathLike[str] | None = None) ->
     return module.eval()
 
 
-def export(
-    module: Any,
-    example_inputs: Any,
-    out: str | os.PathLike[str],
-    targets: Sequence[str] = ("onnxruntime", "torch"),
-    *,
-    name: str | None = None,
-    input_names: Sequence[str] | None = None,
-    output_names: Sequence[str] | None = None,
-    dynamic_batch: bool = True,
-    pipeline: dict[str, Any] | None = None,
-    opset: int = OPSET,
-    log: Callable[[str], None] | None = None,
-    **compile_options: Any,
-) -> Any:
-    """PyTorch module -> ONNX -> graph passes -> every target -> verified .luodi package, in one call.
-
-    ``example_inputs`` is a tensor or a tuple of tensors of the shapes the model takes (the batch axis
-    stays dynamic unless ``dynamic_batch=False``). ``pipeline`` is a pre/post-processing spec stored in
-    the package. The package keeps the module's ``torch.export`` program for the ``torch`` target.
-    Other keyword arguments go to :func:`luodi.compile` (``passes``, ``accuracy_budget``, ``strict``...).
-    """
-    from ..compiler import compile as compile_package
-
-    src = from_torch(
-        module,
-        example_inputs,
-        name=name,
-        input_names=input_names,
-        output_names=output_names,
-        dynamic_batch=dynamic_batch,
-        pipeline=pipeline,
-        opset=opset,
-    )
-    return compile_package(src, out, targets, log=log, **compile_options)
-
-
-__all__ = ["OPSET", "build_module", "export", "from_torch", "to_onnx", "to_program"]
+__all__ = ["OPSET", "build_module", "from_torch", "to_onnx", "to_program"]

@@ -319,15 +319,9 @@ class Package:
         )
 
     def artifact(self, target: dict[str, Any]) -> Artifact:
-        if self.encrypted:
-            from ..backends import get_backend
-
-            if not get_backend(target["backend"]).in_memory:
-                raise PackageError(
-                    f"{self.path} is encrypted and backend '{target['backend']}' can only load a model from a file, "
-                    "which would put the decrypted model on disk: choose a backend that loads from memory "
-                    "(see the 'encrypted' column of `luodi backends`)"
-                )
+        """``target``'s files and options. An encrypted package's files are plaintext in memory (``in_memory``):
+        whether a backend may load them is the loader's decision (Session, auto-selection, Backend.load), not
+        the package's."""
         files = {rel: self.read(member) for rel, member in target["files"].items()}
         artifact = Artifact(target["backend"], target["precision"], files, dict(target.get("options", {})))
         artifact.in_memory = self.encrypted
@@ -336,3 +330,13 @@ class Package:
     def __repr__(self) -> str:
         ts = ", ".join(f"{t['backend']}:{t['precision']}" for t in self.targets)
         return f"<Package {self.name} targets=[{ts}] at {self.path}>"
+
+
+def is_package_path(model: Any) -> bool:
+    """Whether ``model`` names a .luodi package (by its suffix, or a zip that is no .onnx file)."""
+    if not isinstance(model, (str, os.PathLike)):
+        return False
+    path = Path(model)
+    if path.suffix == ".luodi":
+        return True
+    return path.is_file() and path.suffix != ".onnx" and zipfile.is_zipfile(path)

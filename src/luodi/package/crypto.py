@@ -222,6 +222,8 @@ def open_package(
     if verified is not None and hashlib.sha256(verified).hexdigest() != pkg.manifest_sha256:
         raise IntegrityError(f"{path} changed while it was being opened; open it again")
     if pkg.encrypted:
+        if pkg._decrypt is not None and license is None and passphrase is None:
+            return pkg, None  # unlocked already (a Package handed on, e.g. a further model's view)
         return pkg, unlock(pkg, license=license, passphrase=passphrase)
     lic = None
     if license is not None:

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import PipelineError
-from .spec import register_op
+from .registry import register_op
 
 
 def _count(k: object) -> int:

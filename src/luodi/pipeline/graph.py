@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import PipelineError
 from ..tensor import TensorSpec
-from .spec import build_op
+from .registry import build_op
 
 #: The value a graph starts from: what the user gave to ``Session.predict``.
 RAW = "input"

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import PipelineError
-from .spec import register_op
+from .registry import register_op
 
 _RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1, "box": 4, "hamming": 5}
 

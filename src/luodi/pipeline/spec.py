@@ -1,6 +1,7 @@
 """Pipeline: build ops from a JSON spec, run pre-processing into feeds and post-processing into results.
 
-The op registry is a name -> class table filled by the op modules; there is no central schema.
+The op registry (registry.py) is a name -> class table filled by the op modules; there is no central schema. This
+module imports the classic image and classification ops, so that a Pipeline finds them registered.
 """
 
 from __future__ import annotations
@@ -14,36 +15,14 @@ import numpy as np
 
 from ..errors import PipelineError
 from ..tensor import TensorSpec
-
-_OPS: dict[str, type] = {}
-
-
-def register_op(cls: type) -> type:
-    """Class decorator: make ``cls`` usable in a spec as ``{"op": cls.op, ...}``."""
-    _OPS[cls.op] = cls
-    return cls
-
-
-def build_op(step: dict[str, Any]) -> Any:
-    """The op object a spec step ``{"op": name, **params}`` describes; PipelineError says what is wrong."""
-    if not isinstance(step, dict) or "op" not in step:
-        raise PipelineError(f"pipeline step {step!r} must be an object with an 'op' key")
-    cls = _OPS.get(step["op"])
-    if cls is None:
-        raise PipelineError(f"unknown pipeline op '{step['op']}'; known ops: {sorted(_OPS)}")
-    params = {k: v for k, v in step.items() if k != "op"}
-    try:
-        return cls(**params)
-    except TypeError as exc:
-        raise PipelineError(f"pipeline op '{step['op']}' got bad parameters {params}: {exc}") from exc
+from . import classify, image  # noqa: F401  (registers the classic ops)
+from .registry import build_op, register_op  # noqa: F401  (register_op: luodi.pipeline.spec's name as before)
 
 
 class Pipeline:
     """Pre-processing for one raw input (or a list of them) -> model feeds, and outputs -> results."""
 
     def __init__(self, spec: dict[str, Any], inputs: Sequence[TensorSpec]) -> None:
-        from . import classify, image  # noqa: F401  (registers the ops)
-
         self.spec = spec
         self.input = spec.get("input") or inputs[0].name
         self.output = spec.get("output")

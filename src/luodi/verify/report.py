@@ -87,7 +87,7 @@ def verify_package(
     if against == "reference":
         base, ran = reference_outputs(package, feeds)
     else:
-        from ..selection import parse_target
+        from ..arguments import parse_target
 
         base_target = package.find_target(*parse_target(against))
         against = _label(base_target)  # "openvino" -> "openvino:fp32", so the target is not compared with itself

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import ModelError
-from ..frontends import SourceModel
+from ..source import SourceModel
 from .efficientnet import efficientnet_lite0
 from .pipelines import ppocr_v4, silero_vad, yolov8n_nudenet
 

@@ -15,7 +15,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MissingExtraError, ModelError
-from ..frontends import SourceModel
+from ..source import SourceModel
 
 if TYPE_CHECKING:
     import onnx

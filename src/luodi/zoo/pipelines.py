@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ModelError
-from ..frontends import SourceModel
+from ..source import SourceModel
 from .images import _package_dir
 
 PIPELINES_EXTRA = "pip install 'luodi[pipelines]'"

@@ -8,29 +8,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 from ...errors import CompileError
-
-
-@dataclass
-class PassContext:
-    """What a pass may read or rewrite besides the graph: the package's pipeline spec."""
-
-    pipeline: dict[str, Any] | None = None
-    notes: list[str] = field(default_factory=list)
-    """What the pass did, in words, for the report (one pass run's notes)."""
-
-
-class Pass:
-    """One graph rewrite. Subclasses set ``name`` and ``summary`` and implement ``run``."""
-
-    name: ClassVar[str]
-    summary: ClassVar[str]
-
-    def run(self, model: Any, ctx: PassContext) -> Any:
-        raise NotImplementedError
+from .base import Pass, PassContext  # noqa: F401  (re-exported: luodi.compiler.passes.Pass as before)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from . import Pass, PassContext
+from .base import Pass, PassContext
 from .graph import attribute, consumers, fresh_name, initializer_arrays, producers, replace_initializer, set_attribute
 
 

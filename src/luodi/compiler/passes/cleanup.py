@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import Pass, PassContext
+from .base import Pass, PassContext
 from .graph import _subgraph_reads, consumers, rename_tensor
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import Pass, PassContext
+from .base import Pass, PassContext
 from .graph import initializer_arrays, opset
 
 # Random ops must run each time; Q/DQ pairs are what an int8 engine reads, folding them loses the int8 graph.

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ...package.schema import FOLDED_NORMALIZATION
-from . import Pass, PassContext
+from .base import Pass, PassContext
 from .graph import attribute, consumers, fresh_name, initializer_arrays, replace_initializer, set_attribute
 
 #: Pipeline ops that may sit between ``normalize`` and the model without changing pixel values.

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import ModelError
-from . import Pass, PassContext
+from .base import Pass, PassContext
 
 
 class InferShapes(Pass):

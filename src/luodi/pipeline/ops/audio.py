@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ...errors import PipelineError
-from ..spec import register_op
+from ..registry import register_op
 
 
 class SpeechSegment(NamedTuple):

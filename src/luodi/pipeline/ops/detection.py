@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ...errors import MissingExtraError, PipelineError
-from ..spec import register_op
+from ..registry import register_op
 
 
 def cv2_module() -> Any:
