@@ -81,7 +81,7 @@ class ModelVersion:
         self.batchable = _batchable(self.session)
         self.session.prepare()  # allocate and warm up at the package's primary representative shapes
         self.batcher = Batcher(
-            self.session.run,
+            self.session.run_validated,  # each request was checked once, by submit()
             config,
             batchable=self.batchable,
             name=f"{name}-{version}",
@@ -97,7 +97,9 @@ class ModelVersion:
         check_feeds(self.session, self.name, feeds)
 
     def submit(self, feeds: Feeds, timeout_s: float | None = None) -> Job:
+        """Check ``feeds`` (the only check they get) and queue them; the job's future gives the outputs."""
         self.check(feeds)
+        feeds = {n: np.ascontiguousarray(a) for n, a in feeds.items()}  # what engines read; a no-op when it is
         return self.batcher.submit(feeds, timeout_s)
 
     def predict(self, raw: Any, timeout_s: float | None = None, **options: Any) -> tuple[Any, Job | None]:
