@@ -205,6 +205,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="rounds per concurrency (sides alternate)")
     ap.add_argument("--package", type=Path, help="an EfficientNet-Lite0 .luodi to serve (default: compile the zoo's)")
     ap.add_argument("--no-ray", action="store_true", help="leave out the `luodi serve --ray` figures")
+    ap.add_argument("--ray-only", action="store_true", help="only the `luodi serve --ray` figures")
     args = ap.parse_args()
     console = Console(width=None if sys.stdout.isatty() else 120)
 
@@ -223,6 +224,9 @@ def main() -> None:
         with luodi.Session(pkg, backend="onnxruntime") as s:
             want = s.run({"images": x})["logits"]
         body, n = encode_infer_request({"images": x})
+        if args.ray_only:
+            ray_figures(console, repo, pkg, body, n, want, args.seconds, args.rounds)
+            return
         sides = {
             "batching": ("--max-batch-size", "32"),
             "no batching": ("--max-batch-size", "1"),
