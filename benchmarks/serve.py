@@ -13,10 +13,11 @@ the size the batched server ran at 64 clients, as images per second, over the sa
 Targets: batching >= 2x the throughput of no batching at 64 clients; the batched server's throughput
 at 64 clients >= 0.8 of the in-process Session's at the same batch size.
 
-Then the same load against ``luodi serve --ray`` on one node (Ray Serve, one replica, ``@serve.batch`` with
-the same batch size and delay, ``max_ongoing_requests`` 64): its throughput, latency, mean batch (from
-the ``luodi-batch-requests`` header of each answer: requests / sum(1 / batch)) and its throughput as a
-fraction of the in-process Session's at that batch size. ``--no-ray`` leaves it out.
+Then the same load against ``luodi serve --ray`` on one node (Ray Serve, one replica running the same
+app and luodi's batcher with the same batch size and delay, ``max_ongoing_requests`` 64): its throughput,
+latency, mean batch (from the ``luodi-batch-requests`` header of each answer: requests / sum(1 / batch))
+and its throughput as a fraction of the in-process Session's at that batch size. ``--no-ray`` leaves it
+out, ``--ray-only`` runs only it.
 
 How
 ---
@@ -352,7 +353,7 @@ def ray_figures(
             rows.append((clients, len(lat) / wall, np.percentile(ms, 50), np.percentile(ms, 99), mean_batch))
     finally:
         srv.stop()
-    table = Table(title="luodi serve --ray (Ray Serve, one node, one replica, @serve.batch 32, no wait)")
+    table = Table(title="luodi serve --ray (Ray Serve, one node, one replica, luodi's batcher 32, no wait)")
     for col in ("clients", "req/s", "p50 ms", "p99 ms", "mean batch", "Session at that batch", "fraction"):
         table.add_column(col, justify="right")
     with luodi.Session(pkg, backend="onnxruntime") as s:
