@@ -273,3 +273,31 @@ def test_server_keeps_the_cyclic_collector_off_the_request_path() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_app_options_that_ray_replicas_use_headers_and_a_readiness_gate(cnn_repo: Path, expected) -> None:
+    # What `luodi serve --ray` adds to the same app: its node on every answer, ready only once every replica runs.
+    import asyncio
+
+    from luodi.serve import ModelRepository, create_app
+    from luodi.serve.protocol import HEADER_LENGTH, decode_infer_response, encode_infer_request
+
+    gate = {"open": False}
+    app = create_app(ModelRepository(cnn_repo), headers={"luodi-node": "10.0.0.7"}, ready=lambda: gate["open"])
+    body, n = encode_infer_request({"x": _x(2)})
+
+    async def talk() -> None:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:
+                r = await client.get("/v2/health/ready")
+                assert r.status_code == 503 and r.headers["luodi-node"] == "10.0.0.7"
+                gate["open"] = True
+                assert (await client.get("/v2/health/ready")).status_code == 200
+                r = await client.post("/v2/models/cnn/infer", content=body, headers={HEADER_LENGTH: str(n)})
+                assert r.status_code == 200 and r.headers["luodi-batch-requests"] == "1"
+                assert r.headers["luodi-node"] == "10.0.0.7"
+                y = decode_infer_response(r.content, r.headers[HEADER_LENGTH])["y"]
+                np.testing.assert_allclose(y, expected(_x(2)), rtol=1e-5, atol=1e-5)
+
+    asyncio.run(talk())

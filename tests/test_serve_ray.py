@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import luodi
+from luodi.serve import Access, ModelRepository, create_app
 from luodi.serve.batcher import BatchConfig
 from luodi.serve.protocol import HEADER_LENGTH, decode_infer_response, encode_infer_request
 
@@ -177,7 +178,19 @@ def test_serve_ray_one_node_answers_and_batches(cnn_repo: Path, tmp_path: Path) 
         for (got, _), w in zip(answers, want, strict=True):
             np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
         joined = [int(h["luodi-batch-requests"]) for _, h in answers]
-        assert max(joined) > 1, f"@serve.batch never joined requests: {joined}"
+        assert max(joined) > 1, f"the replica's batcher never joined requests: {joined}"
+        assert len({h["luodi-node"] for _, h in answers}) == 1  # one replica, on its node
+        # Ray serves luodi serve's own app: the same routes (model control aside: read-only), and routes the
+        # hand-written router of old lacked answer through Ray's proxy too
+        local = create_app(ModelRepository(cnn_repo), access=Access(read_only=True)).openapi()["paths"]
+        served = httpx.get(f"{base}/openapi.json", timeout=10).json()["paths"]
+        assert {p: sorted(m) for p, m in served.items()} == {p: sorted(m) for p, m in local.items()}
+        assert "/v2/repository/index" not in served and "/v2/models/{name}/infer" in served
+        assert httpx.get(f"{base}/v2", timeout=10).json()["extensions"]
+        status = httpx.get(f"{base}/luodi/models", timeout=10).json()
+        assert status["models"][0]["name"] == "cnn" and status["models"][0]["versions"][0]["requests"] >= 24
+        metrics = httpx.get(f"{base}/metrics", timeout=10).text
+        assert "luodi_requests_total{" in metrics and 'model="cnn"' in metrics
         # bad input: a 400 that says what is wrong, and the replica keeps answering
         bad = httpx.post(
             f"{base}/v2/models/cnn/infer",

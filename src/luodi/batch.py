@@ -1,6 +1,9 @@
-"""Batched runs for Session.run_batch: group samples by shape, stack them into chunks, run, split back in order.
+"""The one batching core: join the feeds of several requests along the batch axis, run once, split back.
 
-It works on validated numpy feeds and one run function; it never reaches into an engine.
+Session.run_batch (samples grouped by shape into chunks, padded where the model's batch is fixed) and the
+server's batcher (luodi.serve.batcher, which Ray Serve's replicas run too) both join with :func:`join` and split
+with :func:`split`; requests join only where :func:`shape_key` agrees. It works on validated numpy feeds and one
+run function; it never reaches into an engine.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, ShapeError
 from .tensor import TensorSpec
 
 Feeds = dict[str, np.ndarray]
@@ -24,6 +27,49 @@ class Sample:
     feeds: Feeds  # with a batch axis; ``rows`` items along it
     rows: int
     unbatched: bool  # given without the batch axis: its outputs lose it again
+
+
+def shape_key(feeds: Feeds) -> tuple:
+    """What must agree for requests to share a batch: every input's name, dtype and shape past the batch axis."""
+    return tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(feeds.items()))
+
+
+def rows_of(feeds: Feeds) -> int:
+    """The batch size (axis 0) every input of ``feeds`` agrees on; InputError when they disagree or have none."""
+    sizes = {a.shape[0] if a.ndim else None for a in feeds.values()}
+    if len(sizes) != 1 or None in sizes:
+        raise InputError(f"every input must have the same batch size (first dim); got {sorted(map(str, sizes))}")
+    return sizes.pop()
+
+
+def join(parts: Sequence[Feeds], pad_to: int | None = None) -> tuple[Feeds, list[int]]:
+    """The feeds of ``parts`` (equal :func:`shape_key`) stacked along axis 0, and each part's rows.
+
+    With ``pad_to`` a batch of fewer rows is padded up to it by repeating its last row (a real input, so no
+    NaN or denormal paths in the engine). One part and no padding: its own arrays, not copied.
+    """
+    rows = [rows_of(p) for p in parts]
+    total = sum(rows)
+    feeds = {}
+    for name in parts[0]:
+        arrays = [p[name] for p in parts]
+        if pad_to is not None and total < pad_to:
+            arrays.append(np.repeat(arrays[-1][-1:], pad_to - total, axis=0))
+        feeds[name] = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+    return feeds, rows
+
+
+def split(outputs: Feeds, rows: Sequence[int]) -> list[Feeds]:
+    """Each part's rows of ``outputs`` (views, in order); padding rows past ``sum(rows)`` are dropped.
+
+    ShapeError naming the output when one has no batch axis of at least ``sum(rows)`` to split.
+    """
+    total = sum(rows)
+    for name, value in outputs.items():
+        if value.ndim == 0 or value.shape[0] < total:
+            raise ShapeError(f"output '{name}' of shape {list(value.shape)} has no batch dim of {total} to split")
+    offsets = np.cumsum([0, *rows]).tolist()
+    return [{k: v[offsets[i] : offsets[i + 1]] for k, v in outputs.items()} for i in range(len(rows))]
 
 
 def batch_mode(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> int | None:
@@ -44,8 +90,7 @@ def plan(samples: Sequence[Sample], max_batch: int) -> list[list[Sample]]:
     """Chunks of samples with equal per-item shapes and at most ``max_batch`` rows each (a bigger sample: alone)."""
     groups: dict[tuple, list[Sample]] = {}
     for s in samples:
-        key = tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(s.feeds.items()))
-        groups.setdefault(key, []).append(s)
+        groups.setdefault(shape_key(s.feeds), []).append(s)
     chunks = []
     for members in groups.values():
         chunk: list[Sample] = []
@@ -63,19 +108,11 @@ def plan(samples: Sequence[Sample], max_batch: int) -> list[list[Sample]]:
 
 def run_chunk(chunk: list[Sample], run: Run, pad_to: int | None) -> list[Feeds] | None:
     """Each sample's outputs from one stacked run; None when an output has no batch axis to split."""
-    rows = [s.rows for s in chunk]
-    total = sum(rows)
-    feeds = {}
-    for name in chunk[0].feeds:
-        parts = [s.feeds[name] for s in chunk]
-        if pad_to is not None and total < pad_to:  # repeat the last item: a real input, so no NaN/denormal paths
-            parts.append(np.repeat(parts[-1][-1:], pad_to - total, axis=0))
-        feeds[name] = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+    feeds, rows = join([s.feeds for s in chunk], pad_to)
     got = run(feeds)
-    if any(v.ndim == 0 or v.shape[0] != max(total, pad_to or 0) for v in got.values()):
+    if any(v.ndim == 0 or v.shape[0] != max(sum(rows), pad_to or 0) for v in got.values()):
         return None
-    offsets = np.cumsum([0, *rows])
-    return [{k: v[offsets[i] : offsets[i + 1]] for k, v in got.items()} for i in range(len(chunk))]
+    return split(got, rows)
 
 
 def as_sample(index: int, sample: object, inputs: Sequence[TensorSpec]) -> Sample:

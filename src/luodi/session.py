@@ -306,6 +306,15 @@ class Session:
             raise MissingInputError(f"run() is missing input(s) {missing}")
         return self._execute(checked)
 
+    def run_validated(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """:meth:`run` for feeds already checked against :attr:`inputs`, without checking them again.
+
+        For a server that checks each request once (every input present, its dtype and shape, C-contiguous)
+        before joining requests into one batch. Anything else is the caller's fault: use :meth:`run`.
+        """
+        self._check_open()
+        return self._execute(feeds)
+
     def run_batch(
         self, samples: Sequence[Any], max_batch: int = 8, *, pad: bool = False
     ) -> list[dict[str, np.ndarray]]:

@@ -1,7 +1,8 @@
 """Serving: a KServe v2 HTTP server over a repository of .luodi packages, with dynamic batching and metrics.
 
-protocol, batcher and repository need no web framework (a Ray Serve adapter reuses them); only app and
-cli import FastAPI/uvicorn, lazily, so that `import luodi` never pays for them.
+protocol, batcher, version and repository need no web framework; app (the routes, which `luodi serve --ray`
+serves on Ray Serve too), requests and cli import FastAPI/uvicorn, lazily, so that `import luodi` never pays for
+them.
 """
 
 from __future__ import annotations

@@ -7,10 +7,9 @@ The engine never runs on the event loop (the batcher's worker threads run it).
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
-import math
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -37,57 +36,12 @@ from .guard import Access, BodyTimeoutError, ClientGone, Guard, Limits, PayloadT
 from .metrics import Metrics
 from .protocol import HEADER_LENGTH, decode_infer_request, encode_infer_response, model_metadata
 from .repository import ModelRepository
+from .requests import INFER_SCHEMA, PREDICT_SCHEMA, decode_huge_json, raw_input, timeout_of
 
 log = logging.getLogger("luodi.serve")
 
 _BIG_JSON = 64 * 1024  # JSON bodies above this are decoded off the event loop
 _HUGE_JSON = 4 * 1024 * 1024  # ... and above this one at a time: decoded JSON numbers cost ~9x their text
-_INFER_SCHEMA = {
-    "requestBody": {
-        "description": "A KServe v2 inference request: JSON, or with the binary-tensor extension the JSON header "
-        "(its length in the Inference-Header-Content-Length header) followed by the raw tensor bytes.",
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["inputs"],
-                    "properties": {
-                        "id": {"type": "string"},
-                        "parameters": {"type": "object"},
-                        "inputs": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "required": ["name", "shape", "datatype"],
-                                "properties": {
-                                    "name": {"type": "string"},
-                                    "shape": {"type": "array", "items": {"type": "integer"}},
-                                    "datatype": {"type": "string", "example": "FP32"},
-                                    "parameters": {"type": "object"},
-                                    "data": {"type": "array", "items": {}},
-                                },
-                            },
-                        },
-                        "outputs": {"type": "array", "items": {"type": "object"}},
-                    },
-                }
-            },
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
-_PREDICT_SCHEMA = {
-    "requestBody": {
-        "description": "The raw input of the package's pipeline (e.g. an image file): a multipart form field "
-        "'file', or the bytes as the body. Query parameter k: how many classes to return.",
-        "content": {
-            "multipart/form-data": {
-                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
-            },
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
 
 
 def status_of(exc: BaseException) -> int:
@@ -164,16 +118,21 @@ def create_app(
     metrics: Metrics | None = None,
     limits: Limits | None = None,
     access: Access | None = None,
+    headers: dict[str, str] | None = None,
+    ready: Callable[[], bool] | None = None,
 ) -> FastAPI:
     """The server over ``repository``: its models are loaded at start-up and drained at shutdown.
 
-    ``limits`` bound what one request may cost (body size and read time, image pixels); ``access`` sets the
-    API key and whether the model-control routes exist (docs/serving.md, "Security").
+        ``limits`` bound what one request may cost (body size and read time, image pixels); ``access`` sets the
+        API key and whether the model-control routes exist (docs/serving.md, "Security"). ``headers`` go on every
+        answer (a Ray Serve replica names its node); ``ready``, a blocking check, must hold too for the server to be
+    ready (on Ray: every replica runs). `luodi serve` and `luodi serve --ray` both serve this app.
     """
     limits, access = limits or Limits(), access or Access()
     metrics = metrics or repository.observer or Metrics()
     repository.observer = metrics
     state = {"shutting_down": False, "started": time.time()}
+    every_replica = ready  # the route below is named ready
     huge_json = asyncio.Semaphore(1)
 
     @asynccontextmanager
@@ -196,6 +155,8 @@ def create_app(
     app.state.metrics = metrics
 
     app.add_middleware(Guard, limits=limits, access=access)
+    if headers:
+        app.add_middleware(_Headers, headers=headers)
 
     @app.exception_handler(LuodiError)
     async def _luodi_error(request: Request, exc: LuodiError) -> JSONResponse:
@@ -219,6 +180,8 @@ def create_app(
     async def ready() -> JSONResponse:
         """Ready once the start-up scan has tried every package and one model serves (docs/serving.md)."""
         ok = repository.ready() and not state["shutting_down"]
+        if ok and every_replica is not None:
+            ok = await run_in_threadpool(every_replica)
         return JSONResponse({"ready": ok, **repository.readiness()}, status_code=200 if ok else 503)
 
     @app.get("/v2", tags=["metadata"])
@@ -264,12 +227,12 @@ def create_app(
                 header_length = request.headers.get(HEADER_LENGTH)
                 if header_length is None and len(body) > _HUGE_JSON:
                     async with huge_json:
-                        req = await run_in_threadpool(_decode_huge_json, body)
+                        req = await run_in_threadpool(decode_huge_json, body)
                 elif header_length is None and len(body) > _BIG_JSON:
                     req = await run_in_threadpool(decode_infer_request, body, None)
                 else:
                     req = decode_infer_request(body, header_length)
-                timeout = _timeout(req.parameters.get("timeout"), mv.config.timeout_s)
+                timeout = timeout_of(req.parameters.get("timeout"), mv.config.timeout_s)
                 job = mv.submit(req.inputs, timeout)
                 try:
                     outputs = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout)
@@ -283,15 +246,17 @@ def create_app(
             return error_response(exc)
         mv.observe(True, time.perf_counter() - t0, job)
         _log_request(name, mv.version, 200, t0, job)
+        joined = {"luodi-batch-requests": str(job.requests)}  # how many requests shared this one's engine call
         if json_length is None:
-            return Response(data, media_type="application/json")
-        return Response(data, media_type="application/octet-stream", headers={HEADER_LENGTH: str(json_length)})
+            return Response(data, media_type="application/json", headers=joined)
+        headers = {HEADER_LENGTH: str(json_length), **joined}
+        return Response(data, media_type="application/octet-stream", headers=headers)
 
-    @app.post("/v2/models/{name}/infer", tags=["inference"], openapi_extra=_INFER_SCHEMA)
+    @app.post("/v2/models/{name}/infer", tags=["inference"], openapi_extra=INFER_SCHEMA)
     async def infer(name: str, request: Request) -> Response:
         return await _infer(name, None, request)
 
-    @app.post("/v2/models/{name}/versions/{version}/infer", tags=["inference"], openapi_extra=_INFER_SCHEMA)
+    @app.post("/v2/models/{name}/versions/{version}/infer", tags=["inference"], openapi_extra=INFER_SCHEMA)
     async def infer_version(name: str, version: str, request: Request) -> Response:
         return await _infer(name, version, request)
 
@@ -301,7 +266,7 @@ def create_app(
         try:
             if k is not None and k < 1:
                 raise InputError(f"k must be a positive number of classes, got {k}")
-            raw = await _raw_input(request, limits.max_image_pixels)
+            raw = await raw_input(request, limits.max_image_pixels)
             with repository.acquire(name, version) as mv:
                 options = {} if k is None else {"k": k}
                 result, job = await run_in_threadpool(mv.predict, raw, None, **options)
@@ -316,12 +281,12 @@ def create_app(
         _log_request(name, mv.version, 200, t0, job, route="predict")
         return JSONResponse({"model_name": name, "model_version": mv.version, "result": jsonable(result)})
 
-    @app.post("/v2/models/{name}/predict", tags=["inference"], openapi_extra=_PREDICT_SCHEMA)
+    @app.post("/v2/models/{name}/predict", tags=["inference"], openapi_extra=PREDICT_SCHEMA)
     async def predict(name: str, request: Request, k: int | None = None) -> Response:
         """Run the package's pre/post-processing pipeline on a raw input (e.g. an uploaded image)."""
         return await _predict(name, None, request, k)
 
-    @app.post("/v2/models/{name}/versions/{version}/predict", tags=["inference"], openapi_extra=_PREDICT_SCHEMA)
+    @app.post("/v2/models/{name}/versions/{version}/predict", tags=["inference"], openapi_extra=PREDICT_SCHEMA)
     async def predict_version(name: str, version: str, request: Request, k: int | None = None) -> Response:
         return await _predict(name, version, request, k)
 
@@ -364,129 +329,23 @@ def create_app(
     return app
 
 
-async def _raw_input(request: Request, max_pixels: int) -> Any:
-    """The bytes of an uploaded file (multipart field 'file') or of the body; a .npy file becomes its array.
+class _Headers:
+    """ASGI middleware: fixed headers on every HTTP answer."""
 
-    What a header declares is checked before anything is decoded: an image's pixels, a .npy file's bytes."""
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        form = await request.form()
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise InputError("the form has no file field 'file'; upload the input as 'file'")
-        data, filename = await upload.read(), upload.filename or ""
-    else:
-        data, filename = await request.body(), ""
-    if not data:
-        raise InputError("the request carries no input: upload a file as form field 'file' or send its bytes")
-    if filename.endswith(".npy") or data[:6] == b"\x93NUMPY":
-        return _npy(data)
-    _check_image(data, max_pixels)
-    return data
+    def __init__(self, app: Any, headers: dict[str, str]) -> None:
+        self.app = app
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
 
-def _npy(data: bytes) -> np.ndarray:
-    """A .npy file's array, once its header has been checked against the bytes that follow it (a 100-byte file
-    may declare 4 TB, and numpy allocates what the header says before reading)."""
-    from numpy.lib import format as npy
+        async def add(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
+            await send(message)
 
-    f = io.BytesIO(data)
-    try:
-        version = npy.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = npy.read_array_header_1_0(f)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = npy.read_array_header_2_0(f)
-        else:
-            raise ValueError(f"unknown .npy version {version}")
-    except (ValueError, SyntaxError, TypeError, OverflowError) as exc:
-        raise InputError(f"the uploaded .npy file could not be read: {str(exc)[:200]}") from None
-    if dtype.hasobject:
-        raise InputError("the uploaded .npy file holds Python objects; send an array of numbers")
-    declared, carried = math.prod(shape) * dtype.itemsize, len(data) - f.tell()
-    if declared != carried:
-        raise InputError(
-            f"the uploaded .npy file declares shape {list(shape)} of {dtype} ({declared} bytes) but carries "
-            f"{carried} bytes of data"
-        )
-    if not declared:
-        raise InputError(f"the uploaded .npy array is empty (shape {list(shape)}); send at least one element")
-    array = np.frombuffer(data, dtype=dtype, offset=f.tell()).reshape(shape, order="F" if fortran else "C")
-    return array.copy(order="K")  # writable, as np.load's, for pipeline steps that work in place
-
-
-def _check_image(data: bytes, max_pixels: int) -> None:
-    """Refuse an image whose header declares no pixels or more than ``max_pixels``, before it is decoded (a
-    164 KB PNG declaring 13000x13000 pixels decodes to 0.75 GB). Bytes that are not an image pass untouched:
-    the package's pipeline says what it accepts."""
-    try:
-        import warnings
-
-        from PIL import Image
-    except ImportError:
-        return
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:  # reads the header only
-                width, height = img.size
-    except Image.DecompressionBombError as exc:  # Pillow's own bound, which `luodi serve` sets to the same limit
-        raise InputError(
-            f"the image is too large to decode ({exc}); this server decodes at most {max_pixels} pixels "
-            "(--max-image-pixels): send a smaller image"
-        ) from None
-    except Exception:  # not an image (or one Pillow cannot read): the pipeline decides
-        return
-    if width < 1 or height < 1:
-        raise InputError(f"the image has no pixels ({width}x{height}); send an image of at least 1x1")
-    if width * height > max_pixels:
-        raise InputError(
-            f"the image is {width}x{height} = {width * height} pixels; this server decodes at most {max_pixels} "
-            "(--max-image-pixels): send a smaller image"
-        )
-
-
-def _decode_huge_json(body: bytes) -> Any:
-    """Decode a JSON request of many megabytes, then hand the heap its decoder kept back to the system.
-
-    Three 57 MB JSON bodies at once held +160 MB of RSS after their requests were answered (the Python number
-    objects' memory stays with the allocator); one at a time and trimmed after, the server returns to its size.
-    """
-    try:
-        return decode_infer_request(body, None)
-    finally:
-        _trim_heap()
-
-
-def _trim_heap() -> None:
-    global _malloc_trim
-    if _malloc_trim is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim with
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None
-
-
-def _timeout(param: Any, default: float) -> float:
-    """Triton's ``timeout`` request parameter is in microseconds."""
-    if param is None:
-        return default
-    try:
-        value = float(param) / 1e6
-    except (TypeError, ValueError, OverflowError):
-        raise InputError(f"the 'timeout' parameter must be a number of microseconds, got {str(param)[:40]}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise InputError(
-            f"the 'timeout' parameter must be a positive, finite number of microseconds, got {str(param)[:40]}"
-        )
-    return value
+        await self.app(scope, receive, add)
 
 
 def _log_request(

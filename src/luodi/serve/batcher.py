@@ -1,7 +1,8 @@
 """Dynamic batching: requests queued for one model are joined along the batch axis and run by worker threads.
 
 Plain threads and concurrent futures, no event loop or web framework, so any server (HTTP, Ray) can use it.
-Only requests whose inputs agree in every dim but the first, and in dtype, ever share a batch.
+Only requests whose inputs agree in every dim but the first, and in dtype, ever share a batch. Joining and
+splitting is luodi.batch's, as for Session.run_batch; this module adds the queue, deadlines and workers.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InputError, ModelUnavailableError, OverloadedError, RequestTimeoutError
+from .. import batch as core
+from ..errors import InputError, LuodiError, ModelUnavailableError, OverloadedError, RequestTimeoutError
 
 log = logging.getLogger("luodi.serve")
 
@@ -73,7 +75,8 @@ class Job:
     future: Future = field(default_factory=Future)
     queue_s: float = 0.0
     compute_s: float = 0.0
-    batch_size: int = 0
+    batch_size: int = 0  # rows of the engine call it shared
+    requests: int = 0  # requests that shared it
 
 
 class Batcher:
@@ -122,18 +125,13 @@ class Batcher:
         """Queue one request; its ``future`` gives the outputs. A full queue raises OverloadedError at once."""
         size = 1
         if self.batchable:
-            sizes = {a.shape[0] if a.ndim else None for a in feeds.values()}
-            if len(sizes) != 1 or None in sizes:
-                raise InputError(
-                    f"every input must have the same batch size (first dim); got {sorted(map(str, sizes))}"
-                )
-            size = sizes.pop()
+            size = core.rows_of(feeds)
             if size > self.config.max_batch_size:
                 raise InputError(
                     f"a request of batch {size} is larger than the model's max_batch_size "
                     f"{self.config.max_batch_size}; split it into smaller requests"
                 )
-            key: tuple = tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(feeds.items()))
+            key: tuple = core.shape_key(feeds)
         else:
             key = (object(),)  # never equal to another request's key: runs alone
         now = time.perf_counter()
@@ -227,11 +225,8 @@ class Batcher:
             live.append(job)
         if not live:
             return
-        if len(live) == 1:
-            feeds = live[0].feeds
-        else:
-            feeds = {name: np.concatenate([j.feeds[name] for j in live]) for name in live[0].feeds}
-        total = sum(j.size for j in live)
+        feeds, rows = core.join([j.feeds for j in live]) if len(live) > 1 else (live[0].feeds, [live[0].size])
+        total = sum(rows)
         t0 = time.perf_counter()
         try:
             outputs = self._run(feeds)
@@ -243,20 +238,13 @@ class Batcher:
         self._compute_ema = compute if not self._compute_ema else 0.8 * self._compute_ema + 0.2 * compute
         if self._on_batch is not None:
             self._on_batch(total, compute)
-        offset = 0
-        for job in live:
-            job.queue_s, job.compute_s, job.batch_size = t0 - job.enqueued, compute, total
-            if len(live) == 1:
-                job.future.set_result(outputs)
-                continue
-            try:
-                part = {}
-                for name, value in outputs.items():
-                    if value.shape[:1] != (total,):
-                        raise InputError(f"output '{name}' of shape {list(value.shape)} has no batch dim of {total}")
-                    part[name] = value[offset : offset + job.size]
-            except InputError as exc:
-                job.future.set_exception(exc)
+        try:  # a lone request gets its outputs whole, batch axis or not
+            parts: list[Feeds] | LuodiError = core.split(outputs, rows) if len(live) > 1 else [outputs]
+        except LuodiError as exc:
+            parts = exc
+        for i, job in enumerate(live):
+            job.queue_s, job.compute_s, job.batch_size, job.requests = t0 - job.enqueued, compute, total, len(live)
+            if isinstance(parts, LuodiError):
+                job.future.set_exception(parts)
             else:
-                job.future.set_result(part)
-            offset += job.size
+                job.future.set_result(parts[i])

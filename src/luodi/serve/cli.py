@@ -78,7 +78,7 @@ import click
 @click.option("--ssl-certfile", type=click.Path(dir_okay=False, exists=True), help="and this certificate chain")
 @click.option("--ray", "on_ray", is_flag=True, help="serve as Ray Serve deployments (scale-out; needs luodi[ray])")
 @click.option("--ray-address", default="local", show_default=True, help="with --ray: a cluster's HOST:PORT to join")
-@click.option("--replicas", default=1, show_default=True, help="with --ray: replicas per model")
+@click.option("--replicas", default=1, show_default=True, help="with --ray: replicas, each serving every model")
 @click.option("--autoscale", metavar="MIN:MAX", help="with --ray: let Ray Serve scale replicas between MIN and MAX")
 @click.option("--target-ongoing-requests", type=float, help="with --autoscale: per replica (default: the batch size)")
 @click.option("--max-ongoing-requests", type=int, help="with --ray: per replica (default: twice the batch size)")
@@ -162,6 +162,7 @@ def serve(
             max_ongoing_requests,
             num_cpus,
             ray_resources,
+            limits,
         )
         return
     run(
@@ -218,6 +219,7 @@ def _serve_on_ray(
     max_ongoing: int | None,
     num_cpus: float,
     resources: str | None,
+    limits: object,
 ) -> None:
     import json
 
@@ -243,6 +245,7 @@ def _serve_on_ray(
         batching=batching,
         scaling=scaling,
         session_options=session_options,
+        limits=limits,
         address=address,
     )
 
