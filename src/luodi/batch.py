@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError, ShapeError
+from .errors import InputError, MissingInputError, ShapeError
 from .tensor import TensorSpec
 
 Feeds = dict[str, np.ndarray]
@@ -139,3 +139,47 @@ def as_sample(index: int, sample: object, inputs: Sequence[TensorSpec]) -> Sampl
     if len(rows) != 1:
         raise InputError(f"sample {index}: its inputs disagree on the batch size (axis 0): {sorted(rows)}")
     return Sample(index, arrays, rows.pop(), unbatched)
+
+
+def run_samples(
+    samples: Sequence[object],
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    spec_of: Callable[[str], TensorSpec],
+    run: Run,
+    reshape: Callable[[dict[str, tuple[int, ...]]], None],
+    max_batch: int,
+    pad: bool,
+) -> list[Feeds]:
+    """Session.run_batch's work: check every sample, group by shape into chunks, run each joined, split back.
+
+    ``spec_of`` names an input's spec (an UnknownTensorError for any other name), ``run`` runs checked feeds and
+    ``reshape`` tells the engine a padded chunk's shapes. The outputs of each sample come back in input order.
+    """
+    by_name = {s.name: s for s in inputs}
+    fixed = batch_mode(inputs, outputs)
+    # A sample has any number of rows up to a fixed batch; only the other axes must match the spec.
+    specs = by_name if fixed in (None, 1) else free_batch(inputs)
+    items = [as_sample(i, s, inputs) for i, s in enumerate(samples)]
+    for item in items:
+        missing = [n for n in by_name if n not in item.feeds]
+        if missing:
+            raise MissingInputError(f"sample {item.index} is missing input(s) {missing}")
+        for n, a in item.feeds.items():
+            spec_of(n)
+            specs[n].check(a)
+    limit, pad_to = (max_batch, max_batch if pad else None) if fixed is None else (fixed, fixed)
+    if fixed is not None and fixed > 1:
+        big = [s.index for s in items if s.rows > fixed]
+        if big:
+            raise ShapeError(f"samples {big[:10]} have more rows than the model's fixed batch of {fixed}")
+    results: list[Feeds] = [{} for _ in items]
+    for chunk in plan(items, 1 if fixed == 1 else limit):
+        if pad_to is not None:
+            reshape({n: (pad_to, *a.shape[1:]) for n, a in chunk[0].feeds.items()})
+        split_outputs = run_chunk(chunk, run, None if fixed == 1 else pad_to)
+        if split_outputs is None:  # an output without a batch axis to split: one run per sample
+            split_outputs = [run(s.feeds) for s in chunk]
+        for s, out in zip(chunk, split_outputs):
+            results[s.index] = {k: v[0] for k, v in out.items()} if s.unbatched else out
+    return results

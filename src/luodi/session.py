@@ -326,38 +326,15 @@ class Session:
         pads a group's last partial chunk to ``max_batch`` rows, so an engine that plans per shape sees one
         shape). A model with a fixed batch of B > 1 always gets chunks padded to B; a batch of 1 runs one by one.
         """
-        from . import batch
+        from .batch import run_samples
 
         self._check_open()
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"max_batch must be an int >= 1, got {max_batch!r}")
         samples = arguments.samples("samples", samples)
-        fixed = batch.batch_mode(self._inputs, self._outputs)
-        # A sample has any number of rows up to a fixed batch; only the other axes must match the spec.
-        specs = self._input_by_name if fixed in (None, 1) else batch.free_batch(self._inputs)
-        items = [batch.as_sample(i, s, self._inputs) for i, s in enumerate(samples)]
-        for item in items:
-            missing = [n for n in self._input_by_name if n not in item.feeds]
-            if missing:
-                raise MissingInputError(f"sample {item.index} is missing input(s) {missing}")
-            for n, a in item.feeds.items():
-                self._spec(n)
-                specs[n].check(a)
-        limit, pad_to = (max_batch, max_batch if pad else None) if fixed is None else (fixed, fixed)
-        if fixed is not None and fixed > 1:
-            big = [s.index for s in items if s.rows > fixed]
-            if big:
-                raise ShapeError(f"samples {big[:10]} have more rows than the model's fixed batch of {fixed}")
-        results: list[dict[str, np.ndarray]] = [{} for _ in items]
-        for chunk in batch.plan(items, 1 if fixed == 1 else limit):
-            if pad_to is not None:
-                self._reshape_engine({n: (pad_to, *a.shape[1:]) for n, a in chunk[0].feeds.items()})
-            split = batch.run_chunk(chunk, self._execute, None if fixed == 1 else pad_to)
-            if split is None:  # an output without a batch axis to split: one run per sample
-                split = [self._execute(s.feeds) for s in chunk]
-            for s, out in zip(chunk, split):
-                results[s.index] = {k: v[0] for k, v in out.items()} if s.unbatched else out
-        return results
+        return run_samples(
+            samples, self._inputs, self._outputs, self._spec, self._execute, self._reshape_engine, max_batch, pad
+        )
 
     def predict(self, raw: Any, **options: Any) -> Any:
         """Pre-process ``raw`` (e.g. an image path or array), run, post-process, with the package's pipeline."""
