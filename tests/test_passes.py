@@ -235,6 +235,10 @@ def test_fold_input_normalization_into_the_first_conv(pads, mean, explicit_pad):
     assert "folded into the first Conv" in rec.notes[0]
     if any(pads):
         assert _ops(out)[0] == "Pad"  # the conv's zero padding became padding with the mean
+    if any(pads) or explicit_pad:
+        pad = next(n for n in out.graph.node if n.op_type == "Pad")
+        value = next(t for t in out.graph.initializer if t.name == pad.input[2])
+        assert list(value.dims) == [] and numpy_helper.to_array(value) == np.float32(mean[0])  # a scalar, as Pad says
     _assert_same(_run(model, {"x": normalised}), _run(out, {"x": pixels}))
 
 

@@ -93,7 +93,9 @@ def replace_initializer(graph: Any, name: str, array: np.ndarray) -> None:
     """Set initializer ``name`` to ``array``, adding it if it does not exist."""
     from onnx import numpy_helper
 
-    tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
+    # np.asarray keeps a 0-d scalar 0-d (np.ascontiguousarray made it shape (1,): a Pad's constant_value must be a
+    # scalar, and onnx2tf refuses a one-element tensor there)
+    tensor = numpy_helper.from_array(np.asarray(array, order="C"), name)
     for i, t in enumerate(graph.initializer):
         if t.name == name:
             graph.initializer[i].CopyFrom(tensor)
