@@ -68,14 +68,15 @@ def test_float_in_equals_quantised_in_and_raw_out_dequantises(pkg, target, x):
 
 
 def test_quantise_matches_onnx_quantizelinear():
-    spec = luodi.TensorSpec("x", "uint8", (7,), scale=0.5, zero_point=10)
-    x = np.array([-100.0, -5.25, 0.25, 0.75, 1.25, 60.0, 200.0], dtype=np.float32)
+    spec = luodi.TensorSpec("x", "uint8", (None,), scale=0.5, zero_point=10)
+    halves = [-100.0, -5.25, 0.25, 0.75, 1.25, 60.0, 200.0]
+    x = np.concatenate([halves, np.random.default_rng(3).normal(0, 40, 10000)]).astype(np.float32)
     node = helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])
     graph = helper.make_graph(
         [node],
         "q",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [7])],
-        [helper.make_tensor_value_info("y", TensorProto.UINT8, [7])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, ["n"])],
         initializer=[numpy_helper.from_array(np.float32(0.5), "s"), numpy_helper.from_array(np.uint8(10), "z")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -148,27 +149,44 @@ def test_integer_io_transform_and_its_refusals():
     assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "Relu"]
     assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
     onnx.checker.check_model(model, full_check=True)
-    with pytest.raises(luodi.CompileError, match=r"input 'x' cannot be an integer input: it feeds \['Sigmoid'\]"):
+    with pytest.raises(luodi.CompileError, match=r"input 'x' cannot be an integer input: it also feeds \['Sigmoid'\]"):
         integer_io(_qdq_input(extra="Sigmoid"))
     with pytest.raises(luodi.CompileError, match="per-axis"):
         integer_io(_qdq_input(per_axis=True))
 
 
-def test_a_tampered_io_spec_is_refused(pkg, tmp_path):
+def test_an_input_no_quantizelinear_reads_stays_as_it_is():
+    model = _qdq_input()
+    graph = model.graph
+    graph.input.append(helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, 3]))
+    graph.node.append(helper.make_node("Add", ["y", "k"], ["z"]))
+    graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3]))
+    out, ins, _ = integer_io(model)
+    assert set(ins) == {"x"}
+    assert [i.type.tensor_type.elem_type for i in out.graph.input] == [TensorProto.UINT8, TensorProto.FLOAT]
+
+
+def _tampered(pkg, path, change):
     import json
     import zipfile
 
     src = zipfile.ZipFile(pkg.path)
     manifest = json.loads(src.read("manifest.json"))
-    target = next(t for t in manifest["targets"] if "io" in t)
-    target["io"]["inputs"][0]["zero_point"] = 999
-    bad = tmp_path / "bad.luodi"
-    with zipfile.ZipFile(bad, "w") as out:
+    change(next(t for t in manifest["targets"] if "io" in t)["io"])
+    with zipfile.ZipFile(path, "w") as out:
         for info in src.infolist():
             data = json.dumps(manifest).encode() if info.filename == "manifest.json" else src.read(info.filename)
             out.writestr(info, data)
+    return path
+
+
+def test_a_tampered_io_spec_is_refused(pkg, tmp_path):
+    bad = _tampered(pkg, tmp_path / "zp.luodi", lambda io: io["inputs"][0].update(zero_point=999))
     with pytest.raises(luodi.PackageError, match="zero_point"):
         luodi.Package(bad).targets  # noqa: B018 - opening it is the check
+    bad = _tampered(pkg, tmp_path / "name.luodi", lambda io: io["inputs"][0].update(name="other"))
+    with pytest.raises(luodi.PackageError, match=r"io inputs \['other'\], not the model's \['x'\]"):
+        luodi.Session(bad, backend="onnxruntime:int8")
 
 
 def test_cli_compile_int8_io_and_info_json(tmp_path):

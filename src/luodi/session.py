@@ -108,7 +108,11 @@ class Session:
             target, self.selection, self._engine = choice.target, choice.reason, choice.engine
             self.backend, self.precision = target["backend"], target["precision"]
             self._load_args["options"] = dict(load_options.extra)  # further models load on this backend by name
-            self._inputs, self._outputs = self.package.target_io(target)
+            try:
+                self._inputs, self._outputs = self.package.target_io(target)
+            except BaseException:
+                self._engine.close()
+                raise
         else:
             from .compiler.load_source import compile_in_memory
 

@@ -21,10 +21,11 @@ Params = dict[str, tuple[float, int, str]]
 def integer_io(model: Any) -> tuple[Any, Params, Params]:
     """A copy of the QDQ ``model`` with integer inputs and outputs; the (scale, zero point, dtype) of each.
 
-    Every graph input must feed QuantizeLinear nodes only, with constant per-tensor scale and zero point (the same for
-    each): the input becomes the integer input and the nodes go. An output produced by a DequantizeLinear with constant
-    per-tensor parameters becomes that node's integer input; any other output stays as it is (e.g. a float output of
-    a layer kept in float). A CompileError names the input or output that cannot be made integer.
+    A graph input read by QuantizeLinear nodes must feed those only, with constant per-tensor scale and zero point (the
+    same for each): the input becomes the integer input and the nodes go; an input no QuantizeLinear reads stays. An
+    output produced by a DequantizeLinear with constant per-tensor parameters becomes that node's integer input; any
+    other output stays as it is (e.g. the float output of a layer kept in float). A CompileError names the input or
+    output that cannot be made integer.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -73,9 +74,11 @@ def integer_io(model: Any) -> tuple[Any, Params, Params]:
             continue
         users = consumers(vi.name)
         what = f"input '{vi.name}'"
+        if not any(n.op_type == "QuantizeLinear" for n in users):
+            continue  # an input no QuantizeLinear reads (indices, a float layer's) stays as it is
         others = sorted({n.op_type for n in users if n.op_type != "QuantizeLinear"})
-        if not users or others or vi.name in outputs:
-            why = f"it feeds {others}" if others else "it is a graph output" if users else "it feeds nothing"
+        if others or vi.name in outputs:
+            why = f"it also feeds {others}" if others else "it is also a graph output"
             raise CompileError(f"{what} cannot be an integer input: {why}, not only QuantizeLinear nodes")
         found = {params(q, what) for q in users}
         if len(found) > 1:
