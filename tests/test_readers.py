@@ -165,6 +165,7 @@ TARGET_KEYS = {
     "engine_version",
     "verification",
     "timing",
+    "io",
 }
 
 

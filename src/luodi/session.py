@@ -17,6 +17,7 @@ from . import arguments
 from .backends import LoadOptions
 from .errors import (
     BackendError,
+    DTypeError,
     InputError,
     LuodiError,
     MissingInputError,
@@ -30,7 +31,7 @@ from .package.archive import is_package_path
 from .runguard import RunGuard
 from .selection import load_target, open_target, parse_target
 from .stream import Stream
-from .tensor import TensorSpec, concrete_shapes
+from .tensor import TensorSpec, concrete_shapes, dequantise_outputs
 
 log = logging.getLogger("luodi")
 
@@ -52,6 +53,13 @@ class Session:
     checked; ``license`` (a licence file) or ``passphrase`` unlock an encrypted package, decrypted in
     memory only. See docs/security.md.
 
+    int8 I/O: a target compiled with ``int8_io`` reads and writes the quantised integers (its :attr:`inputs` and
+    :attr:`outputs` show the integer dtype with ``scale`` and ``zero_point``). Its inputs take float arrays,
+    quantised at the boundary as ONNX QuantizeLinear does (round half to even, saturate), or arrays of the integer
+    dtype itself, passed to the engine as they are (no copy when C-contiguous). :meth:`run`, :meth:`forward` and
+    :meth:`run_batch` return its outputs dequantised to float32, or with ``raw_int8=True`` the engine's integers
+    (float = (q - zero_point) * scale). :meth:`run_validated` (the serving path) speaks integers both ways.
+
     Thread safety: tensors bound with :meth:`set_tensor` and results of :meth:`forward` are kept
     per thread, so several threads may share one session; engines whose run is not reentrant are
     serialised by a lock (``Engine.thread_safe``).
@@ -72,6 +80,7 @@ class Session:
         license: Any = None,  # noqa: A002 - the field's word
         passphrase: str | bytes | None = None,
         isolate: bool | int | str = False,
+        raw_int8: bool = False,
     ) -> None:
         device, backend = arguments.text("device", device), arguments.text("backend", backend)
         precision = arguments.optional_text("precision", precision)
@@ -99,8 +108,11 @@ class Session:
             target, self.selection, self._engine = choice.target, choice.reason, choice.engine
             self.backend, self.precision = target["backend"], target["precision"]
             self._load_args["options"] = dict(load_options.extra)  # further models load on this backend by name
-            self._inputs = self.package.inputs
-            self._outputs = self.package.outputs
+            try:
+                self._inputs, self._outputs = self.package.target_io(target)
+            except BaseException:
+                self._engine.close()
+                raise
         else:
             from .compiler.load_source import compile_in_memory
 
@@ -117,6 +129,11 @@ class Session:
             except BaseException:
                 self._engine.close()
                 raise
+        if not isinstance(raw_int8, bool):
+            self._engine.close()
+            raise InputError(f"raw_int8 must be True or False, not {raw_int8!r}")
+        self.raw_int8 = raw_int8
+        self._dequantise = [] if raw_int8 else [s for s in self._outputs if s.is_quantised]
         self._input_by_name = {s.name: s for s in self._inputs}
         self._output_names = {s.name for s in self._outputs}
         self._lock = None if self._engine.thread_safe else threading.Lock()
@@ -255,7 +272,7 @@ class Session:
         missing = [n for n in self._input_by_name if n not in bound]
         if missing:
             raise MissingInputError(f"forward() needs input(s) {missing} set first with set_tensor()")
-        self._local.results = self._execute(bound)
+        self._local.results = self._float(self._execute(bound))
 
     def get_tensor(self, name: str) -> np.ndarray:
         """An output of this thread's last forward(), or an input it bound."""
@@ -304,7 +321,7 @@ class Session:
         if len(checked) != len(self._input_by_name):
             missing = [n for n in self._input_by_name if n not in checked]
             raise MissingInputError(f"run() is missing input(s) {missing}")
-        return self._execute(checked)
+        return self._float(self._execute(checked))
 
     def run_validated(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """:meth:`run` for feeds already checked against :attr:`inputs`, without checking them again.
@@ -332,8 +349,20 @@ class Session:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"max_batch must be an int >= 1, got {max_batch!r}")
         samples = arguments.samples("samples", samples)
+        if any(s.is_quantised for s in self._inputs):  # float samples of an int8-I/O target: quantised first
+            samples = [
+                {n: self._device(n, a) for n, a in s.items()} if isinstance(s, dict) else self._device(None, s)
+                for s in samples
+            ]
         return run_samples(
-            samples, self._inputs, self._outputs, self._spec, self._execute, self._reshape_engine, max_batch, pad
+            samples,
+            self._inputs,
+            self._outputs,
+            self._spec,
+            lambda feeds: self._float(self._execute(feeds)),
+            self._reshape_engine,
+            max_batch,
+            pad,
         )
 
     def predict(self, raw: Any, **options: Any) -> Any:
@@ -370,7 +399,7 @@ class Session:
         spec = self._input_by_name.get(name)
         if spec is None:
             raise UnknownTensorError(self._unknown(name))
-        array = spec.as_array(value)
+        array = spec.as_array(self._device(name, value))
         spec.check(array)
         if not array.flags.c_contiguous:  # engines read C order; a view (transposed, strided, broadcast) is copied
             try:
@@ -380,6 +409,23 @@ class Session:
                     f"input '{name}' of shape {list(array.shape)} is a view too big to copy into memory"
                 ) from exc
         return array
+
+    def _device(self, name: str | None, value: Any) -> Any:
+        """``value`` as the engine reads it: a float array for an int8-I/O input quantised; anything else as is."""
+        one = self._inputs[0] if len(self._inputs) == 1 else None
+        spec = self._input_by_name.get(name) if name is not None else one
+        if spec is None or not spec.is_quantised:
+            return value
+        if not isinstance(value, np.ndarray):  # a list of floats is quantised too, not cast to the integer type
+            try:
+                value = np.asarray(value)
+            except (TypeError, ValueError) as exc:
+                raise DTypeError(f"input '{spec.name}' takes a float or {spec.dtype} array, not this ({exc})") from exc
+        return spec.quantise(value) if value.dtype.kind == "f" else value
+
+    def _float(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """An int8-I/O target's integer outputs dequantised to float32 (none with ``raw_int8``)."""
+        return dequantise_outputs(outputs, self._dequantise) if self._dequantise else outputs
 
     def _spec(self, name: str) -> TensorSpec:
         spec = self._input_by_name.get(name)

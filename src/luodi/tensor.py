@@ -100,6 +100,22 @@ class TensorSpec:
                 f"cannot convert to one ({exc})"
             ) from exc
 
+    @property
+    def is_quantised(self) -> bool:
+        """Integer data with a scale and zero point: float = (q - zero_point) * scale."""
+        return self.scale is not None and self._np.kind in "iu"
+
+    def quantise(self, array: np.ndarray) -> np.ndarray:
+        """Float ``array`` as this tensor's integers, as ONNX QuantizeLinear does: x / scale rounded half to even,
+        plus the zero point, saturated to the integer type."""
+        info = np.iinfo(self._np)
+        q = np.rint(np.asarray(array, dtype=np.float32) / np.float32(self.scale)) + (self.zero_point or 0)
+        return np.clip(q, info.min, info.max).astype(self._np)
+
+    def dequantise(self, array: np.ndarray) -> np.ndarray:
+        """This tensor's integers as float32: (q - zero_point) * scale."""
+        return ((array.astype(np.int32) - (self.zero_point or 0)) * np.float32(self.scale)).astype(np.float32)
+
     def concrete(self, fill: int = 1) -> tuple[int, ...]:
         """This shape with every symbolic dimension replaced by ``fill``."""
         return tuple(d if isinstance(d, int) else fill for d in self.shape)
@@ -142,6 +158,18 @@ def specs_from_onnx(model: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
     inputs = [spec(vi) for vi in graph.input if vi.name not in initializers]
     outputs = [spec(vi) for vi in graph.output]
     return inputs, outputs
+
+
+def quantise_feeds(feeds: Mapping[str, np.ndarray], inputs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    """``feeds`` as an int8-I/O engine reads them: a float array for a quantised input quantised, the rest as is."""
+    quantised = {s.name: s for s in inputs if s.is_quantised}
+    return {n: quantised[n].quantise(a) if n in quantised and a.dtype.kind == "f" else a for n, a in feeds.items()}
+
+
+def dequantise_outputs(outputs: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    """An int8-I/O engine's ``outputs`` as float32: each quantised output dequantised, the rest as is."""
+    quantised = {s.name: s for s in specs if s.is_quantised}
+    return {n: quantised[n].dequantise(a) if n in quantised else a for n, a in outputs.items()}
 
 
 def concrete_shapes(specs: Sequence[TensorSpec], shapes: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:

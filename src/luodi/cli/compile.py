@@ -86,6 +86,11 @@ def _package_options(default_targets: tuple[str, ...]) -> Any:
     "(keys: resize, crop, color=rgb|bgr|gray, layout, scale, mean, std, interpolation)",
 )
 @click.option("--no-fallback", is_flag=True, help="never keep layers in float to meet the accuracy budget")
+@click.option(
+    "--int8-io",
+    is_flag=True,
+    help="int8 targets read and write the quantised integers (scale and zero point in the package), not float",
+)
 @click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False), help="sign with this private key")
 @click.option(
     "--input-shape",
@@ -121,6 +126,7 @@ def compile(
     validation: str | None,
     preprocess: str | None,
     no_fallback: bool,
+    int8_io: bool,
     sign_key: str | None,
     input_shapes: tuple[str, ...],
     sample_files: tuple[str, ...],
@@ -162,6 +168,7 @@ def compile(
             validation=validation,
             preprocess=preprocess,
             fallback=not no_fallback,
+            int8_io=int8_io,
             progress=progress,
         )
     if sign_key:

@@ -137,6 +137,7 @@ def describe(pkg: Any) -> dict[str, Any]:
                     "reason": reason or None,
                     "size_bytes": sum(sizes.get(member, 0) for member in t.get("files", {}).values()),
                     "engine_version": t.get("engine_version"),
+                    "io": t.get("io"),
                     "verification": t.get("verification"),
                     "timing": timing if isinstance(timing, dict) else None,
                 }

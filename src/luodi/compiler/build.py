@@ -62,6 +62,7 @@ def compile(  # noqa: A001 - the field's word for it
     validation: Any = None,
     preprocess: str | dict[str, Any] | None = None,
     fallback: bool = True,
+    int8_io: bool = False,
     log: Log | None = None,
     progress: Progress | None = None,
 ) -> Package:
@@ -102,6 +103,9 @@ def compile(  # noqa: A001 - the field's word for it
     std=...", see luodi.quant.preprocess) turns calibration and validation images into tensors for a model without
     a pipeline (and replaces the pipeline's pre-processing for them when it has one). With ``fallback`` the most
     sensitive layers are kept in float until the budget holds; a target that still misses it is recorded as failed.
+    With ``int8_io`` every int8 target reads and writes the quantised integers instead of float (what an integer-only
+    device sees): its own ``io`` specs in the manifest carry each tensor's integer dtype, scale and zero point, and a
+    Session quantises float inputs and dequantises outputs at the boundary (see docs/cli.md, "int8 I/O").
 
     ``progress`` (a luodi.progress.Progress) shows each long step; ``log`` gets one line per step.
     """
@@ -130,6 +134,10 @@ def compile(  # noqa: A001 - the field's word for it
     wanted = [parse_target(t) for t in targets]
     if not wanted:
         raise CompileError("no targets given; add at least one, e.g. --target onnxruntime")
+    if not isinstance(int8_io, bool):
+        raise CompileError(f"int8_io must be True or False, not {int8_io!r}")
+    if int8_io and not any(p == "int8" for _, p in wanted):
+        raise CompileError("int8_io applies to int8 targets and none is given; add e.g. --target onnxruntime:int8")
     if len(set(wanted)) != len(wanted):
         raise CompileError(f"a target is listed twice in {list(targets)}")
     backends = {b: get_backend(b) for b, _ in wanted}
@@ -147,7 +155,7 @@ def compile(  # noqa: A001 - the field's word for it
         jobs.append(ModelJob(sub_name, sub, *specs_from_onnx(sub.model), f"models/{sub_name}/", model_member(sub_name)))
     members: dict[str, bytes] = {}
     by_sha: dict[str, str] = {}
-    run = CompileRun(wanted, backends, members, by_sha, verify, strict, steps, say)
+    run = CompileRun(wanted, backends, members, by_sha, verify, strict, steps, say, int8_io=int8_io)
     with steps:
         if any(p == "int8" for _, p in wanted) or calibration is not None or preprocess is not None:
             with steps.step("calibrating for int8"):

@@ -72,6 +72,8 @@ class CompileRun:
     say: Log
     ptq: Any = None
     quantise: Callable[[Any], tuple[Any, dict]] | None = None
+    int8_io: bool = False
+    """int8 targets read and write the quantised integers (luodi.quant.io.integer_io), recorded as the target's io."""
     first_error: BaseException | None = None
     """The first exception a target of the primary model failed with: what a compile with no target raises."""
 
@@ -107,6 +109,10 @@ class CompileRun:
             label = f"{backend_name}:{precision}" + (f" ({job.name})" if job.prefix else "")
             entry, artifact = self._compile(job, backend, precision, label, options)
             entries.append(entry)
+            boundary = None
+            if "io" in entry:
+                boundary = [TensorSpec.from_dict(d) for d in entry["io"]["inputs"]]
+                boundary = (boundary, [TensorSpec.from_dict(d) for d in entry["io"]["outputs"]])
             if artifact is None:
                 continue
             artifacts[id(entry)] = artifact
@@ -126,7 +132,7 @@ class CompileRun:
             # A pre-quantised source: engines that run QDQ in int8 kernels are judged as int8 targets.
             tolerance = tolerance_class(precision, source_format, backend.int8_policy is not None)
             with self.steps.step(f"verifying {label}", total=len(used)) as step:
-                record = verify_target(backend, artifact, used, tolerance, step)
+                record = verify_target(backend, artifact, used, tolerance, step, boundary)
             record["against"] = job.reference
             if source_format:
                 record["source"] = f"pre-quantised ({source_format})"
@@ -165,9 +171,13 @@ class CompileRun:
         what = "quantising (calibrated ranges, fallback search) and converting" if precision == "int8" else "converting"
         with self.steps.step(f"{what} for {label}"):
             try:
-                target_model, quantization = job.src.model, None
+                target_model, quantization, io, qdq = job.src.model, None, None, None
                 if precision == "int8" and self.quantise is not None and not job.prefix:
                     target_model, quantization = self.quantise(backend)
+                    qdq = target_model
+                    if self.int8_io:
+                        target_model, io = integer_boundary(qdq, job.inputs, job.outputs)
+                        options = {**options, "inputs": tuple(io[0]), "outputs": tuple(io[1])}
                 data = job.data if target_model is job.src.model else None
                 opts = CompileOptions(precision=precision, source=job.src, model_bytes=data, **options)
                 artifact = backend.compile(target_model, opts)
@@ -200,9 +210,31 @@ class CompileRun:
             where = f"{job.prefix}{target_dir(backend.name, precision)}/qdq.onnx"
             entry["quantization"] = {
                 **quantization,
-                "model": store_model(target_model, where, self.members, self.by_sha),
+                "model": store_model(qdq, where, self.members, self.by_sha),
             }
+        if io is not None:
+            entry["io"] = {"inputs": [s.to_dict() for s in io[0]], "outputs": [s.to_dict() for s in io[1]]}
         return entry, artifact
+
+
+def integer_boundary(
+    qdq: Any, inputs: list[TensorSpec], outputs: list[TensorSpec]
+) -> tuple[Any, tuple[list[TensorSpec], list[TensorSpec]]]:
+    """``qdq`` with integer inputs and outputs (luodi.quant.io.integer_io) and the specs the device sees: the model's
+    own, with the integer dtype, scale and zero point of each tensor made integer."""
+    from ..quant.io import integer_io
+
+    model, ins, outs = integer_io(qdq)
+
+    def device(specs: list[TensorSpec], params: dict[str, tuple[float, int, str]]) -> list[TensorSpec]:
+        return [
+            TensorSpec(s.name, params[s.name][2], s.shape, params[s.name][0], params[s.name][1])
+            if s.name in params
+            else s
+            for s in specs
+        ]
+
+    return model, (device(inputs, ins), device(outputs, outs))
 
 
 def of_model(job: ModelJob) -> str:

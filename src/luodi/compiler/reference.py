@@ -16,6 +16,7 @@ from .. import onnx_io
 from ..backends import open_engine
 from ..backends.contract import Artifact
 from ..errors import CompileError, LuodiError
+from ..tensor import dequantise_outputs, quantise_feeds
 from ..verify import Domain, compare, sample_inputs, verification_record
 from .shapes import ShapePlan, describe
 
@@ -152,8 +153,14 @@ class _Probe:
         return ""
 
 
-def verify_target(backend: Any, artifact: Artifact, checks: list[Check], precision: str, step: Any) -> dict[str, Any]:
-    """Run every check on the target and compare with the reference; a failure to load or run is a result."""
+def verify_target(
+    backend: Any, artifact: Artifact, checks: list[Check], precision: str, step: Any, boundary: Any = None
+) -> dict[str, Any]:
+    """Run every check on the target and compare with the reference; a failure to load or run is a result.
+
+    ``boundary`` (the target's input and output specs, for a target with int8 I/O): float inputs are quantised and
+    integer outputs dequantised with each tensor's scale and zero point, as Session does, before comparing."""
+    ins, outs = boundary or ([], [])
     try:
         engine = open_engine(backend, artifact)
     except Exception as exc:  # noqa: BLE001 - an engine failing to load is a verification result
@@ -162,7 +169,7 @@ def verify_target(backend: Any, artifact: Artifact, checks: list[Check], precisi
     with engine:
         for check in checks:
             try:
-                got.append(engine.run(check.feeds))
+                got.append(dequantise_outputs(engine.run(quantise_feeds(check.feeds, ins)), outs))
             except Exception as exc:  # noqa: BLE001 - an engine failing at run time is a result, not a crash
                 where = describe(shapes_of(check.feeds))
                 return {"against": "reference", "passed": False, "error": f"fails at {where}: {one_line(exc)}"}

@@ -232,6 +232,22 @@ class Package:
     def outputs(self) -> list[TensorSpec]:
         return list(self._specs_out)
 
+    def target_io(self, target: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """The inputs and outputs as ``target``'s engine sees them: its own ``io`` specs where it has them (int8 I/O:
+        integer dtypes with scale and zero point, see luodi.quant.io), else the model's."""
+        io = target.get("io")
+        if io is None:
+            return self.inputs, self.outputs
+        ins = [TensorSpec.from_dict(d) for d in io["inputs"]]
+        outs = [TensorSpec.from_dict(d) for d in io["outputs"]]
+        for side, own, model in (("inputs", ins, self.inputs), ("outputs", outs, self.outputs)):
+            if [s.name for s in own] != [s.name for s in model]:
+                raise PackageError(
+                    f"{self.path}: target {target.get('backend')}:{target.get('precision')} has io {side} "
+                    f"{[s.name for s in own]}, not the model's {[s.name for s in model]}; the package is corrupt"
+                )
+        return ins, outs
+
     @property
     def targets(self) -> list[dict[str, Any]]:
         return list(self.manifest["targets"])

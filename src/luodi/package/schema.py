@@ -147,6 +147,17 @@ def _targets(value: Any, files: dict[str, Any], where: str) -> None:
                 if "mismatch" in r:
                     _str(r["mismatch"], f"{at_out}.mismatch", 4096)
                 _require(isinstance(r.get("exact", False), bool), f"{at_out}.exact", "must be true or false")
+        if "io" in target:  # a target whose boundary differs from the model's: int8 I/O (same names, integer dtypes)
+            io = _dict(target["io"], f"{at}.io")
+            for side in ("inputs", "outputs"):
+                _specs(io.get(side), f"{at}.io.{side}")
+                for k, spec in enumerate(io[side]):
+                    if np.dtype(spec["dtype"]).kind in "iu" and spec.get("scale") is not None:
+                        _require(spec["scale"] > 0, f"{at}.io.{side}[{k}].scale", "must be positive")
+                        _require(spec.get("zero_point") is not None, f"{at}.io.{side}[{k}].zero_point", "is missing")
+                        info = np.iinfo(np.dtype(spec["dtype"]))
+                        ok = info.min <= spec["zero_point"] <= info.max
+                        _require(ok, f"{at}.io.{side}[{k}].zero_point", f"is outside {spec['dtype']}")
         if "timing" in target:
             timing = _dict(target["timing"], f"{at}.timing")
             _number(timing.get("median_ms"), f"{at}.timing.median_ms")

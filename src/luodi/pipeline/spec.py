@@ -25,6 +25,9 @@ class Pipeline:
     def __init__(self, spec: dict[str, Any], inputs: Sequence[TensorSpec]) -> None:
         self.spec = spec
         self.input = spec.get("input") or inputs[0].name
+        target = next((i for i in inputs if i.name == self.input), None)
+        self._quantised = target if target is not None and target.is_quantised else None
+        """The input as an int8-I/O target reads it: pre-processing ends with its integers (float quantised)."""
         self.output = spec.get("output")
         self.pre = [build_op(s) for s in spec.get("pre", [])]
         self.post = [build_op(s) for s in spec.get("post", [])]
@@ -78,7 +81,10 @@ class Pipeline:
             for op in self.pre:
                 x = op(x)
             tensors.append(x)
-        return {self.input: np.stack(tensors)}, {"batch": batch}
+        feed = np.stack(tensors)
+        if self._quantised is not None and feed.dtype.kind == "f":
+            feed = self._quantised.quantise(feed)  # an integer tensor of the input's dtype passes as it is
+        return {self.input: feed}, {"batch": batch}
 
     def postprocess(self, outputs: dict[str, np.ndarray], context: dict[str, Any], **options: Any) -> Any:
         y: Any = outputs[self.output] if self.output else next(iter(outputs.values()))

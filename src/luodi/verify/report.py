@@ -16,6 +16,7 @@ import numpy as np
 
 from ..backends import get_backend, open_engine
 from ..errors import BackendError, LuodiError
+from ..tensor import dequantise_outputs, quantise_feeds
 from . import compare, failure_reason
 
 # The reference evaluator runs EfficientNet-Lite0 at about a second an image; past this many samples the canonical
@@ -63,8 +64,10 @@ def _run_all(engine: Any, what: str, feeds: list[Feeds]) -> list[dict[str, np.nd
 def _run(package: Any, target: dict[str, Any], feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     backend, artifact = get_backend(target["backend"]), package.artifact(target)
     backend.probe(artifact, package.representative_shapes)  # a malformed engine file must not kill `verify`
+    ins, outs = package.target_io(target)  # a target with int8 I/O: float in, float out, as Session gives them
+    feeds = [quantise_feeds(f, ins) for f in feeds]
     with open_engine(backend, artifact) as engine:
-        return _run_all(engine, _label(target), feeds)
+        return [dequantise_outputs(o, outs) for o in _run_all(engine, _label(target), feeds)]
 
 
 def reference_outputs(package: Any, feeds: list[Feeds]) -> tuple[list[dict[str, np.ndarray]], str]:
