@@ -399,7 +399,9 @@ class Session:
         spec = self._input_by_name.get(name)
         if spec is None:
             raise UnknownTensorError(self._unknown(name))
-        array = spec.as_array(self._device(name, value))
+        if spec.scale is not None:  # an int8-I/O input: a float array is quantised here
+            value = self._device(name, value)
+        array = spec.as_array(value)
         spec.check(array)
         if not array.flags.c_contiguous:  # engines read C order; a view (transposed, strided, broadcast) is copied
             try:
@@ -412,8 +414,9 @@ class Session:
 
     def _device(self, name: str | None, value: Any) -> Any:
         """``value`` as the engine reads it: a float array for an int8-I/O input quantised; anything else as is."""
-        one = self._inputs[0] if len(self._inputs) == 1 else None
-        spec = self._input_by_name.get(name) if name is not None else one
+        spec = self._input_by_name.get(name) if name is not None else None
+        if name is None and len(self._inputs) == 1:  # a bare array for a one-input model
+            spec = self._inputs[0]
         if spec is None or not spec.is_quantised:
             return value
         if not isinstance(value, np.ndarray):  # a list of floats is quantised too, not cast to the integer type
