@@ -213,8 +213,15 @@ def test_one_byte_mnn_change_is_a_backend_error(cnn_mnn, tmp_path, monkeypatch, 
     out = assert_survived(in_child(code, tmp_path, str(bad)))
     refusals = out.strip().splitlines()
     assert len(refusals) == 3, out
+    # The probe child either dies of a signal, or ends with an error once MNN's stray writes have corrupted its heap
+    # (seen: a TypeError from a json call, exit status 1), or MNN refuses the file cleanly: a BackendError each time.
+    malformed = (
+        "the mnn-fp32 engine file is malformed: mnn crashed",
+        "the mnn-fp32 engine file is malformed: mnn exited",
+    )
     for line in refusals:
-        assert "the mnn-fp32 engine file is malformed: mnn crashed" in line or "mnn could not load mnn-fp32" in line
+        clean = line.startswith("CompileError mnn could not load mnn-fp32")
+        assert clean or line.startswith(tuple(f"BackendError {m}" for m in malformed)), line
 
 
 def test_trusted_packages_skip_the_probe_and_encrypted_ones_stay_off_disk(tmp_path, monkeypatch):
