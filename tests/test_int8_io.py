@@ -4,6 +4,8 @@ OpenVINO, a small CNN quantised by luodi's own int8 path."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import onnx
 import pytest
@@ -251,3 +253,39 @@ def test_luodi_verify_feeds_an_int8_io_target_floats_and_compares_floats(pkg, x)
     for r in reports:
         assert r.compared and r.passed, r.problem
         assert r.cosine > 0.99
+
+
+@pytest.mark.slow
+def test_served_int8_io_target_speaks_integers_with_scale_and_zero_point(pkg, x, tmp_path):
+    """`luodi serve` on an int8-I/O target: the metadata gives each integer tensor's scale and zero point, and a
+    KServe client that quantises with them gets the integers whose dequantised values Session.run returns."""
+    th = pytest.importorskip("tritonclient.http")
+    from serve_helpers import running
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(pkg.path, repo / "cnn.luodi")
+    with luodi.Session(pkg, backend="onnxruntime:int8") as s:
+        want = s.run({"x": x})["y"]
+        (inp,), (out,) = s.inputs, s.outputs
+    with running(repo, "-b", "onnxruntime:int8", "--poll-s", "0", log=tmp_path / "server.log") as srv:
+        client = th.InferenceServerClient(srv.url)
+        meta = client.get_model_metadata("cnn")
+        (mi,), (mo,) = meta["inputs"], meta["outputs"]
+        assert mi["datatype"] == mo["datatype"] == inp.np_dtype.name.upper() and inp.np_dtype.kind in "iu"
+        assert mi["parameters"] == {"scale": inp.scale, "zero_point": inp.zero_point}
+        assert mo["parameters"] == {"scale": out.scale, "zero_point": out.zero_point}
+        p = mi["parameters"]
+        q = np.clip(np.rint(x / p["scale"]) + p["zero_point"], *_limits(inp.np_dtype)).astype(inp.np_dtype)
+        request = th.InferInput("x", list(q.shape), mi["datatype"])
+        request.set_data_from_numpy(q, binary_data=True)
+        raw = client.infer("cnn", [request]).as_numpy("y")
+    assert raw.dtype == out.np_dtype
+    got = (raw.astype(np.float32) - mo["parameters"]["zero_point"]) * mo["parameters"]["scale"]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert np.abs(want).max() > 0.1
+
+
+def _limits(dtype: np.dtype) -> tuple[int, int]:
+    info = np.iinfo(dtype)
+    return info.min, info.max

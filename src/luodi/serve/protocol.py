@@ -275,12 +275,19 @@ def decode_infer_response(body: bytes, header_length: int | str | None = None) -
 
 
 def tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
-    """A model input/output as the protocol's metadata describes it (-1 for a dimension of any size)."""
-    return {
+    """A model input/output as the protocol's metadata describes it (-1 for a dimension of any size).
+
+    A quantised integer tensor (an int8-I/O target) adds ``parameters`` with its ``scale`` and ``zero_point``:
+    the client sends and reads the integers, float = (q - zero_point) * scale.
+    """
+    meta: dict[str, Any] = {
         "name": spec.name,
         "datatype": datatype_of(spec.np_dtype),
         "shape": [d if isinstance(d, int) else -1 for d in spec.shape],
     }
+    if spec.scale is not None:
+        meta["parameters"] = {"scale": spec.scale, "zero_point": spec.zero_point}
+    return meta
 
 
 def model_metadata(name: str, versions: list[str], platform: str, inputs: list[TensorSpec], outputs: list[TensorSpec]):
