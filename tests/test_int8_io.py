@@ -280,6 +280,10 @@ def test_served_int8_io_target_speaks_integers_with_scale_and_zero_point(pkg, x,
         request = th.InferInput("x", list(q.shape), mi["datatype"])
         request.set_data_from_numpy(q, binary_data=True)
         raw = client.infer("cnn", [request]).as_numpy("y")
+        with pytest.raises(th.InferenceServerException, match=r"quantise it first: round\(x / "):
+            floats = th.InferInput("x", list(x.shape), "FP32")  # floats for the integer input: a 400 saying how
+            floats.set_data_from_numpy(x, binary_data=True)
+            client.infer("cnn", [floats])
     assert raw.dtype == out.np_dtype
     got = (raw.astype(np.float32) - mo["parameters"]["zero_point"]) * mo["parameters"]["scale"]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)

@@ -80,10 +80,13 @@ class TensorSpec:
     def check(self, array: np.ndarray) -> None:
         """Raise DTypeError/ShapeError naming this input when ``array`` does not fit it."""
         if array.dtype != self._np:
-            raise DTypeError(
-                f"input '{self.name}' expects dtype {self.dtype}, got {array.dtype}; "
-                f"convert it first, e.g. array.astype(numpy.{self.dtype})"
-            )
+            how = f"convert it first, e.g. array.astype(numpy.{self.dtype})"
+            if self.is_quantised:  # a cast would be wrong: the integers are quantised values
+                how = (
+                    f"quantise it first: round(x / {self.scale}) + {self.zero_point}, saturated "
+                    f"(TensorSpec.quantise; Session.run does it for float inputs)"
+                )
+            raise DTypeError(f"input '{self.name}' expects dtype {self.dtype}, got {array.dtype}; {how}")
         shape = self.shape
         if array.ndim != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(shape, array.shape)):
             raise ShapeError(f"input '{self.name}' expects shape {self.shape_str()}, got {list(array.shape)}")
