@@ -293,3 +293,40 @@ def test_served_int8_io_target_speaks_integers_with_scale_and_zero_point(pkg, x,
 def _limits(dtype: np.dtype) -> tuple[int, int]:
     info = np.iinfo(dtype)
     return info.min, info.max
+
+
+@pytest.mark.slow
+def test_detector_graph_pipeline_on_an_int8_io_target(tmp_path):
+    """nudenet's YOLOv8n (a graph pipeline: letterbox, model, decode, NMS) on an int8-I/O target: the letterboxed
+    pixels reach the engine as uint8 (scale 1/255, so exact) and the detections match fp32's. Its quantisation
+    pre-processing needs the fallback to ONNX's own shape inference (symbolic inference gives up on YOLOv8)."""
+    from luodi.zoo.images import skimage_picture
+
+    pkg = luodi.compile(
+        "zoo:yolov8n-nudenet",
+        tmp_path / "yolo.luodi",
+        ["onnxruntime", "onnxruntime:int8"],
+        calibration="ai-benchmark",
+        calib_samples=20,
+        int8_io=True,
+        accuracy_budget="99%",
+        fallback=False,
+    )
+    picture = str(skimage_picture("astronaut"))
+    with luodi.Session(pkg.path, backend="onnxruntime", precision="int8") as s:
+        (spec,) = s.inputs
+        assert (spec.dtype, spec.zero_point) == ("uint8", 0) and spec.scale == pytest.approx(1 / 255)
+        got = s.predict(picture)
+    with luodi.Session(pkg.path, backend="onnxruntime", precision="fp32") as s:
+        want = s.predict(picture)
+    assert want and [d.label for d in got[: len(want)]] == [d.label for d in want]
+    for a, b in zip(want, got):
+        x1, y1, x2, y2 = (
+            max(a.box[0], b.box[0]),
+            max(a.box[1], b.box[1]),
+            min(a.box[2], b.box[2]),
+            min(a.box[3], b.box[3]),
+        )
+        inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+        area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+        assert inter / (area(a.box) + area(b.box) - inter) > 0.8, (a, b)

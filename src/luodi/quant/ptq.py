@@ -31,12 +31,16 @@ def prepare(model: Any) -> Any:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory(prefix="luodi-ptq-") as tmp:
-        out = Path(tmp) / "pre.onnx"
+        out, source = Path(tmp) / "pre.onnx", Path(tmp) / "in.onnx"
+        onnx.save_model(model, source)  # a path: given a ModelProto, its fallback paths lose the weights
         quiet = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)
         try:
-            quant_pre_process(model, out, skip_symbolic_shape=False)
-        except Exception as exc:  # symbolic shape inference raises plain exceptions on odd graphs
+            try:
+                quant_pre_process(source, out, skip_symbolic_shape=False)
+            except Exception:  # symbolic shape inference gives up on some graphs (YOLOv8's computed shapes)
+                quant_pre_process(source, out, skip_symbolic_shape=True)  # ONNX's own shape inference is enough
+        except Exception as exc:  # it raises plain exceptions on odd graphs
             raise CompileError(f"onnxruntime's quantisation pre-processing failed on the model: {exc}") from exc
         finally:
             logging.getLogger().setLevel(quiet)
