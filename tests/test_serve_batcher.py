@@ -104,7 +104,7 @@ def test_requests_of_different_shapes_never_share_a_batch(scale_session) -> None
     batcher = Batcher(
         scale_session.run,
         BatchConfig(max_batch_size=16, max_queue_delay_ms=200),
-        on_batch=lambda size, _: batches.append(size),
+        on_batch=lambda size, *_: batches.append(size),
     )
     rng = np.random.default_rng(0)
     feeds = [rng.standard_normal((1 + i % 2, 3 + i % 3)).astype(np.float32) for i in range(12)]
@@ -124,7 +124,7 @@ def test_requests_of_different_shapes_never_share_a_batch(scale_session) -> None
 def test_max_batch_size_and_preferred_sizes_bound_each_batch(scale_session) -> None:
     batches: list[int] = []
     config = BatchConfig(max_batch_size=8, max_queue_delay_ms=300, preferred_batch_sizes=(4,))
-    batcher = Batcher(scale_session.run, config, on_batch=lambda size, _: batches.append(size))
+    batcher = Batcher(scale_session.run, config, on_batch=lambda size, *_: batches.append(size))
     try:
         xs = [np.full((1, 2), i, np.float32) for i in range(10)]
         jobs = [batcher.submit({"x": x}) for x in xs]
@@ -150,7 +150,7 @@ def test_default_batching_runs_a_lone_request_at_once_and_joins_what_queued_mean
         return scale_session.run(feeds)
 
     assert BatchConfig().max_queue_delay_ms == 0
-    batcher = Batcher(held, BatchConfig(max_batch_size=16), on_batch=lambda size, _: batches.append(size))
+    batcher = Batcher(held, BatchConfig(max_batch_size=16), on_batch=lambda size, *_: batches.append(size))
     try:
         first = batcher.submit({"x": np.zeros((1, 2), np.float32)})
         assert started.wait(5), "a lone request waited for partners"

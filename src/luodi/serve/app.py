@@ -32,6 +32,7 @@ from ..errors import (
     PipelineError,
     RequestTimeoutError,
 )
+from . import triton
 from .guard import Access, BodyTimeoutError, ClientGone, Guard, Limits, PayloadTooLargeError, UnauthorizedError
 from .metrics import Metrics
 from .protocol import HEADER_LENGTH, decode_infer_request, encode_infer_response, model_metadata
@@ -186,7 +187,43 @@ def create_app(
 
     @app.get("/v2", tags=["metadata"])
     async def server_metadata() -> dict[str, Any]:
-        return {"name": "luodi", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
+        extensions = ["binary_tensor_data", "model_repository", *triton.EXTENSIONS]
+        return {"name": "luodi", "version": __version__, "extensions": extensions}
+
+    # -- Triton's statistics and model-configuration extensions (luodi.serve.triton) -----------------
+    # Registered before /v2/models/{name}, which would take "stats" for a model's name.
+    def _stats(name: str | None, version: str | None) -> dict[str, Any]:
+        if version is not None:
+            versions = [repository.get(name, version)]
+        else:
+            models = repository.models() if name is None else [repository.model(name)]
+            versions = [mv for m in models for _, mv in sorted(m.loaded.items(), key=lambda kv: int(kv[0]))]
+        return {"model_stats": [mv.triton_stats() for mv in versions]}
+
+    @app.get("/v2/models/stats", tags=["statistics"])
+    async def all_stats() -> dict[str, Any]:
+        """Triton's statistics of every loaded model version (tritonclient's get_inference_statistics())."""
+        return _stats(None, None)
+
+    @app.get("/v2/models/{name}/stats", tags=["statistics"])
+    async def model_stats(name: str) -> dict[str, Any]:
+        """Triton's statistics of the model's loaded versions: requests, rows, engine calls, queue and compute
+        times, per batch size."""
+        return _stats(name, None)
+
+    @app.get("/v2/models/{name}/versions/{version}/stats", tags=["statistics"])
+    async def model_version_stats(name: str, version: str) -> dict[str, Any]:
+        return _stats(name, version)
+
+    @app.get("/v2/models/{name}/config", tags=["metadata"])
+    async def model_config(name: str) -> dict[str, Any]:
+        """The newest loaded version's configuration as Triton's model config JSON (tritonclient's
+        get_model_config): max_batch_size, inputs and outputs with data_type and dims, dynamic_batching, ..."""
+        return triton.model_config(repository.get(name, None), repository.versions)
+
+    @app.get("/v2/models/{name}/versions/{version}/config", tags=["metadata"])
+    async def model_version_config(name: str, version: str) -> dict[str, Any]:
+        return triton.model_config(repository.get(name, version), repository.versions)
 
     def _metadata(name: str, version: str | None) -> dict[str, Any]:
         mv = repository.get(name, version)

@@ -75,6 +75,8 @@ class Job:
     future: Future = field(default_factory=Future)
     queue_s: float = 0.0
     compute_s: float = 0.0
+    input_s: float = 0.0  # joining the batch's inputs (0 for a request that ran alone: nothing to join)
+    output_s: float = 0.0  # splitting the batch's outputs back into requests
     batch_size: int = 0  # rows of the engine call it shared
     requests: int = 0  # requests that shared it
 
@@ -83,7 +85,8 @@ class Batcher:
     """A bounded queue for one model and ``config.instances`` worker threads that run ``run`` on joined batches.
 
     ``batchable`` says whether the model has a free batch dim on every input and output; when False every
-    request runs alone. ``on_batch(size, compute_s)`` is called after each batch (for metrics).
+    request runs alone. ``on_batch(size, compute_s, input_s, output_s)`` is called after each batch that ran
+    (for metrics): its rows, the engine's time, and the time to join its inputs and split its outputs.
     """
 
     def __init__(
@@ -93,7 +96,7 @@ class Batcher:
         *,
         batchable: bool = True,
         name: str = "model",
-        on_batch: Callable[[int, float], None] | None = None,
+        on_batch: Callable[[int, float, float, float], None] | None = None,
     ) -> None:
         self.config = config
         self.batchable = batchable and config.max_batch_size > 1
@@ -225,6 +228,7 @@ class Batcher:
             live.append(job)
         if not live:
             return
+        t_join = time.perf_counter()
         feeds, rows = core.join([j.feeds for j in live]) if len(live) > 1 else (live[0].feeds, [live[0].size])
         total = sum(rows)
         t0 = time.perf_counter()
@@ -234,16 +238,19 @@ class Batcher:
             for job in live:
                 job.future.set_exception(exc)
             return
-        compute = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        compute = t1 - t0
         self._compute_ema = compute if not self._compute_ema else 0.8 * self._compute_ema + 0.2 * compute
-        if self._on_batch is not None:
-            self._on_batch(total, compute)
         try:  # a lone request gets its outputs whole, batch axis or not
             parts: list[Feeds] | LuodiError = core.split(outputs, rows) if len(live) > 1 else [outputs]
         except LuodiError as exc:
             parts = exc
+        joined, split = t0 - t_join, time.perf_counter() - t1
+        if self._on_batch is not None:
+            self._on_batch(total, compute, joined, split)
         for i, job in enumerate(live):
-            job.queue_s, job.compute_s, job.batch_size, job.requests = t0 - job.enqueued, compute, total, len(live)
+            job.queue_s, job.compute_s, job.batch_size, job.requests = t_join - job.enqueued, compute, total, len(live)
+            job.input_s, job.output_s = joined, split
             if isinstance(parts, LuodiError):
                 job.future.set_exception(parts)
             else:

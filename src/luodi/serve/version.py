@@ -87,24 +87,36 @@ class ModelVersion:
 
     def observe(self, ok: bool, total_s: float, job: Job | None, reason: str = "") -> None:
         """Account one answered request (the server calls this once per request)."""
+        now_ms = int(time.time() * 1000)
         with self._lock:
-            self.stats.requests += 1
+            st = self.stats
+            st.requests += 1
+            st.last_ms = now_ms
             if ok:
-                self.stats.total_s += total_s
+                st.total_s += total_s
+                st.rows += job.size if job is not None else 1
                 if job is not None:
-                    self.stats.queue_s += job.queue_s
-                    self.stats.compute_s += job.compute_s
+                    st.timed += 1
+                    st.queue_s += job.queue_s
+                    st.input_s += job.input_s
+                    st.compute_s += job.compute_s
+                    st.output_s += job.output_s
             else:
-                self.stats.failures += 1
+                st.failures += 1
+                st.fail_s += total_s
         if self.observer is not None:
             self.observer.request(self, ok, total_s, job, reason)
 
-    def _on_batch(self, size: int, compute_s: float) -> None:
+    def _on_batch(self, size: int, compute_s: float, input_s: float, output_s: float) -> None:
         with self._lock:
-            self.stats.batches += 1
-            self.stats.batched_items += size
+            self.stats.batch(size, compute_s, input_s, output_s)
         if self.observer is not None:
             self.observer.batch(self, size)
+
+    def triton_stats(self) -> dict:
+        """This version's $model_stat of Triton's statistics extension."""
+        with self._lock:
+            return self.stats.as_triton(self.name, self.version)
 
     # -- in-flight accounting, so an old version closes only once its requests are answered --------
     @contextmanager
