@@ -146,12 +146,17 @@ def create_app(
         await run_in_threadpool(repository.close)
         log.info("stopped", extra={"event": "stopped"})
 
+    assets = _docs_assets()
     app = FastAPI(
         title="luodi model server",
         version=__version__,
         description="KServe v2 / Open Inference Protocol over the .luodi packages of a model repository.",
         lifespan=lifespan,
+        docs_url=None if assets else "/docs",  # without the assets FastAPI's own pages, which load them from a CDN
+        redoc_url=None if assets else "/redoc",
     )
+    if assets:
+        _offline_docs(app, assets)
     app.state.repository = repository
     app.state.metrics = metrics
 
@@ -364,6 +369,71 @@ def create_app(
         return HTMLResponse(page)
 
     return app
+
+
+_DOCS_ASSETS = "/luodi/docs-assets"
+# The docs pages fetch nothing but this server: ReDoc's side menu would load Redocly's logo from its CDN (a request
+# to a third party from every reader's browser); with this policy the browser does not send it.
+_DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'"
+)
+
+
+def _docs_assets() -> str | None:
+    """The folder of swagger-ui's and ReDoc's JavaScript and CSS that the fastapi-offline package ships (luodi[serve]
+    installs it), or None when it is not installed."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("fastapi_offline")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "static"
+    needed = ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png")
+    return str(folder) if all((folder / name).is_file() for name in needed) else None
+
+
+def _offline_docs(app: FastAPI, folder: str) -> None:
+    """/docs (swagger-ui) and /redoc with their assets served by this server, so that they render with no network
+    (FastAPI's own pages load them, the favicon and fonts from CDNs, and render blank offline)."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount(_DOCS_ASSETS, StaticFiles(directory=folder), name="docs-assets")
+    redirect = app.swagger_ui_oauth2_redirect_url or "/docs/oauth2-redirect"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        page = get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url=f"{root}{redirect}",
+            swagger_js_url=f"{root}{_DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{_DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{_DOCS_ASSETS}/favicon.png",
+            swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from swagger.io's online validator
+        )
+        page.headers["Content-Security-Policy"] = _DOCS_CSP
+        return page
+
+    @app.get(redirect, include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        page = get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{_DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{_DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
+        page.headers["Content-Security-Policy"] = _DOCS_CSP
+        return page
 
 
 class _Headers:
