@@ -17,7 +17,6 @@ from luodi.package import write_package
 from serve_helpers import Server, running
 
 webdriver = pytest.importorskip("selenium.webdriver")
-pytestmark = pytest.mark.slow  # a browser start each: ~15 s in all on 2 cores
 
 # A long model name, as real ones are ("efficientnet-lite0-int8-..."): a name is never cut, but must wrap.
 FAILING = "detector-int8-per-channel-calibrated-on-coco-val2017-ethos-u65-256-vela-optimised-for-size-v3"
