@@ -198,11 +198,7 @@ def create_app(
     # -- Triton's statistics and model-configuration extensions (luodi.serve.triton) -----------------
     # Registered before /v2/models/{name}, which would take "stats" for a model's name.
     def _stats(name: str | None, version: str | None) -> dict[str, Any]:
-        if version is not None:
-            versions = [repository.get(name, version)]
-        else:
-            models = repository.models() if name is None else [repository.model(name)]
-            versions = [mv for m in models for _, mv in sorted(m.loaded.items(), key=lambda kv: int(kv[0]))]
+        versions = [repository.get(name, version)] if version is not None else repository.loaded_versions(name)
         return {"model_stats": [mv.triton_stats() for mv in versions]}
 
     @app.get("/v2/models/stats", tags=["statistics"])

@@ -324,6 +324,12 @@ class ModelRepository:
         with self._lock:
             return [self._models[n] for n in sorted(self._models)]
 
+    def loaded_versions(self, name: str | None = None) -> list[ModelVersion]:
+        """Every loaded version, or model ``name``'s (ModelNotFoundError for an unknown name), by name and number."""
+        with self._lock:
+            models = self.models() if name is None else [self.model(name)]
+            return [mv for m in models for _, mv in sorted(m.loaded.items(), key=lambda kv: int(kv[0]))]
+
     def index(self) -> list[dict[str, Any]]:
         """The repository API's index: one row per model version on disk or loaded."""
         rows = []
