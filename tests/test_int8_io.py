@@ -296,12 +296,16 @@ def _limits(dtype: np.dtype) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-def test_detector_graph_pipeline_on_an_int8_io_target(tmp_path):
+def test_detector_graph_pipeline_on_an_int8_io_target(tmp_path, monkeypatch):
     """nudenet's YOLOv8n (a graph pipeline: letterbox, model, decode, NMS) on an int8-I/O target: the letterboxed
     pixels reach the engine as uint8 (scale 1/255, so exact) and the detections match fp32's. Its quantisation
-    pre-processing needs the fallback to ONNX's own shape inference (symbolic inference gives up on YOLOv8)."""
+    pre-processing needs the fallback to ONNX's own shape inference (symbolic inference gives up on YOLOv8), and
+    writes nothing into the working folder."""
     from luodi.zoo.images import skimage_picture
 
+    workdir = tmp_path / "cwd"  # onnxruntime's shape inference dropped a 12 MB debug model into the working folder
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
     pkg = luodi.compile(
         "zoo:yolov8n-nudenet",
         tmp_path / "yolo.luodi",
@@ -312,6 +316,7 @@ def test_detector_graph_pipeline_on_an_int8_io_target(tmp_path):
         accuracy_budget="99%",
         fallback=False,
     )
+    assert list(workdir.iterdir()) == []
     picture = str(skimage_picture("astronaut"))
     with luodi.Session(pkg.path, backend="onnxruntime", precision="int8") as s:
         (spec,) = s.inputs

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,29 +23,40 @@ from .calibrate import Calibration
 from .policy import QuantPolicy
 from .rounding import round_weights
 
+# onnxruntime's quant_pre_process, run in a child whose working directory is a temporary folder: when its symbolic
+# shape inference gives up it saves a debug model ("sym_shape_infer_temp.onnx" and a 12 MB uuid-named .data file for
+# YOLOv8n) into the working directory, i.e. the user's folder. Symbolic inference gives up on some graphs (YOLOv8's
+# computed shapes); ONNX's own shape inference is then enough for the quantiser.
+_PREPARE = """
+import logging, sys
+logging.disable(logging.ERROR)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+try:
+    quant_pre_process(sys.argv[1], sys.argv[2], skip_symbolic_shape=False)
+except Exception:
+    quant_pre_process(sys.argv[1], sys.argv[2], skip_symbolic_shape=True)
+"""
+
 
 def prepare(model: Any) -> Any:
     """The float graph as the quantiser wants it: onnxruntime's ``quant_pre_process`` (shape inference, constant
     folding, Pad folded into Conv), every node named. Without it a ``Clip`` whose bounds are ``Constant`` nodes is
     not recognised as a removable activation and the conv before it gets the conv's own wide range (measured on
-    EfficientNet-Lite0: 24 dB SNR after the first ReLU6 instead of ~40, 53% top-1 agreement)."""
+    EfficientNet-Lite0: 24 dB SNR after the first ReLU6 instead of ~40, 53% top-1 agreement). It runs in a child
+    process in a temporary folder (see _PREPARE), on a file (given a ModelProto, its fallback path loses the
+    weights)."""
     import onnx
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory(prefix="luodi-ptq-") as tmp:
         out, source = Path(tmp) / "pre.onnx", Path(tmp) / "in.onnx"
-        onnx.save_model(model, source)  # a path: given a ModelProto, its fallback paths lose the weights
-        quiet = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)
-        try:
-            try:
-                quant_pre_process(source, out, skip_symbolic_shape=False)
-            except Exception:  # symbolic shape inference gives up on some graphs (YOLOv8's computed shapes)
-                quant_pre_process(source, out, skip_symbolic_shape=True)  # ONNX's own shape inference is enough
-        except Exception as exc:  # it raises plain exceptions on odd graphs
-            raise CompileError(f"onnxruntime's quantisation pre-processing failed on the model: {exc}") from exc
-        finally:
-            logging.getLogger().setLevel(quiet)
+        onnx.save_model(model, source)
+        proc = subprocess.run(
+            [sys.executable, "-c", _PREPARE, str(source), str(out)], cwd=tmp, capture_output=True, text=True
+        )
+        if proc.returncode != 0 or not out.is_file():
+            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            why = lines[-1] if lines else f"exit status {proc.returncode}"
+            raise CompileError(f"onnxruntime's quantisation pre-processing failed on the model: {why}")
         return named(onnx.load_model(out))
 
 
