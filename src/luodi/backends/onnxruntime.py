@@ -296,7 +296,8 @@ class OnnxRuntimeBackend(Backend):
                 so.profile_file_prefix = os.path.join(profile_dir.name, "ort")
             return so
 
-        profile_dir = tempfile.TemporaryDirectory(prefix="luodi-ort-profile-") if options.extra.get("profiling") else None
+        profiling = options.extra.get("profiling")
+        profile_dir = tempfile.TemporaryDirectory(prefix="luodi-ort-profile-") if profiling else None
         providers, stream = self._providers(options)
         if "model.onnx" not in artifact.files:
             raise ModelError(f"{artifact.target} artifact has no model.onnx")
