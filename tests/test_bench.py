@@ -188,3 +188,44 @@ def test_html_report_renders_offline_in_chromium(report: tuple[dict, Path], tmp_
         assert sent and all(u == page.as_uri() for u in sent), sent
     finally:
         driver.quit()
+
+
+def _served(text: str, metric: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(metric + "{"))
+
+
+def test_url_loads_a_kserve_server_with_binary_tensors_and_counts_errors_by_code(package: Path, tmp_path: Path) -> None:
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from serve_helpers import running
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "cnn.luodi").write_bytes(package.read_bytes())
+    with running(repo, "--poll-s", "0", log=tmp_path / "server.log") as server:
+        out = tmp_path / "url.json"
+        args = ["bench", "--url", server.base, "--model", "cnn", "--concurrency", "1,4", "--batch", "1,2"]
+        done = luodi_cli(*args, "--duration", "0.5", "--json", str(out), "-q", timeout=120)
+        assert done.returncode == 0, done.stderr
+        doc = json.loads(out.read_text())
+        assert doc["schema"] == "luodi.bench.url/1" and doc["inputs"] == {
+            "x": {"datatype": "FP32", "shape": [-1, 3, 16, 16]}
+        }
+        assert [(r["batch"], r["concurrency"]) for r in doc["results"]] == [(1, 1), (1, 4), (2, 1), (2, 4)]
+        for r in doc["results"]:
+            assert r["errors"] == {} and r["requests"] > 0
+            assert r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"] < 500
+            assert r["throughput_per_s"] == pytest.approx(r["requests"] / r["wall_s"])
+            assert r["samples_per_s"] == pytest.approx(r["throughput_per_s"] * r["batch"])
+        # the server answered every request counted here (and the few warm-up ones), no more
+        answered = _served(httpx.get(server.base + "/metrics").text, "luodi_requests_total")
+        counted = sum(r["requests"] for r in doc["results"])
+        assert counted <= answered <= counted + 2 * 2 + 10
+        # a shape the model refuses: every request answered 400, counted by code; exit status 3
+        done = luodi_cli(*args[:5], "--input-shape", "x=1x3x17x17", "--duration", "0.3", "--json", str(out), "-q")
+        assert done.returncode == 3, done.stderr
+        (row,) = json.loads(out.read_text())["results"]
+        assert row["requests"] == 0 and set(row["errors"]) == {"400"} and row["errors"]["400"] > 0
+        done = luodi_cli(*args[:3], "--model", "nope", "--duration", "0.3")
+        assert done.returncode == 2 and "no model 'nope'" in done.stderr and "Traceback" not in done.stderr

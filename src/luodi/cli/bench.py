@@ -79,7 +79,7 @@ def _dims(given: dict[str, str]) -> dict[str, tuple[int, ...]]:
 @click.option("--csv", "csv_file", type=click.Path(dir_okay=False), help="write one row per target, batch, streams")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False), help="write a self-contained HTML report")
 @click.option("--url", help="a KServe v2 server to load instead of a package, e.g. http://127.0.0.1:8000")
-@click.option("--model-name", "--model", "model_name", help="with --url: the model to send requests to")
+@click.option("--model", "model_name", help="with --url: the model on the server to send requests to")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 def bench(
     model: str | None,
@@ -111,20 +111,16 @@ def bench(
     """
     from ..arguments import per_input
     from ..arrays import load_npz
+    from ..bench import Plan
     from ..errors import InputError
 
-    if url:
-        if model:
-            raise InputError("give a package or --url, not both")
-        _bench_url(url, model_name, _ints("--concurrency", concurrency), batches, duration, json_file, html_file, quiet)
-        return
-    if not model:
+    if not model and not url:
         raise InputError("luodi bench needs a MODEL (.luodi, .onnx or zoo:NAME), or --url with --model")
-    from ..bench import Plan
-
+    if model and url:
+        raise InputError("give a package or --url, not both")
     given = per_input("--input-shape", input_shapes, "NAME=DIMS", "images=1x3x224x224")
     plan = Plan(
-        package=Path(model),
+        package=Path(model or "."),
         targets=list(targets),
         batches=_ints("--batch", batches),
         concurrency=_ints("--concurrency", concurrency),
@@ -138,6 +134,9 @@ def bench(
         cold_start=not no_cold_start,
     )
     plan.check()
+    if url:
+        _bench_url(url, model_name, plan, json_file, csv_file, html_file, quiet)
+        return
     with tempfile.TemporaryDirectory(prefix="luodi-bench-") as tmp:
         from ..package.archive import is_package_path
 
@@ -305,13 +304,57 @@ def _write_outputs(report: dict[str, Any], json_file: str | None, csv_file: str 
 def _bench_url(
     url: str,
     model_name: str | None,
-    concurrency: list[int],
-    batches: str,
-    duration: float | None,
+    plan: Any,
     json_file: str | None,
+    csv_file: str | None,
     html_file: str | None,
     quiet: bool,
 ) -> None:
+    from ..bench.load import bench_url
     from ..errors import InputError
+    from ..progress import Progress
 
-    raise InputError("--url is not available yet")
+    if html_file:
+        raise InputError("--html draws a package's report; with --url give --json or --csv")
+    total = len(plan.batches) * len(plan.concurrency)
+    with Progress(quiet=quiet) as progress, progress.step("loading the server", total=total) as step:
+        report = bench_url(
+            url,
+            model_name or "",
+            plan.batches,
+            plan.concurrency,
+            plan.duration if plan.iterations is None else 600.0,
+            plan.shapes,
+            plan.iterations,
+            say=step.describe,
+            advance=step.advance,
+        )
+    table = Table(title=f"luodi bench --url {shown(report['url'])} --model {shown(report['model'])}")
+    for col in ("batch", "clients", "requests", "p50 ms", "p90 ms", "p99 ms", "max ms", "requests/s", "samples/s"):
+        table.add_column(col, justify="right")
+    table.add_column("errors", justify="left")
+    for r in report["results"]:
+        table.add_row(
+            str(r["batch"]),
+            str(r["concurrency"]),
+            str(r["requests"]),
+            *(f"{r[k]:.2f}" if k in r else "" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms")),
+            f"{r['throughput_per_s']:.1f}",
+            f"{r['samples_per_s']:.1f}",
+            shown(", ".join(f"{k}: {v}" for k, v in r["errors"].items())),
+        )
+    out.print(table)
+    if json_file:
+        Path(json_file).write_text(json.dumps(report, indent=1) + "\n")
+        err.print(f"wrote {shown(json_file)}", highlight=False)
+    if csv_file:
+        fields = ["batch", "concurrency", "requests", "p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms"]
+        fields += ["throughput_per_s", "samples_per_s", "errors"]
+        with open(csv_file, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fields, extrasaction="ignore")
+            writer.writeheader()
+            for r in report["results"]:
+                writer.writerow({**r, "errors": json.dumps(r["errors"])})
+        err.print(f"wrote {shown(csv_file)}", highlight=False)
+    if any(r["errors"] for r in report["results"]):
+        sys.exit(PARTIAL_EXIT)
