@@ -107,13 +107,15 @@ def test_an_onnx_file_is_compiled_and_verified_first(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     done = luodi_cli(
         "bench", str(tmp_path / "cnn.onnx"), "--iterations", "5", "--no-cold-start", "--input-shape",
-        "x=1x3x24x24", "--batch", "2", "--json", str(out), "-q",
+        "x=1x3x24x24", "--batch", "2", "--concurrency", "2", "--per-stream-sessions", "--json", str(out), "-q",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     doc = json.loads(out.read_text())
     assert doc["model"]["source"] == "onnx" and [t["target"] for t in doc["targets"]] == ["onnxruntime:fp32"]
     assert doc["settings"]["shapes"] == {"x": [1, 3, 24, 24]}
-    assert doc["targets"][0]["results"][0]["batch"] == 2 and doc["targets"][0]["cold_start"] is None
+    (result,) = doc["targets"][0]["results"]
+    assert (result["batch"], result["concurrency"], result["calls"]) == (2, 2, 10)
+    assert doc["settings"]["streams"] == "one session each" and doc["targets"][0]["cold_start"] is None
     assert doc["targets"][0]["accuracy"]["value"] > 0.9999  # verified while compiling
     assert any("compiled and verified to a temporary package" in n for n in doc["notes"])
 

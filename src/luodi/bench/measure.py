@@ -60,6 +60,8 @@ class Plan:
     top: int = 20
     cold_start: bool = True
     overhead: bool = True
+    per_stream_sessions: bool = False
+    """Each stream its own Session (else the streams share one, as luodi serve's batcher threads do)."""
     source: str = "package"
     notes: list[str] = field(default_factory=list)
 
@@ -216,13 +218,15 @@ def summarise(ns: np.ndarray, samples: int, wall_s: float, batch: int, concurren
     }
 
 
-def run_block(fn: Callable[[], Any], streams: int, calls: int | None, seconds: float | None) -> tuple[list[int], float]:
-    """``streams`` threads each calling ``fn`` ``calls`` times or for ``seconds``: per-call ns, wall seconds."""
+def run_block(fns: list[Callable[[], Any]], calls: int | None, seconds: float | None) -> tuple[list[int], float]:
+    """One thread per function of ``fns`` (a stream), each calling it ``calls`` times or for ``seconds``: per-call
+    nanoseconds of every stream, and the wall seconds from the common start to the last stream's end."""
     clock = time.perf_counter_ns
+    streams = len(fns)
     lists: list[list[int]] = [[] for _ in range(streams)]
     errors: list[BaseException] = []
 
-    def loop(out: list[int], start: threading.Barrier | None) -> None:
+    def loop(fn: Callable[[], Any], out: list[int], start: threading.Barrier | None) -> None:
         if start is not None:
             start.wait()
         deadline = None if seconds is None else clock() + int(seconds * 1e9)
@@ -244,11 +248,13 @@ def run_block(fn: Callable[[], Any], streams: int, calls: int | None, seconds: f
     try:
         if streams == 1:
             t0 = time.perf_counter()
-            loop(lists[0], None)
+            loop(fns[0], lists[0], None)
             wall = time.perf_counter() - t0
         else:
             barrier = threading.Barrier(streams + 1)
-            workers = [threading.Thread(target=loop, args=(lists[i], barrier), daemon=True) for i in range(streams)]
+            workers = [
+                threading.Thread(target=loop, args=(fns[i], lists[i], barrier), daemon=True) for i in range(streams)
+            ]
             for w in workers:
                 w.start()
             barrier.wait()
@@ -357,11 +363,16 @@ def bench(plan: Plan, progress: Progress | None = None, advance: Callable[[int],
                 step(1)
 
     sessions: dict[str, Session] = {}
+    extra: dict[str, list[Session]] = {}  # --per-stream-sessions: the further streams' own sessions
     try:
         for name in list(names):
             say(f"loading {name}")
             try:
                 sessions[name] = Session(plan.package, backend=name, threads=plan.threads)
+                if plan.per_stream_sessions:
+                    extra[name] = []
+                    for _ in range(max(plan.concurrency) - 1):
+                        extra[name].append(Session(plan.package, backend=name, threads=plan.threads))
             except LuodiError as exc:
                 rows[name]["error"] = str(exc)
                 names.remove(name)
@@ -375,7 +386,8 @@ def bench(plan: Plan, progress: Progress | None = None, advance: Callable[[int],
             for name in live:
                 try:
                     for _ in range(WARMUP):
-                        sessions[name].run(feeds)
+                        for session in [sessions[name], *extra.get(name, [])]:
+                            session.run(feeds)
                 except LuodiError as exc:
                     rows[name]["error"] = f"batch {batch}: {exc}"
             live = [n for n in live if rows[n]["error"] is None]
@@ -388,8 +400,9 @@ def bench(plan: Plan, progress: Progress | None = None, advance: Callable[[int],
                     order = live[r % len(live) :] + live[: r % len(live)] if live else []
                     for name in order:
                         say(f"batch {batch}, {streams} stream(s), round {r + 1}/{ROUNDS}: {name}")
-                        session = sessions[name]
-                        ns, wall = run_block(lambda s=session, f=feeds: s.run(f), streams, calls, seconds)
+                        own = [sessions[name]] + extra.get(name, [])
+                        fns = [(lambda s=own[i % len(own)], f=feeds: s.run(f)) for i in range(streams)]
+                        ns, wall = run_block(fns, calls, seconds)
                         times[name] += ns
                         walls[name] += wall
                         step(1)
@@ -399,7 +412,7 @@ def bench(plan: Plan, progress: Progress | None = None, advance: Callable[[int],
         if plan.overhead:
             overhead(pkg, targets, sessions, base, plan, rows, say, step)
     finally:
-        for s in sessions.values():
+        for s in [*sessions.values(), *(e for group in extra.values() for e in group)]:
             s.close()
     if plan.profile:
         model = None
@@ -439,6 +452,7 @@ def bench(plan: Plan, progress: Progress | None = None, advance: Callable[[int],
             "shapes": base_shapes,
             "inputs_from": "sample" if plan.samples else "random",
             "profile": plan.profile,
+            "streams": "one session each" if plan.per_stream_sessions else "sharing one session",
         },
         "targets": [rows[label(t)] for t in targets],
         "skipped": skipped,
@@ -498,7 +512,7 @@ def overhead(
             seconds = None if plan.duration is None else plan.duration / ROUNDS / 2
             for r in range(ROUNDS):
                 for side in ("session", "engine") if r % 2 == 0 else ("engine", "session"):
-                    sides[side] += run_block(fns[side], 1, calls, seconds)[0]
+                    sides[side] += run_block([fns[side]], calls, seconds)[0]
         finally:
             engine.close()
         s50 = float(np.median(sides["session"])) / 1e6

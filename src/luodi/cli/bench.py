@@ -56,6 +56,9 @@ def _dims(given: dict[str, str]) -> dict[str, tuple[int, ...]]:
 @click.option("--batch", "batches", default="1", show_default=True, help="batch sizes, e.g. 1,8")
 @click.option("--threads", type=click.IntRange(min=1), help="engine threads per session (default: the engine's)")
 @click.option("--concurrency", default="1", show_default=True, help="in-process streams sharing one session, e.g. 1,4")
+@click.option(
+    "--per-stream-sessions", is_flag=True, help="each --concurrency stream its own session (default: they share one)"
+)
 @click.option("--duration", type=float, help="seconds per target per batch and concurrency [2]")
 @click.option("--iterations", type=click.IntRange(min=1), help="calls per stream per target instead of --duration")
 @click.option(
@@ -87,6 +90,7 @@ def bench(
     batches: str,
     threads: int | None,
     concurrency: str,
+    per_stream_sessions: bool,
     duration: float | None,
     iterations: int | None,
     input_shapes: tuple[str, ...],
@@ -132,6 +136,7 @@ def bench(
         profile=profile,
         top=top,
         cold_start=not no_cold_start,
+        per_stream_sessions=per_stream_sessions,
     )
     plan.check()
     if url:
