@@ -1,0 +1,159 @@
+"""`luodi bench` checked against the yardsticks, side by side in one run, on EfficientNet-Lite0 at batch 1.
+
+What it measures
+----------------
+For each target of one package (onnxruntime, openvino, ncnn, mnn fp32 where installed), in rounds:
+
+1. ``luodi bench``'s median latency (``luodi.bench.bench``, the code behind the command: Session.run, warm, targets
+   interleaved);
+2. the engine's own Python API on the package's very artifact files, with benchmarks/engines.py's runners (the
+   yardstick that script compares luodi with);
+3. for openvino, OpenVINO's own ``benchmark_app`` on the package's ``model.onnx`` at the same shape, thread count
+   and precision (``-api sync -hint none -nstreams 1 -nthreads T -infer_precision f32``, as luodi's LATENCY hint
+   and thread count): its reported median.
+
+Printed: each median per round and overall (the median of the rounds), the ratios luodi bench / raw API and luodi
+bench / benchmark_app, and one met / NOT met line for the issue's acceptance (openvino within 10% of benchmark_app).
+Rounds alternate the order of the sides so that noise on a shared machine hits all alike. It reports, it does not
+assert.
+
+Run::
+
+    .venv/bin/python benchmarks/bench_check.py                      # about 2 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_check.py --seconds 2 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+import luodi
+from luodi.bench import Plan, bench
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engines import RAW  # noqa: E402  (benchmarks/engines.py's raw runners)
+
+TOLERANCE = 0.10
+_MEDIAN = re.compile(r"Median:\s+([0-9.]+)\s*(ms|us)")
+
+
+def raw_median(target: str, pkg: luodi.Package, x: np.ndarray, seconds: float) -> float:
+    backend, precision = target.split(":")
+    run = RAW[backend](pkg.artifact(pkg.find_target(backend, precision)))
+    for _ in range(3):
+        run(x)
+    times = []
+    stop = time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        t0 = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def benchmark_app(model: Path, threads: int, seconds: float) -> float | None:
+    exe = shutil.which("benchmark_app") or str(Path(sys.executable).with_name("benchmark_app"))
+    if not Path(exe).exists():
+        return None
+    # luodi loads with PERFORMANCE_HINT LATENCY (one stream) and INFERENCE_NUM_THREADS; benchmark_app takes a thread
+    # count only without a hint, so: no hint, one stream, the same threads
+    cmd = [exe, "-m", str(model), "-d", "CPU", "-api", "sync", "-hint", "none", "-nstreams", "1"]
+    cmd += ["-nthreads", str(threads)]
+    cmd += ["-infer_precision", "f32", "-shape", "images[1,3,224,224]", "-t", str(max(1, round(seconds)))]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    found = _MEDIAN.search(done.stdout)
+    if done.returncode != 0 or not found:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+        raise SystemExit(f"benchmark_app failed ({done.returncode}): {tail}")
+    return float(found.group(1)) / (1000.0 if found.group(2) == "us" else 1.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--package", type=Path, help="an EfficientNet-Lite0 .luodi (default: compile the zoo's)")
+    ap.add_argument("--seconds", type=float, default=5.0, help="per side per target per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.package
+        if path is None:
+            from luodi.zoo import efficientnet_lite0
+
+            path = Path(tmp) / "effnet.luodi"
+            wanted = [b for b in ("onnxruntime", "openvino", "ncnn", "mnn") if luodi.get_backend(b).available().ok]
+            luodi.compile(efficientnet_lite0(), path, targets=wanted)
+        pkg = luodi.Package(path)
+        targets = [
+            f"{t['backend']}:{t['precision']}"
+            for t in pkg.targets
+            if t["precision"] == "fp32" and t["backend"] in RAW and t.get("status") != "failed"
+        ]
+        onnx_file = Path(tmp) / "model.onnx"
+        onnx_file.write_bytes(pkg.model_bytes())
+        x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+        got: dict[str, dict[str, list[float]]] = {t: {"bench": [], "raw": []} for t in targets}
+        app: list[float] = []
+        for r in range(args.rounds):
+            sides = ["bench", "raw", "app"] if r % 2 == 0 else ["app", "raw", "bench"]
+            for side in sides:
+                if side == "bench":
+                    plan = Plan(
+                        path,
+                        targets=targets,
+                        threads=args.threads,
+                        duration=args.seconds,
+                        cold_start=False,
+                        overhead=False,
+                    )
+                    report = bench(plan)
+                    for t in report["targets"]:
+                        got[t["target"]]["bench"].append(t["results"][0]["p50_ms"])
+                elif side == "raw":
+                    for t in targets:
+                        got[t]["raw"].append(raw_median(t, pkg, x, args.seconds / 2))
+                elif "openvino:fp32" in targets:
+                    median = benchmark_app(onnx_file, args.threads, args.seconds)
+                    if median is not None:
+                        app.append(median)
+            console.print(f"round {r + 1}/{args.rounds} done", style="dim")
+
+    table = Table(title=f"luodi bench vs the yardsticks, EfficientNet-Lite0 [1,3,224,224], {args.threads} threads")
+    for col in ("target", "luodi bench p50 ms", "raw API p50 ms", "bench / raw", "benchmark_app ms", "bench / app"):
+        table.add_column(col, justify="left" if col == "target" else "right")
+    verdict = "benchmark_app not found: no OpenVINO comparison"
+    for t in targets:
+        b = statistics.median(got[t]["bench"])
+        raw = statistics.median(got[t]["raw"])
+        cells = [t, f"{b:.2f} ({', '.join(f'{v:.2f}' for v in got[t]['bench'])})", f"{raw:.2f}", f"{b / raw:.3f}"]
+        if t == "openvino:fp32" and app:
+            a = statistics.median(app)
+            ratio = b / a
+            cells += [f"{a:.2f} ({', '.join(f'{v:.2f}' for v in app)})", f"{ratio:.3f}"]
+            ok = abs(ratio - 1) <= TOLERANCE
+            verdict = f"openvino: luodi bench / benchmark_app = {ratio:.3f}: {'met' if ok else 'NOT met'} (within 10%)"
+        else:
+            cells += ["", ""]
+        table.add_row(*cells)
+    console.print(table)
+    console.print(verdict)
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    console.print(f"host: {os.cpu_count()} cores, load average {load} (other work on the machine adds noise)")
+
+
+if __name__ == "__main__":
+    main()
