@@ -114,7 +114,7 @@ TARGET: dict[str, Any] = {
         "accuracy": {
             "type": ["object", "null"],
             "required": ["metric", "value"],
-            "properties": {"metric": {"enum": ["cosine", "top1_agreement"]}, "value": _NUM},
+            "properties": {"metric": {"enum": ["cosine", "top1_agreement"]}, "value": _NUM, "top1_agreement": _NUM},
         },
         "cold_start": COLD_START,
         "engine_memory_mb": _NUM_OR_NULL,
