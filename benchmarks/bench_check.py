@@ -9,8 +9,9 @@ For each target of one package (onnxruntime, openvino, ncnn, mnn fp32 where inst
 2. the engine's own Python API on the package's very artifact files, with benchmarks/engines.py's runners (the
    yardstick that script compares luodi with);
 3. for openvino, OpenVINO's own ``benchmark_app`` on the package's ``model.onnx`` at the same shape, thread count
-   and precision (``-api sync -hint none -nstreams 1 -nthreads T -infer_precision f32``, as luodi's LATENCY hint
-   and thread count): its reported median.
+   and precision (``-api sync -hint latency -infer_precision f32``, as luodi loads it; with ``--threads T``,
+   ``-hint none -nstreams 1 -nthreads T``, what luodi's LATENCY hint with T threads gives): its reported median.
+   benchmarks/engines.py's raw runners use each engine's default thread count, as luodi does without --threads.
 
 Printed: each median per round and overall (the median of the rounds), the ratios luodi bench / raw API and luodi
 bench / benchmark_app, and one met / NOT met line for the issue's acceptance (openvino within 10% of benchmark_app).
@@ -64,14 +65,14 @@ def raw_median(target: str, pkg: luodi.Package, x: np.ndarray, seconds: float) -
     return statistics.median(times) * 1e3
 
 
-def benchmark_app(model: Path, threads: int, seconds: float) -> float | None:
+def benchmark_app(model: Path, threads: int | None, seconds: float) -> float | None:
     exe = shutil.which("benchmark_app") or str(Path(sys.executable).with_name("benchmark_app"))
     if not Path(exe).exists():
         return None
-    # luodi loads with PERFORMANCE_HINT LATENCY (one stream) and INFERENCE_NUM_THREADS; benchmark_app takes a thread
-    # count only without a hint, so: no hint, one stream, the same threads
-    cmd = [exe, "-m", str(model), "-d", "CPU", "-api", "sync", "-hint", "none", "-nstreams", "1"]
-    cmd += ["-nthreads", str(threads)]
+    # luodi loads with PERFORMANCE_HINT LATENCY and, given threads, INFERENCE_NUM_THREADS; benchmark_app takes a
+    # thread count only without a hint, so then: no hint, one stream (what LATENCY gives), the same threads
+    cmd = [exe, "-m", str(model), "-d", "CPU", "-api", "sync"]
+    cmd += ["-hint", "latency"] if threads is None else ["-hint", "none", "-nstreams", "1", "-nthreads", str(threads)]
     cmd += ["-infer_precision", "f32", "-shape", "images[1,3,224,224]", "-t", str(max(1, round(seconds)))]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     found = _MEDIAN.search(done.stdout)
@@ -86,7 +87,11 @@ def main() -> None:
     ap.add_argument("--package", type=Path, help="an EfficientNet-Lite0 .luodi (default: compile the zoo's)")
     ap.add_argument("--seconds", type=float, default=5.0, help="per side per target per round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        help="engine threads for luodi bench and benchmark_app (default: each engine's own, as engines.py uses)",
+    )
     args = ap.parse_args()
     console = Console(width=None if sys.stdout.isatty() else 120)
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +137,8 @@ def main() -> None:
                         app.append(median)
             console.print(f"round {r + 1}/{args.rounds} done", style="dim")
 
-    table = Table(title=f"luodi bench vs the yardsticks, EfficientNet-Lite0 [1,3,224,224], {args.threads} threads")
+    threads = f"{args.threads} threads" if args.threads else "the engines' default threads"
+    table = Table(title=f"luodi bench vs the yardsticks, EfficientNet-Lite0 [1,3,224,224], {threads}")
     for col in ("target", "luodi bench p50 ms", "raw API p50 ms", "bench / raw", "benchmark_app ms", "bench / app"):
         table.add_column(col, justify="left" if col == "target" else "right")
     verdict = "benchmark_app not found: no OpenVINO comparison"
