@@ -40,6 +40,8 @@ from .schema import SCHEMA_VERSION
 ROUNDS = 5
 """Each (batch, concurrency) cell is measured in this many rounds; in each round every target runs one block."""
 WARMUP = 2
+OVERHEAD_BLOCKS = 20
+"""luodi's overhead is measured in this many pairs of blocks (Session.run, then the engine's run, alternating)."""
 HISTOGRAM_BINS = 24
 
 
@@ -486,7 +488,8 @@ def overhead(
 ) -> None:
     """luodi's cost per call: ``Session.run`` against the backend engine's ``run`` (luodi.backends.open_engine: the
     engine's own call with the input names checked) on the same inputs and the same artifact, in alternating
-    blocks at batch 1 (or the first batch that runs)."""
+    blocks at batch 1 (or the first batch that runs): the median over the pairs of blocks of the difference of their
+    medians, so that a slow drift of the machine's load cancels."""
     feeds = next((f for b in plan.batches if (f := batch_feeds(pkg.inputs, base, b)) is not None), None)
     for t in targets:
         name = label(t)
@@ -511,19 +514,21 @@ def overhead(
                 "session": lambda s=session, f=feeds: s.run(f),
                 "engine": lambda e=engine, f=own: e.run(f),
             }
-            calls = None if plan.iterations is None else max(1, -(-plan.iterations // ROUNDS))
-            seconds = None if plan.duration is None else plan.duration / ROUNDS / 2
-            for r in range(ROUNDS):
+            calls = None if plan.iterations is None else max(1, -(-plan.iterations // OVERHEAD_BLOCKS))
+            seconds = None if plan.duration is None else plan.duration / OVERHEAD_BLOCKS / 2
+            pairs = []  # per pair of adjacent blocks: the difference of their medians (drift cancels)
+            for r in range(OVERHEAD_BLOCKS):
+                block = {}
                 for side in ("session", "engine") if r % 2 == 0 else ("engine", "session"):
-                    sides[side] += run_block([fns[side]], calls, seconds)[0]
+                    block[side] = run_block([fns[side]], calls, seconds)[0]
+                    sides[side] += block[side]
+                pairs.append(float(np.median(block["session"]) - np.median(block["engine"])))
         finally:
             engine.close()
-        s50 = float(np.median(sides["session"])) / 1e6
-        e50 = float(np.median(sides["engine"])) / 1e6
         rows[name]["overhead"] = {
-            "session_p50_ms": s50,
-            "engine_p50_ms": e50,
-            "overhead_us": (s50 - e50) * 1e3,
+            "session_p50_ms": float(np.median(sides["session"])) / 1e6,
+            "engine_p50_ms": float(np.median(sides["engine"])) / 1e6,
+            "overhead_us": float(np.median(pairs)) / 1e3,
             "calls": len(sides["session"]),
         }
         step(1)
