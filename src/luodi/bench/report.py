@@ -66,8 +66,11 @@ class Axis:
         if self.log:
             lo, hi = math.floor(math.log10(self.lo)), math.ceil(math.log10(self.hi))
             return [10.0**e for e in range(lo, hi + 1) if self.lo <= 10.0**e <= self.hi] or [self.lo, self.hi]
-        step = (self.hi - self.lo) / n
-        return [self.lo + i * step for i in range(n + 1)]
+        raw = (self.hi - self.lo) / n
+        power = 10.0 ** math.floor(math.log10(raw))
+        step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)  # 1, 2, 2.5 or 5 times a power of 10
+        first = math.ceil(self.lo / step - 1e-9) * step
+        return [first + i * step for i in range(int((self.hi - first) / step + 1e-9) + 1)]
 
 
 def _svg(chart_id: str, body: list[str], title: str, height: int = H) -> str:
@@ -207,9 +210,11 @@ def _pareto(report: dict[str, Any], colors: dict[str, str]) -> str:
         return '<p class="note">no target has an accuracy figure in the package (compiled without verification)</p>'
     lats = [p[0] for p in pts.values()]
     errs = [p[1] for p in pts.values()]
-    x = Axis(min(lats) * 0.8, max(lats) * 1.2, LEFT + 10, W - RIGHT - 10)
+    wide = max(lats) / min(lats) > 10
+    x = Axis(min(lats) * 0.8, max(lats) * 1.2, LEFT + 10, W - RIGHT - 90, log=wide)
     y = Axis(min(errs) / 3, max(errs) * 3, H - BOTTOM, TOP, log=True)
-    body = _axes(x, y, "median latency at the first batch size, ms", "1 − accuracy (log; lower is better)")
+    xlabel = "median latency at the first batch size, ms" + (" (log scale)" if wide else "")
+    body = _axes(x, y, xlabel, "1 − accuracy (log; lower is better)")
     front = [n for n in report["pareto"] if n in pts]
     if len(front) > 1:
         path = " ".join(f"{_n(x(pts[n][0]))},{_n(y(pts[n][1]))}" for n in front)
@@ -232,8 +237,8 @@ def _memory(report: dict[str, Any], colors: dict[str, str]) -> str:
     for t in x.ticks():
         body.append(f'<text x="{_n(x(t))}" y="{height - BOTTOM + 16}" text-anchor="middle">{_fmt(t)}</text>')
     body.append(
-        f'<text x="{(LEFT + 150 + W - RIGHT) / 2}" y="{height - 8}" text-anchor="middle">peak resident memory of the '
-        "target's fresh process, MB (light: Python, luodi and the engine before the model)</text>"
+        f'<text x="{(LEFT + 150 + W - RIGHT) / 2}" y="{height - 8}" text-anchor="middle">peak resident MB of the '
+        "target's own process (light: before the model was loaded)</text>"
     )
     for i, (name, c) in enumerate(rows):
         cy = TOP + 14 + 28 * i
