@@ -13,6 +13,10 @@ For each target of one package (onnxruntime, openvino, ncnn, mnn fp32 where inst
    ``-hint none -nstreams 1 -nthreads T``, what luodi's LATENCY hint with T threads gives): its reported median.
    benchmarks/engines.py's raw runners use each engine's default thread count, as luodi does without --threads.
 
+4. with ``--serve``: ``luodi serve`` on the package (onnxruntime), loaded at 1 and 16 clients alternately by
+   ``luodi bench --url`` (``luodi.bench.load.bench_url``) and by benchmarks/serve.py's own client (its ``load``),
+   each for the same time: requests/s and p50 side by side (the acceptance: they agree within the noise).
+
 Printed: each median per round and overall (the median of the rounds), the ratios luodi bench / raw API and luodi
 bench / benchmark_app, and one met / NOT met line for the issue's acceptance (openvino within 10% of benchmark_app).
 Rounds alternate the order of the sides so that noise on a shared machine hits all alike. It reports, it does not
@@ -82,6 +86,51 @@ def benchmark_app(model: Path, threads: int | None, seconds: float) -> float | N
     return float(found.group(1)) / (1000.0 if found.group(2) == "us" else 1.0)
 
 
+def serve_check(path: Path, seconds: float, rounds: int, console: Console) -> None:
+    """``luodi bench --url`` against benchmarks/serve.py's client on one `luodi serve`, alternating."""
+    import serve as serve_bench  # benchmarks/serve.py
+
+    from luodi.bench.load import bench_url
+    from luodi.serve.protocol import encode_infer_request
+
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp) / "repo"
+        repo.mkdir()
+        shutil.copy(path, repo / "effnet.luodi")  # serve.py's client asks for model "effnet"
+        server = serve_bench.ServerProcess(repo, "-b", "onnxruntime")
+        try:
+            x = np.random.default_rng(0).random((1, 3, 224, 224)).astype(np.float32)
+            body, length = encode_infer_request({"images": x})
+            request = serve_bench.http_request(server.port, body, length or 0)
+            got: dict[tuple[str, int], list[tuple[float, float]]] = {}
+            for r in range(rounds):
+                for clients in (1, 16):
+                    for side in ("bench --url", "serve.py") if r % 2 == 0 else ("serve.py", "bench --url"):
+                        if side == "serve.py":
+                            latencies, wall, errors, _ = serve_bench.load(server.port, request, clients, seconds)
+                            rate, p50 = len(latencies) / wall, statistics.median(latencies) * 1e3
+                        else:
+                            report = bench_url(server.base, "effnet", [1], [clients], seconds)
+                            row = report["results"][0]
+                            rate, p50 = row["throughput_per_s"], row["p50_ms"]
+                        got.setdefault((side, clients), []).append((rate, p50))
+                console.print(f"serve round {r + 1}/{rounds} done", style="dim")
+        finally:
+            server.stop()
+    table = Table(
+        title="luodi bench --url vs benchmarks/serve.py's client, one luodi serve (onnxruntime), EfficientNet"
+    )
+    for col in ("clients", "bench --url req/s", "serve.py req/s", "ratio", "bench --url p50 ms", "serve.py p50 ms"):
+        table.add_column(col, justify="right")
+    for clients in (1, 16):
+        b = got[("bench --url", clients)]
+        s = got[("serve.py", clients)]
+        br, sr = statistics.median(v[0] for v in b), statistics.median(v[0] for v in s)
+        bp, sp = statistics.median(v[1] for v in b), statistics.median(v[1] for v in s)
+        table.add_row(str(clients), f"{br:.1f}", f"{sr:.1f}", f"{br / sr:.3f}", f"{bp:.2f}", f"{sp:.2f}")
+    console.print(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--package", type=Path, help="an EfficientNet-Lite0 .luodi (default: compile the zoo's)")
@@ -92,8 +141,15 @@ def main() -> None:
         type=int,
         help="engine threads for luodi bench and benchmark_app (default: each engine's own, as engines.py uses)",
     )
+    ap.add_argument("--serve", action="store_true", help="also compare luodi bench --url with benchmarks/serve.py")
+    ap.add_argument("--serve-only", action="store_true", help="only that comparison")
     args = ap.parse_args()
     console = Console(width=None if sys.stdout.isatty() else 120)
+    if args.serve_only:
+        if args.package is None:
+            raise SystemExit("--serve-only needs --package")
+        serve_check(args.package, args.seconds, args.rounds, console)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         path = args.package
         if path is None:
@@ -136,6 +192,8 @@ def main() -> None:
                     if median is not None:
                         app.append(median)
             console.print(f"round {r + 1}/{args.rounds} done", style="dim")
+        if args.serve:  # while the package (perhaps a temporary one) is still there
+            serve_check(path, args.seconds, args.rounds, console)
 
     threads = f"{args.threads} threads" if args.threads else "the engines' default threads"
     table = Table(title=f"luodi bench vs the yardsticks, EfficientNet-Lite0 [1,3,224,224], {threads}")
