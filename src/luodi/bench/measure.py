@@ -306,23 +306,15 @@ def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
 
 
 def host_info() -> dict[str, Any]:
-    from ..timing import host_key
+    from ..timing import cpu_name, host_key
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     try:
         load = list(os.getloadavg())
     except OSError:
         load = []
     return {
         "key": host_key(),
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
