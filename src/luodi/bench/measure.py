@@ -373,39 +373,45 @@ def bench(plan: Plan, progress: Progress | None = None, advance: Callable[[int],
             except LuodiError as exc:
                 rows[name]["error"] = str(exc)
                 names.remove(name)
+        cells: list[tuple[int, int, dict[str, np.ndarray]]] = []  # (batch, streams, feeds)
         for batch in plan.batches:
             feeds = batch_feeds(pkg.inputs, base, batch)
             if feeds is None:
                 plan.notes.append(f"batch {batch} skipped: the model's batch axis is fixed")
                 step(len(plan.concurrency) * ROUNDS * len(names))
                 continue
-            live = [n for n in names if rows[n]["error"] is None]
-            for name in live:
+            for name in names:
                 try:
                     for _ in range(WARMUP):
                         for session in [sessions[name], *extra.get(name, [])]:
                             session.run(feeds)
                 except LuodiError as exc:
-                    rows[name]["error"] = f"batch {batch}: {exc}"
-            live = [n for n in live if rows[n]["error"] is None]
-            for streams in plan.concurrency:
-                times: dict[str, list[int]] = {n: [] for n in live}
-                walls = dict.fromkeys(live, 0.0)
-                calls = None if plan.iterations is None else max(1, -(-plan.iterations // ROUNDS))
-                seconds = None if plan.duration is None else plan.duration / ROUNDS
-                for r in range(ROUNDS):
-                    order = live[r % len(live) :] + live[: r % len(live)] if live else []
-                    for name in order:
-                        say(f"batch {batch}, {streams} stream(s), round {r + 1}/{ROUNDS}: {name}")
-                        own = [sessions[name]] + extra.get(name, [])
-                        fns = [(lambda s=own[i % len(own)], f=feeds: s.run(f)) for i in range(streams)]
-                        ns, wall = run_block(fns, calls, seconds)
-                        times[name] += ns
-                        walls[name] += wall
-                        step(1)
-                for name in live:
-                    ns = np.asarray(times[name], dtype=np.int64)
-                    rows[name]["results"].append(summarise(ns, ns.size * batch, walls[name], batch, streams))
+                    rows[name]["error"] = rows[name]["error"] or f"batch {batch}: {exc}"
+            cells += [(batch, streams, feeds) for streams in plan.concurrency]
+        live = [n for n in names if rows[n]["error"] is None]
+        times: dict[tuple[str, int, int], list[int]] = {(n, b, c): [] for n in live for b, c, _ in cells}
+        walls = dict.fromkeys(times, 0.0)
+        calls = None if plan.iterations is None else max(1, -(-plan.iterations // ROUNDS))
+        seconds = None if plan.duration is None else plan.duration / ROUNDS
+        # Every round runs every cell (batch, streams) for every target, cells and targets in an order that rotates:
+        # a burst of load from elsewhere falls on all targets and all cells alike, batch scaling included.
+        for r in range(ROUNDS):
+            for k, (batch, streams, feeds) in enumerate(cells[r % len(cells) :] + cells[: r % len(cells)]):
+                shift = (r + k) % len(live) if live else 0
+                for name in live[shift:] + live[:shift]:
+                    say(f"round {r + 1}/{ROUNDS}: {name}, batch {batch}, {streams} stream(s)")
+                    own = [sessions[name]] + extra.get(name, [])
+                    fns = [(lambda s=own[i % len(own)], f=feeds: s.run(f)) for i in range(streams)]
+                    ns, wall = run_block(fns, calls, seconds)
+                    times[name, batch, streams] += ns
+                    walls[name, batch, streams] += wall
+                    step(1)
+        for name in live:
+            for batch, streams, _ in cells:
+                ns = np.asarray(times[name, batch, streams], dtype=np.int64)
+                rows[name]["results"].append(
+                    summarise(ns, ns.size * batch, walls[name, batch, streams], batch, streams)
+                )
         if plan.overhead:
             overhead(pkg, targets, sessions, base, plan, rows, say, step)
     finally:
