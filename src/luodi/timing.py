@@ -31,17 +31,20 @@ def label(target: dict[str, Any]) -> str:
     return f"{target['backend']}:{target['precision']}"
 
 
-def host_key() -> str:
-    """What makes timings comparable: CPU model, core count, OS and machine."""
-    cpu = platform.processor()
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform module says."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    raw = f"{platform.system()}|{platform.machine()}|{cpu}|{os.cpu_count()}"
+    return platform.processor()
+
+
+def host_key() -> str:
+    """What makes timings comparable: CPU model, core count, OS and machine."""
+    raw = f"{platform.system()}|{platform.machine()}|{cpu_name()}|{os.cpu_count()}"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 

@@ -107,6 +107,13 @@ class Engine:
     def reshape(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """Prepare for these input shapes. Engines with dynamic shapes need do nothing."""
 
+    def profile(self) -> list[dict[str, Any]] | None:
+        """The engine's own per-operator times over the runs since load, when it was loaded with the backend's
+        ``profiling`` load option: one dict per engine node, ``{"node", "op", "ms", "calls"}`` (``ms`` the total
+        over ``calls`` runs), in the engine's names. None when the engine has no profiler or was not asked for one.
+        Reading the profile may end it (onnxruntime writes its trace once): call it after the runs."""
+        return None
+
     def set_tensor(self, name: str, array: np.ndarray) -> None:
         self._bound[name] = array
 

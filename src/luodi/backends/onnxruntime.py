@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
 import re
 import tempfile
@@ -136,7 +137,8 @@ class _CudaStream:
 
 
 class OnnxRuntimeEngine(Engine):
-    def __init__(self, session: Any, stream: _CudaStream | None) -> None:
+    def __init__(self, session: Any, stream: _CudaStream | None, profile_dir: Any = None) -> None:
+        self._profile_dir = profile_dir
         inputs, outputs = _specs_of_session(session)
         super().__init__(inputs, outputs)
         self._sess = session
@@ -147,9 +149,32 @@ class OnnxRuntimeEngine(Engine):
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._out_names, self._sess.run(self._out_names, feeds)))
 
+    def profile(self) -> list[dict[str, Any]] | None:
+        """ONNX Runtime's profiler (load option ``profiling``): its JSON trace's node events, summed per node. Ends
+        the profile (ORT writes the trace once); the trace file is removed once read."""
+        if self._profile_dir is None or self._sess is None:
+            return None
+        trace = Path(self._sess.end_profiling())
+        try:
+            events = json.loads(trace.read_text())
+        finally:
+            trace.unlink(missing_ok=True)
+        nodes: dict[str, dict[str, Any]] = {}
+        for e in events:
+            if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
+                continue
+            name = e["name"][: -len("_kernel_time")]
+            rec = nodes.setdefault(name, {"node": name, "op": e.get("args", {}).get("op_name", ""), "ms": 0.0})
+            rec["ms"] += e.get("dur", 0) / 1e3  # microseconds in the trace
+            rec["calls"] = rec.get("calls", 0) + 1
+        return list(nodes.values())
+
     def close(self) -> None:
         super().close()
         self._sess = None
+        if self._profile_dir is not None:
+            self._profile_dir.cleanup()
+            self._profile_dir = None
         if self._stream is not None:
             self._stream.close()
             self._stream = None
@@ -191,6 +216,7 @@ class OnnxRuntimeBackend(Backend):
     int8_policy: ClassVar[dict[str, Any] | None] = QDQ_U8S8
     load_options: ClassVar[Mapping[str, Option]] = {
         "tensorrt": Option(bool, "whether to put TensorRT's execution provider in front of CUDA's (device='cuda')"),
+        "profiling": Option(bool, "whether ONNX Runtime's profiler records per-node times (Engine.profile())"),
     }
 
     def available(self) -> Availability:
@@ -265,8 +291,13 @@ class OnnxRuntimeBackend(Backend):
                 so.intra_op_num_threads = options.threads
             # The artifact already holds the portable optimisations; the rest are hardware-specific.
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if profile_dir is not None:
+                so.enable_profiling = True
+                so.profile_file_prefix = os.path.join(profile_dir.name, "ort")
             return so
 
+        profiling = options.extra.get("profiling")
+        profile_dir = tempfile.TemporaryDirectory(prefix="luodi-ort-profile-") if profiling else None
         providers, stream = self._providers(options)
         if "model.onnx" not in artifact.files:
             raise ModelError(f"{artifact.target} artifact has no model.onnx")
@@ -275,8 +306,10 @@ class OnnxRuntimeBackend(Backend):
         except Exception as exc:
             if stream is not None:
                 stream.close()
+            if profile_dir is not None:
+                profile_dir.cleanup()
             _raise_engine_error(exc, self.name)
-        return OnnxRuntimeEngine(sess, stream)
+        return OnnxRuntimeEngine(sess, stream, profile_dir)
 
     def _providers(self, options: LoadOptions) -> tuple[list[Any], _CudaStream | None]:
         device = options.device
