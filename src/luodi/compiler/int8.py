@@ -71,3 +71,44 @@ def quantise_for(ptq: Any, backend: Any, max_disagreement: float | None, fallbac
             + ("allow the fallback" if not fallback else "drop this int8 target")
         )
     return qdq, record
+
+
+def vendor_record(ptq: Any, backend: Any, artifact: Any, io: Any, max_disagreement: float | None) -> dict[str, Any]:
+    """The quantisation record of an int8 target its own toolkit quantised (``Backend.calibrates_itself``): its
+    agreement with the float model on the validation samples, measured on the engine itself (the boundary quantised
+    and dequantised like Session does for int8 I/O); the same compile-time gate as luodi's own int8 targets."""
+    import numpy as np
+
+    from ..backends import open_engine
+    from ..quant import DEFAULT_MAX_DISAGREEMENT, agreement, cosine, first_output, snr_db
+    from ..tensor import dequantise_outputs, quantise_feeds
+
+    budget = DEFAULT_MAX_DISAGREEMENT if max_disagreement is None else max_disagreement
+    ins, outs = io or ([], [])
+    with open_engine(backend, artifact) as engine:
+        got = [dequantise_outputs(engine.run(quantise_feeds(f, ins)), outs) for f in ptq.validation_feeds]
+    ref = ptq.float_outputs()
+    deployed = np.asarray(first_output(got), np.float32)
+    agree = agreement(ref, deployed)
+    record = {
+        "policy": f"{backend.name}'s own toolkit",
+        "calibration": {"data": ptq.calibration_source, "samples": len(ptq.feeds)},
+        "validation": {
+            "data": ptq.validation_source,
+            "samples": len(ptq.validation_feeds),
+            "held_apart": ptq.held_apart,
+        },
+        "max_disagreement": budget,
+        "agreement": agree,
+        "snr_db": round(snr_db(ref, deployed), 2),
+        "cosine": round(cosine(ref, deployed), 6),
+        "float_layers": list(artifact.options.get("float_layers", [])),
+        "passed": agree is None or 1 - agree <= budget + 1e-12,
+    }
+    if not record["passed"]:
+        raise VerificationError(
+            f"target {backend.name}:int8 agrees with the float model on top-1 for {agree:.2%} of "
+            f"{len(ptq.validation_feeds)} validation samples ({ptq.validation_source}), below the {1 - budget:.2%} "
+            f"the budget {budget:.2%} allows. Loosen --accuracy-budget, or use {backend.name}:fp16"
+        )
+    return record

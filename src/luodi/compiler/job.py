@@ -72,6 +72,8 @@ class CompileRun:
     say: Log
     ptq: Any = None
     quantise: Callable[[Any], tuple[Any, dict]] | None = None
+    judge: Callable[[Any, Artifact, Any], dict] | None = None
+    """For a backend that quantises itself: its int8 artifact's record against the float model (int8.vendor_record)."""
     int8_io: bool = False
     """int8 targets read and write the quantised integers (luodi.quant.io.integer_io), recorded as the target's io."""
     first_error: BaseException | None = None
@@ -172,7 +174,10 @@ class CompileRun:
         with self.steps.step(f"{what} for {label}"):
             try:
                 target_model, quantization, io, qdq = job.src.model, None, None, None
-                if precision == "int8" and self.quantise is not None and not job.prefix:
+                vendor = precision == "int8" and getattr(backend, "calibrates_itself", False)
+                if vendor and self.ptq is not None and not job.prefix:  # its toolkit quantises, from our samples
+                    options = {**options, "calibration": tuple(self.ptq.feeds), "int8_io": self.int8_io}
+                elif precision == "int8" and self.quantise is not None and not job.prefix:
                     target_model, quantization = self.quantise(backend)
                     qdq = target_model
                     if self.int8_io:
@@ -181,6 +186,10 @@ class CompileRun:
                 data = job.data if target_model is job.src.model else None
                 opts = CompileOptions(precision=precision, source=job.src, model_bytes=data, **options)
                 artifact = backend.compile(target_model, opts)
+                if vendor and artifact.io is not None:
+                    io = artifact.io
+                if vendor and self.judge is not None and not job.prefix:
+                    quantization = self.judge(backend, artifact, io)
             except (KeyboardInterrupt, SystemExit, MemoryError):
                 raise
             except Exception as exc:  # noqa: BLE001 - a converter may crash in any way; it is this target's result
@@ -205,7 +214,9 @@ class CompileRun:
                 }
                 return entry, None
         entry = target_entry(backend, precision, artifact, job.prefix, self.members, self.by_sha)
-        if quantization is not None:
+        if quantization is not None and qdq is None:  # quantised by the engine's own toolkit: no QDQ graph
+            entry["quantization"] = quantization
+        elif quantization is not None:
             # The QDQ graph itself, engine-neutral: what `luodi verify --layerwise` marks and what re-simulates.
             where = f"{job.prefix}{target_dir(backend.name, precision)}/qdq.onnx"
             entry["quantization"] = {
