@@ -284,11 +284,11 @@ def _platforms() -> list[str]:
     """The platforms rknn-toolkit2's config() takes, as its documentation lists them."""
     from rknn.api import RKNN
 
-    doc = RKNN.config.__doc__ or ""
-    line = next((ln for ln in doc.splitlines() if ":param target_platform:" in ln), "")
-    start = line.find("currently support")
-    names = line[start + len("currently support") :].split(". default")[0] if start >= 0 else ""
-    return [n.strip(" :/.") for n in names.replace("\n", " ").split("/") if n.strip(" :/.")]
+    doc = " ".join((RKNN.config.__doc__ or "").split())
+    start = doc.find(":param target_platform:")
+    text = doc[start : doc.find(":param", start + 1)] if start >= 0 else ""
+    text = text.split("currently support", 1)[-1].split(". default")[0]
+    return [n.strip(" :/.") for n in text.split("/") if n.strip(" :/.")]
 
 
 def _file_array(path: str) -> np.ndarray:

@@ -159,6 +159,7 @@ class RknnBackend(Backend):
             params = header.get("io") or {}
             record["device_io"] = {n: {"scale": p[0], "zero_point": p[1], "dtype": p[2]} for n, p in params.items()}
             record["algorithm"] = algorithm
+            record["int8_io"] = options.int8_io  # the engine then reads and writes the device's integers
         artifact = Artifact(self.name, options.precision, files, record)
         if options.int8_io and options.precision == "int8":
             artifact.io = device_specs(artifact)
@@ -280,7 +281,7 @@ class RknnEngine(Engine):
         opts = artifact.options
         model_inputs = [TensorSpec.from_dict(d) for d in opts["inputs"]]
         model_outputs = [TensorSpec.from_dict(d) for d in opts["outputs"]]
-        ins, outs = device_specs(artifact) if artifact.precision == "int8" else (model_inputs, model_outputs)
+        ins, outs = device_specs(artifact) if opts.get("int8_io") else (model_inputs, model_outputs)
         super().__init__(ins, outs)
         self.device = device
         self.built = {n: tuple(int(d) for d in s) for n, s in opts["shapes"].items()}

@@ -74,6 +74,8 @@ class CompileRun:
     quantise: Callable[[Any], tuple[Any, dict]] | None = None
     judge: Callable[[Any, Artifact, Any], dict] | None = None
     """For a backend that quantises itself: its int8 artifact's record against the float model (int8.vendor_record)."""
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Engine options by backend name (``CompileOptions.extra``)."""
     int8_io: bool = False
     """int8 targets read and write the quantised integers (luodi.quant.io.integer_io), recorded as the target's io."""
     first_error: BaseException | None = None
@@ -184,7 +186,8 @@ class CompileRun:
                         target_model, io = integer_boundary(qdq, job.inputs, job.outputs)
                         options = {**options, "inputs": tuple(io[0]), "outputs": tuple(io[1])}
                 data = job.data if target_model is job.src.model else None
-                opts = CompileOptions(precision=precision, source=job.src, model_bytes=data, **options)
+                extra = self.extra.get(backend.name, {})
+                opts = CompileOptions(precision=precision, source=job.src, model_bytes=data, extra=extra, **options)
                 artifact = backend.compile(target_model, opts)
                 if vendor and artifact.io is not None:
                     io = artifact.io
