@@ -17,15 +17,12 @@ from conftest import small_cnn
 from luodi import toolchain as tc
 from luodi.backends import rknn as rknn_backend
 
-pytestmark = [
-    pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="worker processes need Linux memfd"),
-    pytest.mark.skipif(
-        platform.machine() != "x86_64", reason="rknn-toolkit2 (the compiler and simulator) is x86-64 only"
-    ),
-]
+pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="worker processes need Linux memfd")
 
 
 def _need_toolchain() -> None:
+    if platform.machine() != "x86_64":
+        pytest.skip("rknn-toolkit2 (the compiler and simulator) is x86-64 only")
     if not tc.status("rknn").ok:
         pytest.skip("the rknn toolchain is not installed here: luodi toolchain install rknn (make test does)")
 
@@ -186,3 +183,28 @@ def test_without_int8_io_the_int8_target_reads_and_writes_float(tmp_path: Path, 
         assert s.inputs[0].dtype == "float32" and not s.outputs[0].is_quantised
         want, got = ref.run({"x": x})["y"], s.run({"x": x})["y"]
     assert got.dtype == np.float32 and np.abs(got - want).max() < 0.1 * np.abs(want).max()
+
+
+def test_on_a_board_the_npu_runs_the_package_like_the_simulator() -> None:
+    """On an RK3588 board with rknn-toolkit-lite2: a package compiled on x86 (with --int8-io) given as
+    $LUODI_RKNN_PACKAGE runs on the NPU through Session(device="npu"), its outputs near the fp16 control's."""
+    from importlib.util import find_spec
+
+    if platform.machine() not in ("aarch64", "arm64") or find_spec("rknnlite") is None:
+        pytest.skip(
+            f"needs an aarch64 Rockchip board with rknn-toolkit-lite2 and its NPU driver; this host is "
+            f"{platform.machine()} (the .rknn is compiled and simulated here, run on the board)"
+        )
+    path = os.environ.get("LUODI_RKNN_PACKAGE")
+    if not path:
+        pytest.skip("set LUODI_RKNN_PACKAGE to a package compiled on x86 with rknn:int8 and rknn:fp16")
+    pkg = luodi.Package(path)
+    x = np.random.default_rng(1).random(tuple(d if isinstance(d, int) else 1 for d in pkg.inputs[0].shape))
+    feeds = {pkg.inputs[0].name: x.astype(np.float32)}
+    with (
+        luodi.Session(pkg, backend="rknn:int8", device="npu") as s,
+        luodi.Session(pkg, backend="rknn:fp16", device="npu") as half,
+    ):
+        got, want = s.run(feeds), half.run(feeds)
+    for name, w in want.items():
+        assert np.abs(got[name] - w).max() < 0.1 * np.abs(w).max() + 1e-3

@@ -243,7 +243,13 @@ class RknnHandler:
         formats = ["nchw" if a.ndim == 4 else None for a in feeds]
         kwargs: dict[str, Any] = {"inputs": feeds, "data_format": formats}
         if self.device == "npu" and getattr(self, "pass_through", False):
-            kwargs["inputs_pass_through"] = [1 if a.dtype == np.int8 else 0 for a in feeds]
+            # pass-through hands the buffer to the NPU in its native layout: NHWC for a 4-D int8 input on RK3588
+            passed = [a.dtype == np.int8 for a in feeds]
+            kwargs["inputs"] = [
+                np.ascontiguousarray(a.transpose(0, 2, 3, 1)) if p and a.ndim == 4 else a for a, p in zip(feeds, passed)
+            ]
+            kwargs["data_format"] = ["nhwc" if p and a.ndim == 4 else f for a, p, f in zip(feeds, passed, formats)]
+            kwargs["inputs_pass_through"] = [1 if p else 0 for p in passed]
         with self.quiet():
             outs = self.rknn.inference(**kwargs)
         if outs is None or len(outs) != len(self.outputs):

@@ -94,6 +94,11 @@ class RknnBackend(Backend):
     }
     load_options = {
         "core_mask": Option(str, f"on the NPU (RK3588): which cores run the model, one of {', '.join(_CORE_MASKS)}"),
+        "pass_through": Option(
+            bool,
+            "on the NPU, with --int8-io: hand int8 inputs to the runtime as they are (inputs_pass_through, NHWC) "
+            "instead of dequantising them exactly for it to quantise again; untested without a board",
+        ),
     }
 
     def available(self) -> Availability:
@@ -177,7 +182,8 @@ class RknnBackend(Backend):
         if device not in avail.devices:
             need = "rknn-toolkit-lite2 on an aarch64 board" if device == "npu" else "luodi toolchain install rknn"
             raise BackendError(f"rknn device '{device}' is not available here: it needs {need}")
-        return RknnEngine(artifact, device, str(options.extra.get("core_mask", "auto")))
+        extra = options.extra
+        return RknnEngine(artifact, device, str(extra.get("core_mask", "auto")), bool(extra.get("pass_through")))
 
 
 def _session_args(
@@ -277,7 +283,7 @@ class RknnEngine(Engine):
 
     thread_safe = True  # one worker slot: calls are serialised by the worker
 
-    def __init__(self, artifact: Artifact, device: str, core_mask: str) -> None:
+    def __init__(self, artifact: Artifact, device: str, core_mask: str, pass_through: bool = False) -> None:
         opts = artifact.options
         model_inputs = [TensorSpec.from_dict(d) for d in opts["inputs"]]
         model_outputs = [TensorSpec.from_dict(d) for d in opts["outputs"]]
@@ -289,6 +295,7 @@ class RknnEngine(Engine):
         self._sim_in = {s.name: s for s in ins if s.is_quantised}
         self._sim_out = {s.name: s for s in outs if s.is_quantised}
         self._keep = device == "simulator"
+        self._pass_through = device == "npu" and pass_through and bool(self._sim_in)
         args = {"inputs": [s.name for s in model_inputs], "outputs": [s.name for s in model_outputs]}
         if device == "npu":
             if core_mask not in _CORE_MASKS:
@@ -296,7 +303,7 @@ class RknnEngine(Engine):
             self.worker = _start_worker("rknn npu", {"device": "npu"}, bare=False)
             self.worker.call(
                 "load_npu",
-                {**args, "core_mask": core_mask, "pass_through": bool(self._sim_in)},
+                {**args, "core_mask": core_mask, "pass_through": self._pass_through},
                 {"file:model.rknn": np.frombuffer(artifact.file("model.rknn"), np.uint8)},
             )
             return
@@ -343,7 +350,7 @@ class RknnEngine(Engine):
         return sizes.pop()
 
     def _run_one(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.device == "simulator" and self._sim_in:  # the simulator takes no int8 pass-through: exact float
+        if self._sim_in and not self._pass_through:  # exact float: the runtime quantises it back to the same ints
             feeds = {n: self._sim_in[n].dequantise(a) if n in self._sim_in else a for n, a in feeds.items()}
         outs = self.worker.call("run", None, feeds)[1]
         if self._sim_out:
