@@ -208,3 +208,29 @@ def test_on_a_board_the_npu_runs_the_package_like_the_simulator() -> None:
         got, want = s.run(feeds), half.run(feeds)
     for name, w in want.items():
         assert np.abs(got[name] - w).max() < 0.1 * np.abs(w).max() + 1e-3
+
+
+@pytest.mark.slow
+def test_accuracy_budget_keeps_luodis_most_sensitive_layers_in_float_through_hybrid_quantisation(
+    tmp_path: Path,
+) -> None:
+    """Calibrated on dark pictures (pixels below 0.05), judged on bright ones: int8 clips everything and misses a
+    0% budget; the fallback asks the toolkit to keep the layer luodi's sensitivity ranking puts first in float16
+    (its hybrid quantisation), which restores agreement. Without the fallback the target fails with the reason."""
+    _need_toolchain()
+    rng = np.random.default_rng(0)
+    dark = [{"x": 0.05 * rng.random((1, 3, 16, 16), dtype=np.float32)} for _ in range(16)]
+    bright = [{"x": rng.random((1, 3, 16, 16), dtype=np.float32)} for _ in range(32)]
+    common = {"calibration": dark, "validation": bright, "accuracy_budget": "0%", "verify": False}
+    pkg = luodi.compile(small_cnn(), tmp_path / "h.luodi", ["rknn:int8"], **common)
+    t = pkg.find_target("rknn", "int8")
+    q = t["quantization"]
+    assert q["passed"] and q["agreement"] == 1.0
+    assert q["fallback"]["ranking"][0] == q["float_layers"][0] == "conv" and q["fallback"]["steps"]
+    assert t["options"]["float_layers"] == ["c"]  # the toolkit's name of conv's output
+    assert b"'c': float16" in pkg.read(t["files"]["model.quantization.cfg"])
+    strict = luodi.compile(small_cnn(), tmp_path / "s.luodi", ["onnxruntime", "rknn:int8"], fallback=False, **common)
+    failed = strict.find_target("rknn", "int8")
+    assert (
+        failed["status"] == "failed" and "budget 0.00%" in failed["reason"] and "allow the fallback" in failed["reason"]
+    )

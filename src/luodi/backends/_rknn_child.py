@@ -16,7 +16,6 @@ simulator cannot run a .rknn loaded back from a file, so the session that builds
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
 import sys
@@ -149,8 +148,10 @@ class RknnHandler:
                 os.chdir(cwd)
             self._rename_step1()
             cfg = os.path.join(self.dir, "model.quantization.cfg")
-            if args.get("float_layers"):
-                _mark_float(cfg, [str(n) for n in args["float_layers"]])
+            if args.get("float_tensors"):
+                layers = _operands_of(cfg, [str(t) for t in args["float_tensors"]])
+                _mark_float(cfg, layers)
+                header["float_layers"] = layers
             r = self._new(args)
             self._step2(r)
             for name in INT8_FILES:
@@ -345,21 +346,39 @@ def _quantised_tensors(cfg: str) -> list[str]:
     return [n for n, p in params.items() if isinstance(p, dict) and p.get("dtype") == "int8"]
 
 
-def _mark_float(cfg: str, layers: list[str]) -> None:
-    """Keep ``layers`` (tensor names of the toolkit's graph) in float16: hybrid quantisation's custom layers."""
-    from ruamel.yaml import YAML
+def _operands_of(cfg: str, tensors: list[str]) -> list[str]:
+    """The toolkit's tensors (its config's ``quantize_parameters`` keys, what ``custom_quantize_layers`` names) that
+    stand for ``tensors`` (ONNX tensor names): the same name, or one derived from it (``y`` -> ``y_mm``, a Gemm the
+    toolkit made a Conv); never the int8 boundary converters (``x_int8``)."""
+    params = (_yaml(cfg) or {}).get("quantize_parameters", {})
+    wanted = set(tensors)
+    return [
+        k
+        for k, p in params.items()
+        if isinstance(p, dict)
+        and p.get("dtype") == "int8"
+        and not k.endswith("_int8")
+        and (k in wanted or k.split("_")[0] in wanted)
+    ]
 
-    yaml = YAML()
+
+def _mark_float(cfg: str, layers: list[str]) -> None:
+    """Keep ``layers`` (tensor names of the toolkit's graph) in float16: hybrid quantisation's custom layers.
+
+    Edited as text: step 2 refuses a config whose calibrated values changed, and a YAML round trip reformats them.
+    """
     with open(cfg, encoding="utf-8") as f:
-        data = yaml.load(f)
-    custom = data.get("custom_quantize_layers") or {}
-    for name in layers:
-        custom[name] = "float16"
-    data["custom_quantize_layers"] = custom
-    buf = io.StringIO()
-    yaml.dump(data, buf)
+        lines = f.read().split("\n")
+    at = next((i for i, ln in enumerate(lines) if ln.startswith("custom_quantize_layers:")), None)
+    if at is None:
+        raise RuntimeError("the toolkit's quantization config has no custom_quantize_layers section")
+    block = ["custom_quantize_layers:"] + ["    '" + n.replace("'", "''") + "': float16" for n in layers]
+    if lines[at].strip().endswith("{}"):
+        lines[at : at + 1] = block
+    else:
+        lines[at + 1 : at + 1] = block[1:]
     with open(cfg, "w", encoding="utf-8") as f:
-        f.write(buf.getvalue())
+        f.write("\n".join(lines))
 
 
 def load(args: dict[str, Any], payload: bytes) -> RknnHandler:

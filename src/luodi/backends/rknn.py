@@ -86,11 +86,27 @@ class RknnBackend(Backend):
     precisions = ("int8", "fp16")
     devices = ("simulator", "npu")
     calibrates_itself = True
-    int8_unsupported = "rknn-toolkit2 quantises the model itself (from the compile's calibration data)"
+    # The toolkit quantises the model itself; this table (its w8a8: int8 asymmetric per-tensor activations, int8
+    # per-channel weights) only lets luodi's sensitivity ranking simulate it, to choose layers for hybrid quantisation.
+    int8_policy = {
+        "activations": {"dtype": "int8", "symmetric": False},
+        "weights": {"dtype": "int8", "symmetric": True, "per_channel": True, "bits": 8},
+        "bias_correction": False,
+        "weight_rounding": "nearest",
+        "rounding": "half_to_even",
+        "ops": ["Conv", "MatMul", "Gemm", "Add", "Mul", "Relu", "Clip", "AveragePool", "GlobalAveragePool", "MaxPool"],
+        "format": "qdq",
+        "notes": "rknn-toolkit2 w8a8, approximated for the sensitivity ranking only",
+    }
     precision_note = "int8: the toolkit's w8a8; fp16: the NPU's float16, the control"
     compile_options = {
         "platform": Option(str, f"the Rockchip NPU to build for, one of {', '.join(PLATFORMS)} (default rk3588)"),
         "algorithm": Option(str, "the toolkit's quantized_algorithm: normal (default), mmse or kl_divergence"),
+        "float_tensors": Option(
+            list,
+            "ONNX tensor names whose layers stay in float16 (the toolkit's hybrid quantisation); the compiler's "
+            "--accuracy-budget fallback chooses them from luodi's sensitivity ranking",
+        ),
     }
     load_options = {
         "core_mask": Option(str, f"on the NPU (RK3588): which cores run the model, one of {', '.join(_CORE_MASKS)}"),
@@ -143,7 +159,7 @@ class RknnBackend(Backend):
                 arrays[f"calib:{s.name}"] = np.stack(
                     [_fit(np.asarray(f[s.name], np.float32), shapes[s.name], s.name) for f in calibration]
                 )
-            args["float_layers"] = list(options.extra.get("float_layers", []))
+            args["float_tensors"] = [str(t) for t in options.extra.get("float_tensors", [])]
         worker = _start_worker("rknn compile", {"platform": platform, "device": "simulator"})
         try:
             header, out = worker.call("build", args, arrays)
@@ -165,6 +181,7 @@ class RknnBackend(Backend):
             record["device_io"] = {n: {"scale": p[0], "zero_point": p[1], "dtype": p[2]} for n, p in params.items()}
             record["algorithm"] = algorithm
             record["int8_io"] = options.int8_io  # the engine then reads and writes the device's integers
+            record["float_layers"] = list(header.get("float_layers") or [])  # the toolkit's layers kept in float16
         artifact = Artifact(self.name, options.precision, files, record)
         if options.int8_io and options.precision == "int8":
             artifact.io = device_specs(artifact)

@@ -24,7 +24,7 @@ from ..progress import Progress
 from ..tensor import TensorSpec, specs_from_onnx
 from ..timing import host_key, measure_many
 from ..verify import TOLERANCES
-from .int8 import ptq_for, quantise_for, vendor_record
+from .int8 import ptq_for, quantise_for, vendor_quantise
 from .job import CompileRun, ModelDone, ModelJob
 from .load_source import load_source
 from .models import check_pipeline, model_member
@@ -168,7 +168,9 @@ def compile(  # noqa: A001 - the field's word for it
                     src, inputs, wanted, calibration, calib_method, calib_samples, validation, say, preprocess
                 )
             run.quantise = lambda backend: quantise_for(run.ptq, backend, max_disagreement, fallback)
-            run.judge = lambda backend, artifact, io: vendor_record(run.ptq, backend, artifact, io, max_disagreement)
+            run.vendor = lambda backend, model, opts: vendor_quantise(
+                run.ptq, backend, model, opts, max_disagreement, fallback, say
+            )
         done = [run.model(job) for job in jobs]
         main = done[0]
         if not main.artifacts:  # nothing compiled at all (a target that compiled but failed verification is kept)

@@ -72,8 +72,8 @@ class CompileRun:
     say: Log
     ptq: Any = None
     quantise: Callable[[Any], tuple[Any, dict]] | None = None
-    judge: Callable[[Any, Artifact, Any], dict] | None = None
-    """For a backend that quantises itself: its int8 artifact's record against the float model (int8.vendor_record)."""
+    vendor: Callable[[Any, Any, CompileOptions], tuple[Artifact, dict]] | None = None
+    """For a backend that quantises itself: its int8 artifact and record (int8.vendor_quantise)."""
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Engine options by backend name (``CompileOptions.extra``)."""
     int8_io: bool = False
@@ -188,11 +188,11 @@ class CompileRun:
                 data = job.data if target_model is job.src.model else None
                 extra = self.extra.get(backend.name, {})
                 opts = CompileOptions(precision=precision, source=job.src, model_bytes=data, extra=extra, **options)
-                artifact = backend.compile(target_model, opts)
-                if vendor and artifact.io is not None:
+                if vendor and self.vendor is not None and not job.prefix:
+                    artifact, quantization = self.vendor(backend, target_model, opts)
                     io = artifact.io
-                if vendor and self.judge is not None and not job.prefix:
-                    quantization = self.judge(backend, artifact, io)
+                else:
+                    artifact = backend.compile(target_model, opts)
             except (KeyboardInterrupt, SystemExit, MemoryError):
                 raise
             except Exception as exc:  # noqa: BLE001 - a converter may crash in any way; it is this target's result
