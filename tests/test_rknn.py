@@ -234,3 +234,18 @@ def test_accuracy_budget_keeps_luodis_most_sensitive_layers_in_float_through_hyb
     assert (
         failed["status"] == "failed" and "budget 0.00%" in failed["reason"] and "allow the fallback" in failed["reason"]
     )
+
+
+def test_layerwise_is_the_toolkits_accuracy_analysis(pkg: luodi.Package) -> None:
+    """`luodi verify --layerwise` on an rknn target: the toolkit's per-layer cosine (its quantised simulation against
+    its own float run), since luodi cannot mark tensors inside a .rknn; in range, every layer stays close."""
+    from luodi.verify.layerwise import layerwise
+
+    x = np.random.default_rng(2).random((1, 3, 16, 16), dtype=np.float32)  # inside the calibrated range [0, 1)
+    target = pkg.find_target("rknn", "int8")
+    report = layerwise(pkg, {"backend": "reference", "precision": "fp32"}, target, {"x": x})
+    ops = {r.tensor: r.op for r in report.rows}
+    assert ops["r"] == "Relu" and ops["x"] == "Input" and report.b == "rknn:int8"
+    assert all(r.cosine > 0.99 for r in report.rows) and report.first_jump is None
+    far = layerwise(pkg, {"backend": "reference", "precision": "fp32"}, target, {"x": 40 * x - 20})
+    assert far.first_jump is not None and far.rows[far.first_jump].tensor == "x_int8"  # clipped at the int8 input

@@ -147,7 +147,7 @@ class RknnBackend(Backend):
         if any(s.np_dtype.kind != "f" for s in inputs):
             bad = [f"{s.name} ({s.dtype})" for s in inputs if s.np_dtype.kind != "f"]
             raise CompileError(f"rknn takes float inputs only (the NPU quantises them); this model has {bad}")
-        shapes = options.shapes[0] if options.shapes else primary_shapes(inputs)
+        shapes = primary_shapes(inputs, options)
         data = options.model_bytes if options.model_bytes is not None else model.SerializeToString()
         args = _session_args(platform, options.precision, inputs, outputs, shapes, algorithm)
         arrays: dict[str, np.ndarray] = {"model": np.frombuffer(data, np.uint8)}
@@ -188,6 +188,15 @@ class RknnBackend(Backend):
         _SESSIONS.put(_key(artifact), worker)  # the building session simulates: the next load here adopts it
         return artifact
 
+    def layer_errors(self, artifact: Artifact, feeds: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        """The toolkit's own layer-wise table (``accuracy_analysis`` on the simulator, in the session holding the
+        built model): per tensor of its graph, the cosine of its quantised simulation against its float run, with
+        the error accumulated from the input (``cosine``) and that layer's alone (``single_cosine``)."""
+        with RknnEngine(artifact, "simulator", "auto") as engine:
+            if engine._sim_in:
+                feeds = {n: engine._sim_in[n].dequantise(a) if a.dtype.kind in "iu" else a for n, a in feeds.items()}
+            return parse_error_analysis(engine.layerwise({n: np.asarray(a, np.float32) for n, a in feeds.items()}))
+
     # -- load -----------------------------------------------------------------------------------------------------
     def _load(self, artifact: Artifact, options: LoadOptions) -> Engine:
         device = options.device
@@ -201,6 +210,26 @@ class RknnBackend(Backend):
             raise BackendError(f"rknn device '{device}' is not available here: it needs {need}")
         extra = options.extra
         return RknnEngine(artifact, device, str(extra.get("core_mask", "auto")), bool(extra.get("pass_through")))
+
+
+def parse_error_analysis(text: str) -> list[dict[str, Any]]:
+    """Rows of the toolkit's error_analysis.txt: ``[Op] tensor  cos | euc  cos | euc`` (entire, then single layer);
+    a layer the toolkit printed without figures is left out."""
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("[") or "]" not in line:
+            continue
+        op, rest = line[1:].split("]", 1)
+        parts = rest.replace("|", " ").split()
+        if len(parts) < 5:
+            continue
+        try:
+            entire, single = float(parts[1]), float(parts[3])
+        except ValueError:
+            continue
+        rows.append({"tensor": parts[0], "op": op, "cosine": entire, "single_cosine": single})
+    return rows
 
 
 def _session_args(
