@@ -249,3 +249,22 @@ def test_layerwise_is_the_toolkits_accuracy_analysis(pkg: luodi.Package) -> None
     assert all(r.cosine > 0.99 for r in report.rows) and report.first_jump is None
     far = layerwise(pkg, {"backend": "reference", "precision": "fp32"}, target, {"x": 40 * x - 20})
     assert far.first_jump is not None and far.rows[far.first_jump].tensor == "x_int8"  # clipped at the int8 input
+
+
+def test_cli_compile_takes_the_platform_as_an_option(tmp_path: Path) -> None:
+    _need_toolchain()
+    import onnx
+    from click.testing import CliRunner
+
+    from luodi.cli.main import cli
+
+    onnx.save(small_cnn(), str(tmp_path / "cnn.onnx"))
+    out = tmp_path / "cnn.luodi"
+    args = ["compile", str(tmp_path / "cnn.onnx"), "-o", str(out), "-t", "rknn:fp16", "-q"]
+    result = CliRunner().invoke(cli, [*args, "--option", "rknn.platform=rk3566"])
+    assert result.exit_code == 0, result.output
+    assert luodi.Package(out).find_target("rknn", "fp16")["options"]["platform"] == "rk3566"
+    bad = CliRunner().invoke(cli, [*args, "--option", "rknn.cores=3"])
+    assert bad.exit_code == 2 and "no compile option 'cores'" in bad.output
+    typo = CliRunner().invoke(cli, [*args, "--option", "platform=rk3566"])
+    assert typo.exit_code == 2 and "BACKEND.KEY=VALUE" in typo.output
