@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import luodi
-from conftest import small_cnn
+from conftest import fcn_model, small_cnn
 from luodi import toolchain as tc
 from luodi.backends import rknn as rknn_backend
 
@@ -268,3 +268,18 @@ def test_cli_compile_takes_the_platform_as_an_option(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "no compile option 'cores'" in bad.output
     typo = CliRunner().invoke(cli, [*args, "--option", "platform=rk3566"])
     assert typo.exit_code == 2 and "BACKEND.KEY=VALUE" in typo.output
+
+
+def test_a_model_with_free_height_and_width_is_built_and_verified_at_its_primary_shapes(tmp_path: Path) -> None:
+    """A .rknn has static shapes: the compile verifies at the shapes it was built at (the representative set that
+    moves height and width is for the engines that take it), and another size is a ShapeError naming the fix."""
+    _need_toolchain()
+    pkg = luodi.compile(fcn_model(), tmp_path / "fcn.luodi", ["rknn:fp16"], input_shapes={"x": "1x3x24x32"})
+    t = pkg.find_target("rknn", "fp16")
+    assert t["status"] == "verified", t.get("reason")
+    assert t["options"]["shapes"] == {"x": [1, 3, 24, 32]}
+    assert t["verification"]["shapes"] == [{"x": [1, 3, 24, 32]}]  # not the set at 48x64 the others get
+    with luodi.Session(pkg, backend="rknn:fp16") as s:
+        assert s.run({"x": np.ones((1, 3, 24, 32), np.float32)})["y"].shape == (1, 4, 24, 32)
+        with pytest.raises(luodi.ShapeError, match="--input-shape"):
+            s.run({"x": np.ones((1, 3, 32, 32), np.float32)})

@@ -86,6 +86,7 @@ class RknnBackend(Backend):
     precisions = ("int8", "fp16")
     devices = ("simulator", "npu")
     calibrates_itself = True
+    static_shapes = True
     # The toolkit quantises the model itself; this table (its w8a8: int8 asymmetric per-tensor activations, int8
     # per-channel weights) only lets luodi's sensitivity ranking simulate it, to choose layers for hybrid quantisation.
     int8_policy = {
