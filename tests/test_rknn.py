@@ -283,3 +283,28 @@ def test_a_model_with_free_height_and_width_is_built_and_verified_at_its_primary
         assert s.run({"x": np.ones((1, 3, 24, 32), np.float32)})["y"].shape == (1, 4, 24, 32)
         with pytest.raises(luodi.ShapeError, match="--input-shape"):
             s.run({"x": np.ones((1, 3, 32, 32), np.float32)})
+
+
+def test_an_output_kept_in_float_leaves_the_npu_as_float(tmp_path: Path, x: np.ndarray, fp32) -> None:
+    """float_tensors naming a graph output also keeps its int8 boundary in float16 (a detector's one output mixing
+    box coordinates and 0..1 scores loses the scores to one int8 scale otherwise): with --int8-io the input stays
+    int8, the output is float."""
+    _need_toolchain()
+    pkg = luodi.compile(
+        small_cnn(),
+        tmp_path / "o.luodi",
+        ["rknn:int8"],
+        calibration=_calibration(),
+        int8_io=True,
+        target_options={"rknn": {"float_tensors": ["y"]}},
+    )
+    t = pkg.find_target("rknn", "int8")
+    assert t["status"] == "verified", t.get("reason")
+    assert "y_int8" in t["options"]["float_layers"] and b"'y_int8': float16" in pkg.read(
+        t["files"]["model.quantization.cfg"]
+    )
+    ins, outs = pkg.target_io(t)
+    assert ins[0].dtype == "int8" and outs[0].dtype == "float32" and not outs[0].is_quantised
+    with luodi.Session(pkg, backend="rknn:int8") as s:
+        y = s.run({"x": x})["y"]
+    assert y.dtype == np.float32 and np.abs(y - fp32).max() < 0.1 * np.abs(fp32).max()

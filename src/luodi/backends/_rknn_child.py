@@ -149,14 +149,18 @@ class RknnHandler:
             self._rename_step1()
             cfg = os.path.join(self.dir, "model.quantization.cfg")
             if args.get("float_tensors"):
-                layers = _operands_of(cfg, [str(t) for t in args["float_tensors"]])
-                _mark_float(cfg, layers)
+                layers = _operands_of(cfg, [str(t) for t in args["float_tensors"]], self.outputs)
+                if layers:
+                    _mark_float(cfg, layers)
                 header["float_layers"] = layers
             r = self._new(args)
             self._step2(r)
             for name in INT8_FILES:
                 out[f"file:{name}"] = _file_array(os.path.join(self.dir, name))
-            header["io"] = _io_params(cfg, self.inputs, self.outputs)
+            floats = set(header.get("float_layers", []))  # an output kept in float16 leaves the NPU as float
+            header["io"] = {
+                n: p for n, p in _io_params(cfg, self.inputs, self.outputs).items() if f"{n}_int8" not in floats
+            }
             header["layers"] = _quantised_tensors(cfg)
         else:
             with self.quiet():
@@ -346,19 +350,23 @@ def _quantised_tensors(cfg: str) -> list[str]:
     return [n for n, p in params.items() if isinstance(p, dict) and p.get("dtype") == "int8"]
 
 
-def _operands_of(cfg: str, tensors: list[str]) -> list[str]:
+def _operands_of(cfg: str, tensors: list[str], outputs: list[str]) -> list[str]:
     """The toolkit's tensors (its config's ``quantize_parameters`` keys, what ``custom_quantize_layers`` names) that
     stand for ``tensors`` (ONNX tensor names): the same name, or one derived from it (``y`` -> ``y_mm``, a Gemm the
-    toolkit made a Conv); never the int8 boundary converters (``x_int8``)."""
+    toolkit made a Conv; ``t`` -> ``t-rs``, a reshape it added); for a graph output also its int8 boundary
+    (``y_int8``), so that the output itself leaves the NPU in float16."""
     params = (_yaml(cfg) or {}).get("quantize_parameters", {})
     wanted = set(tensors)
+    boundary = {f"{t}_int8" for t in wanted if t in outputs}
     return [
         k
         for k, p in params.items()
         if isinstance(p, dict)
         and p.get("dtype") == "int8"
-        and not k.endswith("_int8")
-        and (k in wanted or k.split("_")[0] in wanted)
+        and (
+            k in boundary
+            or (not k.endswith("_int8") and any(k == t or k.startswith((t + "_", t + "-")) for t in wanted))
+        )
     ]
 
 
