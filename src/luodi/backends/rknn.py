@@ -194,8 +194,8 @@ class RknnBackend(Backend):
         built model): per tensor of its graph, the cosine of its quantised simulation against its float run, with
         the error accumulated from the input (``cosine``) and that layer's alone (``single_cosine``)."""
         with RknnEngine(artifact, "simulator", "auto") as engine:
-            if engine._sim_in:
-                feeds = {n: engine._sim_in[n].dequantise(a) if a.dtype.kind in "iu" else a for n, a in feeds.items()}
+            sim = engine._sim_in  # integers of an int8-I/O target, dequantised exactly as _run does
+            feeds = {n: sim[n].dequantise(a) if n in sim and a.dtype.kind in "iu" else a for n, a in feeds.items()}
             return parse_error_analysis(engine.layerwise({n: np.asarray(a, np.float32) for n, a in feeds.items()}))
 
     # -- load -----------------------------------------------------------------------------------------------------
