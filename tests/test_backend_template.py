@@ -154,7 +154,7 @@ def test_only_backends_are_listed_as_backends() -> None:
 
 _ABOVE = (
     *("compiler", "selection", "timing", "session", "serve", "cli"),
-    *("frontends", "zoo", "quant", "verify", "pipeline"),
+    *("frontends", "zoo", "quant", "verify", "pipeline", "isolation"),
 )
 
 

@@ -19,7 +19,8 @@ import luodi
 from conftest import small_cnn
 from luodi.backends.base import Artifact, LoadOptions
 from luodi.errors import BackendError, EngineCrashedError, InputError, StateError
-from luodi.worker import Worker, WorkerEngine
+from luodi.isolation import WorkerEngine
+from luodi.worker import Worker
 from luodi.worker.wire import Gone, Region, read_arrays
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="worker processes need Linux memfd")

@@ -247,7 +247,7 @@ def load_target(
         if not isolate:
             get_backend(artifact.backend).probe(artifact, package.representative_shapes, trusted=trusted)
     if isolate:
-        from .worker import isolated_engine
+        from .isolation import isolated_engine
 
         return isolated_engine(artifact, options, isolate)
     return load_engine(artifact, options)

@@ -168,6 +168,12 @@ class Backend:
     in_memory: ClassVar[bool] = False
     """Whether load() can take an artifact's files from memory without writing any file; encrypted
     packages load only on such backends."""
+    calibrates_itself: ClassVar[bool] = False
+    """Whether the engine's own toolkit quantises an int8 target (a vendor NPU converter): the compiler then gives it
+    the float graph with ``CompileOptions.calibration`` instead of a QDQ graph from luodi.quant."""
+    static_shapes: ClassVar[bool] = False
+    """Whether the engine file is built at one set of shapes (``Artifact.options["shapes"]``, by input name; a larger
+    first axis runs sample by sample): compile-time verification then checks only inputs of those shapes."""
     int8_unsupported: ClassVar[str] = ""
     """Why the engine has no int8 target here, shown by `luodi backends`."""
     crash_prone: ClassVar[bool] = False

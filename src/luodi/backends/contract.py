@@ -39,6 +39,9 @@ class Artifact:
     options: dict[str, Any] = field(default_factory=dict)
     in_memory: bool = False
     """The files are decrypted plaintext: load() must not write them to disk (the backend's ``in_memory``)."""
+    io: tuple[list[TensorSpec], list[TensorSpec]] | None = None
+    """Set by a compile with ``CompileOptions.int8_io`` on a backend that quantises itself: the inputs and outputs as
+    the device reads and writes them (integer dtype, scale, zero point), recorded as the target's ``io``."""
 
     @property
     def target(self) -> str:
@@ -88,6 +91,11 @@ class CompileOptions:
     """The pipeline's normalisation the compiler folded into the graph's first Conv (``{"input", "mean", "std"}``),
     set by the compiler from the pipeline's record (package.schema.FOLDED_NORMALIZATION); None when nothing was
     folded. A backend that runs something other than the graph (torch's exported program) applies it itself."""
+    calibration: tuple[Mapping[str, Any], ...] = ()
+    """For an int8 target of a backend that quantises the model itself (``Backend.calibrates_itself``, e.g. a vendor
+    toolkit): the calibration samples, feed dicts of float arrays through the model's pipeline."""
+    int8_io: bool = False
+    """For such a target: make the model's inputs and outputs the integers the device sees (set ``Artifact.io``)."""
 
     def io(self, model: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
         """The model's input and output specs: the compiler's, computed once, else read from ``model``'s graph."""

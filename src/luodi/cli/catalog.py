@@ -46,6 +46,8 @@ def backends() -> None:
 def _int8_column(backend: Any) -> str:
     from ..quant import policy_of
 
+    if getattr(backend, "calibrates_itself", False):
+        return "its own toolkit's, calibrated on --calibration"
     try:
         return policy_of(backend).summary()
     except LuodiError as exc:

@@ -91,6 +91,13 @@ def _package_options(default_targets: tuple[str, ...]) -> Any:
     is_flag=True,
     help="int8 targets read and write the quantised integers (scale and zero point in the package), not float",
 )
+@click.option(
+    "--option",
+    "target_options",
+    multiple=True,
+    metavar="BACKEND.KEY=VALUE",
+    help="an engine's compile option, e.g. rknn.platform=rk3566 (repeat; `luodi backends` lists what each takes)",
+)
 @click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False), help="sign with this private key")
 @click.option(
     "--input-shape",
@@ -127,6 +134,7 @@ def compile(
     preprocess: str | None,
     no_fallback: bool,
     int8_io: bool,
+    target_options: tuple[str, ...],
     sign_key: str | None,
     input_shapes: tuple[str, ...],
     sample_files: tuple[str, ...],
@@ -169,6 +177,7 @@ def compile(
             preprocess=preprocess,
             fallback=not no_fallback,
             int8_io=int8_io,
+            target_options=_target_options(target_options),
             progress=progress,
         )
     if sign_key:
@@ -307,3 +316,24 @@ def _print_passes(records: list[dict[str, Any]]) -> None:
     if not records:
         table.add_row("(none)", "", "", "", "the graph was compiled as given")
     out.print(table)
+
+
+def _target_options(given: tuple[str, ...]) -> dict[str, dict[str, object]] | None:
+    """``rknn.platform=rk3566`` -> {"rknn": {"platform": "rk3566"}}; a value that reads as an int or float is one."""
+    from ..errors import InputError
+
+    out: dict[str, dict[str, object]] = {}
+    for item in given:
+        key, eq, value = item.partition("=")
+        backend, dot, name = key.partition(".")
+        if not (eq and dot and backend and name):
+            raise InputError(f"--option takes BACKEND.KEY=VALUE, e.g. rknn.platform=rk3566; got '{item}'")
+        parsed: object = value
+        for cast in (int, float):
+            try:
+                parsed = cast(value)
+                break
+            except ValueError:
+                continue
+        out.setdefault(backend, {})[name] = parsed
+    return out or None

@@ -7,7 +7,17 @@ group when imported here. Only this module imports them, so nothing in cli/ impo
 from __future__ import annotations
 
 from ..serve.cli import batch, serve  # `luodi serve` / `luodi batch --ray`: FastAPI and Ray imported when run
-from . import bench, catalog, compile, info, quant, run, security, verify  # noqa: F401 - each registers its commands
+from . import (  # noqa: F401 - each registers its commands
+    bench,
+    catalog,
+    compile,
+    info,
+    quant,
+    run,
+    security,
+    toolchain,
+    verify,
+)
 from .app import cli
 
 cli.add_command(serve)

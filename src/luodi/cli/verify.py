@@ -109,7 +109,6 @@ def _chosen_targets(pkg: Any, targets: tuple[str, ...], allow_failed: bool) -> t
 
 def _print_layerwise(pkg: Any, against: str, chosen: list[dict[str, Any]], named: bool, feeds: dict[str, Any]) -> None:
     from ..selection import parse_target
-    from ..verify.layerwise import JUMP_DB
     from ..verify.layerwise import layerwise as compare_layers
 
     if against == "reference":  # the canonical graph is in every package, a reference target or not
@@ -118,10 +117,7 @@ def _print_layerwise(pkg: Any, against: str, chosen: list[dict[str, Any]], named
         base = pkg.find_target(*parse_target(against))
     for t in [t for t in chosen if t is not base and (named or t["backend"] != "reference")]:
         report = compare_layers(pkg, base, t, feeds)
-        lt = Table(
-            title=f"layer-wise: {shown(report.b)} against {shown(report.a)} "
-            f"(first tensor below {JUMP_DB:.0f} dB marked)"
-        )
+        lt = Table(title=f"layer-wise: {shown(report.b)} against {shown(report.a)} ({report.marked})")
         for col in ("#", "tensor", "op", "cosine", "SNR dB", "max abs"):
             lt.add_column(col)
         for i, row in enumerate(report.rows):

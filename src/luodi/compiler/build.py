@@ -24,7 +24,7 @@ from ..progress import Progress
 from ..tensor import TensorSpec, specs_from_onnx
 from ..timing import host_key, measure_many
 from ..verify import TOLERANCES
-from .int8 import ptq_for, quantise_for
+from .int8 import ptq_for, quantise_for, vendor_quantise
 from .job import CompileRun, ModelDone, ModelJob
 from .load_source import load_source
 from .models import check_pipeline, model_member
@@ -63,6 +63,7 @@ def compile(  # noqa: A001 - the field's word for it
     preprocess: str | dict[str, Any] | None = None,
     fallback: bool = True,
     int8_io: bool = False,
+    target_options: Mapping[str, Mapping[str, Any]] | None = None,
     log: Log | None = None,
     progress: Progress | None = None,
 ) -> Package:
@@ -106,6 +107,9 @@ def compile(  # noqa: A001 - the field's word for it
     With ``int8_io`` every int8 target reads and writes the quantised integers instead of float (what an integer-only
     device sees): its own ``io`` specs in the manifest carry each tensor's integer dtype, scale and zero point, and a
     Session quantises float inputs and dequantises outputs at the boundary (see docs/cli.md, "int8 I/O").
+
+    ``target_options`` gives a backend's engine options by backend name, e.g. ``{"rknn": {"platform": "rk3566"}}``
+    (CLI: ``--option rknn.platform=rk3566``); each backend refuses a key it does not take (``luodi backends``).
 
     ``progress`` (a luodi.progress.Progress) shows each long step; ``log`` gets one line per step.
     """
@@ -155,7 +159,8 @@ def compile(  # noqa: A001 - the field's word for it
         jobs.append(ModelJob(sub_name, sub, *specs_from_onnx(sub.model), f"models/{sub_name}/", model_member(sub_name)))
     members: dict[str, bytes] = {}
     by_sha: dict[str, str] = {}
-    run = CompileRun(wanted, backends, members, by_sha, verify, strict, steps, say, int8_io=int8_io)
+    extra = _target_options(target_options, backends)
+    run = CompileRun(wanted, backends, members, by_sha, verify, strict, steps, say, int8_io=int8_io, extra=extra)
     with steps:
         if any(p == "int8" for _, p in wanted) or calibration is not None or preprocess is not None:
             with steps.step("calibrating for int8"):
@@ -163,6 +168,9 @@ def compile(  # noqa: A001 - the field's word for it
                     src, inputs, wanted, calibration, calib_method, calib_samples, validation, say, preprocess
                 )
             run.quantise = lambda backend: quantise_for(run.ptq, backend, max_disagreement, fallback)
+            run.vendor = lambda backend, model, opts: vendor_quantise(
+                run.ptq, backend, model, opts, max_disagreement, fallback, say
+            )
         done = [run.model(job) for job in jobs]
         main = done[0]
         if not main.artifacts:  # nothing compiled at all (a target that compiled but failed verification is kept)
@@ -225,6 +233,22 @@ def tune_targets(main: ModelDone, inputs: list[TensorSpec], steps: Progress, say
             entry["timing"] = {"host": host_key(), "device": "cpu", "median_ms": round(ms[k], 4)}
         else:
             say(f"{entry['backend']}:{entry['precision']} could not be timed: {failed[k]}")
+
+
+def _target_options(given: Any, backends: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``target_options`` checked: a mapping of backend names (among the targets) to mappings of option values."""
+    if given is None:
+        return {}
+    if not isinstance(given, Mapping):
+        raise CompileError(f"target_options must map a backend name to its options, not {type(given).__name__}")
+    out = {}
+    for name, opts in given.items():
+        if name not in backends:
+            raise CompileError(f"target_options names backend '{name}', which no target uses: {sorted(backends)}")
+        if not isinstance(opts, Mapping):
+            raise CompileError(f"target_options['{name}'] must map option names to values")
+        out[str(name)] = dict(opts)
+    return out
 
 
 def _toolchain(backends: dict[str, Any]) -> dict[str, str]:

@@ -71,3 +71,85 @@ def quantise_for(ptq: Any, backend: Any, max_disagreement: float | None, fallbac
             + ("allow the fallback" if not fallback else "drop this int8 target")
         )
     return qdq, record
+
+
+def vendor_quantise(
+    ptq: Any, backend: Any, model: Any, options: Any, max_disagreement: float | None, fallback: bool, say: Log
+) -> tuple[Any, dict[str, Any]]:
+    """An int8 target that the engine's own toolkit quantises (``Backend.calibrates_itself``): compiled from the float
+    graph with the calibration samples in ``options``, then judged like luodi's own int8 targets (top-1 agreement
+    with the float model on the validation samples, on the engine itself). Outside the budget, with ``fallback``,
+    the layers luodi's sensitivity ranking (for the backend's declared policy) finds most sensitive are kept in float
+    by the toolkit (its hybrid quantisation, the ``float_tensors`` compile option): 1, 2, 4, ... of them until the
+    budget holds. A VerificationError when it still does not."""
+    from dataclasses import replace
+
+    from ..quant import DEFAULT_MAX_DISAGREEMENT
+
+    budget = DEFAULT_MAX_DISAGREEMENT if max_disagreement is None else max_disagreement
+    artifact = backend.compile(model, options)
+    record = vendor_record(ptq, backend, artifact, budget)
+    steps: list[dict[str, Any]] = []
+    if not record["passed"] and fallback:
+        say(f"{backend.name}: agreement {record['agreement']:.2%} misses the budget; ranking layers by sensitivity")
+        ranking = ptq.rank_layers(backend)
+        outputs_of = {n.name: list(n.output) for n in ptq.model.graph.node}
+        k = 1
+        while ranking:
+            k = min(k, len(ranking))
+            nodes = [r.node for r in ranking[:k]]
+            tensors = [t for n in nodes for t in outputs_of.get(n, [])]
+            say(f"{backend.name}: keeping {k} layer(s) in float ({', '.join(nodes[:4])}{', ...' if k > 4 else ''})")
+            extra = {**options.extra, "float_tensors": tensors}
+            artifact = backend.compile(model, replace(options, extra=extra))
+            record = vendor_record(ptq, backend, artifact, budget)
+            record["float_layers"] = nodes
+            steps.append({"float_nodes": k, "agreement": record["agreement"], "cosine": record["cosine"]})
+            if record["passed"] or k == len(ranking) or k >= 32:
+                break
+            k *= 2
+        record["fallback"] = {"steps": steps, "ranking": [r.node for r in ranking[:32]]}
+    if not record["passed"]:
+        agree = record["agreement"]
+        raise VerificationError(
+            f"target {backend.name}:int8 agrees with the float model on top-1 for {agree:.2%} of "
+            f"{len(ptq.validation_feeds)} validation samples ({ptq.validation_source}), below the {1 - budget:.2%} "
+            f"the budget {budget:.2%} allows"
+            + (f", even with {len(record['float_layers'])} layers kept in float" if steps else "")
+            + ". Loosen --accuracy-budget, "
+            + ("allow the fallback, " if not fallback else "")
+            + f"or use {backend.name}:fp16"
+        )
+    return artifact, record
+
+
+def vendor_record(ptq: Any, backend: Any, artifact: Any, budget: float) -> dict[str, Any]:
+    """The quantisation record of a toolkit-quantised int8 ``artifact``: agreement, SNR and cosine against the float
+    model on the validation samples, run on the engine (its boundary quantised and dequantised as Session does)."""
+    import numpy as np
+
+    from ..backends import open_engine
+    from ..quant import agreement, cosine, first_output, snr_db
+    from ..tensor import dequantise_outputs, quantise_feeds
+
+    ins, outs = artifact.io or ([], [])
+    with open_engine(backend, artifact) as engine:
+        got = [dequantise_outputs(engine.run(quantise_feeds(f, ins)), outs) for f in ptq.validation_feeds]
+    ref = ptq.float_outputs()
+    deployed = np.asarray(first_output(got), np.float32)
+    agree = agreement(ref, deployed)
+    return {
+        "policy": f"{backend.name}'s own toolkit",
+        "calibration": {"data": ptq.calibration_source, "samples": len(ptq.feeds)},
+        "validation": {
+            "data": ptq.validation_source,
+            "samples": len(ptq.validation_feeds),
+            "held_apart": ptq.held_apart,
+        },
+        "max_disagreement": budget,
+        "agreement": agree,
+        "snr_db": round(snr_db(ref, deployed), 2),
+        "cosine": round(cosine(ref, deployed), 6),
+        "float_layers": [],
+        "passed": agree is None or 1 - agree <= budget + 1e-12,
+    }

@@ -72,6 +72,10 @@ class CompileRun:
     say: Log
     ptq: Any = None
     quantise: Callable[[Any], tuple[Any, dict]] | None = None
+    vendor: Callable[[Any, Any, CompileOptions], tuple[Artifact, dict]] | None = None
+    """For a backend that quantises itself: its int8 artifact and record (int8.vendor_quantise)."""
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Engine options by backend name (``CompileOptions.extra``)."""
     int8_io: bool = False
     """int8 targets read and write the quantised integers (luodi.quant.io.integer_io), recorded as the target's io."""
     first_error: BaseException | None = None
@@ -129,6 +133,8 @@ class CompileRun:
                 if int8_checks is None:  # int8 is judged on real data: random inputs fall outside calibrated ranges
                     int8_checks = run_reference(job, plan, [Check(f, 0, False) for f in self.ptq.validation_feeds[:4]])
                 used = int8_checks
+            if getattr(backend, "static_shapes", False):  # built at one shape set: checked at that one only
+                used = [c for c in used if built_for(artifact, c.feeds)]
             # A pre-quantised source: engines that run QDQ in int8 kernels are judged as int8 targets.
             tolerance = tolerance_class(precision, source_format, backend.int8_policy is not None)
             with self.steps.step(f"verifying {label}", total=len(used)) as step:
@@ -172,15 +178,23 @@ class CompileRun:
         with self.steps.step(f"{what} for {label}"):
             try:
                 target_model, quantization, io, qdq = job.src.model, None, None, None
-                if precision == "int8" and self.quantise is not None and not job.prefix:
+                vendor = precision == "int8" and getattr(backend, "calibrates_itself", False)
+                if vendor and self.ptq is not None and not job.prefix:  # its toolkit quantises, from our samples
+                    options = {**options, "calibration": tuple(self.ptq.feeds), "int8_io": self.int8_io}
+                elif precision == "int8" and self.quantise is not None and not job.prefix:
                     target_model, quantization = self.quantise(backend)
                     qdq = target_model
                     if self.int8_io:
                         target_model, io = integer_boundary(qdq, job.inputs, job.outputs)
                         options = {**options, "inputs": tuple(io[0]), "outputs": tuple(io[1])}
                 data = job.data if target_model is job.src.model else None
-                opts = CompileOptions(precision=precision, source=job.src, model_bytes=data, **options)
-                artifact = backend.compile(target_model, opts)
+                extra = self.extra.get(backend.name, {})
+                opts = CompileOptions(precision=precision, source=job.src, model_bytes=data, extra=extra, **options)
+                if vendor and self.vendor is not None and not job.prefix:
+                    artifact, quantization = self.vendor(backend, target_model, opts)
+                    io = artifact.io
+                else:
+                    artifact = backend.compile(target_model, opts)
             except (KeyboardInterrupt, SystemExit, MemoryError):
                 raise
             except Exception as exc:  # noqa: BLE001 - a converter may crash in any way; it is this target's result
@@ -205,7 +219,9 @@ class CompileRun:
                 }
                 return entry, None
         entry = target_entry(backend, precision, artifact, job.prefix, self.members, self.by_sha)
-        if quantization is not None:
+        if quantization is not None and qdq is None:  # quantised by the engine's own toolkit: no QDQ graph
+            entry["quantization"] = quantization
+        elif quantization is not None:
             # The QDQ graph itself, engine-neutral: what `luodi verify --layerwise` marks and what re-simulates.
             where = f"{job.prefix}{target_dir(backend.name, precision)}/qdq.onnx"
             entry["quantization"] = {
@@ -215,6 +231,12 @@ class CompileRun:
         if io is not None:
             entry["io"] = {"inputs": [s.to_dict() for s in io[0]], "outputs": [s.to_dict() for s in io[1]]}
         return entry, artifact
+
+
+def built_for(artifact: Artifact, feeds: dict[str, np.ndarray]) -> bool:
+    """Whether ``feeds`` have the shapes a static-shape artifact was built at (any size of the first axis)."""
+    built = artifact.options.get("shapes") or {}
+    return all(n in built and tuple(a.shape[1:]) == tuple(built[n][1:]) for n, a in feeds.items())
 
 
 def integer_boundary(

@@ -88,8 +88,7 @@ class PTQ:
         self.method = method
         self.source_opset = default_opset(model)
         model = for_quantisation(model, self.say)  # before any data is read: an old opset fails in the first second
-        self.say("preparing the float graph for quantisation")
-        self.model = prepare(model)
+        self._source, self._prepared = model, None  # prepared when luodi quantises (a vendor toolkit may instead)
         self.calibration_source = _describe(calibration)
         self.feeds = load_feeds(calibration, inputs, pipeline, samples or DEFAULT_CALIB_SAMPLES, "calibration")
         if validation is None:
@@ -101,6 +100,16 @@ class PTQ:
         self._float: np.ndarray | None = None
         self._ranking: dict[str, list[LayerSensitivity]] = {}
 
+    @property
+    def model(self) -> Any:
+        """The float graph prepared for quantisation (onnxruntime's pre-processing), on first use: an int8 target that
+        its engine's own toolkit quantises (e.g. rknn) needs only the samples, and onnxruntime's symbolic shape
+        inference fails on some graphs (YOLOv8n's) that such a toolkit takes."""
+        if self._prepared is None:
+            self.say("preparing the float graph for quantisation")
+            self._prepared = prepare(self._source)
+        return self._prepared
+
     def calibration_for(self, policy: QuantPolicy) -> Calibration:
         key = (tuple(policy.ops), policy.activations, policy.bias_correction, policy.weight_rounding)
         if key not in self._calibrations:
@@ -110,7 +119,8 @@ class PTQ:
 
     def float_outputs(self) -> np.ndarray:
         if self._float is None:
-            self._float = first_output(simulate(self.model, self.validation_feeds))
+            graph = self._prepared if self._prepared is not None else self._source  # the same function either way
+            self._float = first_output(simulate(graph, self.validation_feeds))
         return self._float
 
     def rank_layers(self, backend: Any, limit: int = 32) -> list[LayerSensitivity]:

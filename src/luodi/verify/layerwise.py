@@ -16,6 +16,7 @@ from ..backends import CompileOptions, LoadOptions, get_backend
 from ..errors import CompileError
 
 JUMP_DB = 30.0  # a tensor whose SNR first falls below this (from above) is where the error "jumps"
+JUMP_COSINE = 0.999  # for an engine's own table (cosine only): the first layer whose own error drops below this
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class LayerReport:
     b: str
     rows: list[LayerRow]
     first_jump: int | None  # index into rows, or None when no tensor falls below JUMP_DB
+    marked: str = f"first tensor below {JUMP_DB:.0f} dB marked"
+    """What the marked row is (an engine's own table marks by cosine)."""
 
     def table(self) -> list[dict[str, Any]]:
         return [r.__dict__ | {"jump": i == self.first_jump} for i, r in enumerate(self.rows)]
@@ -108,8 +111,29 @@ def run_marked(package: Any, target: dict[str, Any], tensors: list[str], feeds: 
     return {t: got[v] for t, v in names.items() if v in got}
 
 
+def toolkit_layers(package: Any, target: dict[str, Any], feeds: dict[str, np.ndarray]) -> LayerReport | None:
+    """The layer-wise table of a target whose engine reports its own (``Backend.layer_errors``, e.g. rknn's
+    accuracy_analysis on its simulator: its quantised run against its own float run, per tensor of its graph, where
+    luodi cannot mark tensors of a vendor file); None for other engines. SNR and max abs are not reported (NaN); the
+    marked row is the first whose own single-layer cosine falls below JUMP_COSINE."""
+    backend = get_backend(target["backend"])
+    errors = getattr(backend, "layer_errors", None)
+    if errors is None:
+        return None
+    rows_in = errors(package.artifact(target), feeds)
+    rows = [LayerRow(r["tensor"], r["op"], r["op"], r["cosine"], float("nan"), float("nan")) for r in rows_in]
+    first = next((i for i, r in enumerate(rows_in) if r["single_cosine"] < JUMP_COSINE), None)
+    label = f"{target['backend']}:{target['precision']}"
+    marked = f"the engine's own table, cosine only; first layer whose own cosine < {JUMP_COSINE} marked"
+    return LayerReport(f"{label} (its own float run)", label, rows, first, marked)
+
+
 def layerwise(package: Any, a: dict[str, Any], b: dict[str, Any], feeds: dict[str, np.ndarray]) -> LayerReport:
-    """Compare every intermediate float tensor of the canonical graph between targets ``a`` and ``b``."""
+    """Compare every intermediate float tensor of the canonical graph between targets ``a`` and ``b``; for a ``b``
+    whose engine reports its own layer-wise errors (a vendor NPU file), that table (see :func:`toolkit_layers`)."""
+    own = toolkit_layers(package, b, feeds)
+    if own is not None:
+        return own
     from ..quant.sensitivity import cosine, snr_db
 
     rows_spec = _float_tensors(package.model())

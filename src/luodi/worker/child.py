@@ -75,3 +75,27 @@ def _serve(slot: tuple[socket.socket, Region, Region], handler: Any) -> None:
 
 def _error_of(exc: BaseException) -> dict[str, str]:
     return {"type": type(exc).__name__, "message": str(exc)}
+
+
+class _Echo:
+    """A handler that returns its arrays and says which of luodi's modules this process imported: what a test (and
+    a check of a toolchain's environment) uses to see that a bare child ran no package ``__init__``."""
+
+    def __init__(self) -> None:
+        self.info = {"python": sys.version.split()[0], "prefix": sys.prefix, "luodi_modules": _luodi_modules()}
+
+    def call(self, op: str, args: dict[str, Any], arrays: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        if op == "exit":  # a child that dies in a call, as a crashing toolkit would
+            os._exit(int(args.get("code", 3)))
+        return {"luodi_modules": _luodi_modules()}, dict(arrays)
+
+    def close(self) -> None:
+        pass
+
+
+def _luodi_modules() -> list[str]:
+    return sorted(m for m in sys.modules if m == "luodi" or m.startswith("luodi."))
+
+
+def echo(args: dict[str, Any], payload: bytes) -> _Echo:
+    return _Echo()

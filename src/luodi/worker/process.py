@@ -20,6 +20,28 @@ from .wire import Arrays, Gone, Hung, Region, read_arrays, recv, send, write_arr
 log = logging.getLogger("luodi")
 
 _CHILD = "from luodi.worker.child import main; main()"
+# A bare child (another environment's Python, which has none of luodi's dependencies): every package on the way to
+# the child loop and to the factory's module is registered as an empty module whose __path__ is its folder here, so
+# that importing them runs no __init__.py (luodi's imports rich, numpy 2, ...). Run with -I: that environment's own
+# site-packages only, no PYTHONPATH, no user site, not the working directory.
+_BARE_CHILD = """import sys, types
+root, packages = sys.argv[2], sys.argv[3].split(",")
+for name in packages:
+    module = types.ModuleType(name)
+    module.__path__ = [root + "/" + name.replace(".", "/")]
+    sys.modules[name] = module
+from luodi.worker.child import main
+main()
+"""
+
+
+def bare_packages(factory: str) -> list[str]:
+    """The packages a bare child registers without running their __init__: luodi, luodi.worker and every package
+    above the factory's module (``luodi.backends._rknn_child:load`` -> luodi, luodi.worker, luodi.backends)."""
+    module = factory.partition(":")[0]
+    parts = module.split(".")
+    wanted = ["luodi", "luodi.worker"] + [".".join(parts[:i]) for i in range(1, len(parts))]
+    return list(dict.fromkeys(wanted))
 
 
 class _Slot:
@@ -65,8 +87,11 @@ class Worker:
     (calls arriving meanwhile wait for it), up to ``max_restarts`` crashes per ``window_s``; without, calls fail
     until :meth:`restart`. A call not answered within ``call_timeout_s`` (None: no limit) counts as a crash: the
     child is killed. ``python`` is the interpreter to run (another environment's, for a vendor toolchain); it
-    must be able to import ``luodi.worker`` and the factory's module. Files go in as the load's ``payload`` or,
-    like any other data in or out of a call, as (uint8) arrays.
+    must be able to import ``luodi.worker`` and the factory's module. With ``bare`` the child runs with ``-I``
+    and imports this luodi's files without running any package's ``__init__.py`` (see :func:`bare_packages`): what
+    a vendor toolchain's environment, which has none of luodi's dependencies, needs; the factory's module must
+    then import only the standard library, numpy and the toolkit. Files go in as the load's ``payload`` or, like
+    any other data in or out of a call, as (uint8) arrays.
     """
 
     def __init__(
@@ -81,6 +106,7 @@ class Worker:
         max_restarts: int = 5,
         window_s: float = 60.0,
         python: str | None = None,
+        bare: bool = False,
         env: dict[str, str] | None = None,
         start_timeout_s: float = 600.0,
         call_timeout_s: float | None = None,
@@ -94,6 +120,14 @@ class Worker:
         self._load = ({"op": "load", "factory": factory, "args": dict(args or {})}, payload)
         self._python, self._env, self._start_timeout = python or sys.executable, env, start_timeout_s
         self._call_timeout = call_timeout_s
+        self._command = [self._python, "-c", _CHILD]
+        if bare:
+            from ..paths import source_root
+
+            self._command = [self._python, "-I", "-c", _BARE_CHILD]
+            self._bare_args = [str(source_root()), ",".join(bare_packages(factory))]
+        else:
+            self._bare_args = []
         self._cond = threading.Condition()
         self._proc: subprocess.Popen | None = None
         self._slots: list[_Slot] = []
@@ -195,7 +229,7 @@ class Worker:
             slots = [_Slot(gen, i) for i in range(self.slots)]
             fds = [fd for s in slots for fd in s.child_fds()]
             proc = subprocess.Popen(
-                [self._python, "-c", _CHILD, ",".join(map(str, fds))],
+                [*self._command, ",".join(map(str, fds)), *self._bare_args],
                 pass_fds=fds,
                 stdin=subprocess.DEVNULL,
                 stdout=2,  # an engine's prints go to our stderr, never into a command's output

@@ -1,4 +1,8 @@
-"""An Engine whose model is loaded and run by its backend in a worker process: Session(isolate=...)."""
+"""An Engine whose model is loaded and run by its backend in a worker process: Session(isolate=...).
+
+Above the backends (it loads any of them in the child); the worker process itself (luodi.worker) sits below them,
+so that a backend may drive a vendor toolchain through it.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,19 @@ import json
 import threading
 from typing import Any
 
-from ..backends.base import Engine
-from .process import Worker
-from .wire import Arrays
+from .backends.base import Engine
+from .worker.process import Worker
+from .worker.wire import Arrays
 
 
 def isolated_engine(artifact: Any, options: Any, isolate: bool | int | str) -> Engine:
     """The Engine for Session(isolate=...): True, an int (how many runs in flight), or "auto" (crash-prone only)."""
-    from ..backends import get_backend
-    from ..errors import InputError
+    from .backends import get_backend
+    from .errors import InputError
 
     if isolate == "auto":
         if not getattr(get_backend(artifact.backend), "crash_prone", False):
-            from .. import backends
+            from . import backends
 
             return backends.load_engine(artifact, options)
         isolate = True
@@ -40,10 +44,10 @@ class WorkerEngine(Engine):
     thread_safe = True  # the worker's slots serialise; the child serialises an engine that is not reentrant
 
     def __init__(self, artifact: Any, options: Any, *, slots: int = 4, auto_restart: bool = True) -> None:
-        from ..backends import get_backend
-        from ..backends.base import check_options
-        from ..errors import InputError
-        from ..tensor import TensorSpec
+        from .backends import get_backend
+        from .backends.base import check_options
+        from .errors import InputError
+        from .tensor import TensorSpec
 
         try:
             extra = json.loads(json.dumps(options.extra))
@@ -65,7 +69,7 @@ class WorkerEngine(Engine):
         payload = b"".join(artifact.files[n] for n in names)
         self.target = artifact.target
         self.worker = Worker(
-            "luodi.worker.engine:load_engine",
+            "luodi.isolation:load_engine",
             args,
             payload,
             label=f"the {artifact.target} engine",
@@ -97,8 +101,8 @@ class _EngineHandler:
     """In the child: the backend's Engine, loaded from the files the parent sent."""
 
     def __init__(self, args: dict[str, Any], payload: bytearray) -> None:
-        from .. import backends
-        from ..backends.base import Artifact, LoadOptions
+        from . import backends
+        from .backends.base import Artifact, LoadOptions
 
         files, offset, view = {}, 0, memoryview(payload)
         for name, size in args["files"]:
