@@ -15,6 +15,7 @@ Latency is batch 1, median: on this CPU for the CPU engines and LiteRT, the x86 
 board's), and Ethos-U's estimate from Vela where the litert:int8 target carries one. A target whose backend is not
 installed here is listed with the reason. Usage:
     python benchmarks/npu.py [--models lite0,fashion,yolo] [--targets onnxruntime:int8,...] [--photos 40]
+                             [--option rknn.algorithm=mmse ...]
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def compiled(
         targets,
         accuracy_budget="99%",
         fallback=False,
+        target_options={k: v for k, v in OPTIONS.items() if any(t.startswith(k + ":") for t in targets)} or None,
         log=lambda m: log(f"  [{time.perf_counter() - t0:6.1f}s] {m}"),
         **options,
     )
@@ -122,6 +124,9 @@ def report(title: str, columns: list[str], rows: list[tuple[str, list[str]]], fa
         print(f"{target:18s} " + " ".join(f"{c:>20s}" for c in cells))
     for target, why in failed.items():
         print(f"{target:18s} not measured: {why.splitlines()[0][:200]}")
+
+
+OPTIONS: dict[str, dict[str, str]] = {}  # --option BACKEND.KEY=VALUE: the compile's target_options
 
 
 def lite0(targets: list[str], tmp: Path, photos: int, log: Callable[[str], None]) -> None:
@@ -174,6 +179,7 @@ def fashion(targets: list[str], tmp: Path, photos: int, log: Callable[[str], Non
         validation=fm.to_input(images[-1000:]),
         accuracy_budget="99%",
         fallback=False,
+        target_options={k: v for k, v in OPTIONS.items() if any(t.startswith(k + ":") for t in targets)} or None,
         log=lambda m: log(f"  [{time.perf_counter() - t0:6.1f}s] {m}"),
     )
     ok = [t for t in [REFERENCE, *targets] if pkg.find_target(*t.split(":")).get("status") != "failed"]
@@ -242,7 +248,14 @@ def main() -> None:
     ap.add_argument("--models", default="lite0,fashion,yolo")
     ap.add_argument("--targets", default=",".join(INT8 + EXTRA))
     ap.add_argument("--photos", type=int, default=40, help="held-apart photos for the detector's IoU")
+    ap.add_argument("--option", action="append", default=[], help="BACKEND.KEY=VALUE, as luodi compile takes it")
     args = ap.parse_args()
+    for opt in args.option:
+        key, _, value = opt.partition("=")
+        backend, _, name = key.partition(".")
+        OPTIONS.setdefault(backend, {})[name] = value
+    if OPTIONS:
+        print(f"target options: {OPTIONS}")
     targets, why = usable([t for t in args.targets.split(",") if t])
     print(f"{cpu_name()}, {platform.machine()}; luodi {luodi.__version__}")
     for t, reason in why.items():
