@@ -84,7 +84,7 @@ def free_port() -> int:
 class ServerProcess:
     """`luodi serve -r REPO ARGS` on a free port, or with ``script`` ``python SCRIPT PORT ARGS`` (a baseline)."""
 
-    def __init__(self, repo: Path, *args: str, script: Path | None = None) -> None:
+    def __init__(self, repo: Path, *args: str, script: Path | None = None, src: Path | None = None) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "luodi", "serve", "-r", str(repo), "--port", str(self.port), "--poll-s", "0"]
@@ -96,7 +96,12 @@ class ServerProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-            env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"},
+            env={
+                **os.environ,
+                "RAY_AUTH_MODE": "disabled",
+                "RAY_USAGE_STATS_ENABLED": "0",
+                **({"PYTHONPATH": str(src)} if src is not None else {}),  # another luodi's source, to compare
+            },
         )
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -108,6 +113,17 @@ class ServerProcess:
             time.sleep(0.1)
         self.stop()
         raise SystemExit("the server was not ready within 180 s")
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server's threads have run so far (Linux: the scheduler's own count, in ns), or NaN."""
+        total = 0
+        try:
+            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+                with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                    total += int((task / "schedstat").read_text().split()[0])
+        except OSError:
+            return float("nan")
+        return total / 1e9
 
     def batches(self) -> tuple[float, float]:
         """(items, batches) the server has run so far, from /metrics."""
@@ -226,10 +242,16 @@ def main() -> None:
     ap.add_argument("--no-ray", action="store_true", help="leave out the `luodi serve --ray` figures")
     ap.add_argument("--ray-only", action="store_true", help="only the `luodi serve --ray` figures")
     ap.add_argument("--tiny", action="store_true", help="only luodi serve against a minimal FastAPI endpoint, tiny CNN")
+    ap.add_argument(
+        "--compare-src",
+        type=Path,
+        metavar="DIR",
+        help="with --tiny: also `luodi serve` from another source tree (e.g. `git archive REV src`'s src), same rounds",
+    )
     args = ap.parse_args()
     console = Console(width=None if sys.stdout.isatty() else 120)
     if args.tiny:
-        tiny_figures(console, args.seconds, args.rounds)
+        tiny_figures(console, args.seconds, args.rounds, args.compare_src)
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -485,8 +507,9 @@ def _spread(values: list[float]) -> str:
     return f"{min(values):.2f}-{max(values):.2f}" if values else "-"
 
 
-def tiny_figures(console: Console, seconds: float, rounds: int) -> None:
-    """`luodi serve` against MINIMAL_ENDPOINT on the tiny CNN, interleaved round by round, and the goals."""
+def tiny_figures(console: Console, seconds: float, rounds: int, other: Path | None = None) -> None:
+    """`luodi serve` against MINIMAL_ENDPOINT on the tiny CNN, interleaved round by round, and the goals; with
+    ``other`` a luodi source tree, its `luodi serve` too (A/B of a change, in the same rounds)."""
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         repo.mkdir()
@@ -501,12 +524,16 @@ def tiny_figures(console: Console, seconds: float, rounds: int) -> None:
             want = s.run({"images": x})["logits"]
         body = json_request(x)
         servers: dict[str, ServerProcess] = {}
-        # per (side, clients): every latency, and per round (requests/s, p50) so that the ratios have a spread
+        # per (side, clients): every latency, and per round (requests/s, p50) so that the ratios have a spread, and
+        # the server's CPU time per request (less at the mercy of the other processes on a shared machine)
         lat: dict[tuple[str, int], list[float]] = {}
         per_round: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        cpu: dict[tuple[str, int], list[float]] = {}
         try:
             servers["luodi serve"] = ServerProcess(repo, "-b", "onnxruntime")
             servers["FastAPI + ORT"] = ServerProcess(repo, str(model_path), script=script)
+            if other is not None:
+                servers["luodi serve (other)"] = ServerProcess(repo, "-b", "onnxruntime", src=other.resolve())
             for side, srv in servers.items():  # warm-up, and check one answer
                 _, _, errors, first = load(srv.port, http_request(srv.port, body, None, "tiny"), 4, 1.0)
                 if errors or not first:
@@ -515,9 +542,10 @@ def tiny_figures(console: Console, seconds: float, rounds: int) -> None:
             order = list(servers)
             for clients in CONCURRENCY:
                 for r in range(rounds):
-                    for side in order[r % 2 :] + order[: r % 2]:
-                        port = servers[side].port
+                    for side in order[r % len(order) :] + order[: r % len(order)]:
+                        port, cpu0 = servers[side].port, servers[side].cpu_s()
                         got, wall, errors, _ = load(port, http_request(port, body, None, "tiny"), clients, seconds)
+                        cpu.setdefault((side, clients), []).append((servers[side].cpu_s() - cpu0) / max(len(got), 1))
                         if errors:
                             console.print(f"[yellow]{side}, {clients} clients: {len(errors)} errors, e.g. {errors[0]}")
                         lat.setdefault((side, clients), []).extend(got)
@@ -527,10 +555,11 @@ def tiny_figures(console: Console, seconds: float, rounds: int) -> None:
             for srv in servers.values():
                 srv.stop()
 
-    luodi_side, base_side = order
+    luodi_side, base_side = order[:2]
     table = Table(title="tiny CNN (3x32x32, onnxruntime fp32), KServe v2 JSON over loopback, the same client")
-    for col in ("clients", "luodi req/s", "p50 ms", "p99 ms", "FastAPI+ORT req/s", "p50 ms", "p99 ms"):
+    for col in ("clients", "luodi req/s", "p50 ms", "p99 ms", "CPU us/req", "FastAPI+ORT req/s", "p50 ms", "p99 ms"):
         table.add_column(col, justify="right")
+    table.add_column("CPU us/req", justify="right")
     for col in ("req/s ratio", "(rounds)", "p50 ratio", "(rounds)"):
         table.add_column(col, justify="right")
     verdict = {True: "[green]met[/]", False: "[red]NOT met[/]"}
@@ -544,6 +573,7 @@ def tiny_figures(console: Console, seconds: float, rounds: int) -> None:
             rates[side] = float(np.median([r for r, _ in per_round[(side, clients)]]))
             p50s[side] = float(np.percentile(ms, 50))
             row += [f"{rates[side]:.0f}", f"{p50s[side]:.2f}", f"{np.percentile(ms, 99):.2f}"]
+            row.append(f"{np.median(cpu[(side, clients)]) * 1e6:.0f}")
         pairs = list(zip(per_round[(luodi_side, clients)], per_round[(base_side, clients)]))
         rate_ratios = [a[0] / b[0] for a, b in pairs]
         p50_ratios = [a[1] / b[1] for a, b in pairs]
@@ -556,12 +586,50 @@ def tiny_figures(console: Console, seconds: float, rounds: int) -> None:
     console.print(table)
     for what, value, met, goal in goals:
         console.print(f"luodi / FastAPI+ORT, {what}: {value:.2f} (goal {goal}): {verdict[met]}")
+    if other is not None:
+        _other_table(console, other, lat, per_round, cpu, order)
     console.print(
         f"[dim]req/s: the median of the rounds; p50: over every request of the rounds; ratio spread: the rounds' "
-        f"lowest-highest. {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        "lowest-highest; CPU us/req: the server process's CPU time per answered request, median of the rounds. "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}, onnxruntime {_ort_version()}, {rounds} round(s) x {seconds:g} s per "
         "side and concurrency[/]"
     )
+
+
+def _other_table(
+    console: Console,
+    other: Path,
+    lat: dict[tuple[str, int], list[float]],
+    per_round: dict[tuple[str, int], list[tuple[float, float]]],
+    cpu: dict[tuple[str, int], list[float]],
+    order: list[str],
+) -> None:
+    """The other source tree's `luodi serve` against this tree's and the endpoint, round by round."""
+    this, base, that = order
+    table = Table(title=f"luodi serve from {other} (the same rounds)")
+    for col in ("clients", "req/s", "p50 ms", "CPU us/req", "/ FastAPI+ORT req/s", "(rounds)", "this tree / it req/s"):
+        table.add_column(col, justify="right")
+    for col in ("(rounds)", "p50: this tree / it", "CPU: this tree / it"):
+        table.add_column(col, justify="right")
+    for clients in CONCURRENCY:
+        rounds_that = per_round[(that, clients)]
+        vs_base = [a[0] / b[0] for a, b in zip(rounds_that, per_round[(base, clients)])]
+        vs_this = [a[0] / b[0] for a, b in zip(per_round[(this, clients)], rounds_that)]
+        p50 = {side: float(np.percentile(lat[(side, clients)], 50)) * 1000 for side in (this, that)}
+        table.add_row(
+            str(clients),
+            f"{np.median([r for r, _ in rounds_that]):.0f}",
+            f"{p50[that]:.2f}",
+            f"{np.median(cpu[(that, clients)]) * 1e6:.0f}",
+            f"{np.median(vs_base):.2f}",
+            _spread(vs_base),
+            f"{np.median(vs_this):.2f}",
+            _spread(vs_this),
+            f"{p50[this] / p50[that]:.2f}",
+            f"{np.median(cpu[(this, clients)]) / np.median(cpu[(that, clients)]):.2f}",
+        )
+    console.print(table)
 
 
 if __name__ == "__main__":
