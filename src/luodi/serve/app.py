@@ -1,8 +1,7 @@
 """The FastAPI application: KServe v2 HTTP routes, the pipeline route, the repository API, /metrics and the page.
 
 Routes are thin: decoding is luodi.serve.protocol, queueing luodi.serve.batcher, models luodi.serve.repository.
-The engine runs on the batcher's worker threads, but for the fast path: an /infer request alone in the server for
-its model, whose shapes ran in under _INLINE_BELOW_S before, runs on the event loop (see ``_infer``).
+The engine never runs on the event loop (the batcher's worker threads run it).
 """
 
 from __future__ import annotations
@@ -44,11 +43,6 @@ log = logging.getLogger("luodi.serve")
 
 _BIG_JSON = 64 * 1024  # JSON bodies above this are decoded off the event loop
 _HUGE_JSON = 4 * 1024 * 1024  # ... and above this one at a time: decoded JSON numbers cost ~9x their text
-# The fast path: a request with nothing to batch with runs on the event loop when a lone run of its shapes took
-# the engine less than this. Handing it to a worker thread and back costs two thread wake-ups (about 0.1 ms on an
-# idle machine, a millisecond and more on a loaded one, benchmarks/serve.py --tiny); an engine call this short
-# holds the loop for less than that costs.
-_INLINE_BELOW_S = 0.001
 
 
 def status_of(exc: BaseException) -> int:
@@ -277,16 +271,11 @@ def create_app(
                 else:
                     req = decode_infer_request(body, header_length)
                 timeout = timeout_of(req.parameters.get("timeout"), mv.config.timeout_s)
-                job = mv.submit(req.inputs, timeout, inline_below_s=await _alone(mv))
-                if job.inline:  # it ran here (the fast path): nothing to wait for
-                    outputs = job.future.result()
-                else:
-                    try:
-                        outputs = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout)
-                    except asyncio.TimeoutError:
-                        raise RequestTimeoutError(
-                            f"no answer within the request's timeout of {timeout:.3f} s"
-                        ) from None
+                job = mv.submit(req.inputs, timeout)
+                try:
+                    outputs = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout)
+                except asyncio.TimeoutError:
+                    raise RequestTimeoutError(f"no answer within the request's timeout of {timeout:.3f} s") from None
                 data, json_length = encode_infer_response(name, mv.version, outputs, req)
         except Exception as exc:
             if mv is not None:
@@ -460,20 +449,6 @@ class _Headers:
             await send(message)
 
         await self.app(scope, receive, add)
-
-
-async def _alone(mv: Any) -> float:
-    """The fast path's bound for a request to ``mv`` (Batcher.submit's ``inline_below_s``): _INLINE_BELOW_S when
-    no other request for it is in the server, else 0 (queue it, to be batched).
-
-    One turn of the event loop first, so that the requests whose bodies came in with this one get as far as
-    holding the version too; without it each would find itself alone, run on the loop one after the other and
-    never be batched. An isolated engine (a worker process) is never called from the loop: a hung worker would
-    hold it until its call timeout."""
-    if mv.session.worker is not None:
-        return 0.0
-    await asyncio.sleep(0)
-    return _INLINE_BELOW_S if mv.inflight == 1 else 0.0
 
 
 def _log_request(

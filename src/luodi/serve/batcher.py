@@ -3,11 +3,6 @@
 Plain threads and concurrent futures, no event loop or web framework, so any server (HTTP, Ray) can use it.
 Only requests whose inputs agree in every dim but the first, and in dtype, ever share a batch. Joining and
 splitting is luodi.batch's, as for Session.run_batch; this module adds the queue, deadlines and workers.
-
-The fast path: a caller may ask for its request to run on its own thread when there is nothing to batch it with
-(the queue empty, a worker slot free) and the request's shapes ran alone before in less than the time it names
-(``Batcher.submit(..., inline_below_s=...)``). It takes a worker slot for that run, so the engine never runs
-more than ``instances`` calls at once, and it is accounted as a batch of one (timings, ``on_batch``).
 """
 
 from __future__ import annotations
@@ -29,8 +24,6 @@ from ..errors import InputError, LuodiError, ModelUnavailableError, OverloadedEr
 log = logging.getLogger("luodi.serve")
 
 Feeds = dict[str, np.ndarray]
-
-_LONE_SHAPES = 256  # shapes whose lone engine time the fast path remembers
 
 
 @dataclass(frozen=True)
@@ -86,8 +79,6 @@ class Job:
     output_s: float = 0.0  # splitting the batch's outputs back into requests
     batch_size: int = 0  # rows of the engine call it shared
     requests: int = 0  # requests that shared it
-    shapes: tuple = ()  # every input's name, dtype and whole shape: what its engine time as a lone run is kept by
-    inline: bool = False  # it ran on the caller's thread (the fast path), not on a worker
 
 
 class Batcher:
@@ -114,9 +105,8 @@ class Batcher:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._busy = 0  # engine calls running: workers' batches and callers' fast-path runs
+        self._busy = 0
         self._compute_ema = 0.0  # seconds per batch, for Retry-After
-        self._lone: dict[tuple, float] = {}  # Job.shapes -> engine seconds of a lone run (EMA), for the fast path
         self._workers = [
             threading.Thread(target=self._work, name=f"luodi-batcher-{name}-{i}", daemon=True)
             for i in range(config.instances)
@@ -134,13 +124,8 @@ class Batcher:
         """Batches running now."""
         return self._busy
 
-    def submit(self, feeds: Feeds, timeout_s: float | None = None, *, inline_below_s: float = 0.0) -> Job:
-        """Queue one request; its ``future`` gives the outputs. A full queue raises OverloadedError at once.
-
-        With ``inline_below_s`` > 0 the request runs here, on the calling thread, when nothing is queued, a worker
-        slot is free and a lone request of the same shapes last took the engine less than that many seconds
-        (``math.inf``: whatever it takes, e.g. from a thread that would only wait for the answer). The job is
-        then done when this returns (``job.inline``); else it is queued as usual."""
+    def submit(self, feeds: Feeds, timeout_s: float | None = None) -> Job:
+        """Queue one request; its ``future`` gives the outputs. A full queue raises OverloadedError at once."""
         size = 1
         if self.batchable:
             size = core.rows_of(feeds)
@@ -154,31 +139,16 @@ class Batcher:
             key = (object(),)  # never equal to another request's key: runs alone
         now = time.perf_counter()
         job = Job(feeds, size, key, now + (timeout_s or self.config.timeout_s), enqueued=now)
-        job.shapes = tuple((n, a.dtype.str, a.shape) for n, a in feeds.items())
         with self._cond:
             if self._closed:
                 raise ModelUnavailableError("this model version is shutting down; retry, a newer one may be serving")
-            if inline_below_s > 0 and not self._queue and self._busy < self.config.instances:
-                lone = self._lone.get(job.shapes)
-                job.inline = inline_below_s == math.inf or (lone is not None and lone < inline_below_s)
-            if job.inline:
-                self._busy += 1  # the slot a worker would have used: workers wait while every slot is taken
-            else:
-                if len(self._queue) >= self.config.max_queue_size:
-                    raise OverloadedError(
-                        f"the model's queue is full ({len(self._queue)} requests waiting); retry later",
-                        self._retry_after(),
-                    )
-                self._queue.append(job)
-                self._cond.notify()
-        if job.inline:
-            try:
-                self._execute([job])
-            finally:
-                with self._cond:
-                    self._busy -= 1
-                    if self._queue:  # queued meanwhile (from other threads): a worker may take them now
-                        self._cond.notify()
+            if len(self._queue) >= self.config.max_queue_size:
+                raise OverloadedError(
+                    f"the model's queue is full ({len(self._queue)} requests waiting); retry later",
+                    self._retry_after(),
+                )
+            self._queue.append(job)
+            self._cond.notify()
         return job
 
     def close(self, drain: bool = True, timeout_s: float | None = None) -> None:
@@ -201,11 +171,10 @@ class Batcher:
     def _work(self) -> None:
         while True:
             with self._cond:
-                # a batch to run and a free slot (a caller's fast-path run holds one too), or closed and drained
-                while not (self._queue and self._busy < self.config.instances):
-                    if self._closed and not self._queue:
-                        return
+                while not self._queue and not self._closed:
                     self._cond.wait()
+                if not self._queue:
+                    return
                 batch = self._take()
                 if batch:
                     self._busy += 1
@@ -272,11 +241,6 @@ class Batcher:
         t1 = time.perf_counter()
         compute = t1 - t0
         self._compute_ema = compute if not self._compute_ema else 0.8 * self._compute_ema + 0.2 * compute
-        if len(live) == 1:  # a lone run: what the fast path expects this shape to cost next time
-            shapes, lone = live[0].shapes, self._lone.get(live[0].shapes)
-            if lone is None and len(self._lone) >= _LONE_SHAPES:
-                self._lone.clear()  # many shapes (a model with free dims): start over rather than grow
-            self._lone[shapes] = compute if lone is None else 0.8 * lone + 0.2 * compute
         try:  # a lone request gets its outputs whole, batch axis or not
             parts: list[Feeds] | LuodiError = core.split(outputs, rows) if len(live) > 1 else [outputs]
         except LuodiError as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Iterator
@@ -64,14 +63,11 @@ class ModelVersion:
         """Raise an InputError naming the input when ``feeds`` does not fit the model (before it joins a batch)."""
         check_feeds(self.session, self.name, feeds)
 
-    def submit(self, feeds: Feeds, timeout_s: float | None = None, *, inline_below_s: float = 0.0) -> Job:
-        """Check ``feeds`` (the only check they get) and queue them; the job's future gives the outputs.
-
-        ``inline_below_s``: the batcher's fast path (Batcher.submit), running them on this thread when there is
-        nothing to batch them with."""
+    def submit(self, feeds: Feeds, timeout_s: float | None = None) -> Job:
+        """Check ``feeds`` (the only check they get) and queue them; the job's future gives the outputs."""
         self.check(feeds)
         feeds = {n: np.ascontiguousarray(a) for n, a in feeds.items()}  # what engines read; a no-op when it is
-        return self.batcher.submit(feeds, timeout_s, inline_below_s=inline_below_s)
+        return self.batcher.submit(feeds, timeout_s)
 
     def predict(self, raw: Any, timeout_s: float | None = None, **options: Any) -> tuple[Any, Job | None]:
         """Run the package's pipeline on ``raw`` (e.g. image bytes), the model calls going through the batcher.
@@ -123,11 +119,6 @@ class ModelVersion:
             return self.stats.as_triton(self.name, self.version)
 
     # -- in-flight accounting, so an old version closes only once its requests are answered --------
-    @property
-    def inflight(self) -> int:
-        """Requests holding this version now (any route)."""
-        return self._inflight
-
     @contextmanager
     def use(self) -> Iterator[ModelVersion]:
         with self._idle:
@@ -176,8 +167,7 @@ class _Batched:
     def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
         specs = {s.name: s for s in self._v.session.inputs}
         arrays = {n: np.asarray(a, dtype=specs[n].np_dtype) if n in specs else np.asarray(a) for n, a in feeds.items()}
-        # This thread would only wait for the answer: when there is nothing to batch with, it runs the model itself.
-        self.job = self._v.submit(arrays, self._timeout, inline_below_s=math.inf)
+        self.job = self._v.submit(arrays, self._timeout)
         return self.job.future.result(self._timeout)
 
     def model(self, name: str) -> Any:
