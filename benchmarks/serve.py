@@ -249,7 +249,7 @@ def main() -> None:
         help="with --tiny: also `luodi serve` from another source tree (e.g. `git archive REV src`'s src), same rounds",
     )
     args = ap.parse_args()
-    console = Console(width=None if sys.stdout.isatty() else 120)
+    console = Console(width=None if sys.stdout.isatty() else (170 if args.tiny else 120))
     if args.tiny:
         tiny_figures(console, args.seconds, args.rounds, args.compare_src)
         return
