@@ -301,3 +301,26 @@ def test_app_options_that_ray_replicas_use_headers_and_a_readiness_gate(cnn_repo
                 np.testing.assert_allclose(y, expected(_x(2)), rtol=1e-5, atol=1e-5)
 
     asyncio.run(talk())
+
+
+def test_json_log_lines_carry_each_records_own_time_and_fields() -> None:
+    """The formatter keeps the date and time of one second between records: a record of another second (earlier
+    or later) gets its own, and the milliseconds and extra fields are always the record's."""
+    import logging
+
+    from luodi.serve.metrics import JsonFormatter
+
+    fmt = JsonFormatter()
+
+    def line(created: float, **extra: object) -> dict:
+        record = logging.LogRecord("luodi.serve", logging.INFO, __file__, 1, "infer", (), None)
+        record.created, record.msecs = created, (created % 1) * 1000
+        record.__dict__.update(extra)
+        return json.loads(fmt.format(record))
+
+    t = 1_796_000_000.25  # 2026-11-30T00:53:20 UTC
+    first, same, later, earlier = line(t, model="cnn"), line(t + 0.5, status=200), line(t + 61), line(t - 3600)
+    assert first["ts"] == "2026-11-30T00:53:20.250Z" and first["model"] == "cnn" and first["msg"] == "infer"
+    assert same["ts"] == "2026-11-30T00:53:20.750Z" and same["status"] == 200 and "model" not in same
+    assert later["ts"] == "2026-11-30T00:54:21.250Z" and earlier["ts"] == "2026-11-29T23:53:20.250Z"
+    assert line(t, thing=object())["thing"].startswith("<object")  # anything else as its str()

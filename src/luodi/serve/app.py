@@ -364,6 +364,9 @@ def create_app(
     async def index_page() -> HTMLResponse:
         return HTMLResponse(page)
 
+    # The router tries the routes in order and nearly every request is an infer: those first (no other route's
+    # path ends in /infer, so none is shadowed; the stable sort keeps every other route's order).
+    app.router.routes.sort(key=lambda route: not getattr(route, "path", "").endswith("/infer"))
     return app
 
 

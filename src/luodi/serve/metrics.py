@@ -43,20 +43,32 @@ class Metrics:
         self.restarts = Gauge(
             "luodi_worker_restarts", "Restarts of an isolated version's engine process (crashes)", _LABELS, registry=r
         )
+        self._by_version: dict[tuple[str, str], tuple[Any, ...]] = {}
+
+    def _series(self, mv: Any) -> tuple[Any, Any, Any, Any, Any]:
+        """The version's labelled counter and histograms (requests, total, queue, compute, batch size), looked up
+        once: ``labels()`` costs a lock and a dict look-up each time, and these are touched on every request."""
+        series = self._by_version.get((mv.name, mv.version))
+        if series is None:
+            labels = (mv.name, mv.version)
+            series = tuple(m.labels(*labels) for m in (self.requests, self.total, self.queue, self.compute))
+            series += (self.batch_size.labels(*labels),)
+            self._by_version[labels] = series
+        return series
 
     def request(self, mv: Any, ok: bool, total_s: float, job: Any, reason: str) -> None:
-        labels = (mv.name, mv.version)
-        self.requests.labels(*labels).inc()
+        requests, total, queue, compute, _ = self._series(mv)
+        requests.inc()
         if not ok:
-            self.failures.labels(*labels, reason or "error").inc()
+            self.failures.labels(mv.name, mv.version, reason or "error").inc()
             return
-        self.total.labels(*labels).observe(total_s)
+        total.observe(total_s)
         if job is not None:
-            self.queue.labels(*labels).observe(job.queue_s)
-            self.compute.labels(*labels).observe(job.compute_s)
+            queue.observe(job.queue_s)
+            compute.observe(job.compute_s)
 
     def batch(self, mv: Any, size: int) -> None:
-        self.batch_size.labels(mv.name, mv.version).observe(size)
+        self._series(mv)[4].observe(size)
 
     def added(self, mv: Any) -> None:
         self.depth.labels(mv.name, mv.version).set_function(lambda: mv.batcher.depth)
@@ -66,6 +78,7 @@ class Metrics:
             self.restarts.labels(mv.name, mv.version).set_function(lambda: worker.restarts)
 
     def removed(self, mv: Any) -> None:
+        self._by_version.pop((mv.name, mv.version), None)  # its series stay in the registry, as they did
         for gauge in (self.depth, self.loaded, self.restarts):
             with contextlib.suppress(KeyError):  # never added: its load failed
                 gauge.remove(mv.name, mv.version)
@@ -84,9 +97,19 @@ class JsonFormatter(logging.Formatter):
         "color_message",
     }
 
+    # One line per request is on the request path: the encoder is made once and the timestamp's date and time
+    # once a second (json.dumps(default=...) builds an encoder per call; strftime is as dear as the rest together).
+    _encode = json.JSONEncoder(default=str).encode
+    _second: tuple[int, str] = (-1, "")
+
     def format(self, record: logging.LogRecord) -> str:
+        second, stamp = self._second
+        if int(record.created) != second:
+            second = int(record.created)
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = (second, stamp)
         doc: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": f"{stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -94,7 +117,7 @@ class JsonFormatter(logging.Formatter):
         doc.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
+        return self._encode(doc)
 
 
 def configure_logging(level: str = "info") -> None:
