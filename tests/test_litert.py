@@ -1,0 +1,149 @@
+"""The litert backend (issue 16): a small CNN exported from PyTorch, converted by litert-torch to litert:fp32 and
+made full integer by ai-edge-quantizer (litert:int8, int8 inputs and outputs), verified at compile time and run
+in-process by ai-edge-litert's Interpreter through Session with float and int8 I/O; an ONNX source is refused with
+the reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import luodi
+from conftest import small_cnn
+from luodi.errors import OptionError
+
+pytest.importorskip("ai_edge_litert", reason="litert is not installed: pip install 'luodi[litert]'")
+pytest.importorskip("litert_torch", reason="litert-torch is not installed: pip install 'luodi[litert]'")
+torch = pytest.importorskip("torch")
+
+
+class _Net(torch.nn.Module):
+    """Conv -> ReLU -> strided Conv -> ReLU -> mean -> Linear: an NCHW image model whose layout a converter moves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 8, 3, stride=2)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc(y.mean((2, 3)))
+
+
+def _calibration(n: int = 24) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [{"x": rng.random((1, 3, 16, 16), dtype=np.float32)} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def pkg(tmp_path_factory: pytest.TempPathFactory) -> luodi.Package:
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("litert") / "cnn.luodi"
+    return luodi.export(
+        _Net().eval(),
+        torch.zeros(1, 3, 16, 16),
+        out,
+        ["onnxruntime", "litert:fp32", "litert:int8"],
+        input_names=["x"],
+        output_names=["y"],
+        calibration=_calibration(),
+        accuracy_budget="50%",
+    )
+
+
+@pytest.fixture
+def x() -> np.ndarray:
+    return np.random.default_rng(1).random((2, 3, 16, 16), dtype=np.float32)
+
+
+@pytest.fixture
+def fp32(pkg: luodi.Package, x: np.ndarray) -> np.ndarray:
+    with luodi.Session(pkg, backend="onnxruntime") as s:
+        return s.run({"x": x})["y"]
+
+
+def test_both_targets_are_verified_tflite_files(pkg: luodi.Package) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    for precision in ("fp32", "int8"):
+        t = pkg.find_target("litert", precision)
+        assert t["status"] == "verified", t.get("reason")
+        assert t["verification"]["passed"] and t["verification"]["samples"] >= 1
+        data = pkg.read(t["files"]["model.tflite"])
+        assert data[4:8] == b"TFL3"  # a TFLite flatbuffer
+        interp = Interpreter(model_content=data)
+        (inp,) = interp.get_input_details()
+        assert list(inp["shape"]) == [1, 3, 16, 16]  # NCHW at the boundary, as the canonical graph
+        assert inp["dtype"] == (np.int8 if precision == "int8" else np.float32)
+    q = pkg.find_target("litert", "int8")["quantization"]  # judged on the engine against the float model
+    assert q["policy"] == "litert's own toolkit" and q["calibration"]["samples"] == 24
+    assert q["passed"] and q["cosine"] > 0.99
+
+
+def test_int8_io_specs_are_the_tflite_quantisation_parameters(pkg: luodi.Package) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    t = pkg.find_target("litert", "int8")
+    ins, outs = pkg.target_io(t)
+    interp = Interpreter(model_content=pkg.read(t["files"]["model.tflite"]))
+    for spec, detail in ((ins[0], interp.get_input_details()[0]), (outs[0], interp.get_output_details()[0])):
+        assert spec.dtype == "int8" and spec.is_quantised
+        assert (spec.scale, spec.zero_point) == pytest.approx(detail["quantization"])
+    # calibration pixels are in [0, 1): the asymmetric int8 range maps them onto -128..127
+    assert ins[0].scale == pytest.approx(1 / 255, rel=0.02) and ins[0].zero_point == -128
+    assert "io" not in pkg.find_target("litert", "fp32")
+
+
+def test_float_and_int8_round_trips(pkg: luodi.Package, x: np.ndarray, fp32: np.ndarray) -> None:
+    with luodi.Session(pkg, backend="litert:fp32") as s:
+        np.testing.assert_allclose(s.run({"x": x})["y"], fp32, rtol=1e-5, atol=1e-5)  # a batch of 2, built at 1
+    with (
+        luodi.Session(pkg, backend="litert:int8") as s,
+        luodi.Session(pkg, backend="litert:int8", raw_int8=True) as raw,
+    ):
+        spec_in, spec_out = s.inputs[0], s.outputs[0]
+        from_float = s.run({"x": x})["y"]
+        assert from_float.dtype == np.float32 and from_float.shape == (2, 5)
+        q = spec_in.quantise(x)
+        assert q.dtype == np.int8
+        np.testing.assert_array_equal(s.run({"x": q})["y"], from_float)
+        got_raw = raw.run({"x": x})["y"]
+        assert got_raw.dtype == np.int8
+        np.testing.assert_array_equal(spec_out.dequantise(got_raw), from_float)
+    assert np.abs(from_float - fp32).max() < 0.05 * np.abs(fp32).max() + 4 * spec_out.scale
+    assert not np.array_equal(from_float, fp32)  # it did run in int8
+
+
+def test_int8_input_reaches_the_interpreter_without_a_copy(pkg: luodi.Package, x: np.ndarray) -> None:
+    with luodi.Session(pkg, backend="litert:int8") as s:
+        q = s.inputs[0].quantise(x[:1])
+        seen = []
+        interp = s._engine._interp
+        set_tensor = interp.set_tensor
+
+        def recording(index: int, value: np.ndarray) -> None:
+            seen.append(value)
+            set_tensor(index, value)
+
+        interp.set_tensor = recording
+        s.run({"x": q})
+        s.run({"x": x[:1]})
+    assert seen[0] is q and np.shares_memory(seen[0], q)
+    assert seen[1].dtype == np.int8 and not np.shares_memory(seen[1], x)  # float quantised at the boundary
+
+
+def test_threads_option_and_shapes_other_than_built(pkg: luodi.Package, x: np.ndarray, fp32: np.ndarray) -> None:
+    with luodi.Session(pkg, backend="litert:fp32", options={"num_threads": 2}) as s:
+        np.testing.assert_allclose(s.run({"x": x})["y"], fp32, rtol=1e-5, atol=1e-5)
+        with pytest.raises(luodi.InputError):
+            s.run({"x": np.zeros((1, 3, 20, 20), np.float32)})
+    with pytest.raises(OptionError, match="num_threads"):
+        luodi.Session(pkg, backend="litert:fp32", options={"num_threads": "2"})
+
+
+def test_an_onnx_source_is_refused_with_what_to_do(tmp_path) -> None:
+    pkg = luodi.compile(small_cnn(), tmp_path / "onnx.luodi", ["onnxruntime", "litert:fp32"])
+    t = pkg.find_target("litert", "fp32")
+    assert t["status"] == "failed"
+    assert "exported from PyTorch" in t["reason"] and "came from ONNX" in t["reason"]
