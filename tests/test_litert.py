@@ -16,6 +16,13 @@ pytest.importorskip("ai_edge_litert", reason="litert is not installed: pip insta
 pytest.importorskip("litert_torch", reason="litert-torch is not installed: pip install 'luodi[litert]'")
 torch = pytest.importorskip("torch")
 
+try:
+    import ethosu.vela  # noqa: F401
+
+    VELA = ["ethos-u55-128"]
+except ImportError:
+    VELA = []
+
 
 class _Net(torch.nn.Module):
     """Conv -> ReLU -> strided Conv -> ReLU -> mean -> Linear: an NCHW image model whose layout a converter moves."""
@@ -49,6 +56,7 @@ def pkg(tmp_path_factory: pytest.TempPathFactory) -> luodi.Package:
         output_names=["y"],
         calibration=_calibration(),
         accuracy_budget="50%",
+        estimate=VELA or None,
     )
 
 
@@ -147,3 +155,34 @@ def test_an_onnx_source_is_refused_with_what_to_do(tmp_path) -> None:
     t = pkg.find_target("litert", "fp32")
     assert t["status"] == "failed"
     assert "exported from PyTorch" in t["reason"] and "came from ONNX" in t["reason"]
+
+
+def test_vela_estimate_in_the_manifest_and_in_luodi_info(pkg: luodi.Package) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from luodi.cli.main import cli
+
+    if not VELA:
+        pytest.skip("ethos-u-vela is not installed: pip install 'luodi[vela]'")
+    e = pkg.find_target("litert", "int8")["estimate"]["ethos-u55-128"]
+    assert e["inference_ms"] > 0 and e["cycles"] > 0 and e["sram_kib"] > 0 and e["flash_kib"] > 0
+    # the Conv layers run on the NPU; Vela leaves a MEAN over a 7x7 map with 8 channels to the CPU, and says why
+    assert e["npu_ops"] >= 1 and e["cpu_ops"] >= 1 and e["cpu_fallback"] == ["MEAN"] and e["reasons"]["MEAN"]
+    assert "estimate" not in pkg.find_target("litert", "fp32")  # Vela takes full-int8 models only
+    text = CliRunner().invoke(cli, ["info", str(pkg.path)])
+    assert text.exit_code == 0, text.output
+    assert "ethos-u55-128" in text.output and "MEAN" in text.output
+    described = CliRunner().invoke(cli, ["info", str(pkg.path), "--json"])
+    rows = {t["target"]: t for t in json.loads(described.output)["targets"]}
+    assert rows["litert:int8"]["estimate"]["ethos-u55-128"]["inference_ms"] == e["inference_ms"]
+
+
+def test_estimate_is_refused_before_any_work_for_an_unknown_config_or_no_int8_litert(tmp_path) -> None:
+    if not VELA:
+        pytest.skip("ethos-u-vela is not installed: pip install 'luodi[vela]'")
+    with pytest.raises(luodi.CompileError, match="ethos-u55-128"):
+        luodi.compile(small_cnn(), tmp_path / "a.luodi", ["litert:int8"], estimate=["ethos-u99"])
+    with pytest.raises(luodi.CompileError, match="litert:int8"):
+        luodi.compile(small_cnn(), tmp_path / "b.luodi", ["onnxruntime"], estimate=["ethos-u55-128"])

@@ -22,6 +22,7 @@ from ..errors import (
     CompileError,
     LuodiError,
     MissingInputError,
+    NotApplicableError,
     PackageError,
     StateError,
     UnknownTensorError,
@@ -174,6 +175,10 @@ class Backend:
     static_shapes: ClassVar[bool] = False
     """Whether the engine file is built at one set of shapes (``Artifact.options["shapes"]``, by input name; a larger
     first axis runs sample by sample): compile-time verification then checks only inputs of those shapes."""
+    estimates: ClassVar[tuple[str, ...]] = ()
+    """The precisions whose compiled file ``estimate`` can judge for a device this host cannot run (litert's int8
+    .tflite on an Arm Ethos-U NPU, through Vela): ``luodi compile --estimate CONFIG``, stored as the target's
+    ``estimate``, never a runnable target."""
     int8_unsupported: ClassVar[str] = ""
     """Why the engine has no int8 target here, shown by `luodi backends`."""
     crash_prone: ClassVar[bool] = False
@@ -204,6 +209,14 @@ class Backend:
             precisions=self.precisions,
             version=str(getattr(mod, "__version__", "")),
         )
+
+    def check_estimate(self, config: str) -> None:
+        """Refuse ``config`` before any work is done (unknown, or its estimator not installed)."""
+        raise NotApplicableError(f"backend '{self.name}' makes no estimate for other devices ('{config}')")
+
+    def estimate(self, artifact: Artifact, config: str) -> dict[str, Any]:
+        """The estimate for device configuration ``config`` of ``artifact`` (a precision in ``estimates``)."""
+        raise NotApplicableError(f"backend '{self.name}' makes no estimate for other devices ('{config}')")
 
     def install_hint(self) -> str:
         return f"pip install 'luodi[{self.extra}]'" if self.extra else ""

@@ -72,6 +72,7 @@ class LitertBackend(Backend):
         "notes": "ai-edge-quantizer static_wi8_ai8, approximated for the sensitivity ranking only",
     }
     precision_note = "fp32: litert-torch's float .tflite; int8: full integer (int8 I/O) by ai-edge-quantizer"
+    estimates = ("int8",)
     load_options = {
         "num_threads": Option(int, "the interpreter's thread count (XNNPACK); Session(threads=...) sets it too"),
     }
@@ -137,6 +138,17 @@ class LitertBackend(Backend):
             }
             artifact.io = device_specs(artifact)
         return artifact
+
+    def check_estimate(self, config: str) -> None:
+        from . import _vela
+
+        _vela.check(config)
+
+    def estimate(self, artifact: Artifact, config: str) -> dict[str, Any]:
+        """Arm Vela's estimate of the int8 .tflite on Ethos-U configuration ``config`` (luodi.backends._vela)."""
+        from . import _vela
+
+        return _vela.estimate(artifact.file(MODEL_FILE), config)
 
     # -- load -----------------------------------------------------------------------------------------------------
     def _load(self, artifact: Artifact, options: LoadOptions) -> Engine:

@@ -92,6 +92,13 @@ def _package_options(default_targets: tuple[str, ...]) -> Any:
     help="int8 targets read and write the quantised integers (scale and zero point in the package), not float",
 )
 @click.option(
+    "--estimate",
+    "estimates",
+    multiple=True,
+    metavar="CONFIG",
+    help="estimate litert:int8 on an Arm Ethos-U NPU with Vela, e.g. ethos-u55-128 (repeat; needs luodi[vela])",
+)
+@click.option(
     "--option",
     "target_options",
     multiple=True,
@@ -135,6 +142,7 @@ def compile(
     no_fallback: bool,
     int8_io: bool,
     target_options: tuple[str, ...],
+    estimates: tuple[str, ...],
     sign_key: str | None,
     input_shapes: tuple[str, ...],
     sample_files: tuple[str, ...],
@@ -178,6 +186,7 @@ def compile(
             fallback=not no_fallback,
             int8_io=int8_io,
             target_options=_target_options(target_options),
+            estimate=list(estimates) or None,
             progress=progress,
         )
     if sign_key:

@@ -72,6 +72,7 @@ def info(package: str, device: str, as_json: bool) -> None:
             f"({shown(', '.join(dict.fromkeys(changed)))}); `luodi compile --passes` shows each"
         )
     print_verification(pkg)
+    _print_estimates(pkg)
     _print_failed(pkg)
     if pkg.encrypted:
         how = pkg.manifest["encryption"].get("unlock", {})
@@ -93,6 +94,36 @@ def info(package: str, device: str, as_json: bool) -> None:
 def _classic_steps(pipe: dict[str, Any]) -> str:
     pre = " -> ".join(s["op"] for s in pipe.get("pre", []))
     return pre + " -> [model] -> " + " -> ".join(s["op"] for s in pipe.get("post", []))
+
+
+def _print_estimates(pkg: Any) -> None:
+    """One row per target and device configuration a compile estimated (``--estimate``: Vela on litert:int8)."""
+    from ..selection import label
+
+    rows = [(label(t), c, e) for t in pkg.targets for c, e in (t.get("estimate") or {}).items() if isinstance(e, dict)]
+    if not rows:
+        return
+    table = Table(title="estimates for devices not run here (not verified: the device's compiler's own figures)")
+    for col in ("target", "device", "ms", "cycles", "SRAM KiB", "flash KiB", "NPU ops", "CPU ops", "on the CPU"):
+        table.add_column(col)
+    for name, config, e in rows:
+        if "error" in e:
+            table.add_row(
+                shown(name), shown(config), "", "", "", "", "", "", f"[red]no estimate: {shown(e['error'])}[/]"
+            )
+            continue
+        table.add_row(
+            shown(name),
+            shown(config),
+            shown(e.get("inference_ms")),
+            shown(e.get("cycles")),
+            shown(e.get("sram_kib")),
+            shown(e.get("flash_kib")),
+            shown(e.get("npu_ops")),
+            shown(e.get("cpu_ops")),
+            shown(", ".join(str(op) for op in e.get("cpu_fallback") or []) or "-"),
+        )
+    out.print(table)
 
 
 def _print_failed(pkg: Any) -> None:
@@ -138,6 +169,7 @@ def describe(pkg: Any) -> dict[str, Any]:
                     "size_bytes": sum(sizes.get(member, 0) for member in t.get("files", {}).values()),
                     "engine_version": t.get("engine_version"),
                     "io": t.get("io"),
+                    "estimate": t.get("estimate"),
                     "verification": t.get("verification"),
                     "timing": timing if isinstance(timing, dict) else None,
                 }

@@ -64,6 +64,7 @@ def compile(  # noqa: A001 - the field's word for it
     fallback: bool = True,
     int8_io: bool = False,
     target_options: Mapping[str, Mapping[str, Any]] | None = None,
+    estimate: Sequence[str] | None = None,
     log: Log | None = None,
     progress: Progress | None = None,
 ) -> Package:
@@ -111,6 +112,9 @@ def compile(  # noqa: A001 - the field's word for it
     ``target_options`` gives a backend's engine options by backend name, e.g. ``{"rknn": {"platform": "rk3566"}}``
     (CLI: ``--option rknn.platform=rk3566``); each backend refuses a key it does not take (``luodi backends``).
 
+    ``estimate`` names device configurations to estimate each target that can be estimated on (litert:int8 on an
+    Arm Ethos-U NPU through Vela: ``["ethos-u55-128"]``); each is stored under the target's ``estimate``.
+
     ``progress`` (a luodi.progress.Progress) shows each long step; ``log`` gets one line per step.
     """
     say = log or (lambda _msg: None)
@@ -151,6 +155,7 @@ def compile(  # noqa: A001 - the field's word for it
         if p not in backends[b].precisions:  # a typo in the command line, not a target that failed
             raise CompileError(f"{b} has no precision '{p}'; choose one of {list(backends[b].precisions)}")
 
+    configs = _estimates(estimate, wanted, backends)
     inputs, outputs = specs_from_onnx(src.model)  # once; every backend gets them in CompileOptions
     check_pipeline(src, inputs, outputs)  # a bad pipeline spec fails before any work is done
     given_samples = check_samples(samples, inputs) if samples is not None else None
@@ -161,6 +166,7 @@ def compile(  # noqa: A001 - the field's word for it
     by_sha: dict[str, str] = {}
     extra = _target_options(target_options, backends)
     run = CompileRun(wanted, backends, members, by_sha, verify, strict, steps, say, int8_io=int8_io, extra=extra)
+    run.estimate = configs
     with steps:
         if any(p == "int8" for _, p in wanted) or calibration is not None or preprocess is not None:
             with steps.step("calibrating for int8"):
@@ -258,3 +264,20 @@ def _toolchain(backends: dict[str, Any]) -> dict[str, str]:
     for name, b in backends.items():
         versions[name] = b.available().version
     return versions
+
+
+def _estimates(estimate: Sequence[str] | None, wanted: list[tuple[str, str]], backends: dict[str, Any]) -> list[str]:
+    """The estimate configurations, checked before any work: a target must take them and the estimator be here."""
+    if estimate is None:
+        return []
+    configs = list(dict.fromkeys(arguments.names("estimate", estimate, "['ethos-u55-128']")))
+    able = [(b, p) for b, p in wanted if p in getattr(backends[b], "estimates", ())]
+    if configs and not able:
+        raise CompileError(
+            "--estimate applies to targets compiled for a device this host only estimates (litert:int8, on Arm "
+            "Ethos-U through Vela) and none is given; add --target litert:int8"
+        )
+    for b in dict.fromkeys(b for b, _ in able):
+        for config in configs:
+            backends[b].check_estimate(config)
+    return configs

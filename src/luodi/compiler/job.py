@@ -78,6 +78,8 @@ class CompileRun:
     """Engine options by backend name (``CompileOptions.extra``)."""
     int8_io: bool = False
     """int8 targets read and write the quantised integers (luodi.quant.io.integer_io), recorded as the target's io."""
+    estimate: list[str] = field(default_factory=list)
+    """Device configurations to estimate the targets that can be estimated on (``Backend.estimates``)."""
     first_error: BaseException | None = None
     """The first exception a target of the primary model failed with: what a compile with no target raises."""
 
@@ -120,6 +122,8 @@ class CompileRun:
             if artifact is None:
                 continue
             artifacts[id(entry)] = artifact
+            if self.estimate and precision in getattr(backend, "estimates", ()):
+                entry["estimate"] = self._estimate(backend, artifact, label)
             if not self.verify:
                 entry["status"] = "unverified"
                 continue
@@ -154,6 +158,25 @@ class CompileRun:
                         "Drop --strict to keep it with the failure recorded."
                     )
         return ModelDone(job, member, plan, domains, entries, artifacts)
+
+    def _estimate(self, backend: Any, artifact: Artifact, label: str) -> dict[str, Any]:
+        """Each configuration's estimate of ``artifact``; one that fails is recorded with its reason (an estimate,
+        not a target: the target stands)."""
+        out: dict[str, Any] = {}
+        for config in self.estimate:
+            with self.steps.step(f"estimating {label} on {config}"):
+                try:
+                    out[config] = backend.estimate(artifact, config)
+                except Exception as exc:  # noqa: BLE001 - the estimator fails in its own ways; recorded
+                    out[config] = {"error": one_line(exc)}
+                    self.say(f"{label}: no estimate on {config}: {one_line(exc)}")
+                    continue
+            e = out[config]
+            self.say(
+                f"{label} on {config}: {e.get('inference_ms')} ms estimated, {e.get('npu_ops')} NPU / "
+                f"{e.get('cpu_ops')} CPU operators"
+            )
+        return out
 
     def _fallback_checks(self, job: ModelJob, plan: ShapePlan, domains: dict[str, Domain]) -> list[Check]:
         """Give each dynamic axis its second size alone; keep the sets the reference runs."""

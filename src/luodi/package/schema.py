@@ -158,6 +158,13 @@ def _targets(value: Any, files: dict[str, Any], where: str) -> None:
                         info = np.iinfo(np.dtype(spec["dtype"]))
                         ok = info.min <= spec["zero_point"] <= info.max
                         _require(ok, f"{at}.io.{side}[{k}].zero_point", f"is outside {spec['dtype']}")
+        if "estimate" in target:  # a device this host only estimates (Vela on litert:int8): figures by configuration
+            for config, e in _dict(target["estimate"], f"{at}.estimate").items():
+                _str(config, f"{at}.estimate key", 64)
+                e = _dict(e, f"{at}.estimate['{config}']")
+                for k in ("inference_ms", "cycles", "sram_kib", "flash_kib", "npu_ops", "cpu_ops"):
+                    if k in e:
+                        _number(e[k], f"{at}.estimate['{config}'].{k}")
         if "timing" in target:
             timing = _dict(target["timing"], f"{at}.timing")
             _number(timing.get("median_ms"), f"{at}.timing.median_ms")
