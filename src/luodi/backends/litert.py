@@ -264,12 +264,15 @@ def _torch_module(data: bytes, normalization: Any, names: list[str]) -> Any:
                 "inv_std", 1.0 / torch.tensor(normalization["std"], dtype=torch.float32).reshape(1, -1, 1, 1)
             )
 
+        def train(self, mode: bool = True) -> Any:  # an exported program's module refuses train()/eval()
+            return self
+
         def forward(self, *args: Any) -> Any:
             args = list(args)
             args[self.index] = (args[self.index] - self.mean) * self.inv_std
             return self.inner(*args)
 
-    return Normalised().eval()
+    return Normalised()
 
 
 def _convert(module: Any, shapes: list[tuple[int, ...]]) -> bytes:
