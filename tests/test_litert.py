@@ -186,3 +186,34 @@ def test_estimate_is_refused_before_any_work_for_an_unknown_config_or_no_int8_li
         luodi.compile(small_cnn(), tmp_path / "a.luodi", ["litert:int8"], estimate=["ethos-u99"])
     with pytest.raises(luodi.CompileError, match="litert:int8"):
         luodi.compile(small_cnn(), tmp_path / "b.luodi", ["onnxruntime"], estimate=["ethos-u55-128"])
+
+
+def test_normalisation_folded_into_the_graph_is_applied_to_the_converted_program(tmp_path) -> None:
+    """The pipeline's normalize step folds into the ONNX graph's first Conv, not into the torch.export program that
+    litert converts: the .tflite must then normalise its pixel input itself to match the graph."""
+    torch.manual_seed(1)
+    mean, std = [127.0, 127.0, 127.0], [58.0, 57.0, 57.5]
+    pipeline = {
+        "task": "classification",
+        "input": "x",
+        "pre": [
+            {"op": "decode_image", "mode": "RGB"},
+            {"op": "normalize", "mean": mean, "std": std},
+            {"op": "to_tensor", "layout": "CHW", "dtype": "float32"},
+        ],
+        "post": [],
+    }
+    pkg = luodi.export(
+        _Net().eval(),
+        torch.zeros(1, 3, 16, 16),
+        tmp_path / "norm.luodi",
+        ["onnxruntime", "litert:fp32"],
+        input_names=["x"],
+        output_names=["y"],
+        pipeline=pipeline,
+    )
+    assert pkg.pipeline["folded_into_model"]["mean"] == mean
+    assert pkg.find_target("litert", "fp32")["status"] == "verified"
+    pixels = np.random.default_rng(2).integers(0, 256, (1, 3, 16, 16)).astype(np.float32)
+    with luodi.Session(pkg, backend="onnxruntime") as ref, luodi.Session(pkg, backend="litert:fp32") as s:
+        np.testing.assert_allclose(s.run({"x": pixels})["y"], ref.run({"x": pixels})["y"], rtol=1e-4, atol=1e-4)

@@ -110,7 +110,8 @@ class LitertBackend(Backend):
                 {s.name: _fit(np.asarray(f[s.name], np.float32), shapes[s.name], s.name) for s in inputs}
                 for f in calibration
             ]
-            data = _quantise(data, [s.name for s in inputs], samples)
+            pixels = (options.input_normalization or {}).get("input")
+            data = _quantise(data, [s.name for s in inputs], samples, pixels)
             record["converter"] += f", ai-edge-quantizer {_version('ai-edge-quantizer')} static_wi8_ai8"
         interp = _interpreter(data, 1)
         ins, outs = _boundary(interp)
@@ -283,26 +284,34 @@ def _convert(module: Any, shapes: list[tuple[int, ...]]) -> bytes:
     args = tuple(torch.rand(tuple(int(d) for d in s), generator=gen) for s in shapes)
     try:
         with _quiet():
-            converted = litert_torch.convert(module, args)
-        data = converted.model_content()
+            data = litert_torch.convert(module, args).model_content()
     except Exception as exc:  # noqa: BLE001 - the converter fails in many ways
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:400]
         raise CompileError(f"litert-torch could not convert the model: {detail}") from exc
     return bytes(data)
 
 
-def _quantise(data: bytes, names: list[str], samples: list[dict[str, np.ndarray]]) -> bytes:
+def _quantise(data: bytes, names: list[str], samples: list[dict[str, np.ndarray]], pixels: str | None) -> bytes:
+    """Full int8 by ai-edge-quantizer's static_wi8_ai8, calibrated on ``samples``. An input that takes pixel values
+    (``pixels``: the pipeline's normalisation was folded into the model) gets the range 0..255 whatever the samples
+    reach, so that every pixel value is an int8 exactly (scale 1, zero point -128)."""
     _require("ai_edge_quantizer", "ai-edge-quantizer")
     from ai_edge_quantizer import quantizer, recipe
 
     interp = _interpreter(data, 1)
     keys = _numbered(interp.get_signature_list()[SIGNATURE]["inputs"])
     by_key = dict(zip(keys, names))
+    details = interp.get_signature_runner(SIGNATURE).get_input_details()
+    tensors = {k: details[k]["name"] for k in keys}
     try:
         with _quiet():
             qt = quantizer.Quantizer(data)
             qt.load_quantization_recipe(recipe.static_wi8_ai8())
             calib = qt.calibrate({SIGNATURE: [{k: s[by_key[k]] for k in keys} for s in samples]})
+            for key, name in by_key.items():
+                ranges = calib.get(tensors[key])
+                if name == pixels and ranges is not None and ranges["min"].min() >= 0 and ranges["max"].max() <= 255:
+                    ranges["min"], ranges["max"] = np.zeros_like(ranges["min"]), np.full_like(ranges["max"], 255.0)
             result = qt.quantize(calib)
     except Exception as exc:  # noqa: BLE001
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:400]

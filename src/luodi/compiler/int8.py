@@ -90,6 +90,7 @@ def vendor_quantise(
     artifact = backend.compile(model, options)
     record = vendor_record(ptq, backend, artifact, budget)
     steps: list[dict[str, Any]] = []
+    fallback = fallback and "float_tensors" in backend.compile_options  # the toolkit can keep layers in float
     if not record["passed"] and fallback:
         say(f"{backend.name}: agreement {record['agreement']:.2%} misses the budget; ranking layers by sensitivity")
         ranking = ptq.rank_layers(backend)
@@ -117,7 +118,7 @@ def vendor_quantise(
             f"the budget {budget:.2%} allows"
             + (f", even with {len(record['float_layers'])} layers kept in float" if steps else "")
             + ". Loosen --accuracy-budget, "
-            + ("allow the fallback, " if not fallback else "")
+            + ("allow the fallback, " if not fallback and "float_tensors" in backend.compile_options else "")
             + f"or use {backend.name}:fp16"
         )
     return artifact, record
