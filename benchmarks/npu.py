@@ -91,6 +91,15 @@ def estimate_of(pkg: luodi.Package, target: str) -> str:
     return ", ".join(parts)
 
 
+def vela(targets: list[str]) -> dict[str, Any]:
+    """``estimate=["ethos-u55-128"]`` for a compile with litert:int8 where Vela is installed (luodi[vela])."""
+    import importlib.util
+
+    if "litert:int8" in targets and importlib.util.find_spec("ethosu") is not None:
+        return {"estimate": ["ethos-u55-128"]}
+    return {}
+
+
 def compiled(
     model: Any, out: Path, targets: list[str], log: Callable[[str], None], **options: Any
 ) -> tuple[luodi.Package, list[str], dict[str, str]]:
@@ -104,6 +113,7 @@ def compiled(
         fallback=False,
         target_options={k: v for k, v in OPTIONS.items() if any(t.startswith(k + ":") for t in targets)} or None,
         log=lambda m: log(f"  [{time.perf_counter() - t0:6.1f}s] {m}"),
+        **vela(targets),
         **options,
     )
     ok, failed = [], {}
@@ -181,6 +191,7 @@ def fashion(targets: list[str], tmp: Path, photos: int, log: Callable[[str], Non
         fallback=False,
         target_options={k: v for k, v in OPTIONS.items() if any(t.startswith(k + ":") for t in targets)} or None,
         log=lambda m: log(f"  [{time.perf_counter() - t0:6.1f}s] {m}"),
+        **vela(targets),
     )
     ok = [t for t in [REFERENCE, *targets] if pkg.find_target(*t.split(":")).get("status") != "failed"]
     failed = {

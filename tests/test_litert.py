@@ -217,3 +217,27 @@ def test_normalisation_folded_into_the_graph_is_applied_to_the_converted_program
     pixels = np.random.default_rng(2).integers(0, 256, (1, 3, 16, 16)).astype(np.float32)
     with luodi.Session(pkg, backend="onnxruntime") as ref, luodi.Session(pkg, backend="litert:fp32") as s:
         np.testing.assert_allclose(s.run({"x": pixels})["y"], ref.run({"x": pixels})["y"], rtol=1e-4, atol=1e-4)
+
+
+def test_int8_outside_the_budget_fails_with_the_budget_not_a_float_layer_search(tmp_path) -> None:
+    """litert cannot keep layers in float: a litert:int8 target outside the accuracy budget fails saying so, where
+    rknn's toolkit would be asked for float layers."""
+    torch.manual_seed(2)
+    net = _Net().eval()
+    with torch.no_grad():
+        # five logits a hair apart around a common value that varies: int8 outputs tie and top-1 moves
+        net.fc.weight.copy_(net.fc.weight[:1] + 1e-3 * net.fc.weight)
+        net.fc.bias.zero_()
+    pkg = luodi.export(
+        net,
+        torch.zeros(1, 3, 16, 16),
+        tmp_path / "tight.luodi",
+        ["onnxruntime", "litert:int8"],
+        input_names=["x"],
+        output_names=["y"],
+        calibration=_calibration(),
+        accuracy_budget="0%",
+    )
+    t = pkg.find_target("litert", "int8")
+    assert t["status"] == "failed"
+    assert "below the" in t["reason"] and "litert:fp32" in t["reason"] and "float_tensors" not in t["reason"]

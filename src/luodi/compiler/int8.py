@@ -119,7 +119,7 @@ def vendor_quantise(
             + (f", even with {len(record['float_layers'])} layers kept in float" if steps else "")
             + ". Loosen --accuracy-budget, "
             + ("allow the fallback, " if not fallback and "float_tensors" in backend.compile_options else "")
-            + f"or use {backend.name}:fp16"
+            + f"or use {backend.name}:{next((p for p in backend.precisions if p != 'int8'), 'fp32')}"
         )
     return artifact, record
 
