@@ -219,6 +219,7 @@ def test_normalisation_folded_into_the_graph_is_applied_to_the_converted_program
         np.testing.assert_allclose(s.run({"x": pixels})["y"], ref.run({"x": pixels})["y"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_int8_outside_the_budget_fails_with_the_budget_not_a_float_layer_search(tmp_path) -> None:
     """litert cannot keep layers in float: a litert:int8 target outside the accuracy budget fails saying so, where
     rknn's toolkit would be asked for float layers."""

@@ -84,7 +84,7 @@ class LitertBackend(Backend):
             raise NotApplicableError(
                 "litert converts models exported from PyTorch (litert-torch converts the package's torch.export "
                 "program); this model came from ONNX and has none. Compile it from its PyTorch module "
-                "(luodi.export / luodi compile --torch BUILDER), or choose another target, e.g. onnxruntime:int8"
+                "(luodi.export in Python, `luodi export BUILDER`), or choose another target, e.g. onnxruntime:int8"
             )
         inputs, outputs = options.io(model)
         if any(s.np_dtype.kind != "f" for s in inputs):
