@@ -292,11 +292,12 @@ def _convert(module: Any, shapes: list[tuple[int, ...]]) -> bytes:
 
 
 def _quantise(data: bytes, names: list[str], samples: list[dict[str, np.ndarray]], pixels: str | None) -> bytes:
-    """Full int8 by ai-edge-quantizer's static_wi8_ai8, calibrated on ``samples``. An input that takes pixel values
-    (``pixels``: the pipeline's normalisation was folded into the model) gets the range 0..255 whatever the samples
-    reach, so that every pixel value is an int8 exactly (scale 1, zero point -128)."""
+    """Full int8 by ai-edge-quantizer's static_wi8_ai8, calibrated on the global min and max of ``samples``. An
+    input that takes pixel values (``pixels``: the pipeline's normalisation was folded into the model) gets the range
+    0..255 whatever the samples reach, so that every pixel value is an int8 exactly (scale 1, zero point -128)."""
     _require("ai_edge_quantizer", "ai-edge-quantizer")
-    from ai_edge_quantizer import quantizer, recipe
+    from ai_edge_quantizer import calibrator, quantizer, recipe
+    from ai_edge_quantizer.utils import qsv_utils
 
     interp = _interpreter(data, 1)
     keys = _numbered(interp.get_signature_list()[SIGNATURE]["inputs"])
@@ -307,7 +308,13 @@ def _quantise(data: bytes, names: list[str], samples: list[dict[str, np.ndarray]
         with _quiet():
             qt = quantizer.Quantizer(data)
             qt.load_quantization_recipe(recipe.static_wi8_ai8())
-            calib = qt.calibrate({SIGNATURE: [{k: s[by_key[k]] for k in keys} for s in samples]})
+            # The quantiser's own calibrate() keeps a moving average of each tensor's min and max over the samples,
+            # which leaves the ranges narrower than the data: later inputs saturate (Fashion-MNIST's logits reached
+            # twice the averaged range; 87.5% vs 88.3% fp32 accuracy). luodi calibrates on the samples' global min
+            # and max, as its own minmax observer does (88.4%, cosine 0.99996).
+            calibration = calibrator.Calibrator(data, num_threads=1, qsv_update_func=qsv_utils.min_max_update)
+            calibration.calibrate({SIGNATURE: [{k: s[by_key[k]] for k in keys} for s in samples]}, qt._recipe_manager)
+            calib = calibration.get_model_qsvs()
             for key, name in by_key.items():
                 ranges = calib.get(tensors[key])
                 if name == pixels and ranges is not None and ranges["min"].min() >= 0 and ranges["max"].max() <= 255:
