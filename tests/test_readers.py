@@ -166,6 +166,7 @@ TARGET_KEYS = {
     "verification",
     "timing",
     "io",
+    "estimate",
 }
 
 
