@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import BackendError, CompileError, ModelError, NotApplicableError, ShapeError
 from ..tensor import TensorSpec
+from ._int8 import VENDOR_W8A8
 from .base import Artifact, Backend, CompileOptions, Engine, LoadOptions
 from .contract import Option
 from .shapes import primary_shapes
@@ -62,13 +63,8 @@ class LitertBackend(Backend):
     # per-tensor int8 activations). The quantiser quantises the model itself; this table only lets luodi's sensitivity
     # ranking simulate it.
     int8_policy = {
-        "activations": {"dtype": "int8", "symmetric": False},
-        "weights": {"dtype": "int8", "symmetric": True, "per_channel": True, "bits": 8},
-        "bias_correction": False,
-        "weight_rounding": "nearest",
+        **VENDOR_W8A8,
         "rounding": "half_away_from_zero",
-        "ops": ["Conv", "MatMul", "Gemm", "Add", "Mul", "Relu", "Clip", "AveragePool", "GlobalAveragePool", "MaxPool"],
-        "format": "qdq",
         "notes": "ai-edge-quantizer static_wi8_ai8, approximated for the sensitivity ranking only",
     }
     precision_note = "fp32: litert-torch's float .tflite; int8: full integer (int8 I/O) by ai-edge-quantizer"

@@ -43,6 +43,7 @@ import numpy as np
 
 from ..errors import BackendError, CompileError, InputError, ShapeError
 from ..tensor import TensorSpec
+from ._int8 import VENDOR_W8A8
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
 from .contract import Option
 from .shapes import primary_shapes
@@ -90,13 +91,8 @@ class RknnBackend(Backend):
     # The toolkit quantises the model itself; this table (its w8a8: int8 asymmetric per-tensor activations, int8
     # per-channel weights) only lets luodi's sensitivity ranking simulate it, to choose layers for hybrid quantisation.
     int8_policy = {
-        "activations": {"dtype": "int8", "symmetric": False},
-        "weights": {"dtype": "int8", "symmetric": True, "per_channel": True, "bits": 8},
-        "bias_correction": False,
-        "weight_rounding": "nearest",
+        **VENDOR_W8A8,
         "rounding": "half_to_even",
-        "ops": ["Conv", "MatMul", "Gemm", "Add", "Mul", "Relu", "Clip", "AveragePool", "GlobalAveragePool", "MaxPool"],
-        "format": "qdq",
         "notes": "rknn-toolkit2 w8a8, approximated for the sensitivity ranking only",
     }
     precision_note = "int8: the toolkit's w8a8; fp16: the NPU's float16, the control"
