@@ -38,6 +38,34 @@ def small_cnn(seed: int = 0) -> onnx.ModelProto:
     return model
 
 
+def detector_head_model(seed: int = 0) -> onnx.ModelProto:
+    """A detector's head in miniature: one output ``y`` (batch x 6 x 16 x 16) that concatenates 4 channels of box
+    coordinates in pixels (Relu x 300: 0..several hundred) with 2 channels of 0..1 scores (Sigmoid), as YOLOv8's
+    does. One int8 scale for ``y`` rounds every score to 0 or to one step of about 2."""
+    rng = np.random.default_rng(seed)
+    wb = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "wb")
+    ws = numpy_helper.from_array(rng.standard_normal((2, 3, 3, 3)).astype(np.float32), "ws")
+    pixels = numpy_helper.from_array(np.array(300.0, np.float32), "pixels")
+    nodes = [
+        helper.make_node("Conv", ["x", "wb"], ["cb"], name="box_conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["cb"], ["rb"], name="box_relu"),
+        helper.make_node("Mul", ["rb", "pixels"], ["boxes"], name="box_scale"),
+        helper.make_node("Conv", ["x", "ws"], ["cs"], name="score_conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["cs"], ["scores"], name="score_sigmoid"),
+        helper.make_node("Concat", ["boxes", "scores"], ["y"], name="head", axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "detector_head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 6, 16, 16])],
+        initializer=[wb, ws, pixels],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
 def fcn_model() -> onnx.ModelProto:
     """Conv(3->4, 3x3) -> Relu: fully convolutional, dynamic batch, height and width."""
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")

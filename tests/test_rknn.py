@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import luodi
-from conftest import fcn_model, small_cnn
+from conftest import detector_head_model, fcn_model, small_cnn
 from luodi import toolchain as tc
 from luodi.backends import rknn as rknn_backend
 
@@ -308,3 +308,31 @@ def test_an_output_kept_in_float_leaves_the_npu_as_float(tmp_path: Path, x: np.n
     with luodi.Session(pkg, backend="rknn:int8") as s:
         y = s.run({"x": x})["y"]
     assert y.dtype == np.float32 and np.abs(y - fp32).max() < 0.1 * np.abs(fp32).max()
+
+
+def test_a_head_joining_pixels_and_scores_leaves_the_device_as_its_parts(tmp_path: Path) -> None:
+    """YOLOv8's one output concatenates pixel coordinates with 0..1 scores: with one int8 scale every score is lost
+    (the detector finds nothing). The device computes the Concat's parts, each with its own scale, and the target
+    joins them in float, so the scores keep int8's resolution of their own range."""
+    _need_toolchain()
+    rng = np.random.default_rng(0)
+    calibration = [{"x": rng.random((1, 3, 16, 16), dtype=np.float32)} for _ in range(16)]
+    pkg = luodi.compile(
+        detector_head_model(),
+        tmp_path / "head.luodi",
+        ["onnxruntime", "rknn:int8"],
+        calibration=calibration,
+        int8_io=True,
+    )
+    t = pkg.find_target("rknn", "int8")
+    assert t["status"] == "verified", t.get("reason")
+    assert t["options"]["joins"] == {"y": {"parts": ["boxes", "scores"], "axis": 1}}
+    assert set(t["options"]["device_io"]) == {"x", "boxes", "scores"}  # each part its own int8 scale
+    ins, outs = pkg.target_io(t)
+    assert ins[0].dtype == "int8" and outs[0].dtype == "float32"  # joined on the host: parts of unlike scales
+    x = rng.random((2, 3, 16, 16), dtype=np.float32)
+    with luodi.Session(pkg, backend="onnxruntime") as ref, luodi.Session(pkg, backend="rknn:int8") as s:
+        want, got = ref.run({"x": x})["y"], s.run({"x": x})["y"]
+    assert got.shape == want.shape == (2, 6, 16, 16)
+    assert np.abs(got[:, 4:] - want[:, 4:]).max() < 0.03  # scores: 1/255 steps (one shared scale: ~1 off)
+    assert np.abs(got[:, :4] - want[:, :4]).max() < 0.05 * want[:, :4].max()

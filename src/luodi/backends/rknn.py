@@ -44,6 +44,7 @@ import numpy as np
 from ..errors import BackendError, CompileError, InputError, ShapeError
 from ..tensor import TensorSpec
 from ._int8 import VENDOR_W8A8
+from ._outputs import concat_outputs, device_outputs, join_outputs
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
 from .contract import Option
 from .shapes import primary_shapes
@@ -146,7 +147,10 @@ class RknnBackend(Backend):
             raise CompileError(f"rknn takes float inputs only (the NPU quantises them); this model has {bad}")
         shapes = primary_shapes(inputs, options)
         data = options.model_bytes if options.model_bytes is not None else model.SerializeToString()
-        args = _session_args(platform, options.precision, inputs, outputs, shapes, algorithm)
+        # int8: an output that is a Concat of unlike ranges (a detector's boxes and scores) leaves the device as its
+        # parts, each with its own scale, joined in float on the host (luodi.backends._outputs)
+        joins = concat_outputs(model) if options.precision == "int8" else {}
+        args = _session_args(platform, options.precision, inputs, outputs, shapes, algorithm, joins)
         arrays: dict[str, np.ndarray] = {"model": np.frombuffer(data, np.uint8)}
         if options.precision == "int8":
             calibration = list(options.calibration or ())
@@ -179,6 +183,7 @@ class RknnBackend(Backend):
             record["algorithm"] = algorithm
             record["int8_io"] = options.int8_io  # the engine then reads and writes the device's integers
             record["float_layers"] = list(header.get("float_layers") or [])  # the toolkit's layers kept in float16
+            record["joins"] = joins
         artifact = Artifact(self.name, options.precision, files, record)
         if options.int8_io and options.precision == "int8":
             artifact.io = device_specs(artifact)
@@ -230,14 +235,20 @@ def parse_error_analysis(text: str) -> list[dict[str, Any]]:
 
 
 def _session_args(
-    platform: str, precision: str, inputs: list[TensorSpec], outputs: list[TensorSpec], shapes: Any, algorithm: str
+    platform: str,
+    precision: str,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    shapes: Any,
+    algorithm: str,
+    joins: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     fixed = {s.name: [int(d) for d in shapes[s.name]] for s in inputs}
     four_d = all(len(v) == 4 for v in fixed.values())
     return {
         "precision": precision,
         "inputs": [s.name for s in inputs],
-        "outputs": [s.name for s in outputs],
+        "outputs": device_outputs([s.name for s in outputs], joins or {}),
         "shapes": fixed,
         # mean/std identity per input channel (NCHW): luodi's pipeline does the pre-processing
         "channels": [fixed[s.name][1] for s in inputs] if four_d else [],
@@ -339,7 +350,11 @@ class RknnEngine(Engine):
         self._sim_out = {s.name: s for s in outs if s.is_quantised}
         self._keep = device == "simulator"
         self._pass_through = device == "npu" and pass_through and bool(self._sim_in)
-        args = {"inputs": [s.name for s in model_inputs], "outputs": [s.name for s in model_outputs]}
+        self.joins = dict(opts.get("joins") or {})
+        args = {
+            "inputs": [s.name for s in model_inputs],
+            "outputs": device_outputs([s.name for s in model_outputs], self.joins),
+        }
         if device == "npu":
             if core_mask not in _CORE_MASKS:
                 raise InputError(f"rknn core_mask must be one of {', '.join(_CORE_MASKS)}, not '{core_mask}'")
@@ -355,7 +370,13 @@ class RknnEngine(Engine):
             platform = opts.get("platform", DEFAULT_PLATFORM)
             worker = _start_worker("rknn simulator", {"platform": platform, "device": "simulator"})
             rebuild = _session_args(
-                platform, artifact.precision, model_inputs, model_outputs, self.built, opts.get("algorithm", "normal")
+                platform,
+                artifact.precision,
+                model_inputs,
+                model_outputs,
+                self.built,
+                opts.get("algorithm", "normal"),
+                self.joins,
             )
             if artifact.precision == "int8":
                 arrays = {f"file:{n}": np.frombuffer(artifact.file(n), np.uint8) for n in INT8_FILES}
@@ -395,7 +416,7 @@ class RknnEngine(Engine):
     def _run_one(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._sim_in and not self._pass_through:  # exact float: the runtime quantises it back to the same ints
             feeds = {n: self._sim_in[n].dequantise(a) if n in self._sim_in else a for n, a in feeds.items()}
-        outs = self.worker.call("run", None, feeds)[1]
+        outs = join_outputs(self.worker.call("run", None, feeds)[1], self.joins)
         if self._sim_out:
             outs = {
                 n: self._sim_out[n].quantise(np.asarray(a, np.float32)) if n in self._sim_out else a
