@@ -1,5 +1,5 @@
 """int8 targets at compile time: one calibration shared by every int8 target, and each target's QDQ graph with the
-top-1 agreement gate (luodi.quant does the work)."""
+agreement gate (top-1 for a classifier, boxes for a detector: luodi.quant.agreement; luodi.quant does the work)."""
 
 from __future__ import annotations
 
@@ -63,9 +63,8 @@ def quantise_for(ptq: Any, backend: Any, max_disagreement: float | None, fallbac
     if not record["passed"]:
         floats = len(record["float_layers"])
         raise VerificationError(
-            f"target {backend.name}:int8 agrees with the float model on top-1 for {record['agreement']:.2%} of "
-            f"{record['validation']['samples']} validation samples ({record['validation']['data']}), below the "
-            f"{1 - budget:.2%} the budget {budget:.2%} allows"
+            f"target {backend.name}:int8 {_agrees(record, record['validation']['samples'])} ("
+            f"{record['validation']['data']}), below the {1 - budget:.2%} the budget {budget:.2%} allows"
             + (f", even with {floats} layers kept in float" if floats else "")
             + ". Loosen --accuracy-budget, try another --calib-method, or "
             + ("allow the fallback" if not fallback else "drop this int8 target")
@@ -73,15 +72,24 @@ def quantise_for(ptq: Any, backend: Any, max_disagreement: float | None, fallbac
     return qdq, record
 
 
+def _agrees(record: dict[str, Any], samples: int) -> str:
+    """ "agrees with the float model on <what the task's measure compares> for <fraction> of ... samples"."""
+    measure = record.get("measure", "top-1 class")
+    of = "of the boxes on" if measure.startswith("detections") else "of"
+    agree = record["agreement"]
+    return f"agrees with the float model on its {measure} for {agree:.2%} {of} {samples} validation samples"
+
+
 def vendor_quantise(
     ptq: Any, backend: Any, model: Any, options: Any, max_disagreement: float | None, fallback: bool, say: Log
 ) -> tuple[Any, dict[str, Any]]:
     """An int8 target that the engine's own toolkit quantises (``Backend.calibrates_itself``): compiled from the float
-    graph with the calibration samples in ``options``, then judged like luodi's own int8 targets (top-1 agreement
-    with the float model on the validation samples, on the engine itself). Outside the budget, with ``fallback``,
-    the layers luodi's sensitivity ranking (for the backend's declared policy) finds most sensitive are kept in float
-    by the toolkit (its hybrid quantisation, the ``float_tensors`` compile option): 1, 2, 4, ... of them until the
-    budget holds. A VerificationError when it still does not."""
+    graph with the calibration samples in ``options``, then judged like luodi's own int8 targets (agreement with the
+    float model on the validation samples by the package's task: top-1, or a detector's boxes; on the engine
+    itself). Outside the budget, with ``fallback``, the layers luodi's sensitivity ranking (for the backend's
+    declared policy) finds most sensitive are kept in float by the toolkit (its hybrid quantisation, the
+    ``float_tensors`` compile option): 1, 2, 4, ... of them until the budget holds. A VerificationError when it
+    still does not."""
     from dataclasses import replace
 
     from ..quant import DEFAULT_MAX_DISAGREEMENT
@@ -111,11 +119,9 @@ def vendor_quantise(
             k *= 2
         record["fallback"] = {"steps": steps, "ranking": [r.node for r in ranking[:32]]}
     if not record["passed"]:
-        agree = record["agreement"]
         raise VerificationError(
-            f"target {backend.name}:int8 agrees with the float model on top-1 for {agree:.2%} of "
-            f"{len(ptq.validation_feeds)} validation samples ({ptq.validation_source}), below the {1 - budget:.2%} "
-            f"the budget {budget:.2%} allows"
+            f"target {backend.name}:int8 {_agrees(record, len(ptq.validation_feeds))} ({ptq.validation_source}), "
+            f"below the {1 - budget:.2%} the budget {budget:.2%} allows"
             + (f", even with {len(record['float_layers'])} layers kept in float" if steps else "")
             + ". Loosen --accuracy-budget, "
             + ("allow the fallback, " if not fallback and "float_tensors" in backend.compile_options else "")
@@ -130,7 +136,8 @@ def vendor_record(ptq: Any, backend: Any, artifact: Any, budget: float) -> dict[
     import numpy as np
 
     from ..backends import open_engine
-    from ..quant import agreement, cosine, first_output, snr_db
+    from ..quant import cosine, first_output, snr_db
+    from ..quant.agreement import describe
     from ..tensor import dequantise_outputs, quantise_feeds
 
     ins, outs = artifact.io or ([], [])
@@ -138,7 +145,7 @@ def vendor_record(ptq: Any, backend: Any, artifact: Any, budget: float) -> dict[
         got = [dequantise_outputs(engine.run(quantise_feeds(f, ins)), outs) for f in ptq.validation_feeds]
     ref = ptq.float_outputs()
     deployed = np.asarray(first_output(got), np.float32)
-    agree = agreement(ref, deployed)
+    agree = ptq.measure(ref, deployed)
     return {
         "policy": f"{backend.name}'s own toolkit",
         "calibration": {"data": ptq.calibration_source, "samples": len(ptq.feeds)},
@@ -148,6 +155,7 @@ def vendor_record(ptq: Any, backend: Any, artifact: Any, budget: float) -> dict[
             "held_apart": ptq.held_apart,
         },
         "max_disagreement": budget,
+        "measure": describe(ptq.measure),
         "agreement": agree,
         "snr_db": round(snr_db(ref, deployed), 2),
         "cosine": round(cosine(ref, deployed), 6),

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from .agreement import describe, measure_for
 from .calibrate import METHODS, Calibration, calibrate
 from .data import DATASETS, Feeds, batches, load_feeds
 from .opset import default_opset, for_quantisation
@@ -96,6 +97,7 @@ class PTQ:
         else:
             self.validation_feeds = load_feeds(validation, inputs, pipeline, None, "validation")
             self.validation_source, self.held_apart = _describe(validation), True
+        self.measure = measure_for(pipeline)  # top-1 for a classifier, boxes for a detector's pipeline
         self._calibrations: dict[tuple, Calibration] = {}
         self._float: np.ndarray | None = None
         self._ranking: dict[str, list[LayerSensitivity]] = {}
@@ -148,14 +150,21 @@ class PTQ:
         if allow_fallback:
             ranking = self._ranking.get(backend.name)
             qdq = quantize(self.model, calib, policy)
-            first = agreement(ref, first_output(deployed(qdq)))
+            first = self.measure(ref, first_output(deployed(qdq)))
             decision = None
             if first is not None and 1 - first > max_disagreement + 1e-12:
                 if ranking is None:
                     self.say(f"{backend.name}: agreement {first:.2%} misses the budget; ranking layers by sensitivity")
                     ranking = self.rank_layers(backend)
                 qdq, decision = fallback(
-                    self.model, calib, policy, self.validation_feeds, max_disagreement, deployed, ranking
+                    self.model,
+                    calib,
+                    policy,
+                    self.validation_feeds,
+                    max_disagreement,
+                    deployed,
+                    ranking,
+                    measure=self.measure,
                 )
         else:
             qdq, decision = quantize(self.model, calib, policy), None
@@ -170,8 +179,9 @@ class PTQ:
                 "held_apart": self.held_apart,
             },
             "max_disagreement": max_disagreement,
-            "agreement": agreement(ref, got),
-            "simulated_agreement": agreement(ref, sim),
+            "measure": describe(self.measure),
+            "agreement": self.measure(ref, got),
+            "simulated_agreement": self.measure(ref, sim),
             "snr_db": round(snr_db(ref, got), 2),
             "cosine": round(cosine(ref, got), 6),
             "opset": {"source": self.source_opset, "quantised": default_opset(qdq)},

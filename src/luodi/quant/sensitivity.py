@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .agreement import Measure, top1
 from .calibrate import Calibration
 from .data import Feeds, batches, progress
 from .policy import QuantPolicy
@@ -69,11 +70,7 @@ def first_output(outputs: list[dict[str, np.ndarray]]) -> np.ndarray:
     return np.concatenate([o[name] for o in outputs])
 
 
-def agreement(reference: np.ndarray, got: np.ndarray) -> float | None:
-    """Fraction of samples whose arg-max class is the same, for [N, classes] scores; None otherwise."""
-    if reference.ndim != 2 or reference.shape[1] < 2:
-        return None
-    return float((reference.argmax(1) == got.argmax(1)).mean())
+agreement = top1  # a classifier's measure; the gate and the fallback take the package's (luodi.quant.agreement)
 
 
 def snr_db(reference: np.ndarray, got: np.ndarray) -> float:
@@ -120,9 +117,11 @@ def fallback(
     run: Runner,
     ranking: Sequence[LayerSensitivity] | None = None,
     max_float_fraction: float = 0.5,
+    measure: Measure = top1,
 ) -> tuple[Any, FallbackResult]:
-    """Keep the most sensitive layers in float until top-1 disagreement with float on ``feeds`` is at most
-    ``budget`` (a fraction, 0.01 = 1%) on the engine ``run`` drives (``run(qdq_model) -> outputs``).
+    """Keep the most sensitive layers in float until disagreement with float on ``feeds`` (by ``measure``: top-1
+    for a classifier, boxes for a detector) is at most ``budget`` (a fraction, 0.01 = 1%) on the engine ``run``
+    drives (``run(qdq_model) -> outputs``).
 
     Layers are added in order of sensitivity, doubling the count each step and then bisecting back, so a
     60-layer model needs about a dozen engine runs, not sixty. Returns the QDQ model and the decision.
@@ -137,7 +136,7 @@ def fallback(
     def attempt(k: int) -> tuple[Any, float]:
         if k not in cache:
             q = quantize(model, calibration, policy, exclude=order[:k])
-            agree = agreement(ref, first_output(run(q)))
+            agree = measure(ref, first_output(run(q)))
             agree = 1.0 if agree is None else agree
             cache[k] = (q, agree)
             steps.append({"float_layers": k, "agreement": round(agree, 6)})
