@@ -228,6 +228,7 @@ def install(name: str, *, force: bool = False, log: Callable[[str], None] | None
                 _run([*pip, "--no-deps", *s.no_deps], "installing its packages without dependencies", env)
             if s.check:
                 _run([py, "-I", "-c", s.check], f"checking it ({s.check})", env)
+            _relocate(tmp, st.path)
             marker = {"name": name, "spec": s.digest(), "python": sys.version.split()[0], "installed": time.time()}
             (tmp / MARKER).write_text(json.dumps(marker))
             if st.path.exists():
@@ -250,6 +251,19 @@ def remove(name: str) -> bool:
             return False
         shutil.rmtree(path)
         return True
+
+
+def _relocate(built: Path, final: Path) -> None:
+    """Point the environment's scripts at the place it is renamed to: pip writes each console script (``onnxsim``,
+    which onnx2tf runs as a command) with a ``#!`` line naming the Python of the folder it was built in, and the
+    activate scripts name that folder too."""
+    old, new = str(built).encode(), str(final).encode()
+    for f in (built / "bin").iterdir():
+        if f.is_symlink() or not f.is_file() or f.stat().st_size > 1 << 20:
+            continue
+        data = f.read_bytes()
+        if old in data and b"\0" not in data:
+            f.write_bytes(data.replace(old, new))
 
 
 def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:

@@ -173,8 +173,8 @@ class LitertBackend(Backend):
             python = python_for(TOOLCHAIN, "litert")
         except BackendUnavailableError as exc:
             raise BackendUnavailableError(
-                f"{exc}. litert converts a model exported from PyTorch in luodi's own environment (litert-torch); "
-                "this one came from ONNX, which takes the onnx2tf route"
+                f"this model came from ONNX, which litert converts with onnx2tf: {exc} (a model exported from "
+                "PyTorch converts without it, through litert-torch in luodi's own environment)"
             ) from None
         joins = concat_outputs(model) if options.precision == "int8" else {}
         if joins:
