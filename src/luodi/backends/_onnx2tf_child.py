@@ -101,11 +101,12 @@ class Onnx2tfHandler:
         path = os.environ.get("PATH", "")
         try:
             src = os.path.join(folder, "model.onnx")
-            with open(src, "wb") as f:
-                f.write(model.tobytes())
+            safe_in, safe_out = _safe_names(model.tobytes(), inputs, outputs, src)
+            shapes = {safe_in[n]: shapes[n] for n in inputs}
             rng = np.random.default_rng(0)
             np.save(os.path.join(folder, SAMPLE), rng.random((20, 128, 128, 3), dtype=np.float32))
             os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + path
+            keep = [n for n, s in shapes.items() if 3 <= len(s) <= 5]  # NCW, NCHW, NCDHW stay as they are
             os.chdir(folder)
             started = time.monotonic()
             try:
@@ -115,8 +116,8 @@ class Onnx2tfHandler:
                     onnx2tf.convert(
                         input_onnx_file_path=src,
                         output_folder_path=os.path.join(folder, "out"),
-                        overwrite_input_shape=[f"{n}:{','.join(map(str, shapes[n]))}" for n in inputs],
-                        keep_ncw_or_nchw_or_ncdhw_input_names=[n for n in inputs if 3 <= len(shapes[n]) <= 5] or None,
+                        overwrite_input_shape=[f"{n}:{','.join(map(str, s))}" for n, s in shapes.items()],
+                        keep_ncw_or_nchw_or_ncdhw_input_names=keep or None,
                         non_verbose=True,
                     )
             except BaseException as exc:  # noqa: BLE001 - the converter fails in many ways; its log says how
@@ -129,13 +130,37 @@ class Onnx2tfHandler:
             with open(out, "rb") as f:
                 data = f.read()
             with log():
-                boundary = _boundary(data, src, inputs, outputs, shapes)
+                boundary = _boundary(data, src, list(safe_in.values()), list(safe_out.values()), shapes)
+            boundary["perms"] = {n: boundary["perms"][safe_out[n]] for n in outputs}
         finally:
             os.chdir(cwd)
             os.environ["PATH"] = path
             shutil.rmtree(folder, ignore_errors=True)
         header = {**boundary, "seconds": round(seconds, 2), **self.info}
         return header, {"tflite": np.frombuffer(data, np.uint8)}
+
+
+def _safe_names(data: bytes, inputs: list[str], outputs: list[str], path: str) -> tuple[dict, dict]:
+    """Write the graph to ``path`` with its inputs and outputs renamed ``luodi_in_K`` and ``luodi_out_K``: onnx2tf
+    refuses a TensorFlow name out of ``[A-Za-z0-9_.\\/>-]`` or starting with ``/`` (``/model.22/Sigmoid_output_0``)
+    and parses ``NAME:SHAPE`` options. The maps from the graph's names to these."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    graph = model.graph
+    safe_in = {n: f"luodi_in_{k}" for k, n in enumerate(inputs)}
+    safe_out = {n: f"luodi_out_{k}" for k, n in enumerate(outputs)}
+    names = {**safe_in, **safe_out}
+    taken = {o for node in graph.node for o in node.output} | {i.name for i in graph.input}
+    if any(v in taken for v in names.values()):
+        raise RuntimeError("the graph already has tensors named luodi_in_K or luodi_out_K")
+    for node in graph.node:
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
+    for v in [*graph.input, *graph.output, *graph.value_info]:
+        v.name = names.get(v.name, v.name)
+    onnx.save(model, path)
+    return safe_in, safe_out
 
 
 def _boundary(data: bytes, src: str, inputs: list[str], outputs: list[str], shapes: dict[str, list[int]]) -> dict:
