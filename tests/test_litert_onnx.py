@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 import luodi
 from conftest import detector_head_model, small_cnn
@@ -118,6 +119,31 @@ def test_a_head_of_pixels_and_scores_is_quantised_as_its_parts_and_nhwc_outputs_
     assert got.shape == want.shape == (2, 6, 16, 16) and got.dtype == np.float32
     assert np.abs(got[:, 4:] - want[:, 4:]).max() < 0.03  # scores: steps of 1/256 (one shared scale: all lost)
     assert np.abs(got[:, :4] - want[:, :4]).max() < 0.05 * want[:, :4].max()
+
+
+def test_the_converter_never_reaches_for_the_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """onnx2tf fetches sample images from GitHub when every input's last axis is 3 (an NHWC image, as it sees it;
+    here a width of 3) unless a local sample file is in its working folder. Every proxy points at a closed port, so
+    a fetch fails the conversion."""
+    _need_toolchain()
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+        "narrow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 3])],
+        initializer=[w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    pkg = luodi.compile(model, tmp_path / "narrow.luodi", ["onnxruntime", "litert:fp32"])
+    t = pkg.find_target("litert", "fp32")
+    assert t["status"] == "verified", t.get("reason")
+    assert t["options"]["perms"] == {"y": [0, 3, 1, 2]}
 
 
 def test_the_toolchain_runs_onnxsim_as_a_command() -> None:
