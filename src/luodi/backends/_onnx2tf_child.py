@@ -23,7 +23,6 @@ the file, for the engine to put the outputs back in the graph's layout.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import re
@@ -35,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from ._child_log import redirected
+
 SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 SIGNATURE = "serving_default"
 
@@ -45,23 +46,8 @@ class _Log:
     def __init__(self, folder: str) -> None:
         self.path = os.path.join(folder, "onnx2tf.log")
 
-    @contextlib.contextmanager
     def __call__(self) -> Any:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        saved = [os.dup(1), os.dup(2)]
-        with open(self.path, "ab") as log:
-            os.dup2(log.fileno(), 1)
-            os.dup2(log.fileno(), 2)
-            try:
-                yield
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os.dup2(saved[0], 1)
-                os.dup2(saved[1], 2)
-                for fd in saved:
-                    os.close(fd)
+        return redirected(self.path)
 
     def tail(self, n: int = 8) -> str:
         try:
