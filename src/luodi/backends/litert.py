@@ -187,7 +187,7 @@ class LitertBackend(Backend):
         try:
             header, out = worker.call("convert", args, {"model": np.frombuffer(graph, np.uint8)})
         except BackendError as exc:
-            raise CompileError(f"litert: {exc}") from exc
+            raise CompileError(str(exc)) from exc  # "litert onnx2tf: ..." with the tail of its log
         finally:
             worker.close()
         record["route"] = "onnx2tf"
