@@ -50,7 +50,7 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python $(FASHION) $(CHROMEDRIVER)
 	$(PIP) install $(TORCH) -e '.[dev]'
 	$(PIP) install --no-deps foolbox $(MODELS) silero-vad pyannote-audio $(SWEEP_SHORT)  # pyannote: its sample.wav
 	$(PIP) install --no-deps $(LITERT)  # see the litert-runtime extra in pyproject.toml
-	$(BIN)/luodi toolchain install rknn  # its own environment under luodi's cache (1.5 GB; a no-op when present)
+	$(BIN)/luodi toolchain install rknn onnx2tf  # own environments in luodi's cache (1.5, 1.7 GB; no-op if present)
 	touch $@
 
 demo: $(VENV)/.demo
@@ -71,7 +71,7 @@ test: lint toolchains
 # Vendor toolchains in their own environments (luodi.toolchain): a no-op when they are installed, a rebuild when one
 # is missing, half-built or from an older spec.
 toolchains: $(VENV)/.test
-	$(BIN)/luodi toolchain install rknn
+	$(BIN)/luodi toolchain install rknn onnx2tf
 
 # The edit-test loop: lint plus every test not marked slow (a few minutes on 2 cores; see docs/testing.md).
 check: lint

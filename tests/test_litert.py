@@ -1,7 +1,7 @@
 """The litert backend (issue 16): a small CNN exported from PyTorch, converted by litert-torch to litert:fp32 and
 made full integer by ai-edge-quantizer (litert:int8, int8 inputs and outputs), verified at compile time and run
-in-process by ai-edge-litert's Interpreter through Session with float and int8 I/O; an ONNX source is refused with
-the reason."""
+in-process by ai-edge-litert's Interpreter through Session with float and int8 I/O. The ONNX route (onnx2tf in its
+own toolchain) is tested in test_litert_onnx.py."""
 
 from __future__ import annotations
 
@@ -148,13 +148,6 @@ def test_threads_option_and_shapes_other_than_built(pkg: luodi.Package, x: np.nd
             s.run({"x": np.zeros((1, 3, 20, 20), np.float32)})
     with pytest.raises(OptionError, match="num_threads"):
         luodi.Session(pkg, backend="litert:fp32", options={"num_threads": "2"})
-
-
-def test_an_onnx_source_is_refused_with_what_to_do(tmp_path) -> None:
-    pkg = luodi.compile(small_cnn(), tmp_path / "onnx.luodi", ["onnxruntime", "litert:fp32"])
-    t = pkg.find_target("litert", "fp32")
-    assert t["status"] == "failed"
-    assert "exported from PyTorch" in t["reason"] and "came from ONNX" in t["reason"]
 
 
 def test_vela_estimate_in_the_manifest_and_in_luodi_info(pkg: luodi.Package) -> None:

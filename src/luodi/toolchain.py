@@ -82,6 +82,35 @@ SPECS: dict[str, ToolchainSpec] = {
         summary="Rockchip rknn-toolkit2 2.5.0: ONNX -> .rknn for RK3588 and other Rockchip NPUs, and its x86 simulator",
         used_by=("rknn",),
     ),
+    # onnx2tf 1.29 pins tensorflow==2.19.0 (the full build) and tf-keras requires it too: both go in --no-deps beside
+    # tensorflow-cpu 2.19.0 (the same code without the GPU kernels). Of its other pins only what the ONNX -> float
+    # .tflite path imports or runs: onnx-graphsurgeon, sng4onnx and sne4onnx (not the whole
+    # simple-onnx-processing-tools set), onnxruntime (its shape checks), onnxsim (run as a command), ai-edge-litert
+    # (it reads back what it wrote); opencv (only its ImageDecoder op) is left out.
+    "onnx2tf": ToolchainSpec(
+        name="onnx2tf",
+        requirements=(
+            "tensorflow-cpu==2.19.0",
+            "numpy==1.26.4",
+            "onnx==1.19.1",
+            "onnxruntime==1.23.0",
+            "onnxsim==0.4.36",
+            "onnx-graphsurgeon==0.5.8",
+            "sng4onnx==2.0.1",
+            "sne4onnx==2.0.1",
+            "ai-edge-litert==2.1.0",
+            "protobuf==4.25.5",
+            "h5py==3.11.0",
+            "ml-dtypes==0.5.1",
+            "flatbuffers==25.12.19",
+            "psutil==5.9.5",
+            "requests==2.32.5",
+        ),
+        no_deps=("tf-keras==2.19.0", "onnx2tf==1.29.24"),
+        check="import onnx2tf, tensorflow, onnxsim, tf_keras",
+        summary="onnx2tf 1.29 on TensorFlow 2.19 (CPU): ONNX -> float .tflite, the litert route for ONNX sources",
+        used_by=("litert",),
+    ),
 }
 
 
@@ -199,6 +228,7 @@ def install(name: str, *, force: bool = False, log: Callable[[str], None] | None
                 _run([*pip, "--no-deps", *s.no_deps], "installing its packages without dependencies", env)
             if s.check:
                 _run([py, "-I", "-c", s.check], f"checking it ({s.check})", env)
+            _relocate(tmp, st.path)
             marker = {"name": name, "spec": s.digest(), "python": sys.version.split()[0], "installed": time.time()}
             (tmp / MARKER).write_text(json.dumps(marker))
             if st.path.exists():
@@ -221,6 +251,19 @@ def remove(name: str) -> bool:
             return False
         shutil.rmtree(path)
         return True
+
+
+def _relocate(built: Path, final: Path) -> None:
+    """Point the environment's scripts at the place it is renamed to: pip writes each console script (``onnxsim``,
+    which onnx2tf runs as a command) with a ``#!`` line naming the Python of the folder it was built in, and the
+    activate scripts name that folder too."""
+    old, new = str(built).encode(), str(final).encode()
+    for f in (built / "bin").iterdir():
+        if f.is_symlink() or not f.is_file() or f.stat().st_size > 1 << 20:
+            continue
+        data = f.read_bytes()
+        if old in data and b"\0" not in data:
+            f.write_bytes(data.replace(old, new))
 
 
 def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from ._child_log import redirected
+
 # What the simulator needs to rebuild an int8 model exactly (hybrid_quantization_step2's three inputs).
 INT8_FILES = ("model.model", "model.data", "model.quantization.cfg")
 
@@ -35,23 +37,8 @@ class _Quiet:
     def __init__(self, folder: str) -> None:
         self.path = os.path.join(folder, "toolkit.log")
 
-    @contextlib.contextmanager
     def __call__(self) -> Any:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        saved = [os.dup(1), os.dup(2)]
-        with open(self.path, "ab") as log:
-            os.dup2(log.fileno(), 1)
-            os.dup2(log.fileno(), 2)
-            try:
-                yield
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os.dup2(saved[0], 1)
-                os.dup2(saved[1], 2)
-                for fd in saved:
-                    os.close(fd)
+        return redirected(self.path)
 
     def tail(self, n: int = 6) -> str:
         try:

@@ -1,16 +1,26 @@
 """LiteRT (TensorFlow Lite): ``.tflite`` models run in-process with ai-edge-litert's Interpreter (XNNPACK on a CPU).
 
-Route: the package's ``torch.export`` program (a model exported from PyTorch) is converted by ``litert-torch`` to a
-float ``.tflite`` (``litert:fp32``), and ``ai-edge-quantizer``'s static int8 recipe (int8 weights per channel, int8
-activations calibrated on the compile's calibration data) makes it full integer with int8 inputs and outputs
-(``litert:int8``), bytes to bytes, in luodi's own environment. Measured against the other route (onnx2tf from the
-ONNX graph, in a TensorFlow environment of its own) in docs/boards.md: a point less agreement on EfficientNet-Lite0,
-four times faster, no network and no second environment. A model that came from ONNX has no torch program, so
-litert says so at compile time (NotApplicableError).
+Two routes to a float ``.tflite`` (``litert:fp32``), chosen by what the package holds:
+
+- a model exported from PyTorch: its ``torch.export`` program is converted by ``litert-torch``, bytes to bytes, in
+  luodi's own environment (measured against onnx2tf on EfficientNet-Lite0 in docs/boards.md: a point less
+  agreement, four times faster, no second environment);
+- a model that came from ONNX (no torch program): ``onnx2tf`` converts the graph in a toolchain environment of its
+  own (TensorFlow 2.19, numpy 1.26: ``luodi toolchain install onnx2tf``), driven through a bare worker process
+  (luodi.backends._onnx2tf_child); without that toolchain the compile is a BackendUnavailableError naming the
+  command.
+
+Either way ``ai-edge-quantizer``'s static int8 recipe (int8 weights per channel, int8 activations calibrated on the
+compile's calibration data) then makes the float file full integer with int8 inputs and outputs (``litert:int8``),
+in luodi's environment. On the ONNX route an output that is a Concat of unlike ranges (YOLOv8's pixel boxes and
+0..1 scores) is converted as its parts, each with its own int8 scale, and joined in float by the engine
+(luodi.backends._outputs). The record says which route and converter made the file (``route``, ``converter``).
 
 Layout: litert-torch keeps the torch module's own layout at the model's boundary (NCHW in, the module's outputs
-out; it transposes inside the graph), so the .tflite reads and writes luodi's canonical tensors unchanged. The
-compile records what it converted (``layout``) and checks the .tflite's shapes against the built shapes.
+out; it transposes inside the graph). onnx2tf keeps the inputs' NCHW (``keep_ncw_or_nchw_or_ncdhw_input_names``)
+but writes 4-D outputs NHWC: the child finds each output's axis order against onnxruntime on the same input and the
+engine transposes it back (``perms``). Either way the target reads and writes luodi's canonical tensors unchanged.
+The compile records what it converted (``layout``) and checks the .tflite's shapes against the built shapes.
 
 Shapes are static: the .tflite is built at the compile's primary shapes; a larger first axis runs one sample at a
 time (``Backend.static_shapes``).
@@ -29,9 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendError, CompileError, ModelError, NotApplicableError, ShapeError
+from ..errors import BackendError, BackendUnavailableError, CompileError, ModelError, ShapeError
 from ..tensor import TensorSpec
 from ._int8 import VENDOR_W8A8
+from ._outputs import concat_outputs, device_outputs, join_outputs, split_outputs
 from .base import Artifact, Backend, CompileOptions, Engine, LoadOptions
 from .contract import Option
 from .shapes import primary_shapes
@@ -39,6 +50,8 @@ from .shapes import primary_shapes
 MODEL_FILE = "model.tflite"
 SIGNATURE = "serving_default"
 INSTALL = "pip install 'luodi[litert]'"
+TOOLCHAIN = "onnx2tf"
+FACTORY = "luodi.backends._onnx2tf_child:load"
 
 
 def _numbered(names: Any) -> list[str]:
@@ -67,7 +80,10 @@ class LitertBackend(Backend):
         "rounding": "half_away_from_zero",
         "notes": "ai-edge-quantizer static_wi8_ai8, approximated for the sensitivity ranking only",
     }
-    precision_note = "fp32: litert-torch's float .tflite; int8: full integer (int8 I/O) by ai-edge-quantizer"
+    precision_note = (
+        "fp32: a float .tflite (litert-torch from a PyTorch program, onnx2tf from ONNX); "
+        "int8: full integer (int8 I/O) by ai-edge-quantizer"
+    )
     estimates = ("int8",)
     load_options = {
         "num_threads": Option(int, "the interpreter's thread count (XNNPACK); Session(threads=...) sets it too"),
@@ -76,28 +92,27 @@ class LitertBackend(Backend):
     # -- compile --------------------------------------------------------------------------------------------------
     def _compile(self, model: Any, options: CompileOptions) -> Artifact:
         program = getattr(options.source, "torch_program", None)
-        if program is None:
-            raise NotApplicableError(
-                "litert converts models exported from PyTorch (litert-torch converts the package's torch.export "
-                "program); this model came from ONNX and has none. Compile it from its PyTorch module "
-                "(luodi.export in Python, `luodi export BUILDER`), or choose another target, e.g. onnxruntime:int8"
-            )
         inputs, outputs = options.io(model)
         if any(s.np_dtype.kind != "f" for s in inputs):
             bad = [f"{s.name} ({s.dtype})" for s in inputs if s.np_dtype.kind != "f"]
             raise CompileError(f"litert converts models with float inputs only; this model has {bad}")
         shapes = primary_shapes(inputs, options)
-        module = _torch_module(
-            program() if callable(program) else program, options.input_normalization, [s.name for s in inputs]
-        )
-        data = _convert(module, [shapes[s.name] for s in inputs])
         record: dict[str, Any] = {
             "shapes": {s.name: [int(d) for d in shapes[s.name]] for s in inputs},
             "inputs": [s.to_dict() for s in inputs],
             "outputs": [s.to_dict() for s in outputs],
-            "layout": "the torch module's (unchanged at the boundary)",
-            "converter": f"litert-torch {_version('litert-torch')}",
         }
+        keys: tuple[list[str], list[str]] | None = None
+        if program is not None:
+            module = _torch_module(
+                program() if callable(program) else program, options.input_normalization, [s.name for s in inputs]
+            )
+            data = _convert(module, [shapes[s.name] for s in inputs])
+            record["route"] = "litert-torch"
+            record["layout"] = "the torch module's (unchanged at the boundary)"
+            record["converter"] = f"litert-torch {_version('litert-torch')}"
+        else:
+            data, keys = self._from_onnx(model, options, inputs, outputs, shapes, record)
         if options.precision == "int8":
             calibration = list(options.calibration or ())
             if not calibration:
@@ -107,14 +122,15 @@ class LitertBackend(Backend):
                 for f in calibration
             ]
             pixels = (options.input_normalization or {}).get("input")
-            data = _quantise(data, [s.name for s in inputs], samples, pixels)
+            data = _quantise(data, [s.name for s in inputs], samples, pixels, keys[0] if keys else None)
             record["converter"] += f", ai-edge-quantizer {_version('ai-edge-quantizer')} static_wi8_ai8"
         interp = _interpreter(data, 1)
-        ins, outs = _boundary(interp)
-        if len(ins) != len(inputs) or len(outs) != len(outputs):
+        ins, outs = _boundary(interp, keys)
+        names = _device_outputs(record)
+        if len(ins) != len(inputs) or len(outs) != len(names):
             raise CompileError(
                 f"litert: the .tflite has {len(ins)} input(s) and {len(outs)} output(s); the model has "
-                f"{len(inputs)} and {len(outputs)}"
+                f"{len(inputs)} and {len(names)}"
             )
         for spec, detail in zip(inputs, ins):
             if list(detail["shape"]) != record["shapes"][spec.name]:
@@ -125,16 +141,69 @@ class LitertBackend(Backend):
         artifact = Artifact(self.name, options.precision, {MODEL_FILE: data}, record)
         if options.precision == "int8":
             record["device_io"] = {
-                spec.name: {
+                name: {
                     "scale": float(d["quantization"][0]),
                     "zero_point": int(d["quantization"][1]),
                     "dtype": np.dtype(d["dtype"]).name,
                 }
-                for spec, d in [*zip(inputs, ins), *zip(outputs, outs)]
+                for name, d in [*zip([s.name for s in inputs], ins), *zip(names, outs)]
                 if np.dtype(d["dtype"]).kind in "iu"
             }
             artifact.io = device_specs(artifact)
         return artifact
+
+    def _from_onnx(
+        self,
+        model: Any,
+        options: CompileOptions,
+        inputs: list[TensorSpec],
+        outputs: list[TensorSpec],
+        shapes: Any,
+        record: dict[str, Any],
+    ) -> tuple[bytes, tuple[list[str], list[str]]]:
+        """The ONNX route: onnx2tf in its own environment (luodi.toolchain) makes a float .tflite of the graph.
+
+        int8: an output that is a Concat of unlike ranges (a detector's pixel boxes and 0..1 scores) is converted
+        as its parts, each quantised with its own scale, and joined in float by the engine (luodi.backends._outputs).
+        """
+        from ..toolchain import python_for
+        from ..worker import Worker
+
+        try:
+            python = python_for(TOOLCHAIN, "litert")
+        except BackendUnavailableError as exc:
+            raise BackendUnavailableError(
+                f"this model came from ONNX, which litert converts with onnx2tf: {exc} (a model exported from "
+                "PyTorch converts without it, through litert-torch in luodi's own environment)"
+            ) from None
+        joins = concat_outputs(model) if options.precision == "int8" else {}
+        if joins:
+            graph = split_outputs(model, joins).SerializeToString()
+        else:
+            graph = options.model_bytes if options.model_bytes is not None else model.SerializeToString()
+        names = device_outputs([s.name for s in outputs], joins)
+        args = {"inputs": [s.name for s in inputs], "outputs": names, "shapes": record["shapes"]}
+        worker = Worker(FACTORY, {}, label="litert onnx2tf", python=python, bare=True, auto_restart=False)
+        try:
+            header, out = worker.call("convert", args, {"model": np.frombuffer(graph, np.uint8)})
+        except BackendError as exc:
+            raise CompileError(str(exc)) from exc  # "litert onnx2tf: ..." with the tail of its log
+        finally:
+            worker.close()
+        record["route"] = "onnx2tf"
+        record["converter"] = f"onnx2tf {header.get('onnx2tf', '?')} (TensorFlow {header.get('tensorflow', '?')})"
+        record["convert_seconds"] = header.get("seconds")
+        record["signature"] = {"inputs": list(header["input_keys"]), "outputs": list(header["output_keys"])}
+        record["perms"] = {n: p for n, p in (header.get("perms") or {}).items() if p is not None}
+        record["layout"] = "inputs in the graph's layout (onnx2tf keeps NCHW)" + (
+            f"; outputs {sorted(record['perms'])} transposed back from the converter's NHWC by the engine"
+            if record["perms"]
+            else ""
+        )
+        if joins:
+            record["joins"] = joins
+            record["device_outputs"] = names
+        return bytes(out["tflite"].tobytes()), (record["signature"]["inputs"], record["signature"]["outputs"])
 
     def check_estimate(self, config: str) -> None:
         from . import _vela
@@ -187,9 +256,21 @@ class LitertEngine(Engine):
             raise
         except Exception as exc:  # noqa: BLE001 - the interpreter refuses a bad file in its own ways
             raise ModelError(f"litert cannot load {artifact.target}'s {MODEL_FILE}: {exc}") from exc
-        tin, tout = _boundary(self._interp)
+        opts = artifact.options
+        sig = opts.get("signature")
+        tin, tout = _boundary(self._interp, (sig["inputs"], sig["outputs"]) if sig else None)
         self._in = [(s.name, d["index"]) for s, d in zip(ins, tin)]
-        self._out = [(s.name, d["index"]) for s, d in zip(outs, tout)]
+        self._out = [(n, d["index"]) for n, d in zip(_device_outputs(opts), tout)]
+        self.perms = {n: tuple(p) for n, p in (opts.get("perms") or {}).items()}
+        self.joins = dict(opts.get("joins") or {})
+        # a joined output's parts, each dequantised with its own scale before they are joined in float
+        params = opts.get("device_io") or {}
+        self._parts = {
+            p: TensorSpec(p, params[p]["dtype"], (), params[p]["scale"], params[p]["zero_point"])
+            for j in self.joins.values()
+            for p in j["parts"]
+            if p in params
+        }
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         first = {n: a.shape[0] if a.ndim else 1 for n, a in feeds.items()}
@@ -201,7 +282,7 @@ class LitertEngine(Engine):
             if len(set(first.values())) != 1:
                 raise ShapeError(f"litert: inputs of different batch sizes {first}")
             parts = [self._invoke({n: a[i : i + 1] for n, a in feeds.items()}) for i in range(rows)]
-            return {n: np.concatenate([p[n] for p in parts]) for n, _ in self._out}
+            return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
         got = {n: list(a.shape) for n, a in feeds.items()}
         raise ShapeError(f"litert runs the shapes it was built at {self._built_text()} (any batch), got {got}")
 
@@ -210,7 +291,15 @@ class LitertEngine(Engine):
         for name, index in self._in:
             interp.set_tensor(index, feeds[name])
         interp.invoke()
-        return {name: interp.get_tensor(index) for name, index in self._out}
+        outs = {}
+        for name, index in self._out:
+            a = interp.get_tensor(index)
+            if name in self.perms:  # onnx2tf's NHWC back to the graph's layout
+                a = np.ascontiguousarray(np.transpose(a, self.perms[name]))
+            if name in self._parts:
+                a = self._parts[name].dequantise(a)
+            outs[name] = a
+        return join_outputs(outs, self.joins)
 
     def _built_text(self) -> str:
         return ", ".join(f"{n} {list(s)}" for n, s in self.built.items())
@@ -232,8 +321,6 @@ def _version(dist: str) -> str:
 
 def _require(module: str, dist: str) -> Any:
     import importlib
-
-    from ..errors import BackendUnavailableError
 
     try:
         return importlib.import_module(module)
@@ -287,7 +374,13 @@ def _convert(module: Any, shapes: list[tuple[int, ...]]) -> bytes:
     return bytes(data)
 
 
-def _quantise(data: bytes, names: list[str], samples: list[dict[str, np.ndarray]], pixels: str | None) -> bytes:
+def _quantise(
+    data: bytes,
+    names: list[str],
+    samples: list[dict[str, np.ndarray]],
+    pixels: str | None,
+    keys: list[str] | None = None,
+) -> bytes:
     """Full int8 by ai-edge-quantizer's static_wi8_ai8, calibrated on the global min and max of ``samples``. An
     input that takes pixel values (``pixels``: the pipeline's normalisation was folded into the model) gets the range
     0..255 whatever the samples reach, so that every pixel value is an int8 exactly (scale 1, zero point -128)."""
@@ -296,7 +389,7 @@ def _quantise(data: bytes, names: list[str], samples: list[dict[str, np.ndarray]
     from ai_edge_quantizer.utils import qsv_utils
 
     interp = _interpreter(data, 1)
-    keys = _numbered(interp.get_signature_list()[SIGNATURE]["inputs"])
+    keys = keys or _numbered(interp.get_signature_list()[SIGNATURE]["inputs"])
     by_key = dict(zip(keys, names))
     details = interp.get_signature_runner(SIGNATURE).get_input_details()
     tensors = {k: details[k]["name"] for k in keys}
@@ -331,11 +424,20 @@ def _interpreter(data: bytes, threads: int | None) -> Any:
     return interp
 
 
-def _boundary(interp: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The interpreter's input and output details in the signature's order (the model's)."""
+def _boundary(
+    interp: Any, keys: tuple[list[str], list[str]] | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The interpreter's input and output details in the model's order: the signature keys recorded for each of
+    them (onnx2tf's, which keeps the graph's names), else the signature's numbered order (litert-torch's)."""
     runner = interp.get_signature_runner(SIGNATURE)
     ins, outs = runner.get_input_details(), runner.get_output_details()
-    return [ins[k] for k in _numbered(ins)], [outs[k] for k in _numbered(outs)]
+    kin, kout = keys if keys else (_numbered(ins), _numbered(outs))
+    return [ins[k] for k in kin], [outs[k] for k in kout]
+
+
+def _device_outputs(record: dict[str, Any]) -> list[str]:
+    """The outputs the .tflite writes, in order: the model's, or a joined output's parts in its place."""
+    return list(record.get("device_outputs") or [d["name"] for d in record["outputs"]])
 
 
 def _fit(a: np.ndarray, shape: Any, name: str) -> np.ndarray:
