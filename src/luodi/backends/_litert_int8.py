@@ -15,6 +15,7 @@ It edits flatbuffers through ai-edge-litert's object API; it must not import luo
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -198,7 +199,10 @@ def correct_biases(data: bytes, quantised: bytes, means: dict[int, np.ndarray]) 
     fm = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
     qm = flatbuffer_utils.read_model_from_bytearray(bytearray(quantised))
     fs, qs = fm.subgraphs[0], qm.subgraphs[0]
-    by_output = {qs.tensors[op.outputs[0]].name: op for op in qs.operators if len(op.outputs)}
+    # the quantiser keeps the operators and their tensors' names; a name given twice matches nothing
+    produced = [(qs.tensors[op.outputs[0]].name, op) for op in qs.operators if len(op.outputs)]
+    times = Counter(name for name, _ in produced)
+    by_output = {name: op for name, op in produced if times[name] == 1}
     uses: dict[int, int] = {}
     for sub in fm.subgraphs:
         for t in sub.tensors:

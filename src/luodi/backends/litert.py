@@ -65,12 +65,13 @@ class LitertBackend(Backend):
     static_shapes = True
     in_memory = True
     # ai-edge-quantizer's static_wi8_ai8 recipe (TFLite's int8 scheme: symmetric per-channel int8 weights, asymmetric
-    # per-tensor int8 activations). The quantiser quantises the model itself; this table only lets luodi's sensitivity
-    # ranking simulate it.
+    # per-tensor int8 activations), on biases luodi corrected (_litert_int8). The quantiser quantises the model itself;
+    # this table only lets luodi's sensitivity ranking simulate it.
     int8_policy = {
         **VENDOR_W8A8,
+        "bias_correction": True,
         "rounding": "half_away_from_zero",
-        "notes": "ai-edge-quantizer static_wi8_ai8, approximated for the sensitivity ranking only",
+        "notes": "ai-edge-quantizer static_wi8_ai8 on bias-corrected weights, approximated for the sensitivity ranking",
     }
     precision_note = "fp32: litert-torch's float .tflite; int8: full integer (int8 I/O) by ai-edge-quantizer"
     estimates = ("int8",)
