@@ -235,3 +235,101 @@ def test_int8_outside_the_budget_fails_with_the_budget_not_a_float_layer_search(
     t = pkg.find_target("litert", "int8")
     assert t["status"] == "failed"
     assert "below the" in t["reason"] and "litert:fp32" in t["reason"] and "float_tensors" not in t["reason"]
+
+
+class _Offset(torch.nn.Module):
+    """Conv -> ReLU -> depthwise Conv -> mean -> Linear, where the depthwise kernels round with one sign: each
+    channel's kernel is one tap of 1 (which sets its int8 scale, 1/127) and eight taps of 0.49/127, which round to
+    0, over a near-constant input (the first Conv's bias of 10): a constant offset of -3.1% of that input, the
+    failure bias correction is for (EfficientNet-Lite0's depthwise layers after BatchNorm folding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc = torch.nn.Linear(8, 4)
+        with torch.no_grad():
+            self.c1.bias.fill_(10.0)
+            self.dw.weight.fill_(0.49 / 127)
+            self.dw.weight[:, :, 1, 1] = 1.0
+            self.dw.bias.fill_(-10.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dw(torch.relu(self.c1(x))).mean((2, 3)))
+
+
+def _plain_int8(data: bytes, calibration: list[dict[str, np.ndarray]]) -> bytes:
+    """The .tflite quantised by ai-edge-quantizer's static_wi8_ai8 on the global min and max of the calibration
+    samples and nothing else: what litert:int8 was before luodi chose the ranges and corrected the biases."""
+    from ai_edge_quantizer import calibrator, quantizer, recipe
+    from ai_edge_quantizer.utils import qsv_utils
+
+    qt = quantizer.Quantizer(data)
+    qt.load_quantization_recipe(recipe.static_wi8_ai8())
+    cal = calibrator.Calibrator(data, num_threads=1, qsv_update_func=qsv_utils.min_max_update)
+    cal.calibrate({"serving_default": [{"args_0": f["x"]} for f in calibration]}, qt._recipe_manager)
+    return bytes(qt.quantize(cal.get_model_qsvs()).quantized_model)
+
+
+def _run_int8(data: bytes, x: np.ndarray) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=data)
+    interp.allocate_tensors()
+    (i,), (o,) = interp.get_input_details(), interp.get_output_details()
+    (si, zi), (so, zo) = i["quantization"], o["quantization"]
+    out = []
+    for row in x:
+        interp.set_tensor(i["index"], np.clip(np.round(row[None] / si) + zi, -128, 127).astype(np.int8))
+        interp.invoke()
+        out.append((interp.get_tensor(o["index"]).astype(np.float32) - zo) * so)
+    return np.concatenate(out)
+
+
+def _scales(data: bytes) -> dict[str, float]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    details = Interpreter(model_content=data).get_tensor_details()
+    return {d["name"]: float(d["quantization"][0]) for d in details if d["quantization"][0]}
+
+
+def test_int8_corrects_the_biases_of_rounded_weights_and_chooses_activation_ranges(tmp_path) -> None:
+    """litert:int8 is ai-edge-quantizer's recipe plus luodi's bias correction and MSE activation ranges: against the
+    recipe alone (min/max ranges, no correction) on the same float .tflite, its outputs lose the depthwise layer's
+    constant offset, and intermediate activations get narrower ranges than their min and max."""
+    torch.manual_seed(3)
+    calibration = _calibration()
+    pkg = luodi.export(
+        _Offset().eval(),
+        torch.zeros(1, 3, 16, 16),
+        tmp_path / "offset.luodi",
+        ["onnxruntime", "litert:fp32", "litert:int8"],
+        input_names=["x"],
+        output_names=["y"],
+        calibration=calibration,
+        accuracy_budget="50%",
+    )
+    t = pkg.find_target("litert", "int8")
+    assert t["status"] == "verified", t.get("reason")
+    assert t["options"]["int8"]["bias_corrected_layers"] == 3  # both Conv layers and the Linear
+    ours = pkg.read(t["files"]["model.tflite"])
+    plain = _plain_int8(pkg.read(pkg.find_target("litert", "fp32")["files"]["model.tflite"]), calibration)
+    x = np.random.default_rng(4).random((32, 3, 16, 16), dtype=np.float32)
+    with luodi.Session(pkg, backend="onnxruntime") as s:
+        ref = s.run({"x": x})["y"]
+    err_ours, err_plain = _run_int8(ours, x) - ref, _run_int8(plain, x) - ref
+    assert np.abs(err_plain.mean(0)).max() > 0.05 * np.abs(ref).max()  # the offset, uncorrected
+    assert np.abs(err_ours.mean(0)).max() < 0.2 * np.abs(err_plain.mean(0)).max()
+    assert (err_ours**2).mean() < 0.1 * (err_plain**2).mean()
+    ranged, min_max = _scales(ours), _scales(plain)
+    narrower = [n for n in ranged if n in min_max and ranged[n] < 0.99 * min_max[n]]
+    assert narrower, "no activation got a range narrower than its min and max"
+    boundary = {d["name"] for d in _boundary_details(ours)}
+    assert not boundary & set(narrower)  # the model's input and output keep their min and max
+
+
+def _boundary_details(data: bytes) -> list[dict]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=data)
+    return [*interp.get_input_details(), *interp.get_output_details()]

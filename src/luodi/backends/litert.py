@@ -12,8 +12,13 @@ Two routes to a float ``.tflite`` (``litert:fp32``), chosen by what the package 
 
 Either way ``ai-edge-quantizer``'s static int8 recipe (int8 weights per channel, int8 activations calibrated on the
 compile's calibration data) then makes the float file full integer with int8 inputs and outputs (``litert:int8``),
-in luodi's environment. On the ONNX route an output that is a Concat of unlike ranges (YOLOv8's pixel boxes and
-0..1 scores) is converted as its parts, each with its own int8 scale, and joined in float by the engine
+in luodi's environment. luodi adds two steps of its own PTQ to the recipe (_litert_int8): each intermediate
+activation's range is the MSE-optimal one on its histogram over the samples (the model's inputs and outputs keep
+their min and max), and each Conv/depthwise/FullyConnected bias absorbs the mean output error of its rounded int8
+weights (bias correction). On EfficientNet-Lite0's 169 held-apart photos they took top-1 agreement with fp32 from
+85.8% (the recipe on min/max ranges) to 92.9% (onnxruntime:int8: 91.1%); the Fashion-MNIST CNN stays at fp32's
+accuracy (89.52% vs 89.56%). On the ONNX route an output that is a Concat of unlike ranges (YOLOv8's pixel boxes
+and 0..1 scores) is converted as its parts, each with its own int8 scale, and joined in float by the engine
 (luodi.backends._outputs). The record says which route and converter made the file (``route``, ``converter``).
 
 Layout: litert-torch keeps the torch module's own layout at the model's boundary (NCHW in, the module's outputs
@@ -73,12 +78,13 @@ class LitertBackend(Backend):
     static_shapes = True
     in_memory = True
     # ai-edge-quantizer's static_wi8_ai8 recipe (TFLite's int8 scheme: symmetric per-channel int8 weights, asymmetric
-    # per-tensor int8 activations). The quantiser quantises the model itself; this table only lets luodi's sensitivity
-    # ranking simulate it.
+    # per-tensor int8 activations), on biases luodi corrected (_litert_int8). The quantiser quantises the model itself;
+    # this table only lets luodi's sensitivity ranking simulate it.
     int8_policy = {
         **VENDOR_W8A8,
+        "bias_correction": True,
         "rounding": "half_away_from_zero",
-        "notes": "ai-edge-quantizer static_wi8_ai8, approximated for the sensitivity ranking only",
+        "notes": "ai-edge-quantizer static_wi8_ai8 on bias-corrected weights, approximated for the sensitivity ranking",
     }
     precision_note = (
         "fp32: a float .tflite (litert-torch from a PyTorch program, onnx2tf from ONNX); "
@@ -122,7 +128,7 @@ class LitertBackend(Backend):
                 for f in calibration
             ]
             pixels = (options.input_normalization or {}).get("input")
-            data = _quantise(data, [s.name for s in inputs], samples, pixels, keys[0] if keys else None)
+            data, record["int8"] = _quantise(data, [s.name for s in inputs], samples, pixels, keys[0] if keys else None)
             record["converter"] += f", ai-edge-quantizer {_version('ai-edge-quantizer')} static_wi8_ai8"
         interp = _interpreter(data, 1)
         ins, outs = _boundary(interp, keys)
@@ -380,27 +386,33 @@ def _quantise(
     samples: list[dict[str, np.ndarray]],
     pixels: str | None,
     keys: list[str] | None = None,
-) -> bytes:
-    """Full int8 by ai-edge-quantizer's static_wi8_ai8, calibrated on the global min and max of ``samples``. An
-    input that takes pixel values (``pixels``: the pipeline's normalisation was folded into the model) gets the range
-    0..255 whatever the samples reach, so that every pixel value is an int8 exactly (scale 1, zero point -128)."""
+) -> tuple[bytes, dict[str, Any]]:
+    """Full int8 by ai-edge-quantizer's static_wi8_ai8 with luodi's ranges and bias correction (_litert_int8), and
+    what was done. Each activation's range starts as the global min and max of ``samples``; an input that takes pixel
+    values (``pixels``: the pipeline's normalisation was folded into the model) gets the range 0..255 whatever the
+    samples reach, so that every pixel value is an int8 exactly (scale 1, zero point -128). ``keys``: the signature's
+    input keys in the order of ``names`` (onnx2tf's file; default: by their number)."""
     _require("ai_edge_quantizer", "ai-edge-quantizer")
     from ai_edge_quantizer import calibrator, quantizer, recipe
     from ai_edge_quantizer.utils import qsv_utils
 
+    from . import _litert_int8
+
     interp = _interpreter(data, 1)
     keys = keys or _numbered(interp.get_signature_list()[SIGNATURE]["inputs"])
     by_key = dict(zip(keys, names))
-    details = interp.get_signature_runner(SIGNATURE).get_input_details()
+    runner = interp.get_signature_runner(SIGNATURE)
+    details = runner.get_input_details()
     tensors = {k: details[k]["name"] for k in keys}
+    boundary = {*tensors.values(), *(d["name"] for d in runner.get_output_details().values())}
     try:
         with _quiet():
             qt = quantizer.Quantizer(data)
             qt.load_quantization_recipe(recipe.static_wi8_ai8())
             # The quantiser's own calibrate() keeps a moving average of each tensor's min and max over the samples,
             # which leaves the ranges narrower than the data: later inputs saturate (Fashion-MNIST's logits reached
-            # twice the averaged range; 87.5% vs 88.3% fp32 accuracy). luodi calibrates on the samples' global min
-            # and max, as its own minmax observer does (88.4%, cosine 0.99996).
+            # twice the averaged range; 87.5% vs 88.3% fp32 accuracy). The global min and max bound the histograms
+            # from which _litert_int8 chooses the ranges, and stay the ranges of the model's inputs and outputs.
             calibration = calibrator.Calibrator(data, num_threads=1, qsv_update_func=qsv_utils.min_max_update)
             calibration.calibrate({SIGNATURE: [{k: s[by_key[k]] for k in keys} for s in samples]}, qt._recipe_manager)
             calib = calibration.get_model_qsvs()
@@ -408,11 +420,21 @@ def _quantise(
                 ranges = calib.get(tensors[key])
                 if name == pixels and ranges is not None and ranges["min"].min() >= 0 and ranges["max"].max() <= 255:
                     ranges["min"], ranges["max"] = np.zeros_like(ranges["min"]), np.full_like(ranges["max"], 255.0)
-            result = qt.quantize(calib)
+            feeds = [{details[k]["index"]: s[by_key[k]] for k in keys} for s in samples]
+            observed = _litert_int8.observe(data, feeds, calib, boundary)
+            narrowed = _litert_int8.narrow(calib, observed)
+            first = bytes(qt.quantize(calib).quantized_model)
+            corrected, fixed = _litert_int8.correct_biases(data, first, observed.means)
+            result = first
+            if fixed:
+                again = quantizer.Quantizer(corrected)
+                again.load_quantization_recipe(recipe.static_wi8_ai8())
+                result = bytes(again.quantize(calib).quantized_model)
     except Exception as exc:  # noqa: BLE001
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:400]
         raise CompileError(f"ai-edge-quantizer could not quantise the model: {detail}") from exc
-    return bytes(result.quantized_model)
+    ranges = f"mse on {narrowed} tensor(s), min/max at the inputs and outputs"
+    return result, {"activation_ranges": ranges, "bias_corrected_layers": fixed}
 
 
 def _interpreter(data: bytes, threads: int | None) -> Any:

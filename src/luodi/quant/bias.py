@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ..backends._ptq import tap_means
+
 LINEAR_OPS = ("Conv", "Gemm")
 
 
@@ -88,19 +90,7 @@ def _tap_means(x: np.ndarray, node: Any, kernel: Sequence[int]) -> np.ndarray:
     """[C, *kernel]: for each input channel and kernel tap, the mean of the (padded) input that tap sees over
     all output positions. A 2-D Conv only (the layers the vision models here have)."""
     pads = list(_attr(node, "pads", [0, 0, 0, 0]))
-    stride = list(_attr(node, "strides", [1, 1]))
-    dil = list(_attr(node, "dilations", [1, 1]))
-    kh, kw = kernel
-    xp = np.pad(x, ((0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    ho = (xp.shape[1] - dil[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (xp.shape[2] - dil[1] * (kw - 1) - 1) // stride[1] + 1
-    out = np.empty((x.shape[0], kh, kw))
-    for i in range(kh):
-        for j in range(kw):
-            r, c = i * dil[0], j * dil[1]
-            window = xp[:, r : r + stride[0] * (ho - 1) + 1 : stride[0], c : c + stride[1] * (wo - 1) + 1 : stride[1]]
-            out[:, i, j] = window.mean((1, 2))
-    return out
+    return tap_means(x, kernel, pads, list(_attr(node, "strides", [1, 1])), list(_attr(node, "dilations", [1, 1])))
 
 
 def _mean_error(node: Any, dw: np.ndarray, x: np.ndarray) -> np.ndarray | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backends._ptq import MSE_CANDIDATES, mse_range
 from ..errors import CompileError, InputError
 from .bias import mean_inputs
 from .data import Feeds, batches, progress
@@ -28,7 +29,6 @@ METHODS = ("minmax", "percentile", "entropy", "mse")
 # keeps memory flat; the histograms merge across calls. It also lets the progress bar move.
 CHUNK = 8
 PERCENTILE = 99.999
-MSE_CANDIDATES = 128
 
 
 @dataclass
@@ -145,21 +145,6 @@ def _mse_ranges(histograms: dict[str, tuple], policy: QuantPolicy | None) -> Any
     symmetric = bool(act and act.symmetric)
     out = {}
     for name, (hist, edges, lo_seen, hi_seen, *_rest) in histograms.items():
-        hist = hist.astype(np.float64)
-        centres = (edges[:-1] + edges[1:]).astype(np.float64) / 2
-        top = float(max(abs(lo_seen), abs(hi_seen)))
-        if top == 0 or hist.sum() == 0:
-            out[name] = TensorData(lowest=np.float32(lo_seen), highest=np.float32(hi_seen))
-            continue
-        t = np.linspace(top / MSE_CANDIDATES, top, MSE_CANDIDATES)[:, None]
-        if symmetric:
-            lo, hi = -t, t
-        else:  # the range must hold zero exactly (zero-point), and need not reach past what was seen
-            lo = np.minimum(np.maximum(float(lo_seen), -t), 0.0)
-            hi = np.maximum(np.minimum(float(hi_seen), t), 0.0)
-        scale = (hi - lo) / levels
-        clipped = np.clip(centres[None, :], lo, hi)
-        err = np.where(clipped == centres[None, :], scale**2 / 12, (centres[None, :] - clipped) ** 2)
-        best = int(np.argmin((err * hist[None, :]).sum(axis=1)))
-        out[name] = TensorData(lowest=np.float32(lo[best, 0]), highest=np.float32(hi[best, 0]))
+        lo, hi = mse_range(hist, edges, lo_seen, hi_seen, levels, symmetric, MSE_CANDIDATES)
+        out[name] = TensorData(lowest=np.float32(lo), highest=np.float32(hi))
     return TensorsData(CalibrationMethod.Percentile, out)
