@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import luodi
-from luodi.quant import PTQ, calibrate, load_feeds, policy_of, prepare, quantize, simulate
+from luodi.quant import PTQ, calibrate, first_output, load_feeds, policy_of, prepare, quantize, run_on, simulate
 from luodi.zoo import fashion_mnist as fm
 
 pytestmark = pytest.mark.slow  # see docs/testing.md: `make check` leaves these out
@@ -213,14 +213,41 @@ def test_fallback_meets_a_budget_plain_int8_misses(fashion):
         validation=fm.to_input(images[4000:6000]),
         method="minmax",
     )
-    _, plain = ptq.for_backend(backend, 0.5, allow_fallback=False)
-    missed = 1 - plain["agreement"]
+    qdq, plain = ptq.for_backend(backend, 0.5, allow_fallback=False)
+    # what plain int8 misses on the half the fallback chooses on
+    missed = 1 - ptq.measure(ptq.float_outputs("tune"), first_output(run_on(backend, qdq, ptq.tune_feeds)))
     assert missed > 0, "plain int8 agrees on every sample; nothing for the fallback to do"
     budget = missed / 2
     _, fixed = ptq.for_backend(backend, budget)
-    assert fixed["passed"] and fixed["float_layers"], fixed
-    assert 1 - fixed["agreement"] <= budget
+    # the fallback met the budget on the half it chose on; the record reports the other half, which it never saw
+    assert fixed["fallback"]["met"] and fixed["float_layers"], fixed
+    assert 1 - fixed["fallback"]["agreement"] <= budget
     assert fixed["fallback"]["steps"][0]["float_layers"] == 0
+    assert fixed["validation"]["samples"] == fixed["validation"]["tuned_on"]["samples"] == 1000
+    assert not fixed["validation"]["tuned_on"]["same_samples"]
+    assert fixed["passed"] == (1 - fixed["agreement"] <= budget)
+    assert fixed["agreement"] > plain["agreement"] - 0.01  # float layers chosen on one half help on the other
+
+
+def test_the_fallback_chooses_on_other_samples_than_agreement_is_reported_on(fashion):
+    """By default the validation samples are split: every other one for the fallback's choices, the rest for the
+    reported (and gated) agreement; without held-apart data both halves come from the calibration samples, and the
+    record says so."""
+    net, images, _ = fashion
+    model = _onnx(net, images)
+    ptq = PTQ(model, _inputs(model), fm.to_input(images[:40]), samples=40, validation=fm.to_input(images[100:111]))
+    assert len(ptq.tune_feeds) == 6 and len(ptq.report_feeds) == 5
+    tuned = {f["images"].tobytes() for f in ptq.tune_feeds}
+    assert not tuned & {f["images"].tobytes() for f in ptq.report_feeds}
+    _, record = ptq.for_backend(luodi.get_backend("onnxruntime"), 0.5, allow_fallback=False)
+    assert record["validation"] == {
+        "data": "array (11, 1, 28, 28)",
+        "samples": 5,
+        "held_apart": True,
+        "tuned_on": {"data": "array (11, 1, 28, 28)", "samples": 6, "same_samples": False},
+    }
+    alone = PTQ(model, _inputs(model), fm.to_input(images[:8]), samples=8)
+    assert len(alone.tune_feeds) == len(alone.report_feeds) == 4 and not alone.held_apart
 
 
 def test_layerwise_marks_where_the_error_jumps(fashion_pkg):

@@ -96,11 +96,14 @@ def vendor_quantise(
 
     budget = DEFAULT_MAX_DISAGREEMENT if max_disagreement is None else max_disagreement
     artifact = backend.compile(model, options)
-    record = vendor_record(ptq, backend, artifact, budget)
     steps: list[dict[str, Any]] = []
     fallback = fallback and "float_tensors" in backend.compile_options  # the toolkit can keep layers in float
-    if not record["passed"] and fallback:
-        say(f"{backend.name}: agreement {record['agreement']:.2%} misses the budget; ranking layers by sensitivity")
+    nodes: list[str] = []
+    fell_back: dict[str, Any] | None = None
+    # the fallback chooses on the tuning half of the validation samples; the record is measured on the other half
+    check = vendor_record(ptq, backend, artifact, budget, "tune") if fallback else None
+    if check is not None and not check["passed"]:
+        say(f"{backend.name}: agreement {check['agreement']:.2%} misses the budget; ranking layers by sensitivity")
         ranking = ptq.rank_layers(backend)
         outputs_of = {n.name: list(n.output) for n in ptq.model.graph.node}
         k = 1
@@ -111,17 +114,20 @@ def vendor_quantise(
             say(f"{backend.name}: keeping {k} layer(s) in float ({', '.join(nodes[:4])}{', ...' if k > 4 else ''})")
             extra = {**options.extra, "float_tensors": tensors}
             artifact = backend.compile(model, replace(options, extra=extra))
-            record = vendor_record(ptq, backend, artifact, budget)
-            record["float_layers"] = nodes
-            steps.append({"float_nodes": k, "agreement": record["agreement"], "cosine": record["cosine"]})
-            if record["passed"] or k == len(ranking) or k >= 32:
+            check = vendor_record(ptq, backend, artifact, budget, "tune")
+            steps.append({"float_nodes": k, "agreement": check["agreement"], "cosine": check["cosine"]})
+            if check["passed"] or k == len(ranking) or k >= 32:
                 break
             k *= 2
-        record["fallback"] = {"steps": steps, "ranking": [r.node for r in ranking[:32]]}
+        fell_back = {"steps": steps, "ranking": [r.node for r in ranking[:32]]}
+    record = vendor_record(ptq, backend, artifact, budget, "report")
+    record["float_layers"] = nodes
+    if fell_back is not None:
+        record["fallback"] = fell_back
     if not record["passed"]:
         raise VerificationError(
-            f"target {backend.name}:int8 {_agrees(record, len(ptq.validation_feeds))} ({ptq.validation_source}), "
-            f"below the {1 - budget:.2%} the budget {budget:.2%} allows"
+            f"target {backend.name}:int8 {_agrees(record, record['validation']['samples'])} "
+            f"({ptq.validation_source}), below the {1 - budget:.2%} the budget {budget:.2%} allows"
             + (f", even with {len(record['float_layers'])} layers kept in float" if steps else "")
             + ". Loosen --accuracy-budget, "
             + ("allow the fallback, " if not fallback and "float_tensors" in backend.compile_options else "")
@@ -130,9 +136,10 @@ def vendor_quantise(
     return artifact, record
 
 
-def vendor_record(ptq: Any, backend: Any, artifact: Any, budget: float) -> dict[str, Any]:
+def vendor_record(ptq: Any, backend: Any, artifact: Any, budget: float, which: str = "report") -> dict[str, Any]:
     """The quantisation record of a toolkit-quantised int8 ``artifact``: agreement, SNR and cosine against the float
-    model on the validation samples, run on the engine (its boundary quantised and dequantised as Session does)."""
+    model on the ``which`` validation samples (``PTQ.samples``: "tune" for the fallback's choices, "report" for the
+    record), run on the engine (its boundary quantised and dequantised as Session does)."""
     import numpy as np
 
     from ..backends import open_engine
@@ -142,18 +149,14 @@ def vendor_record(ptq: Any, backend: Any, artifact: Any, budget: float) -> dict[
 
     ins, outs = artifact.io or ([], [])
     with open_engine(backend, artifact) as engine:
-        got = [dequantise_outputs(engine.run(quantise_feeds(f, ins)), outs) for f in ptq.validation_feeds]
-    ref = ptq.float_outputs()
+        got = [dequantise_outputs(engine.run(quantise_feeds(f, ins)), outs) for f in ptq.samples(which)]
+    ref = ptq.float_outputs(which)
     deployed = np.asarray(first_output(got), np.float32)
     agree = ptq.measure(ref, deployed)
     return {
         "policy": f"{backend.name}'s own toolkit",
         "calibration": {"data": ptq.calibration_source, "samples": len(ptq.feeds)},
-        "validation": {
-            "data": ptq.validation_source,
-            "samples": len(ptq.validation_feeds),
-            "held_apart": ptq.held_apart,
-        },
+        "validation": ptq.validation_record(),
         "max_disagreement": budget,
         "measure": describe(ptq.measure),
         "agreement": agree,

@@ -97,9 +97,12 @@ class PTQ:
         else:
             self.validation_feeds = load_feeds(validation, inputs, pipeline, None, "validation")
             self.validation_source, self.held_apart = _describe(validation), True
+        # The fallback chooses on one half of the validation samples and agreement is reported (and gated) on the
+        # other: a figure measured on the samples a search tuned for is the figure it was tuned for.
+        self.tune_feeds, self.report_feeds = split_validation(self.validation_feeds)
         self.measure = measure_for(pipeline)  # top-1 for a classifier, boxes for a detector's pipeline
         self._calibrations: dict[tuple, Calibration] = {}
-        self._float: np.ndarray | None = None
+        self._float: dict[str, np.ndarray] = {}
         self._ranking: dict[str, list[LayerSensitivity]] = {}
 
     @property
@@ -119,18 +122,37 @@ class PTQ:
             self._calibrations[key] = calibrate(self.model, self.feeds, self.method, policy)
         return self._calibrations[key]
 
-    def float_outputs(self) -> np.ndarray:
-        if self._float is None:
+    def samples(self, which: str) -> list[Feeds]:
+        """The validation samples ``"tune"`` (what the fallback chooses on) or ``"report"`` (what agreement is
+        reported and gated on)."""
+        return self.tune_feeds if which == "tune" else self.report_feeds
+
+    def float_outputs(self, which: str = "report") -> np.ndarray:
+        """The float model's first output on the ``which`` samples (see :meth:`samples`)."""
+        if which not in self._float:
             graph = self._prepared if self._prepared is not None else self._source  # the same function either way
-            self._float = first_output(simulate(graph, self.validation_feeds))
-        return self._float
+            self._float[which] = first_output(simulate(graph, self.samples(which)))
+        return self._float[which]
+
+    def validation_record(self) -> dict[str, Any]:
+        """Which samples the agreement is reported on and which the fallback chose on (the manifest's record)."""
+        return {
+            "data": self.validation_source,
+            "samples": len(self.report_feeds),
+            "held_apart": self.held_apart,
+            "tuned_on": {
+                "data": self.validation_source,
+                "samples": len(self.tune_feeds),
+                "same_samples": self.tune_feeds is self.report_feeds,
+            },
+        }
 
     def rank_layers(self, backend: Any, limit: int = 32) -> list[LayerSensitivity]:
         """Layers by the error each adds when it alone is quantised for ``backend``'s policy, most sensitive
         first, on the first ``limit`` validation samples; kept, so a later :meth:`for_backend` falls back in
         this order instead of ranking again."""
         policy = policy_of(backend)
-        ranking = sensitivity(self.model, self.calibration_for(policy), policy, self.validation_feeds[:limit])
+        ranking = sensitivity(self.model, self.calibration_for(policy), policy, self.tune_feeds[:limit])
         self._ranking[backend.name] = ranking
         return ranking
 
@@ -141,16 +163,15 @@ class PTQ:
         the float model on the deployed engine and in simulation, and any layers kept in float."""
         policy = policy_of(backend)
         calib = self.calibration_for(policy)
-        ref = self.float_outputs()
 
-        def deployed(q: Any) -> list[dict[str, np.ndarray]]:
-            return run_on(backend, q, self.validation_feeds)
+        def deployed(q: Any, which: str = "tune") -> list[dict[str, np.ndarray]]:
+            return run_on(backend, q, self.samples(which))
 
         self.say(f"quantising for {backend.name} ({policy.summary()})")
         if allow_fallback:
             ranking = self._ranking.get(backend.name)
             qdq = quantize(self.model, calib, policy)
-            first = self.measure(ref, first_output(deployed(qdq)))
+            first = self.measure(self.float_outputs("tune"), first_output(deployed(qdq)))
             decision = None
             if first is not None and 1 - first > max_disagreement + 1e-12:
                 if ranking is None:
@@ -160,7 +181,7 @@ class PTQ:
                     self.model,
                     calib,
                     policy,
-                    self.validation_feeds,
+                    self.tune_feeds,
                     max_disagreement,
                     deployed,
                     ranking,
@@ -168,16 +189,13 @@ class PTQ:
                 )
         else:
             qdq, decision = quantize(self.model, calib, policy), None
-        got = first_output(deployed(qdq))
-        sim = first_output(simulate(qdq, self.validation_feeds))
+        ref = self.float_outputs("report")
+        got = first_output(deployed(qdq, "report"))
+        sim = first_output(simulate(qdq, self.report_feeds))
         record = {
             "policy": policy.summary(),
             "calibration": {**calib.summary(), "data": self.calibration_source},
-            "validation": {
-                "data": self.validation_source,
-                "samples": len(self.validation_feeds),
-                "held_apart": self.held_apart,
-            },
+            "validation": self.validation_record(),
             "max_disagreement": max_disagreement,
             "measure": describe(self.measure),
             "agreement": self.measure(ref, got),
@@ -191,6 +209,13 @@ class PTQ:
         agree = record["agreement"]
         record["passed"] = agree is None or 1 - agree <= max_disagreement + 1e-12
         return qdq, record
+
+
+def split_validation(feeds: list[Feeds]) -> tuple[list[Feeds], list[Feeds]]:
+    """Validation samples as (tune, report): every other sample each, so both span the set; one sample serves both."""
+    if len(feeds) < 2:
+        return feeds, feeds
+    return feeds[0::2], feeds[1::2]
 
 
 def _describe(source: Any) -> str:
