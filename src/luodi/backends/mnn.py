@@ -49,7 +49,8 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,8 +58,10 @@ import numpy as np
 from ..errors import BackendError, BackendUnavailableError, CompileError, InputError, ModelError
 from ..tensor import TensorSpec
 from . import _mnn_convert
+from ._int8 import VENDOR_W8A8
 from ._mnn_convert import MODEL_FILE
-from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, memory_file
+from ._mnn_quant import FEATURE_METHODS, WEIGHT_METHODS, check_methods, write_calibration
+from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, Option, memory_file
 from .shapes import primary_shapes
 
 # precision -> (converter stores fp16 weights, runtime precision mode)
@@ -244,11 +247,21 @@ class MnnEngine(Engine):
 class MnnBackend(Backend):
     name = "mnn"
     in_memory = True
-    int8_unsupported = (
-        "MNN's int8 calibration is its mnnquant tool, which luodi never runs (it pip-installs a telemetry SDK and "
-        "sends data); weight-only int8 (--weightQuantBits) computes in float, so it is not an int8 target"
-    )
-    precisions = tuple(_PRECISIONS)
+    precisions = (*_PRECISIONS, "int8")
+    calibrates_itself = True  # mnn:int8 is MNN's own quantiser on the compile's calibration samples (_mnn_quant.py)
+    # MNN's int8 (symmetric per-tensor int8 activations, symmetric per-channel int8 weights, convolutions in int8).
+    # The quantiser quantises the model itself; this table only lets luodi's sensitivity ranking simulate it.
+    int8_policy = {
+        **VENDOR_W8A8,
+        "activations": {"dtype": "int8", "symmetric": True},
+        "rounding": "half_away_from_zero",
+        "ops": ["Conv", "Gemm", "MatMul"],
+        "notes": "MNN's quantiser (KL by default), approximated for the sensitivity ranking only",
+    }
+    compile_options = {
+        "method": Option(str, f"mnn:int8's activation calibration, one of MNN's {', '.join(FEATURE_METHODS)} (KL)"),
+        "weight_method": Option(str, f"mnn:int8's weight quantisation, one of {', '.join(WEIGHT_METHODS)} (MAX_ABS)"),
+    }
     module = "MNN"
     extra = "mnn"
     crash_prone = True  # MNN trusts its flatbuffer: one changed byte in model.mnn can segfault the loader
@@ -272,7 +285,7 @@ class MnnBackend(Backend):
     def _compile(self, model: Any, options: CompileOptions) -> Artifact:
         if options.device != "cpu":
             raise BackendUnavailableError(f"{self.name} runs on device 'cpu' only here, not '{options.device}'")
-        fp16_weights, mode = _PRECISIONS[options.precision]
+        fp16_weights, mode = _PRECISIONS.get(options.precision, (False, "high"))
         inputs, outputs = options.io(model)
         trial = primary_shapes(inputs, options)  # the representative shapes; free dims at 1 without them
         opts = {
@@ -282,8 +295,28 @@ class MnnBackend(Backend):
             "outputs": [s.to_dict() for s in outputs],
             "trial_shapes": {name: list(shape) for name, shape in trial.items()},
         }
-        data = _mnn_convert.convert(model, {**opts, "representative": bool(options.shapes)})
+        calibrate = None
+        if options.precision == "int8":
+            calibrate = self._calibration(inputs, options)
+            opts["quantiser"] = {
+                "method": options.extra.get("method", "KL"),
+                "weight_method": options.extra.get("weight_method", "MAX_ABS"),
+                "samples": len(options.calibration),
+            }
+        data = _mnn_convert.convert(model, {**opts, "representative": bool(options.shapes)}, calibrate)
         return Artifact(self.name, options.precision, {MODEL_FILE: data}, opts)
+
+    @staticmethod
+    def _calibration(inputs: list[TensorSpec], options: CompileOptions) -> Callable[[Path], dict[str, Any]]:
+        """What writes the calibration samples where MNN's quantiser reads them, checked before any conversion."""
+        samples = [dict(f) for f in options.calibration or ()]
+        if not samples:
+            raise CompileError("mnn:int8 needs calibration data: pass calibration= (CLI: --calibration)")
+        feature = options.extra.get("method", "KL")
+        weight = options.extra.get("weight_method", "MAX_ABS")
+        check_methods(feature, weight)
+        pixels = bool(inputs) and (options.input_normalization or {}).get("input") == inputs[0].name
+        return lambda workdir: write_calibration(workdir, inputs, samples, pixels, feature, weight)
 
     def validate(self, artifact: Artifact) -> None:
         data = artifact.files.get(MODEL_FILE)
