@@ -13,15 +13,21 @@ The quantiser reads its calibration data from a folder, with a JSON config:
 - an image-like input (one float NCHW input of 1 or 3 channels) as images: each sample becomes a binary PGM/PPM at
   the model's height and width, which MNN loads (stb_image), resizes to the same size (the identity) and maps with
   ``dst = (pixel - mean) * normal`` per channel. luodi chooses ``mean``/``normal`` so that pixels 0..255 span each
-  channel's calibration range: exact for samples that are an affine map of 8-bit pixels (any image pipeline), and
-  within half a 1/255 step of the range otherwise -- finer than the int8 input quantisation MNN applies after it.
+  channel's calibration range: exact for samples that are an affine map of 8-bit pixels reaching 0 and 255 in each
+  channel (natural photos through any image pipeline), and within half a 1/255 step of the range otherwise -- finer than the int8 input quantisation MNN applies after it.
   A model whose pipeline normalisation was folded into it takes the pixels themselves (mean 0, normal 1).
-- a 3-D input (batch x rows x columns) as MNN's "sequence" text files, one row a line, written exactly (%.9g).
+
+Only that: MNN 3.6.1's other feed, ``"input_type": "sequence"`` (a folder per sample with one text file per input),
+reads every sample but its KL pass forwards the first sample's inputs for each of them (calibration.cpp of that
+version), so KL would calibrate on one sample. A model with several inputs, or an input that is no 1- or 3-channel
+image, is refused with a CompileError rather than calibrated wrongly.
 
 The feature (activation) method is MNN's: ``KL`` (default; the KL-divergence threshold per tensor), ``ADMM`` or
 ``EMA``; weights ``MAX_ABS`` (default) or ``ADMM``. MNN's int8 is symmetric: per-tensor int8 activations
-(-127..127, a scale and no zero point) and per-output-channel int8 weights; convolutions (and the Gemm MNN turns
-into one) compute in int8, the rest in float between them.
+(-127..127, a scale and no zero point) on every tensor, and per-output-channel int8 weights on convolutions (and
+on the Gemm MNN turns into one). MNN's ``skip_quant_op_names`` is not offered as a float fallback: a skipped
+convolution keeps float weights but its tensors keep their int8 scales, and on the test CNN skipping its one
+convolution changed no output value, so it cannot keep a layer in float the way the accuracy-budget fallback means.
 """
 
 from __future__ import annotations
@@ -87,18 +93,12 @@ def write_calibration(
         "batch_size": 1,
         "quant_bits": 8,
     }
-    if len(shape) == 3 and shape[0] in (1, 3):  # C x H x W
-        config.update(_write_images(folder, np.stack(arrays), pixels))
-    elif len(shape) == 2:  # rows x columns
-        for i, a in enumerate(arrays):
-            lines = "\n".join(" ".join(f"{v:.9g}" for v in row) for row in a.astype(np.float32))
-            (folder / f"{i:05d}.txt").write_text(lines + "\n")
-        config["input_type"] = "sequence"
-    else:
+    if len(shape) != 3 or shape[0] not in (1, 3):
         raise CompileError(
-            f"mnn:int8: MNN's quantiser takes an image input (N x 1 or 3 x H x W) or a sequence (N x rows x "
-            f"columns); input {spec.name} has samples of shape {[1, *shape]}: choose another int8 target"
+            f"mnn:int8: MNN's quantiser calibrates an image input (N x 1 or 3 x H x W) here; input {spec.name} has "
+            f"samples of shape {[1, *shape]}: choose another int8 target, e.g. onnxruntime:int8"
         )
+    config.update(_write_images(folder, np.stack(arrays), pixels))
     return config
 
 

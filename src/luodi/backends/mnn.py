@@ -14,6 +14,12 @@ Precisions, as measured with the MNN 3.6.1 x86-64 wheel on an AVX-512 (incl. AVX
   the weight rounding alone (about 6e-2 on EfficientNet-Lite0 logits, within the fp16 tolerance).
   On ARMv8.2 devices "low" also computes in fp16.
 - ``bf16`` is not offered: this wheel's CPU backend has no bf16 kernels, ``Low_BF16`` runs fp32.
+- ``int8``: MNN's own post-training quantisation (luodi.backends._mnn_quant: the ``mnnquant`` function of MNN's
+  ``_tools`` extension, never the telemetry-sending command), calibrated on the compile's calibration samples
+  (``calibrates_itself``) and judged like every int8 target: top-1 agreement with the float model on the
+  validation samples, run on MNN. Symmetric int8: per-tensor activations, per-channel convolution weights.
+  Compile options ``method`` (KL, ADMM, EMA) and ``weight_method`` (MAX_ABS, ADMM). The boundary stays float (MNN
+  quantises inside the model). One image-like input only (MNN's quantiser feeds images).
 
 int64: MNN's converter turns int64 tensors into int32, and pymnn read an int64 input buffer as int32 pairs
 (``[1, 2, 3, 4]`` as ``[1, 0, 2, 0]``). int64 inputs are narrowed to int32 at the boundary after a range check
