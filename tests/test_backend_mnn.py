@@ -265,3 +265,11 @@ def test_int8_refuses_what_mnns_quantiser_cannot_take(tmp_path, cnn_model):
     with pytest.raises(luodi.CompileError, match="one input; this model has 2"):
         luodi.compile(_two_inputs(), tmp_path / "t.luodi", ["mnn:int8"], calibration=two, strict=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_quantiser_crash_is_a_compile_error_not_a_dead_process(cnn_model):
+    # MNN 3.6.1's ADMM calibration dies of heap corruption (SIGABRT here, SIGSEGV on EfficientNet-Lite0); the
+    # quantiser runs in the conversion child, so the caller gets a CompileError naming the method and what to try.
+    options = CompileOptions(precision="int8", calibration=tuple(_calibration(8)), extra={"method": "ADMM"})
+    with pytest.raises(luodi.CompileError, match=r"quantiser crashed with SIG\w+ calibrating with method ADMM"):
+        get_backend("mnn").compile(cnn_model, options)
