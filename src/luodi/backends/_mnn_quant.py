@@ -14,8 +14,9 @@ The quantiser reads its calibration data from a folder, with a JSON config:
   the model's height and width, which MNN loads (stb_image), resizes to the same size (the identity) and maps with
   ``dst = (pixel - mean) * normal`` per channel. luodi chooses ``mean``/``normal`` so that pixels 0..255 span each
   channel's calibration range: exact for samples that are an affine map of 8-bit pixels reaching 0 and 255 in each
-  channel (natural photos through any image pipeline), and within half a 1/255 step of the range otherwise -- finer than the int8 input quantisation MNN applies after it.
-  A model whose pipeline normalisation was folded into it takes the pixels themselves (mean 0, normal 1).
+  channel (natural photos through any image pipeline), and within half a 1/255 step of the range otherwise, finer
+  than the int8 input quantisation MNN applies after it. A model whose pipeline normalisation was folded into it
+  takes the pixels themselves (mean 0, normal 1).
 
 Only that: MNN 3.6.1's other feed, ``"input_type": "sequence"`` (a folder per sample with one text file per input),
 reads every sample but its KL pass forwards the first sample's inputs for each of them (calibration.cpp of that
