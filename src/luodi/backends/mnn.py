@@ -66,7 +66,7 @@ from ..tensor import TensorSpec
 from . import _mnn_convert
 from ._int8 import VENDOR_W8A8
 from ._mnn_convert import MODEL_FILE
-from ._mnn_quant import FEATURE_METHODS, WEIGHT_METHODS, check_methods, write_calibration
+from ._mnn_quant import FEATURE_METHODS, WEIGHT_METHODS, check_methods, unfold_input_normalization, write_calibration
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, Option, memory_file
 from .shapes import primary_shapes
 
@@ -304,6 +304,10 @@ class MnnBackend(Backend):
         calibrate = None
         if options.precision == "int8":
             calibrate = self._calibration(inputs, options)
+            # MNN quantises the first Conv's input symmetrically per tensor: pixels would keep seven bits of eight
+            unfolded = unfold_input_normalization(model, dict(options.input_normalization or {}))
+            if unfolded is not model:
+                model, opts["normalization_unfolded"] = unfolded, True
             opts["quantiser"] = {
                 "method": options.extra.get("method", "KL"),
                 "weight_method": options.extra.get("weight_method", "MAX_ABS"),
