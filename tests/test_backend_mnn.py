@@ -264,6 +264,10 @@ def test_int8_refuses_what_mnns_quantiser_cannot_take(tmp_path, cnn_model):
     two = [{n: rng.random((1, 3, 8, 8), dtype=np.float32) for n in ("a", "b")} for _ in range(4)]
     with pytest.raises(luodi.CompileError, match="one input; this model has 2"):
         luodi.compile(_two_inputs(), tmp_path / "t.luodi", ["mnn:int8"], calibration=two, strict=True)
+    with pytest.raises(luodi.NotApplicableError, match="keeps float inputs and outputs"):  # no integer boundary
+        luodi.compile(
+            cnn_model, tmp_path / "i.luodi", ["mnn:int8"], calibration=_calibration(4), int8_io=True, strict=True
+        )
     assert list(tmp_path.iterdir()) == []
 
 

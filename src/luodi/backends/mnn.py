@@ -61,7 +61,14 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendError, BackendUnavailableError, CompileError, InputError, ModelError
+from ..errors import (
+    BackendError,
+    BackendUnavailableError,
+    CompileError,
+    InputError,
+    ModelError,
+    NotApplicableError,
+)
 from ..tensor import TensorSpec
 from . import _mnn_convert
 from ._int8 import VENDOR_W8A8
@@ -319,6 +326,11 @@ class MnnBackend(Backend):
     @staticmethod
     def _calibration(inputs: list[TensorSpec], options: CompileOptions) -> Callable[[Path], dict[str, Any]]:
         """What writes the calibration samples where MNN's quantiser reads them, checked before any conversion."""
+        if options.int8_io:
+            raise NotApplicableError(
+                "mnn:int8 keeps float inputs and outputs: MNN quantises inside the model (its quantised model's "
+                "inputs are float), so --int8-io has no integer boundary to give it; drop --int8-io or this target"
+            )
         samples = [dict(f) for f in options.calibration or ()]
         if not samples:
             raise CompileError("mnn:int8 needs calibration data: pass calibration= (CLI: --calibration)")
