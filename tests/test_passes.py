@@ -244,7 +244,11 @@ def test_fold_input_normalization_into_the_first_conv(pads, mean, explicit_pad):
 
 @pytest.mark.parametrize(
     ("pads", "mean", "explicit_pad"),
-    [([0, 0, 0, 0], [120.0, 110.0, 100.0], False), ([1, 1, 1, 1], [127.0] * 3, False), ([0, 0, 0, 0], [127.0] * 3, True)],
+    [
+        ([0, 0, 0, 0], [120.0, 110.0, 100.0], False),
+        ([1, 1, 1, 1], [127.0] * 3, False),
+        ([0, 0, 0, 0], [127.0] * 3, True),
+    ],
 )
 def test_mnn_int8_takes_the_folded_normalization_out_again_exactly(pads, mean, explicit_pad):
     # mnn:int8 hands MNN's quantiser the first Conv with its original weights and the normalisation as nodes in
