@@ -250,10 +250,10 @@ def test_fold_input_normalization_into_the_first_conv(pads, mean, explicit_pad):
         ([0, 0, 0, 0], [127.0] * 3, True),
     ],
 )
-def test_mnn_int8_takes_the_folded_normalization_out_again_exactly(pads, mean, explicit_pad):
-    # mnn:int8 hands MNN's quantiser the first Conv with its original weights and the normalisation as nodes in
+def test_int8_engines_get_the_folded_normalization_taken_out_again_exactly(pads, mean, explicit_pad):
+    # mnn:int8 and ncnn:int8 get the first Conv with its original weights and the normalisation as nodes in
     # front (MNN quantises a Conv's input symmetrically: pixels would lose a bit); outputs must not change.
-    from luodi.backends._mnn_quant import unfold_input_normalization
+    from luodi.backends._unfold import unfold_input_normalization
 
     std = [58.0, 57.0, 57.5]
     model = _normalized_conv(pads, mean, std, explicit_pad)

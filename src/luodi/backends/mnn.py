@@ -73,7 +73,8 @@ from ..tensor import TensorSpec
 from . import _mnn_convert
 from ._int8 import VENDOR_W8A8
 from ._mnn_convert import MODEL_FILE
-from ._mnn_quant import FEATURE_METHODS, WEIGHT_METHODS, check_methods, unfold_input_normalization, write_calibration
+from ._mnn_quant import FEATURE_METHODS, WEIGHT_METHODS, check_methods, write_calibration
+from ._unfold import unfold_input_normalization
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, Option, memory_file
 from .shapes import primary_shapes
 

@@ -58,6 +58,7 @@ from ._ncnn_param import parse_param, validate_param
 from ._pnnx import BIN as _BIN
 from ._pnnx import PARAM as _PARAM
 from ._pnnx import executable as _pnnx_executable
+from ._unfold import unfold_input_normalization
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, Option, memory_file
 
 _FP16_ON = ("use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic")
@@ -317,6 +318,8 @@ class NcnnBackend(Backend):
                     f"ncnn takes float32 inputs only; input '{s.name}' is {s.dtype}. "
                     "Cast it inside the model before export, or choose another target."
                 )
+        if options.precision == "int8":  # ncnn quantises a Conv's input symmetrically: pixels would keep seven bits
+            model = unfold_input_normalization(model, dict(options.input_normalization or {}))
         converted = _pnnx.convert(ncnn, exe, model, inputs, outputs, options)
         artifact_options: dict[str, Any] = {
             "converter": f"pnnx {_dist_version('pnnx')}",
