@@ -91,7 +91,7 @@ def _convert_and_probe_in_child(workdir: str, model: Any) -> bytes:
             method = json.loads(Path(workdir, CONFIG_FILE).read_text()).get("feature_quantize_method")
             raise CompileError(
                 f"mnn's quantiser crashed with {sig}{hint} calibrating with method {method} (the float model "
-                "converted): try compile option method=KL (MNN's ADMM dies of heap corruption on some graphs)"
+                "converted): try compile option method=EMA or KL (MNN's ADMM dies of heap corruption on some graphs)"
             )
         raise UnsupportedOpError(
             f"mnn crashed with {sig}{hint} while {doing}; the model's operators are {ops}; "

@@ -18,8 +18,8 @@ Precisions, as measured with the MNN 3.6.1 x86-64 wheel on an AVX-512 (incl. AVX
   ``_tools`` extension, never the telemetry-sending command), calibrated on the compile's calibration samples
   (``calibrates_itself``) and judged like every int8 target: top-1 agreement with the float model on the
   validation samples, run on MNN. Symmetric int8: per-tensor activations, per-channel convolution weights.
-  Compile options ``method`` (KL, ADMM, EMA) and ``weight_method`` (MAX_ABS, ADMM). The boundary stays float (MNN
-  quantises inside the model). One image-like input only (MNN's quantiser feeds images).
+  Compile options ``method`` (EMA by default, KL, ADMM) and ``weight_method`` (MAX_ABS, ADMM). The boundary
+  stays float (MNN quantises inside the model). One image-like input only (MNN's quantiser feeds images).
 
 int64: MNN's converter turns int64 tensors into int32, and pymnn read an int64 input buffer as int32 pairs
 (``[1, 2, 3, 4]`` as ``[1, 0, 2, 0]``). int64 inputs are narrowed to int32 at the boundary after a range check
@@ -73,7 +73,7 @@ from ..tensor import TensorSpec
 from . import _mnn_convert
 from ._int8 import VENDOR_W8A8
 from ._mnn_convert import MODEL_FILE
-from ._mnn_quant import FEATURE_METHODS, WEIGHT_METHODS, check_methods, write_calibration
+from ._mnn_quant import DEFAULT_METHOD, FEATURE_METHODS, WEIGHT_METHODS, check_methods, write_calibration
 from ._unfold import unfold_input_normalization
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, Option, memory_file
 from .shapes import primary_shapes
@@ -270,10 +270,10 @@ class MnnBackend(Backend):
         "activations": {"dtype": "int8", "symmetric": True},
         "rounding": "half_away_from_zero",
         "ops": ["Conv", "Gemm", "MatMul"],
-        "notes": "MNN's quantiser (KL by default), approximated for the sensitivity ranking only",
+        "notes": "MNN's quantiser (EMA by default), approximated for the sensitivity ranking only",
     }
     compile_options = {
-        "method": Option(str, f"mnn:int8's activation calibration, one of MNN's {', '.join(FEATURE_METHODS)} (KL)"),
+        "method": Option(str, f"mnn:int8's activation calibration, one of MNN's {', '.join(FEATURE_METHODS)} (EMA)"),
         "weight_method": Option(str, f"mnn:int8's weight quantisation, one of {', '.join(WEIGHT_METHODS)} (MAX_ABS)"),
     }
     module = "MNN"
@@ -317,7 +317,7 @@ class MnnBackend(Backend):
             if unfolded is not model:
                 model, opts["normalization_unfolded"] = unfolded, True
             opts["quantiser"] = {
-                "method": options.extra.get("method", "KL"),
+                "method": options.extra.get("method", DEFAULT_METHOD),
                 "weight_method": options.extra.get("weight_method", "MAX_ABS"),
                 "samples": len(options.calibration),
             }
@@ -335,7 +335,7 @@ class MnnBackend(Backend):
         samples = [dict(f) for f in options.calibration or ()]
         if not samples:
             raise CompileError("mnn:int8 needs calibration data: pass calibration= (CLI: --calibration)")
-        feature = options.extra.get("method", "KL")
+        feature = options.extra.get("method", DEFAULT_METHOD)
         weight = options.extra.get("weight_method", "MAX_ABS")
         check_methods(feature, weight)
         pixels = bool(inputs) and (options.input_normalization or {}).get("input") == inputs[0].name
