@@ -18,7 +18,7 @@ Precisions, as measured with the MNN 3.6.1 x86-64 wheel on an AVX-512 (incl. AVX
   ``_tools`` extension, never the telemetry-sending command), calibrated on the compile's calibration samples
   (``calibrates_itself``) and judged like every int8 target: top-1 agreement with the float model on the
   validation samples, run on MNN. Symmetric int8: per-tensor activations, per-channel convolution weights.
-  Compile options ``method`` (EMA by default, KL, ADMM) and ``weight_method`` (MAX_ABS, ADMM). The boundary
+  Compile options ``method`` (KL by default, EMA, ADMM) and ``weight_method`` (MAX_ABS, ADMM). The boundary
   stays float (MNN quantises inside the model). One image-like input only (MNN's quantiser feeds images).
 
 int64: MNN's converter turns int64 tensors into int32, and pymnn read an int64 input buffer as int32 pairs
@@ -270,10 +270,10 @@ class MnnBackend(Backend):
         "activations": {"dtype": "int8", "symmetric": True},
         "rounding": "half_away_from_zero",
         "ops": ["Conv", "Gemm", "MatMul"],
-        "notes": "MNN's quantiser (EMA by default), approximated for the sensitivity ranking only",
+        "notes": "MNN's quantiser (KL by default), approximated for the sensitivity ranking only",
     }
     compile_options = {
-        "method": Option(str, f"mnn:int8's activation calibration, one of MNN's {', '.join(FEATURE_METHODS)} (EMA)"),
+        "method": Option(str, f"mnn:int8's activation calibration, one of MNN's {', '.join(FEATURE_METHODS)} (KL)"),
         "weight_method": Option(str, f"mnn:int8's weight quantisation, one of {', '.join(WEIGHT_METHODS)} (MAX_ABS)"),
     }
     module = "MNN"
