@@ -204,3 +204,76 @@ def test_engine_crash_is_an_unsupported_op_not_a_dead_process():
     model.ir_version = 8
     with pytest.raises(luodi.UnsupportedOpError, match=r"mnn crashed with SIG\w+ .*'Max'"):
         get_backend("mnn").compile(model, CompileOptions())
+
+
+# -- mnn:int8: MNN's own quantiser on the compile's calibration samples ------------------------------------------
+def _calibration(n: int = 24, size: int = 16) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [{"x": rng.random((1, 3, size, size), dtype=np.float32)} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def int8_package(tmp_path_factory, cnn_model):
+    out = tmp_path_factory.mktemp("mnn-int8") / "cnn.luodi"
+    return luodi.compile(
+        cnn_model, out, ["onnxruntime", "mnn", "mnn:int8"], calibration=_calibration(), accuracy_budget="10%"
+    )
+
+
+def test_int8_is_quantised_by_mnn_verified_and_runs(int8_package, cnn_model):
+    t = int8_package.find_target("mnn", "int8")
+    assert t["status"] == "verified" and list(t["files"]) == ["model.mnn"]
+    assert t["options"]["quantiser"] == {"method": "KL", "weight_method": "MAX_ABS", "samples": 24}
+    q = t["quantization"]  # judged on the engine against the float model, on the calibration samples here
+    assert q["policy"] == "mnn's own toolkit" and q["passed"] and q["agreement"] >= 0.9 and q["cosine"] > 0.99
+    x = np.random.default_rng(5).random((3, 3, 16, 16), dtype=np.float32)
+    ref = _ort(cnn_model).run(None, {"x": x})[0]
+    with luodi.Session(int8_package, backend="mnn:int8") as s8, luodi.Session(int8_package, backend="mnn") as s32:
+        got, fp32 = s8.run({"x": x})["y"], s32.run({"x": x})["y"]
+    assert got.shape == (3, 5) and got.dtype == np.float32  # MNN quantises inside: the boundary stays float
+    np.testing.assert_allclose(fp32, ref, rtol=0, atol=1e-5)
+    assert np.abs(got - fp32).max() > 1e-3  # it did compute in int8 ...
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.99 and (got.argmax(1) == ref.argmax(1)).all()  # ... and close to the float model
+    assert importlib.util.find_spec("aliyun") is None  # MNN.tools' telemetry SDK was never pip-installed
+
+
+def _two_inputs() -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"], name="add")],
+        "two",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3, 8, 8]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_int8_refuses_what_mnns_quantiser_cannot_take(tmp_path, cnn_model):
+    with pytest.raises(luodi.CompileError, match="one of MNN's: KL, EMA, ADMM"):
+        luodi.compile(
+            cnn_model,
+            tmp_path / "m.luodi",
+            ["mnn:int8"],
+            calibration=_calibration(4),
+            target_options={"mnn": {"method": "entropy"}},
+            strict=True,
+        )
+    rng = np.random.default_rng(0)
+    two = [{n: rng.random((1, 3, 8, 8), dtype=np.float32) for n in ("a", "b")} for _ in range(4)]
+    with pytest.raises(luodi.CompileError, match="one input; this model has 2"):
+        luodi.compile(_two_inputs(), tmp_path / "t.luodi", ["mnn:int8"], calibration=two, strict=True)
+    with pytest.raises(luodi.NotApplicableError, match="keeps float inputs and outputs"):  # no integer boundary
+        luodi.compile(
+            cnn_model, tmp_path / "i.luodi", ["mnn:int8"], calibration=_calibration(4), int8_io=True, strict=True
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_quantiser_crash_is_a_compile_error_not_a_dead_process(cnn_model):
+    # MNN 3.6.1's ADMM calibration dies of heap corruption (SIGABRT here, SIGSEGV on EfficientNet-Lite0); the
+    # quantiser runs in the conversion child, so the caller gets a CompileError naming the method and what to try.
+    options = CompileOptions(precision="int8", calibration=tuple(_calibration(8)), extra={"method": "ADMM"})
+    with pytest.raises(luodi.CompileError, match=r"quantiser crashed with SIG\w+ calibrating with method ADMM"):
+        get_backend("mnn").compile(cnn_model, options)

@@ -209,8 +209,55 @@ def test_missing_pnnx_names_the_extra(cnn_model, monkeypatch):
 
 
 def test_unknown_precision_is_a_compile_error(cnn_model):
-    with pytest.raises(luodi.CompileError, match="int8"):
+    with pytest.raises(luodi.CompileError, match="bf16"):
+        get_backend("ncnn").compile(cnn_model, CompileOptions(precision="bf16"))
+    with pytest.raises(luodi.CompileError, match="calibration data"):  # int8 is calibrated on the compile's samples
         get_backend("ncnn").compile(cnn_model, CompileOptions(precision="int8"))
+
+
+# -- ncnn:int8: scales calibrated by ncnn and written into pnnx's fp32 model; ncnn quantises the weights at load ----
+def _calibration(n: int = 24) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [{"x": rng.random((1, 3, 16, 16), dtype=np.float32)} for _ in range(n)]
+
+
+def test_int8_is_written_verified_and_runs_in_int8(tmp_path, cnn_model):
+    pkg = luodi.compile(
+        cnn_model, tmp_path / "q.luodi", ["onnxruntime", "ncnn", "ncnn:int8"], calibration=_calibration()
+    )
+    t = pkg.find_target("ncnn", "int8")
+    assert t["status"] == "verified" and t["options"]["int8"]["layers"] == 2  # the Conv and the Gemm
+    q = t["quantization"]
+    assert q["policy"] == "ncnn's own toolkit" and q["passed"] and q["agreement"] >= 0.9 and q["cosine"] > 0.99
+    x = np.random.default_rng(5).random((3, 3, 16, 16), dtype=np.float32)
+    ref = ort_run(cnn_model, {"x": x})[0]
+    with luodi.Session(pkg, backend="ncnn:int8") as s8, luodi.Session(pkg, backend="ncnn") as s32:
+        got, fp32 = s8.run({"x": x})["y"], s32.run({"x": x})["y"]
+    assert got.shape == (3, 5) and got.dtype == np.float32  # float boundary: ncnn quantises inside
+    np.testing.assert_allclose(fp32, ref, rtol=0, atol=1e-4)
+    assert np.abs(got - fp32).max() > 1e-3  # it did compute in int8 ...
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.99 and (got.argmax(1) == ref.argmax(1)).all()  # ... and close to the float model
+
+
+def test_int8_scales_sit_after_each_layers_weights(cnn_model):
+    backend = get_backend("ncnn")
+    fp32 = backend.compile(cnn_model, CompileOptions())
+    int8 = backend.compile(cnn_model, CompileOptions(precision="int8", calibration=tuple(_calibration(8))))
+    text = int8.files["model.param"].decode()
+    assert " 8=2" in next(ln for ln in text.splitlines() if ln.startswith("Convolution"))
+    assert " 8=2" in next(ln for ln in text.splitlines() if ln.startswith("InnerProduct"))
+    # Conv 3->8 3x3 with bias, then Gemm 8->5 with bias: 8 + 1 and 5 + 1 scales, placed after each layer's floats
+    a, b = fp32.files["model.bin"], int8.files["model.bin"]
+    assert len(b) == len(a) + 4 * (8 + 1 + 5 + 1)
+    conv_end = 4 + 216 * 4 + 8 * 4
+    assert b[:conv_end] == a[:conv_end] and b[conv_end + 36 : conv_end + 36 + 184] == a[conv_end:]
+    w = np.frombuffer(a, np.float32, 216, 4).reshape(8, -1)
+    np.testing.assert_allclose(np.frombuffer(b, np.float32, 8, conv_end), 127 / np.abs(w).max(1), rtol=1e-6)
+    rows = [np.asarray(f["x"][0]) for f in _calibration(8)]
+    assert np.frombuffer(b, np.float32, 1, conv_end + 32)[0] == np.float32(127 / max(np.abs(r).max() for r in rows))
+    with pytest.raises(luodi.NotApplicableError, match="keeps float inputs and outputs"):
+        backend.compile(cnn_model, CompileOptions(precision="int8", calibration=tuple(_calibration(2)), int8_io=True))
 
 
 @pytest.mark.slow

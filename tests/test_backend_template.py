@@ -147,7 +147,8 @@ def test_run_once_compiles_loads_runs_and_matches_a_session(cnn_package: Path) -
 # -- the registry and the layers --------------------------------------------------------------------------------
 def test_only_backends_are_listed_as_backends() -> None:
     assert set(luodi.backend_names()) >= {"onnxruntime", "reference"}
-    helpers = ("base", "contract", "probe", "shapes", "onnx_compat", "_pnnx", "_mnn_convert", "_int8", "_probe_child")
+    helpers = ("base", "contract", "probe", "shapes", "onnx_compat", "_pnnx", "_mnn_convert", "_mnn_quant", "_int8")
+    helpers += ("_probe_child", "_ncnn_int8", "_unfold")
     for helper in helpers:
         assert helper not in luodi.backend_names()
 

@@ -242,6 +242,32 @@ def test_fold_input_normalization_into_the_first_conv(pads, mean, explicit_pad):
     _assert_same(_run(model, {"x": normalised}), _run(out, {"x": pixels}))
 
 
+@pytest.mark.parametrize(
+    ("pads", "mean", "explicit_pad"),
+    [
+        ([0, 0, 0, 0], [120.0, 110.0, 100.0], False),
+        ([1, 1, 1, 1], [127.0] * 3, False),
+        ([0, 0, 0, 0], [127.0] * 3, True),
+    ],
+)
+def test_int8_engines_get_the_folded_normalization_taken_out_again_exactly(pads, mean, explicit_pad):
+    # mnn:int8 and ncnn:int8 get the first Conv with its original weights and the normalisation as nodes in
+    # front (MNN quantises a Conv's input symmetrically: pixels would lose a bit); outputs must not change.
+    from luodi.backends._unfold import unfold_input_normalization
+
+    std = [58.0, 57.0, 57.5]
+    model = _normalized_conv(pads, mean, std, explicit_pad)
+    pixels = RNG.integers(0, 256, (2, 3, 16, 16)).astype(np.float32)
+    folded, pipeline, _ = run_passes(model, ["fold-input-normalization"], _pipeline(mean, std))
+    back = unfold_input_normalization(folded, pipeline["folded_into_model"])
+    assert _ops(back)[:2] == ["Sub", "Mul"] and _ops(folded)[0] != "Sub"  # the caller's graph is not modified
+    conv = next(n for n in back.graph.node if n.op_type == "Conv")
+    weights = {t.name: numpy_helper.to_array(t) for t in back.graph.initializer}
+    np.testing.assert_allclose(weights[conv.input[1]], numpy_helper.to_array(model.graph.initializer[0]), rtol=1e-6)
+    _assert_same(_run(folded, {"x": pixels}), _run(back, {"x": pixels}))
+    assert unfold_input_normalization(model, None) is model
+
+
 def test_fold_input_normalization_refuses_what_it_cannot_fold_exactly():
     mean, std = [120.0, 110.0, 100.0], [58.0, 57.0, 57.5]
     model = _normalized_conv([1, 1, 1, 1], mean, std, False)

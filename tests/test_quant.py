@@ -265,9 +265,10 @@ def test_layerwise_marks_where_the_error_jumps(fashion_pkg):
 
 
 def test_engines_without_int8_say_why():
-    for name in ("ncnn", "mnn"):
-        with pytest.raises(luodi.NotApplicableError, match="no int8 target"):
-            policy_of(luodi.get_backend(name))
+    with pytest.raises(luodi.NotApplicableError, match="no int8 target: the torch backend runs the float"):
+        policy_of(luodi.get_backend("torch"))
+    for name in ("ncnn", "mnn"):  # their own int8: symmetric per-tensor activations
+        assert policy_of(luodi.get_backend(name)).activations.symmetric
 
 
 def test_int8_without_calibration_is_a_clear_error(fashion, tmp_path):

@@ -1,5 +1,6 @@
 """The child side of MNN's conversion (_mnn_convert.py): convert with MNN's converter extension, then load and run
-the result once, in a process of its own (MNN dies of some graphs). Started as
+the result once, in a process of its own (MNN dies of some graphs); for mnn:int8, MNN's quantiser in between
+(_mnn_quant.py). Started as
 ``python -c "from luodi.backends._mnn_child import main; main()" WORKDIR``.
 
 Apart from _mnn_convert.py because it loads the result with the backend (mnn.py), which imports the converter.
@@ -15,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendError
-from ._mnn_convert import MODEL_FILE
+from ._mnn_convert import MODEL_FILE, QUANTISED_FILE
+from ._mnn_quant import CONFIG_FILE
 from .contract import Artifact, LoadOptions
 from .mnn import MnnBackend, _captured_output, _engine_said
 from .probe import limit_memory
@@ -43,6 +45,18 @@ def main() -> None:
     if not os.path.exists(dst):
         result.write_text(json.dumps({"status": "convert-failed", "error": "the converter wrote no model"}))
         return
+    if opts.get("quantise"):  # mnn:int8: MNN's own calibration on the samples in work/calib (_mnn_quant.py)
+        stage.write_text("quantise")
+        source, dst = dst, str(work / QUANTISED_FILE)
+        try:
+            _tools.mnnquant(["mnnquant", source, dst, str(work / CONFIG_FILE)])  # the C function, one argument list
+        except Exception as exc:  # noqa: BLE001 - the extension raises bare exceptions
+            result.write_text(json.dumps({"status": "quantise-failed", "error": str(exc)}))
+            return
+        sys.stdout.flush()
+        if not os.path.exists(dst):
+            result.write_text(json.dumps({"status": "quantise-failed", "error": "the quantiser wrote no model"}))
+            return
     stage.write_text("load")
     backend = MnnBackend()
     artifact = Artifact(backend.name, "probe", {MODEL_FILE: Path(dst).read_bytes()}, opts)
@@ -65,6 +79,8 @@ def main() -> None:
         if said and "MNN said" not in error:
             error = f"{error}; MNN said: {said}"
     engine.close()
+    if dst != str(work / MODEL_FILE):
+        os.replace(dst, work / MODEL_FILE)  # the model that ran is the one handed back
     status = {"status": "ok"} if error is None else {"status": "run-failed", "error": error}
     status["representative"] = bool(opts.get("representative"))
     result.write_text(json.dumps(status))

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +25,24 @@ from .. import onnx_io
 from ..errors import CompileError, UnsupportedOpError
 from ..paths import child_env
 from ..tensor import specs_from_onnx
+from ._mnn_quant import CONFIG_FILE
 
 MODEL_FILE = "model.mnn"
+QUANTISED_FILE = "model.int8.mnn"
 _NOT_SUPPORTED = re.compile(r"These Op Not Support:\s*(.*)")
 _POOLS = {"MaxPool", "AveragePool", "LpPool"}
 
 
-def convert(model: Any, job: dict[str, Any]) -> bytes:
+def convert(model: Any, job: dict[str, Any], calibrate: Callable[[Path], dict[str, Any]] | None = None) -> bytes:
     """The .mnn bytes of ``model`` converted with ``job``'s settings (fp16_weights, trial_shapes, inputs, outputs...),
-    proven to run once at ``job["trial_shapes"]``; UnsupportedOpError/CompileError saying why not."""
+    proven to run once at ``job["trial_shapes"]``; UnsupportedOpError/CompileError saying why not. With
+    ``calibrate`` (mnn:int8), it writes the calibration data into the work folder and returns MNN's quantiser
+    config, and the model is quantised by MNN between the conversion and the run."""
     with tempfile.TemporaryDirectory(prefix="luodi-mnn-") as tmp:
         onnx_io.save(_legalised(model), Path(tmp, "model.onnx"))  # + model.onnx.data over 2 GB
+        if calibrate is not None:
+            Path(tmp, CONFIG_FILE).write_text(json.dumps(calibrate(Path(tmp))))
+            job = {**job, "quantise": True}
         Path(tmp, "job.json").write_text(json.dumps(job))
         return _convert_and_probe_in_child(tmp, model)
 
@@ -42,6 +50,7 @@ def convert(model: Any, job: dict[str, Any]) -> bytes:
 _CHILD_TIMEOUT_S = 300
 _STAGES = {
     "convert": "converting the ONNX graph",
+    "quantise": "quantising with MNN's calibration (its mnnquant library function)",
     "load": "loading the converted model",
     "run": "running the converted model once on zeros/ones",
 }
@@ -78,6 +87,12 @@ def _convert_and_probe_in_child(workdir: str, model: Any) -> bytes:
         except ValueError:
             sig = f"signal {-proc.returncode}"
         hint = " (probably out of memory)" if sig == "SIGKILL" or "bad_alloc" in text else ""
+        if stage == "quantise":  # the float model converted and ran: the quantiser itself died
+            method = json.loads(Path(workdir, CONFIG_FILE).read_text()).get("feature_quantize_method")
+            raise CompileError(
+                f"mnn's quantiser crashed with {sig}{hint} calibrating with method {method} (the float model "
+                "converted): try compile option method=EMA or KL (MNN's ADMM dies of heap corruption on some graphs)"
+            )
         raise UnsupportedOpError(
             f"mnn crashed with {sig}{hint} while {doing}; the model's operators are {ops}; "
             "MNN cannot handle one of them here: try another target"

@@ -14,6 +14,12 @@ Precisions, as measured with the MNN 3.6.1 x86-64 wheel on an AVX-512 (incl. AVX
   the weight rounding alone (about 6e-2 on EfficientNet-Lite0 logits, within the fp16 tolerance).
   On ARMv8.2 devices "low" also computes in fp16.
 - ``bf16`` is not offered: this wheel's CPU backend has no bf16 kernels, ``Low_BF16`` runs fp32.
+- ``int8``: MNN's own post-training quantisation (luodi.backends._mnn_quant: the ``mnnquant`` function of MNN's
+  ``_tools`` extension, never the telemetry-sending command), calibrated on the compile's calibration samples
+  (``calibrates_itself``) and judged like every int8 target: top-1 agreement with the float model on the
+  validation samples, run on MNN. Symmetric int8: per-tensor activations, per-channel convolution weights.
+  Compile options ``method`` (KL by default, EMA, ADMM) and ``weight_method`` (MAX_ABS, ADMM). The boundary
+  stays float (MNN quantises inside the model). One image-like input only (MNN's quantiser feeds images).
 
 int64: MNN's converter turns int64 tensors into int32, and pymnn read an int64 input buffer as int32 pairs
 (``[1, 2, 3, 4]`` as ``[1, 0, 2, 0]``). int64 inputs are narrowed to int32 at the boundary after a range check
@@ -49,16 +55,27 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import BackendError, BackendUnavailableError, CompileError, InputError, ModelError
+from ..errors import (
+    BackendError,
+    BackendUnavailableError,
+    CompileError,
+    InputError,
+    ModelError,
+    NotApplicableError,
+)
 from ..tensor import TensorSpec
 from . import _mnn_convert
+from ._int8 import VENDOR_W8A8
 from ._mnn_convert import MODEL_FILE
-from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, memory_file
+from ._mnn_quant import DEFAULT_METHOD, FEATURE_METHODS, WEIGHT_METHODS, check_methods, write_calibration
+from ._unfold import unfold_input_normalization
+from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, Option, memory_file
 from .shapes import primary_shapes
 
 # precision -> (converter stores fp16 weights, runtime precision mode)
@@ -244,11 +261,21 @@ class MnnEngine(Engine):
 class MnnBackend(Backend):
     name = "mnn"
     in_memory = True
-    int8_unsupported = (
-        "MNN's int8 calibration is its mnnquant tool, which luodi never runs (it pip-installs a telemetry SDK and "
-        "sends data); weight-only int8 (--weightQuantBits) computes in float, so it is not an int8 target"
-    )
-    precisions = tuple(_PRECISIONS)
+    precisions = (*_PRECISIONS, "int8")
+    calibrates_itself = True  # mnn:int8 is MNN's own quantiser on the compile's calibration samples (_mnn_quant.py)
+    # MNN's int8 (symmetric per-tensor int8 activations, symmetric per-channel int8 weights, convolutions in int8).
+    # The quantiser quantises the model itself; this table only lets luodi's sensitivity ranking simulate it.
+    int8_policy = {
+        **VENDOR_W8A8,
+        "activations": {"dtype": "int8", "symmetric": True},
+        "rounding": "half_away_from_zero",
+        "ops": ["Conv", "Gemm", "MatMul"],
+        "notes": "MNN's quantiser (KL by default), approximated for the sensitivity ranking only",
+    }
+    compile_options = {
+        "method": Option(str, f"mnn:int8's activation calibration, one of MNN's {', '.join(FEATURE_METHODS)} (KL)"),
+        "weight_method": Option(str, f"mnn:int8's weight quantisation, one of {', '.join(WEIGHT_METHODS)} (MAX_ABS)"),
+    }
     module = "MNN"
     extra = "mnn"
     crash_prone = True  # MNN trusts its flatbuffer: one changed byte in model.mnn can segfault the loader
@@ -272,7 +299,7 @@ class MnnBackend(Backend):
     def _compile(self, model: Any, options: CompileOptions) -> Artifact:
         if options.device != "cpu":
             raise BackendUnavailableError(f"{self.name} runs on device 'cpu' only here, not '{options.device}'")
-        fp16_weights, mode = _PRECISIONS[options.precision]
+        fp16_weights, mode = _PRECISIONS.get(options.precision, (False, "high"))
         inputs, outputs = options.io(model)
         trial = primary_shapes(inputs, options)  # the representative shapes; free dims at 1 without them
         opts = {
@@ -282,8 +309,37 @@ class MnnBackend(Backend):
             "outputs": [s.to_dict() for s in outputs],
             "trial_shapes": {name: list(shape) for name, shape in trial.items()},
         }
-        data = _mnn_convert.convert(model, {**opts, "representative": bool(options.shapes)})
+        calibrate = None
+        if options.precision == "int8":
+            calibrate = self._calibration(inputs, options)
+            # MNN quantises the first Conv's input symmetrically per tensor: pixels would keep seven bits of eight
+            unfolded = unfold_input_normalization(model, dict(options.input_normalization or {}))
+            if unfolded is not model:
+                model, opts["normalization_unfolded"] = unfolded, True
+            opts["quantiser"] = {
+                "method": options.extra.get("method", DEFAULT_METHOD),
+                "weight_method": options.extra.get("weight_method", "MAX_ABS"),
+                "samples": len(options.calibration),
+            }
+        data = _mnn_convert.convert(model, {**opts, "representative": bool(options.shapes)}, calibrate)
         return Artifact(self.name, options.precision, {MODEL_FILE: data}, opts)
+
+    @staticmethod
+    def _calibration(inputs: list[TensorSpec], options: CompileOptions) -> Callable[[Path], dict[str, Any]]:
+        """What writes the calibration samples where MNN's quantiser reads them, checked before any conversion."""
+        if options.int8_io:
+            raise NotApplicableError(
+                "mnn:int8 keeps float inputs and outputs: MNN quantises inside the model (its quantised model's "
+                "inputs are float), so --int8-io has no integer boundary to give it; drop --int8-io or this target"
+            )
+        samples = [dict(f) for f in options.calibration or ()]
+        if not samples:
+            raise CompileError("mnn:int8 needs calibration data: pass calibration= (CLI: --calibration)")
+        feature = options.extra.get("method", DEFAULT_METHOD)
+        weight = options.extra.get("weight_method", "MAX_ABS")
+        check_methods(feature, weight)
+        pixels = bool(inputs) and (options.input_normalization or {}).get("input") == inputs[0].name
+        return lambda workdir: write_calibration(workdir, inputs, samples, pixels, feature, weight)
 
     def validate(self, artifact: Artifact) -> None:
         data = artifact.files.get(MODEL_FILE)

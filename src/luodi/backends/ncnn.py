@@ -49,17 +49,20 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import BackendError, BackendUnavailableError, CompileError, ModelError, ShapeError
+from ..errors import BackendError, BackendUnavailableError, CompileError, ModelError, NotApplicableError, ShapeError
 from ..tensor import TensorSpec
-from . import _pnnx
+from . import _ncnn_int8, _pnnx
+from ._int8 import VENDOR_W8A8
 from ._ncnn_param import NO_BATCH as _NO_BATCH
 from ._ncnn_param import parse_param, validate_param
 from ._pnnx import BIN as _BIN
 from ._pnnx import PARAM as _PARAM
 from ._pnnx import executable as _pnnx_executable
+from ._unfold import unfold_input_normalization
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, Option, memory_file
 
 _FP16_ON = ("use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic")
+_INT8_ON = ("use_int8_inference", "use_int8_packed", "use_int8_storage")  # int8 layers; everything else fp32
 _LOW_PRECISION = re.compile(r"^use_(fp16|bf16|int8)_")
 
 
@@ -94,7 +97,8 @@ def _load_reason(log: str, layers: list[tuple[str, str, list[str], list[str]]]) 
 # -- ncnn options ---------------------------------------------------------------------------------
 def _precision_flags(opt: Any, precision: str) -> dict[str, bool]:
     names = sorted(a for a in dir(opt) if _LOW_PRECISION.match(a))
-    return {a: precision == "fp16" and a in _FP16_ON for a in names}
+    on = {"fp16": _FP16_ON, "int8": _INT8_ON}.get(precision, ())
+    return {a: a in on for a in names}
 
 
 def _new_net(ncnn: Any, flags: dict[str, bool], threads: int | None) -> Any:
@@ -265,11 +269,18 @@ class NcnnEngine(Engine):
 class NcnnBackend(Backend):
     name = "ncnn"
     in_memory = True
-    int8_unsupported = (
-        "ncnn runs int8 from its own calibration table (ncnn2table + ncnn2int8), and the ncnn/pnnx wheels ship "
-        "neither tool"
-    )
-    precisions = ("fp32", "fp16")
+    precisions = ("fp32", "fp16", "int8")
+    calibrates_itself = True  # ncnn:int8: scales calibrated by ncnn on the fp32 model, weights quantised by ncnn
+    # ncnn's int8 (symmetric per-tensor int8 inputs of Convolution/InnerProduct, symmetric per-channel weights); the
+    # scales are written into the model (luodi.backends._ncnn_int8), this table only lets the sensitivity ranking
+    # simulate it.
+    int8_policy = {
+        **VENDOR_W8A8,
+        "activations": {"dtype": "int8", "symmetric": True},
+        "rounding": "half_away_from_zero",
+        "ops": ["Conv", "Gemm", "MatMul"],
+        "notes": "ncnn's int8 (max-abs scales, weights quantised at load), approximated for the sensitivity ranking",
+    }
     devices = ("cpu",)
     module = "ncnn"
     extra = "ncnn"
@@ -307,6 +318,8 @@ class NcnnBackend(Backend):
                     f"ncnn takes float32 inputs only; input '{s.name}' is {s.dtype}. "
                     "Cast it inside the model before export, or choose another target."
                 )
+        if options.precision == "int8":  # ncnn quantises a Conv's input symmetrically: pixels would keep seven bits
+            model = unfold_input_normalization(model, dict(options.input_normalization or {}))
         converted = _pnnx.convert(ncnn, exe, model, inputs, outputs, options)
         artifact_options: dict[str, Any] = {
             "converter": f"pnnx {_dist_version('pnnx')}",
@@ -316,8 +329,49 @@ class NcnnBackend(Backend):
         }
         files = {_PARAM: converted.param, _BIN: converted.weights}
         artifact = Artifact(self.name, options.precision, files, artifact_options)
+        if options.precision == "int8":
+            self._quantise(ncnn, artifact, options, converted.run_at)
         self._smoke_test(artifact, converted.run_at)
         return artifact
+
+    def _quantise(self, ncnn: Any, artifact: Artifact, options: CompileOptions, shapes: Any) -> None:
+        """pnnx's fp32 model made int8 in place (luodi.backends._ncnn_int8): the fp32 model is proven to run (in a
+        child), its input-blob scales calibrated by ncnn on the compile's samples, the scales written in."""
+        if options.int8_io:
+            raise NotApplicableError(
+                "ncnn:int8 keeps float inputs and outputs (ncnn quantises each int8 layer's input itself), so "
+                "--int8-io has no integer boundary to give it; drop --int8-io or this target"
+            )
+        samples = [dict(f) for f in options.calibration or ()]
+        if not samples:
+            raise CompileError("ncnn:int8 needs calibration data: pass calibration= (CLI: --calibration)")
+        fp32 = Artifact(self.name, "fp32", dict(artifact.files), {**artifact.options})
+        fp32.options["precision_flags"] = _precision_flags(ncnn.Option(), "fp32")
+        self._smoke_test(fp32, shapes)
+        param, weights = artifact.files[_PARAM], artifact.files[_BIN]
+        text = param.decode("utf-8")
+        layers = _ncnn_int8.int8_layers(parse_param(text), text)
+        if not layers:
+            raise CompileError("ncnn:int8: the model has no Convolution or InnerProduct layer to run in int8")
+        with tempfile.TemporaryDirectory(prefix="luodi-ncnn-") as tmp:
+            path = os.path.join(tmp, _PARAM)
+            Path(path).write_bytes(param)
+            log = _ncnn_int8.read_log(ncnn, path, weights)
+        _ncnn_int8.place(layers, log, weights)
+        net = _load_net(ncnn, param, weights, fp32.options["precision_flags"], None)
+        try:
+            blobs = [la["bottom"] for la in layers]
+            peaks = _ncnn_int8.calibrate(ncnn, net, artifact.options["inputs"], samples, blobs)
+        finally:
+            net.clear()
+        artifact.files[_PARAM], artifact.files[_BIN] = _ncnn_int8.rewrite(text, weights, layers, peaks)
+        artifact.options["int8"] = {
+            "layers": sum(1 for la in layers if peaks.get(la["bottom"], 0) > 0),
+            "of": len(layers),
+            "activation_scales": "127 / max |x| over the calibration samples (ncnn2table's max-abs), by ncnn",
+            "weight_scales": "127 / max |w| per output channel (ncnn2int8's); ncnn quantises the weights at load",
+            "samples": len(samples),
+        }
 
     def _smoke_test(self, artifact: Artifact, shapes: dict[str, tuple[int, ...]]) -> None:
         """Load the param with ncnn and extract every output once on zeros, to fail at compile time."""

@@ -1,0 +1,147 @@
+"""mnn:int8: MNN's own post-training quantisation, fed the compile's calibration samples.
+
+MNN's quantiser is the ``mnnquant`` function of its ``_tools`` C extension (the library behind the ``mnnquant``
+command), called in the conversion child (luodi.backends._mnn_child) as ``_tools.mnnquant(["mnnquant", SRC, DST,
+CONFIG])``. luodi never runs the ``mnnquant`` command nor imports ``MNN.tools``: MNN.tools.mnnquant imports
+``MNN.tools.utils.log``, which pip-installs aliyun-log-python-sdk when it is missing and sends a usage record
+(model id, sizes, methods) after each run. The C function itself opens no socket (checked under ``strace -e
+trace=socket,connect``: none for KL, ADMM and EMA). In MNN 3.6.1 the command's wrapper is broken besides (it passes
+three strings where the C function takes one argument list, and dies of std::length_error).
+
+The quantiser reads its calibration data from a folder, with a JSON config:
+
+- an image-like input (one float NCHW input of 1 or 3 channels) as images: each sample becomes a binary PGM/PPM at
+  the model's height and width, which MNN loads (stb_image), resizes to the same size (the identity) and maps with
+  ``dst = (pixel - mean) * normal`` per channel. luodi chooses ``mean``/``normal`` so that pixels 0..255 span each
+  channel's calibration range: exact for samples that are an affine map of 8-bit pixels reaching 0 and 255 in each
+  channel (natural photos through any image pipeline), and within half a 1/255 step of the range otherwise, finer
+  than the int8 input quantisation MNN applies after it. A model whose pipeline normalisation was folded into it
+  takes the pixels themselves (mean 0, normal 1).
+
+Only that: MNN 3.6.1's other feed, ``"input_type": "sequence"`` (a folder per sample with one text file per input),
+reads every sample but its KL pass forwards the first sample's inputs for each of them (calibration.cpp of that
+version), so KL would calibrate on one sample. A model with several inputs, or an input that is no 1- or 3-channel
+image, is refused with a CompileError rather than calibrated wrongly.
+
+The feature (activation) method is MNN's: ``KL`` (the default, MNN's too: the KL-divergence threshold per tensor),
+``EMA`` (a moving average of each tensor's range; fed one batch of every sample here, so that it is their global
+range) or ``ADMM``; weights ``MAX_ABS`` (default) or ``ADMM``. Measured (docs/performance.md): EMA in one batch is
+the better on the two real models (EfficientNet-Lite0 88.2% top-1 agreement vs KL's 84.6%; Fashion-MNIST -0.40
+points vs -1.92) but wrecks the random-weight test CNN (logits cosine 0.52 vs KL's 0.998), so KL stays the default
+and EMA is the option to try (``target_options={"mnn": {"method": "EMA"}}``); ADMM crashes.
+MNN's int8 is symmetric: per-tensor int8 activations
+(-127..127, a scale and no zero point) on every tensor, and per-output-channel int8 weights on convolutions (and
+on the Gemm MNN turns into one). MNN's ``skip_quant_op_names`` is not offered as a float fallback: a skipped
+convolution keeps float weights but its tensors keep their int8 scales, and on the test CNN skipping its one
+convolution changed no output value, so it cannot keep a layer in float the way the accuracy-budget fallback means.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CompileError
+from ..tensor import TensorSpec
+
+FEATURE_METHODS = ("KL", "EMA", "ADMM")
+DEFAULT_METHOD = "KL"
+EMA_BATCH_BYTES = 64 << 20
+"""EMA's batch holds every sample up to this much input (EfficientNet-Lite0's 100 photos: 60 MB, one batch); a
+larger set goes in batches of this size (MNN then drops the samples of a last, partial batch)."""
+WEIGHT_METHODS = ("MAX_ABS", "ADMM")
+CALIB_DIR = "calib"
+CONFIG_FILE = "quant.json"
+
+
+def check_methods(feature: str, weight: str) -> None:
+    if feature not in FEATURE_METHODS:
+        raise CompileError(f"mnn:int8 method {feature!r} is not one of MNN's: {', '.join(FEATURE_METHODS)}")
+    if weight not in WEIGHT_METHODS:
+        raise CompileError(f"mnn:int8 weight_method {weight!r} is not one of MNN's: {', '.join(WEIGHT_METHODS)}")
+
+
+def write_calibration(
+    workdir: Path,
+    inputs: list[TensorSpec],
+    samples: list[dict[str, Any]],
+    pixels: bool,
+    feature: str = DEFAULT_METHOD,
+    weight: str = "MAX_ABS",
+) -> dict[str, Any]:
+    """Write ``samples`` (feed dicts through the model's pipeline) into ``workdir/calib`` as MNN's quantiser reads
+    them, and return its JSON config (the caller writes it next to the model). ``pixels``: the model's input takes
+    8-bit pixel values (its normalisation was folded in), so the images are the values themselves."""
+    check_methods(feature, weight)
+    if len(inputs) != 1:
+        raise CompileError(
+            f"mnn:int8: MNN's quantiser calibrates models with one input; this model has {len(inputs)} "
+            f"({', '.join(s.name for s in inputs)}): choose another int8 target, e.g. onnxruntime:int8"
+        )
+    spec = inputs[0]
+    if spec.np_dtype.kind != "f":
+        raise CompileError(f"mnn:int8 calibrates float inputs only; input {spec.name} is {spec.dtype}")
+    arrays = _split(spec.name, samples)
+    if not arrays:
+        raise CompileError("mnn:int8 needs calibration data: pass calibration= (CLI: --calibration)")
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise CompileError(
+            f"mnn:int8: calibration samples for input {spec.name} come in several shapes ({sorted(shapes)}); MNN's "
+            "quantiser takes one"
+        )
+    shape = arrays[0].shape
+    folder = workdir / CALIB_DIR
+    folder.mkdir()
+    config: dict[str, Any] = {
+        "path": f"{folder}/",  # MNN joins the folder and each file name without a separator
+        "used_sample_num": len(arrays),
+        "feature_quantize_method": feature,
+        "weight_quantize_method": weight,
+        # EMA keeps a moving average of each tensor's per-batch range: one batch of every sample makes it the
+        # samples' global range (batches of 1 averaged it narrower than the data), within a memory bound
+        "batch_size": max(1, min(len(arrays), EMA_BATCH_BYTES // max(arrays[0].nbytes, 1))) if feature == "EMA" else 1,
+        "quant_bits": 8,
+    }
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise CompileError(
+            f"mnn:int8: MNN's quantiser calibrates an image input (N x 1 or 3 x H x W) here; input {spec.name} has "
+            f"samples of shape {[1, *shape]}: choose another int8 target, e.g. onnxruntime:int8"
+        )
+    config.update(_write_images(folder, np.stack(arrays), pixels))
+    return config
+
+
+def _split(name: str, samples: list[dict[str, Any]]) -> list[np.ndarray]:
+    """Each sample of input ``name`` without its batch axis (a batch given at once is that many samples)."""
+    out: list[np.ndarray] = []
+    for feeds in samples:
+        a = np.asarray(feeds[name], np.float32)
+        if a.ndim < 2:
+            raise CompileError(f"mnn:int8: calibration sample for input {name} has shape {list(a.shape)}")
+        out.extend(a[i] for i in range(a.shape[0]))
+    return out
+
+
+def _write_images(folder: Path, data: np.ndarray, pixels: bool) -> dict[str, Any]:
+    """Samples (N x C x H x W, C 1 or 3) as binary PGM/PPM files whose pixels span each channel's range; the
+    config's format, mean, normal, width and height that map the pixels back onto the samples."""
+    n, c, h, w = data.shape
+    if pixels and data.min() >= 0 and data.max() <= 255:
+        lo, step = np.zeros(c, np.float64), np.ones(c, np.float64)
+    else:
+        lo = data.min(axis=(0, 2, 3)).astype(np.float64)
+        hi = data.max(axis=(0, 2, 3)).astype(np.float64)
+        step = np.where(hi > lo, (hi - lo) / 255.0, 1.0)
+    scaled = (data - lo[None, :, None, None]) / step[None, :, None, None]
+    pix = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    magic, fmt = (b"P5", "GRAY") if c == 1 else (b"P6", "RGB")
+    for i in range(n):
+        body = pix[i].transpose(1, 2, 0).tobytes()  # H x W x C, interleaved
+        (folder / f"{i:05d}.{'pgm' if c == 1 else 'ppm'}").write_bytes(magic + f"\n{w} {h}\n255\n".encode() + body)
+    # MNN: dst = (pixel - mean) * normal; pixel p stands for lo + p * step, so normal = step, mean = -lo / step
+    mean = [float(-lo[k] / step[k]) for k in range(c)]
+    normal = [float(step[k]) for k in range(c)]
+    return {"format": fmt, "mean": mean, "normal": normal, "width": int(w), "height": int(h)}
