@@ -210,6 +210,12 @@ class Backend:
             version=str(getattr(mod, "__version__", "")),
         )
 
+    def quantises_itself(self, extra: Mapping[str, Any]) -> bool:
+        """Whether an int8 target compiled with engine options ``extra`` is quantised by the engine's own toolkit
+        (given the float graph and ``CompileOptions.calibration``) rather than from luodi's QDQ graph: the class's
+        ``calibrates_itself`` unless an option chooses (openvino's ``quantizer``)."""
+        return self.calibrates_itself
+
     def check_estimate(self, config: str) -> None:
         """Refuse ``config`` before any work is done (unknown, or its estimator not installed)."""
         raise NotApplicableError(f"backend '{self.name}' makes no estimate for other devices ('{config}')")

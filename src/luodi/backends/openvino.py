@@ -67,6 +67,7 @@ from ..errors import (
     UnsupportedOpError,
 )
 from ..tensor import TensorSpec
+from . import _nncf
 from ._int8 import QDQ_U8S8
 from ._openvino_errors import last_line, raise_read_error
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, Option
@@ -207,6 +208,22 @@ class OpenVinoBackend(Backend):
     extra = "openvino"
     # OpenVINO reads the QDQ ONNX into FakeQuantize and runs u8 x s8 on CPU (oneDNN): see luodi.backends._int8.
     int8_policy: ClassVar[dict[str, Any] | None] = QDQ_U8S8
+    compile_options: ClassVar[Mapping[str, Option]] = {
+        "quantizer": Option(
+            str,
+            "who quantises an int8 target: 'luodi' (the default: luodi's QDQ graph, calibrated by luodi.quant) or "
+            "'nncf' (OpenVINO's NNCF quantises the float model on the calibration samples; luodi[nncf])",
+        ),
+        "nncf_preset": Option(str, "quantizer 'nncf': NNCF's preset, 'performance' (its default) or 'mixed'"),
+        "nncf_bias_correction": Option(str, "quantizer 'nncf': 'full' (the default), 'fast' (NNCF's default) or 'off'"),
+        "nncf_subset_size": Option(int, "quantizer 'nncf': how many calibration samples NNCF uses (default all)"),
+        "nncf_smooth_quant": Option((int, float), "quantizer 'nncf': SmoothQuant's alpha for convolutions (off)"),
+        "nncf_max_drop": Option(
+            (int, float),
+            "quantizer 'nncf': quantise with accuracy control, keeping layers in float until top-1 agreement with "
+            "the float model on the calibration samples drops by at most this much (e.g. 0.01)",
+        ),
+    }
     load_options: ClassVar[Mapping[str, Option]] = {
         "performance_hint": Option(str, 'OpenVINO\'s PERFORMANCE_HINT, "LATENCY" (the default) or "THROUGHPUT"'),
         "openvino_config": Option(dict, "more OpenVINO properties, passed to compile_model unchanged"),
@@ -269,8 +286,20 @@ class OpenVinoBackend(Backend):
         return tuple(p for p in self.precisions if _CAPABILITY[p] in caps)
 
     # -- compile ---------------------------------------------------------------------------------
+    def quantises_itself(self, extra: Mapping[str, Any]) -> bool:
+        return extra.get("quantizer") == "nncf"
+
     def _compile(self, model: Any, options: CompileOptions) -> Artifact:
         ov = self.require()
+        quantizer = options.extra.get("quantizer", "luodi")
+        if quantizer not in _nncf.QUANTIZERS:
+            raise CompileError(f"openvino has no quantizer '{quantizer}'; choose one of {', '.join(_nncf.QUANTIZERS)}")
+        settings = [k for k in options.extra if k in _nncf.OPTIONS]
+        if settings and quantizer != "nncf":
+            raise CompileError(f"openvino option(s) {', '.join(settings)} need the option quantizer=nncf")
+        nncf_int8 = quantizer == "nncf" and options.precision == "int8"  # the other precisions do not quantise
+        if nncf_int8 and options.int8_io:
+            raise CompileError("openvino's quantizer 'nncf' keeps float inputs and outputs; drop --int8-io")
         core = self._core()
         try:
             if onnx_io.is_large(model):  # over 2 GB: OpenVINO reads the graph and its external weights from files
@@ -288,6 +317,8 @@ class OpenVinoBackend(Backend):
         if lost:
             raise CompileError(f"{self.name} lost the names of tensor(s) {lost} when reading the model")
 
+        if nncf_int8:
+            ov_model = _nncf.quantize(ov_model, options.calibration, options.extra)
         # Build it once on CPU so an operator the CPU plugin cannot run fails here, not at load.
         hint = _HINT[options.precision] if options.precision in self._precisions_on(core, "CPU") else "f32"
         try:
@@ -306,6 +337,8 @@ class OpenVinoBackend(Backend):
             "inputs": onnx_inputs,
             "outputs": onnx_outputs,
         }
+        if nncf_int8:
+            opts["quantizer"] = {"name": "nncf", **_nncf.DEFAULTS, **_nncf.check_settings(options.extra)}
         return Artifact(self.name, options.precision, files, opts)
 
     def _raise_plugin_error(self, exc: Exception, core: Any, ov_model: Any, model: Any) -> None:

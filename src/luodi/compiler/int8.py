@@ -154,7 +154,7 @@ def vendor_record(ptq: Any, backend: Any, artifact: Any, budget: float, which: s
     deployed = np.asarray(first_output(got), np.float32)
     agree = ptq.measure(ref, deployed)
     return {
-        "policy": f"{backend.name}'s own toolkit",
+        "policy": f"{backend.name}'s own toolkit" + _settings(artifact.options.get("quantizer")),
         "calibration": {"data": ptq.calibration_source, "samples": len(ptq.feeds)},
         "validation": ptq.validation_record(),
         "max_disagreement": budget,
@@ -165,3 +165,11 @@ def vendor_record(ptq: Any, backend: Any, artifact: Any, budget: float, which: s
         "float_layers": [],
         "passed": agree is None or 1 - agree <= budget + 1e-12,
     }
+
+
+def _settings(quantizer: Any) -> str:
+    """`` (nncf: preset mixed)`` for an artifact's ``quantizer`` option record; nothing without one."""
+    if not isinstance(quantizer, dict):
+        return ""
+    rest = ", ".join(f"{k} {v}" for k, v in quantizer.items() if k != "name")
+    return f" ({quantizer.get('name', '?')}{': ' + rest if rest else ''})"

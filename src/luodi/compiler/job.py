@@ -201,7 +201,8 @@ class CompileRun:
         with self.steps.step(f"{what} for {label}"):
             try:
                 target_model, quantization, io, qdq = job.src.model, None, None, None
-                vendor = precision == "int8" and getattr(backend, "calibrates_itself", False)
+                extra = self.extra.get(backend.name, {})
+                vendor = precision == "int8" and backend.quantises_itself(extra)
                 if vendor and self.ptq is not None and not job.prefix:  # its toolkit quantises, from our samples
                     options = {**options, "calibration": tuple(self.ptq.feeds), "int8_io": self.int8_io}
                 elif precision == "int8" and self.quantise is not None and not job.prefix:
@@ -211,7 +212,6 @@ class CompileRun:
                         target_model, io = integer_boundary(qdq, job.inputs, job.outputs)
                         options = {**options, "inputs": tuple(io[0]), "outputs": tuple(io[1])}
                 data = job.data if target_model is job.src.model else None
-                extra = self.extra.get(backend.name, {})
                 opts = CompileOptions(precision=precision, source=job.src, model_bytes=data, extra=extra, **options)
                 if vendor and self.vendor is not None and not job.prefix:
                     artifact, quantization = self.vendor(backend, target_model, opts)
