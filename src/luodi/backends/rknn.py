@@ -44,6 +44,7 @@ import numpy as np
 from ..errors import BackendError, CompileError, InputError, ShapeError
 from ..tensor import TensorSpec
 from ._int8 import VENDOR_W8A8
+from ._onnx_ranges import mse_ranges
 from ._outputs import concat_outputs, device_outputs, join_outputs
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
 from .contract import Option
@@ -67,6 +68,7 @@ PLATFORMS = (
     "rk3576",
     "rk3588",
 )
+RANGES = ("luodi", "toolkit")
 _CORE_MASKS = ("auto", "0", "1", "2", "0_1", "0_1_2")
 
 
@@ -100,6 +102,11 @@ class RknnBackend(Backend):
     compile_options = {
         "platform": Option(str, f"the Rockchip NPU to build for, one of {', '.join(PLATFORMS)} (default rk3588)"),
         "algorithm": Option(str, "the toolkit's quantized_algorithm: normal (default), mmse or kl_divergence"),
+        "ranges": Option(
+            str,
+            "int8 activation ranges: luodi (default: each intermediate tensor's MSE-optimal range on its histogram "
+            "over the calibration samples, written over the toolkit's before it quantises) or toolkit (its own)",
+        ),
         "float_tensors": Option(
             list,
             "ONNX tensor names whose layers stay in float16 (the toolkit's hybrid quantisation); the compiler's "
@@ -141,6 +148,9 @@ class RknnBackend(Backend):
         algorithm = options.extra.get("algorithm", "normal")
         if algorithm not in ("normal", "mmse", "kl_divergence"):
             raise CompileError(f"rknn algorithm must be normal, mmse or kl_divergence, not '{algorithm}'")
+        ranges = options.extra.get("ranges", "luodi")
+        if ranges not in RANGES:
+            raise CompileError(f"rknn ranges must be {' or '.join(RANGES)}, not '{ranges}'")
         inputs, outputs = options.io(model)
         if any(s.np_dtype.kind != "f" for s in inputs):
             bad = [f"{s.name} ({s.dtype})" for s in inputs if s.np_dtype.kind != "f"]
@@ -163,7 +173,10 @@ class RknnBackend(Backend):
             args["float_tensors"] = [str(t) for t in options.extra.get("float_tensors", [])]
         worker = _start_worker("rknn compile", {"platform": platform, "device": "simulator"})
         try:
-            header, out = worker.call("build", args, arrays)
+            if options.precision == "int8" and ranges == "luodi":
+                header, out = _build_with_luodi_ranges(worker, args, arrays, data)
+            else:
+                header, out = worker.call("build", args, arrays)
         except BaseException:
             worker.close()
             raise
@@ -181,6 +194,8 @@ class RknnBackend(Backend):
             params = header.get("io") or {}
             record["device_io"] = {n: {"scale": p[0], "zero_point": p[1], "dtype": p[2]} for n, p in params.items()}
             record["algorithm"] = algorithm
+            record["ranges"] = ranges
+            record["luodi_ranges"] = int(header.get("ranges_set") or 0)  # tensors given luodi's range
             record["int8_io"] = options.int8_io  # the engine then reads and writes the device's integers
             record["float_layers"] = list(header.get("float_layers") or [])  # the toolkit's layers kept in float16
             record["joins"] = joins
@@ -212,6 +227,21 @@ class RknnBackend(Backend):
             raise BackendError(f"rknn device '{device}' is not available here: it needs {need}")
         extra = options.extra
         return RknnEngine(artifact, device, str(extra.get("core_mask", "auto")), bool(extra.get("pass_through")))
+
+
+def _build_with_luodi_ranges(
+    worker: Any, args: dict[str, Any], arrays: dict[str, np.ndarray], data: bytes
+) -> tuple[dict, dict]:
+    """int8 in three steps: the toolkit calibrates (step 1), luodi chooses each intermediate activation's range on
+    the float graph's histograms over the same samples (luodi.backends._onnx_ranges), the toolkit quantises with
+    them (step 2). The model's inputs and outputs keep the toolkit's ranges (their int8 I/O specs)."""
+    calibrated = worker.call("calibrate", args, arrays)[0]["ranges"]
+    names = args["inputs"]
+    stacks = [arrays[f"calib:{n}"] for n in names]
+    feeds = [{n: stack[i] for n, stack in zip(names, stacks)} for i in range(len(stacks[0]))]
+    chosen = mse_ranges(data, feeds, {t: (float(v[0]), float(v[1])) for t, v in calibrated.items()})
+    ranges = {t: [lo, hi] for t, (lo, hi) in chosen.items()}
+    return worker.call("build", {**args, "calibrated": True, "ranges": ranges}, {})
 
 
 def parse_error_analysis(text: str) -> list[dict[str, Any]]:
