@@ -44,7 +44,7 @@ import numpy as np
 from ..errors import BackendError, CompileError, InputError, ShapeError
 from ..tensor import TensorSpec
 from ._int8 import VENDOR_W8A8
-from ._onnx_ranges import mse_ranges
+from ._onnx_ptq import mse_ranges, prepare
 from ._outputs import concat_outputs, device_outputs, join_outputs
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
 from .contract import Option
@@ -233,12 +233,20 @@ def _build_with_luodi_ranges(
     worker: Any, args: dict[str, Any], arrays: dict[str, np.ndarray], data: bytes
 ) -> tuple[dict, dict]:
     """int8 in three steps: the toolkit calibrates (step 1), luodi chooses each intermediate activation's range on
-    the float graph's histograms over the same samples (luodi.backends._onnx_ranges), the toolkit quantises with
+    the float graph's histograms over the same samples (luodi.backends._onnx_ptq), the toolkit quantises with
     them (step 2). The model's inputs and outputs keep the toolkit's ranges (their int8 I/O specs)."""
-    calibrated = worker.call("calibrate", args, arrays)[0]["ranges"]
+    import os
+
     names = args["inputs"]
     stacks = [arrays[f"calib:{n}"] for n in names]
     feeds = [{n: stack[i] for n, stack in zip(names, stacks)} for i in range(len(stacks[0]))]
+    exp = os.environ.get("LUODI_RKNN_EXP", "clip,correct,ranges")
+    data, stats = prepare(data, feeds, clip="clip" in exp, correct="correct" in exp)
+    print("EXP", exp, stats, flush=True)
+    arrays = {**arrays, "model": np.frombuffer(data, np.uint8)}
+    calibrated = worker.call("calibrate", args, arrays)[0]["ranges"]
+    if "ranges" not in exp:
+        calibrated = {}
     chosen = mse_ranges(data, feeds, {t: (float(v[0]), float(v[1])) for t, v in calibrated.items()})
     ranges = {t: [lo, hi] for t, (lo, hi) in chosen.items()}
     return worker.call("build", {**args, "calibrated": True, "ranges": ranges}, {})
