@@ -44,7 +44,7 @@ import numpy as np
 from ..errors import BackendError, CompileError, InputError, ShapeError
 from ..tensor import TensorSpec
 from ._int8 import VENDOR_W8A8
-from ._onnx_ptq import mse_ranges, prepare
+from ._onnx_ptq import correct_biases, mse_ranges
 from ._outputs import concat_outputs, device_outputs, join_outputs
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
 from .contract import Option
@@ -107,6 +107,11 @@ class RknnBackend(Backend):
             "int8 activation ranges: luodi (default: each intermediate tensor's MSE-optimal range on its histogram "
             "over the calibration samples, written over the toolkit's before it quantises) or toolkit (its own)",
         ),
+        "bias_correction": Option(
+            bool,
+            "int8: correct each Conv's and Gemm's bias for the mean output error of the toolkit's rounded weights, "
+            "measured over the calibration samples (default true; false: the toolkit's weights alone)",
+        ),
         "float_tensors": Option(
             list,
             "ONNX tensor names whose layers stay in float16 (the toolkit's hybrid quantisation); the compiler's "
@@ -151,6 +156,9 @@ class RknnBackend(Backend):
         ranges = options.extra.get("ranges", "luodi")
         if ranges not in RANGES:
             raise CompileError(f"rknn ranges must be {' or '.join(RANGES)}, not '{ranges}'")
+        bias = options.extra.get("bias_correction", True)
+        if not isinstance(bias, bool):
+            raise CompileError(f"rknn bias_correction must be true or false, not '{bias}'")
         inputs, outputs = options.io(model)
         if any(s.np_dtype.kind != "f" for s in inputs):
             bad = [f"{s.name} ({s.dtype})" for s in inputs if s.np_dtype.kind != "f"]
@@ -173,8 +181,8 @@ class RknnBackend(Backend):
             args["float_tensors"] = [str(t) for t in options.extra.get("float_tensors", [])]
         worker = _start_worker("rknn compile", {"platform": platform, "device": "simulator"})
         try:
-            if options.precision == "int8" and ranges == "luodi":
-                header, out = _build_with_luodi_ranges(worker, args, arrays, data)
+            if options.precision == "int8" and (ranges == "luodi" or bias):
+                header, out = _build_luodi(worker, args, arrays, data, ranges == "luodi", bias)
             else:
                 header, out = worker.call("build", args, arrays)
         except BaseException:
@@ -196,6 +204,8 @@ class RknnBackend(Backend):
             record["algorithm"] = algorithm
             record["ranges"] = ranges
             record["luodi_ranges"] = int(header.get("ranges_set") or 0)  # tensors given luodi's range
+            record["bias_correction"] = bias
+            record["corrected_layers"] = int(header.get("corrected_layers") or 0)
             record["int8_io"] = options.int8_io  # the engine then reads and writes the device's integers
             record["float_layers"] = list(header.get("float_layers") or [])  # the toolkit's layers kept in float16
             record["joins"] = joins
@@ -229,27 +239,30 @@ class RknnBackend(Backend):
         return RknnEngine(artifact, device, str(extra.get("core_mask", "auto")), bool(extra.get("pass_through")))
 
 
-def _build_with_luodi_ranges(
-    worker: Any, args: dict[str, Any], arrays: dict[str, np.ndarray], data: bytes
+def _build_luodi(
+    worker: Any, args: dict[str, Any], arrays: dict[str, np.ndarray], data: bytes, ranges: bool, bias: bool
 ) -> tuple[dict, dict]:
-    """int8 in three steps: the toolkit calibrates (step 1), luodi chooses each intermediate activation's range on
-    the float graph's histograms over the same samples (luodi.backends._onnx_ptq), the toolkit quantises with
-    them (step 2). The model's inputs and outputs keep the toolkit's ranges (their int8 I/O specs)."""
-    import os
-
+    """int8 with what luodi adds (luodi.backends._onnx_ptq), on the float graph over the calibration samples: the
+    graph the toolkit calibrates has its biases corrected for the toolkit's weight rounding (``bias``); between the
+    toolkit's calibration (step 1) and its quantisation (step 2), each intermediate activation's range is replaced
+    by its MSE-optimal one (``ranges``). The model's inputs and outputs keep the toolkit's ranges (their int8 I/O)."""
     names = args["inputs"]
     stacks = [arrays[f"calib:{n}"] for n in names]
     feeds = [{n: stack[i] for n, stack in zip(names, stacks)} for i in range(len(stacks[0]))]
-    exp = os.environ.get("LUODI_RKNN_EXP", "clip,correct,ranges")
-    data, stats = prepare(data, feeds, clip="clip" in exp, correct="correct" in exp)
-    print("EXP", exp, stats, flush=True)
-    arrays = {**arrays, "model": np.frombuffer(data, np.uint8)}
-    calibrated = worker.call("calibrate", args, arrays)[0]["ranges"]
-    if "ranges" not in exp:
-        calibrated = {}
-    chosen = mse_ranges(data, feeds, {t: (float(v[0]), float(v[1])) for t, v in calibrated.items()})
-    ranges = {t: [lo, hi] for t, (lo, hi) in chosen.items()}
-    return worker.call("build", {**args, "calibrated": True, "ranges": ranges}, {})
+    corrected = 0
+    if bias:
+        data, corrected = correct_biases(data, feeds)
+        arrays = {**arrays, "model": np.frombuffer(data, np.uint8)}
+    if not ranges:
+        header, out = worker.call("build", args, arrays)
+    else:
+        calibrated = worker.call("calibrate", args, arrays)[0]["ranges"]
+        chosen = mse_ranges(data, feeds, {t: (float(v[0]), float(v[1])) for t, v in calibrated.items()})
+        header, out = worker.call(
+            "build", {**args, "calibrated": True, "ranges": {t: [lo, hi] for t, (lo, hi) in chosen.items()}}, {}
+        )
+    header["corrected_layers"] = corrected
+    return header, out
 
 
 def parse_error_analysis(text: str) -> list[dict[str, Any]]:
