@@ -6,7 +6,9 @@ environment has none of luodi's dependencies). Files come in and go out as uint8
 writes paths only, so they live in a private temporary folder removed on close.
 
 One handler holds one RKNN object: ``build`` converts an ONNX graph (int8: calibrated on the arrays sent, through
-``hybrid_quantization_step1`` + ``step2``, so the quantisation config is a file that a later session can rebuild
+``hybrid_quantization_step1`` + ``step2``; or in two calls, ``calibrate`` (step 1, returning each int8 tensor's
+calibrated range) then ``build`` with ``calibrated`` and the ``ranges`` the parent chose, written in the config's
+``min``/``max`` before step 2, so the quantisation config is a file that a later session can rebuild
 the same model from), exports the .rknn for the board, and starts the simulator on what it built (the toolkit's
 simulator cannot run a .rknn loaded back from a file, so the session that builds is the one that simulates);
 ``rebuild`` does the same from what ``build`` returned (the int8 config files, or the ONNX graph for fp16);
@@ -59,6 +61,7 @@ class RknnHandler:
         self.rknn: Any = None
         self.inputs: list[str] = []
         self.outputs: list[str] = []
+        self.calibrated = False  # step 1 has run in this session (``calibrate``): its files are in self.dir
         self.info = {"toolkit": _toolkit_version(self.device), "python": sys.version.split()[0]}
 
     # -- the protocol ---------------------------------------------------------------------------------------------
@@ -143,7 +146,7 @@ class RknnHandler:
         out: dict[str, np.ndarray] = {}
         header: dict[str, Any] = {}
         if args["precision"] == "int8":
-            if not (args.get("calibrated") and getattr(self, "calibrated", False)):
+            if not (args.get("calibrated") and self.calibrated):
                 self._calibrate(args, arrays)
             cfg = os.path.join(self.dir, "model.quantization.cfg")
             if args.get("ranges"):
