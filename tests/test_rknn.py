@@ -434,7 +434,7 @@ def test_bias_correction_removes_the_mean_error_of_the_toolkits_rounded_weights(
     calibration = [{"x": (0.9 + 0.1 * rng.random((1, 64, 4, 4))).astype(np.float32)} for _ in range(16)]
     x = (0.9 + 0.1 * rng.random((1, 64, 4, 4))).astype(np.float32)
     model = _conv_model(w, np.zeros(2, np.float32))
-    _, off, err_off = _int8_error(model, tmp_path / "off.luodi", calibration, x, bias_correction=False)
+    _, off, err_off = _int8_error(model, tmp_path / "off.luodi", calibration, x, bias_correction="false")  # CLI's
     _, on, err_on = _int8_error(model, tmp_path / "on.luodi", calibration, x)  # corrected: the default
     assert off["options"]["corrected_layers"] == 0 and on["options"]["bias_correction"] is True
     assert on["options"]["corrected_layers"] == 1
@@ -444,7 +444,10 @@ def test_bias_correction_removes_the_mean_error_of_the_toolkits_rounded_weights(
 
 def test_unknown_ranges_or_bias_correction_values_are_refused(tmp_path: Path) -> None:
     _need_toolchain()
-    for options, match in (({"ranges": "kl"}, "ranges must be luodi or toolkit"), ({"bias_correction": "no"}, "")):
+    for options, match in (
+        ({"ranges": "kl"}, "ranges must be luodi or toolkit"),
+        ({"bias_correction": "no"}, "true or false"),
+    ):
         with pytest.raises(luodi.LuodiError, match=match):
             luodi.compile(
                 small_cnn(),

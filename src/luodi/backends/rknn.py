@@ -123,7 +123,7 @@ class RknnBackend(Backend):
             "over the calibration samples, written over the toolkit's before it quantises) or toolkit (its own)",
         ),
         "bias_correction": Option(
-            bool,
+            (bool, str),
             "int8: correct each Conv's and Gemm's bias for the mean output error of the toolkit's rounded weights, "
             "measured over the calibration samples (default true; false: the toolkit's weights alone)",
         ),
@@ -172,8 +172,10 @@ class RknnBackend(Backend):
         if ranges not in RANGES:
             raise CompileError(f"rknn ranges must be {' or '.join(RANGES)}, not '{ranges}'")
         bias = options.extra.get("bias_correction", True)
-        if not isinstance(bias, bool):
-            raise CompileError(f"rknn bias_correction must be true or false, not '{bias}'")
+        if isinstance(bias, str):  # from the command line: --option rknn.bias_correction=false
+            if bias.lower() not in ("true", "false"):
+                raise CompileError(f"rknn bias_correction must be true or false, not '{bias}'")
+            bias = bias.lower() == "true"
         inputs, outputs = options.io(model)
         if any(s.np_dtype.kind != "f" for s in inputs):
             bad = [f"{s.name} ({s.dtype})" for s in inputs if s.np_dtype.kind != "f"]
