@@ -45,14 +45,26 @@ def _session(graph: Any, outputs: list[str]) -> Any:
 def mse_ranges(
     model: bytes, feeds: Sequence[dict[str, np.ndarray]], calibrated: dict[str, tuple[float, float]]
 ) -> dict[str, tuple[float, float]]:
-    """For each tensor of ``calibrated`` (name -> the toolkit's (min, max)) that a node of the graph computes and
-    that is not one of its inputs or outputs: the MSE-optimal int8 range over ``feeds`` (the calibration samples)."""
+    """For the tensors of ``calibrated`` (name -> the toolkit's (min, max)) that a node of the graph computes and
+    that are not its inputs or outputs: the MSE-optimal int8 ranges over ``feeds`` (the calibration samples).
+
+    Tensors the toolkit gave the very same range (a Concat's inputs and output, a MaxPool's, tied so that it moves
+    int8 values through unchanged) get one range, on their histograms summed; such a group with a tensor that is
+    not measured here (one of the model's inputs or outputs, or a tensor of the toolkit's own) keeps its range."""
     import onnx
 
     graph = onnx.ModelProto.FromString(model)
     ends = {v.name for v in graph.graph.input} | {v.name for v in graph.graph.output}
     produced = {o for n in graph.graph.node for o in n.output}
-    wanted = [t for t, (lo, hi) in calibrated.items() if t in produced and t not in ends and hi > lo]
+    groups: dict[tuple[float, float], list[str]] = {}
+    for t, r in calibrated.items():
+        groups.setdefault((float(r[0]), float(r[1])), []).append(t)
+    wanted = [
+        t
+        for (lo, hi), members in groups.items()
+        if hi > lo and all(m in produced and m not in ends for m in members)
+        for t in members
+    ]
     if not wanted or not feeds:
         return {}
     session = _session(graph, wanted)
@@ -61,10 +73,13 @@ def mse_ranges(
         for t, value in zip(wanted, session.run(wanted, feed)):
             hists[t] += histogram(value, *calibrated[t])
     out = {}
-    for t, hist in hists.items():
-        lo, hi = calibrated[t]
+    for (lo, hi), members in groups.items():
+        if members[0] not in hists:
+            continue
+        hist = sum(hists[m] for m in members)
         if hist.sum():
-            out[t] = mse_range(hist, np.linspace(lo, hi, BINS + 1), lo, hi)
+            chosen = mse_range(hist, np.linspace(lo, hi, BINS + 1), lo, hi)
+            out.update({m: chosen for m in members})
     return out
 
 
