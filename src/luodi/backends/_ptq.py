@@ -3,6 +3,8 @@ backends that quantise with a toolkit of their own (litert): the layer below bot
 
 - ``mse_range``: an activation's int8 clipping range that minimises the expected quantisation error on its value
   histogram (rounding noise inside the range, squared clipping distance outside it);
+- ``histogram``: an activation's value histogram in ``BINS`` equal bins between two bounds, the input of
+  ``mse_range``;
 - ``tap_means``: for a 2-D convolution, the mean of the (padded) input each kernel tap sees, which is all that the
   mean output error of rounded weights depends on (bias correction, luodi.quant.bias).
 """
@@ -14,6 +16,15 @@ from collections.abc import Sequence
 import numpy as np
 
 MSE_CANDIDATES = 128
+BINS = 2048
+
+
+def histogram(x: np.ndarray, lo: float, hi: float, bins: int = BINS) -> np.ndarray:
+    """``bins`` equal bins from ``lo`` to ``hi`` (values outside fall in the end bins): np.histogram's counts to
+    within float32 rounding at the edges, twice as fast (a pass over every activation of every sample)."""
+    i = ((np.asarray(x, np.float32).ravel() - np.float32(lo)) * np.float32(bins / (hi - lo))).astype(np.int32)
+    np.clip(i, 0, bins - 1, out=i)
+    return np.bincount(i, minlength=bins)
 
 
 def mse_range(

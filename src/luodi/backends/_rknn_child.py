@@ -6,7 +6,9 @@ environment has none of luodi's dependencies). Files come in and go out as uint8
 writes paths only, so they live in a private temporary folder removed on close.
 
 One handler holds one RKNN object: ``build`` converts an ONNX graph (int8: calibrated on the arrays sent, through
-``hybrid_quantization_step1`` + ``step2``, so the quantisation config is a file that a later session can rebuild
+``hybrid_quantization_step1`` + ``step2``; or in two calls, ``calibrate`` (step 1, returning each int8 tensor's
+calibrated range) then ``build`` with ``calibrated`` and the ``ranges`` the parent chose, written in the config's
+``min``/``max`` before step 2, so the quantisation config is a file that a later session can rebuild
 the same model from), exports the .rknn for the board, and starts the simulator on what it built (the toolkit's
 simulator cannot run a .rknn loaded back from a file, so the session that builds is the one that simulates);
 ``rebuild`` does the same from what ``build`` returned (the int8 config files, or the ONNX graph for fp16);
@@ -59,12 +61,15 @@ class RknnHandler:
         self.rknn: Any = None
         self.inputs: list[str] = []
         self.outputs: list[str] = []
+        self.calibrated = False  # step 1 has run in this session (``calibrate``): its files are in self.dir
         self.info = {"toolkit": _toolkit_version(self.device), "python": sys.version.split()[0]}
 
     # -- the protocol ---------------------------------------------------------------------------------------------
     def call(self, op: str, args: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
         if op == "platforms":
             return {"platforms": _platforms()}, {}
+        if op == "calibrate":
+            return self._calibrate(args, arrays)
         if op == "build":
             return self._build(args, arrays)
         if op == "rebuild":
@@ -119,22 +124,35 @@ class RknnHandler:
             )
         return path
 
-    def _build(self, args: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    def _calibrate(self, args: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        """int8 step 1 alone (the toolkit's calibration); returns each int8 tensor's calibrated ``[min, max]`` (its
+        config's, the model's int8 boundaries ``NAME_int8`` left out) for the caller to choose ranges, which a
+        ``build`` with ``calibrated`` then writes in before step 2."""
         r = self._new(args)
         self._load_onnx(r, args, arrays["model"])
+        dataset = self._dataset(arrays)
+        cwd = os.getcwd()
+        os.chdir(self.dir)  # step 1 writes its three files into the working directory
+        try:
+            with self.quiet():
+                self._check(r.hybrid_quantization_step1(dataset=dataset), "hybrid_quantization_step1 (calibration)")
+        finally:
+            os.chdir(cwd)
+        self._rename_step1()
+        self.calibrated = True
+        return {"ranges": _int8_ranges(os.path.join(self.dir, "model.quantization.cfg"))}, {}
+
+    def _build(self, args: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
         out: dict[str, np.ndarray] = {}
         header: dict[str, Any] = {}
         if args["precision"] == "int8":
-            dataset = self._dataset(arrays)
-            cwd = os.getcwd()
-            os.chdir(self.dir)  # step 1 writes its three files into the working directory
-            try:
-                with self.quiet():
-                    self._check(r.hybrid_quantization_step1(dataset=dataset), "hybrid_quantization_step1 (calibration)")
-            finally:
-                os.chdir(cwd)
-            self._rename_step1()
+            if not (args.get("calibrated") and self.calibrated):
+                self._calibrate(args, arrays)
             cfg = os.path.join(self.dir, "model.quantization.cfg")
+            if args.get("ranges"):
+                header["ranges_set"] = _set_ranges(
+                    cfg, {str(k): (float(v[0]), float(v[1])) for k, v in args["ranges"].items()}
+                )
             if args.get("float_tensors"):
                 layers = _operands_of(cfg, [str(t) for t in args["float_tensors"]], self.outputs)
                 if layers:
@@ -150,6 +168,8 @@ class RknnHandler:
             }
             header["layers"] = _quantised_tensors(cfg)
         else:
+            r = self._new(args)
+            self._load_onnx(r, args, arrays["model"])
             with self.quiet():
                 self._check(r.build(do_quantization=False), "build")
         rknn_path = os.path.join(self.dir, "model.rknn")
@@ -355,6 +375,49 @@ def _operands_of(cfg: str, tensors: list[str], outputs: list[str]) -> list[str]:
             or (not k.endswith("_int8") and any(k == t or k.startswith((t + "_", t + "-")) for t in wanted))
         )
     ]
+
+
+def _int8_ranges(cfg: str) -> dict[str, list[float]]:
+    """The calibrated ``[min, max]`` of each per-tensor int8 tensor of the config, but the ``NAME_int8`` boundaries."""
+    params = (_yaml(cfg) or {}).get("quantize_parameters", {})
+    return {
+        str(k): [float(p["min"][0]), float(p["max"][0])]
+        for k, p in params.items()
+        if isinstance(p, dict)
+        and p.get("dtype") == "int8"
+        and not str(k).endswith("_int8")
+        and len(p.get("min") or []) == 1
+        and len(p.get("max") or []) == 1
+    }
+
+
+def _set_ranges(cfg: str, ranges: dict[str, tuple[float, float]]) -> int:
+    """Write ``ranges`` (tensor -> (min, max)) over the calibrated ``min`` and ``max`` of those tensors; how many.
+
+    Edited as text, like ``_mark_float``: step 2 refuses a changed ``scale`` or ``zero_point`` (it derives them from
+    ``min`` and ``max`` again), and a YAML round trip reformats the values it checks."""
+    from ruamel.yaml import YAML
+
+    with open(cfg, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    tensor, field, done = None, None, set()
+    for i, ln in enumerate(lines):
+        if ln.startswith("    ") and not ln.startswith("     ") and ln.rstrip().endswith(":"):
+            key = YAML(typ="safe").load(ln.strip() + " 0")
+            tensor = str(next(iter(key))) if isinstance(key, dict) and key else None
+            field = None
+        elif ln.startswith("        ") and not ln.startswith("         ") and ln.rstrip().endswith(":"):
+            field = ln.strip()[:-1]
+        elif tensor in ranges and field in ("min", "max") and ln.startswith("        -   "):
+            lo, hi = ranges[tensor]
+            lines[i] = "        -   " + repr(lo if field == "min" else hi)
+            done.add(tensor)
+            field = None  # one value per tensor (per-tensor activations)
+        elif not ln.startswith("    "):
+            tensor = field = None
+    with open(cfg, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    return len(done)
 
 
 def _mark_float(cfg: str, layers: list[str]) -> None:
