@@ -145,8 +145,13 @@ def test_web_page_fits_1280_px_and_a_failed_models_reason_is_one_line_until_open
     assert summary.text.startswith("version 1 (")
 
     summary.click()  # the whole reason on demand, wrapped inside the table
-    detail = browser.find_element(By.CSS_SELECTOR, "#models tr.failed details.reason pre")
-    assert detail.is_displayed() and detail.text == reason
+    # Each check reads the page in one script: the table is rebuilt every second, so an element found in one call
+    # can be gone by the next (a stale element reference, not a page fault).
+    shown, text = browser.execute_script(
+        "const p = document.querySelector('#models tr.failed details.reason pre');"
+        "return [p.getClientRects().length > 0 && p.offsetHeight > 0, p.innerText];"
+    )
+    assert shown and text == reason
     browser.execute_script("return new Promise((done) => setTimeout(done, 1500))")  # the page refreshes every second
-    assert browser.find_element(By.CSS_SELECTOR, "#models tr.failed details.reason").get_attribute("open") is not None
+    assert browser.execute_script("return document.querySelector('#models tr.failed details.reason').open")
     assert browser.execute_script("return document.documentElement.scrollWidth") <= 1280
