@@ -235,7 +235,7 @@ def test_the_fallback_chooses_on_other_samples_than_agreement_is_reported_on(fas
     record says so."""
     net, images, _ = fashion
     model = _onnx(net, images)
-    ptq = PTQ(model, _inputs(model), fm.to_input(images[:40]), samples=40, validation=fm.to_input(images[100:111]))
+    ptq = PTQ(model, _inputs(model), fm.to_input(images[:16]), samples=16, validation=fm.to_input(images[100:111]))
     assert len(ptq.tune_feeds) == 6 and len(ptq.report_feeds) == 5
     tuned = {f["images"].tobytes() for f in ptq.tune_feeds}
     assert not tuned & {f["images"].tobytes() for f in ptq.report_feeds}
