@@ -50,7 +50,7 @@ from ._int8 import VENDOR_W8A8
 from ._outputs import concat_outputs, device_outputs, join_outputs, split_outputs
 from .base import Artifact, Backend, CompileOptions, Engine, LoadOptions
 from .contract import Option
-from .shapes import primary_shapes
+from .shapes import device_specs, fit_sample, primary_shapes
 
 MODEL_FILE = "model.tflite"
 SIGNATURE = "serving_default"
@@ -124,7 +124,10 @@ class LitertBackend(Backend):
             if not calibration:
                 raise CompileError("litert:int8 needs calibration data: pass calibration= (CLI: --calibration)")
             samples = [
-                {s.name: _fit(np.asarray(f[s.name], np.float32), shapes[s.name], s.name) for s in inputs}
+                {
+                    s.name: fit_sample(np.asarray(f[s.name], np.float32), shapes[s.name], s.name, "litert")
+                    for s in inputs
+                }
                 for f in calibration
             ]
             pixels = (options.input_normalization or {}).get("input")
@@ -155,7 +158,7 @@ class LitertBackend(Backend):
                 for name, d in [*zip([s.name for s in inputs], ins), *zip(names, outs)]
                 if np.dtype(d["dtype"]).kind in "iu"
             }
-            artifact.io = device_specs(artifact)
+            artifact.io = device_specs(artifact.options)
         return artifact
 
     def _from_onnx(
@@ -231,29 +234,13 @@ class LitertBackend(Backend):
         return LitertEngine(artifact, threads)
 
 
-def device_specs(artifact: Artifact) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The target's inputs and outputs as the interpreter reads and writes them: integers with their scale and zero
-    point where the .tflite quantised them, the model's own specs elsewhere."""
-    params = artifact.options.get("device_io") or {}
-
-    def specs(key: str) -> list[TensorSpec]:
-        out = []
-        for d in artifact.options[key]:
-            s = TensorSpec.from_dict(d)
-            p = params.get(s.name)
-            out.append(TensorSpec(s.name, p["dtype"], s.shape, p["scale"], p["zero_point"]) if p else s)
-        return out
-
-    return specs("inputs"), specs("outputs")
-
-
 class LitertEngine(Engine):
     """One ai-edge-litert Interpreter on the .tflite; calls are serialised (an Interpreter is not thread safe)."""
 
     thread_safe = False
 
     def __init__(self, artifact: Artifact, threads: int | None) -> None:
-        ins, outs = device_specs(artifact)
+        ins, outs = device_specs(artifact.options)
         super().__init__(ins, outs)
         self.built = {n: tuple(int(d) for d in s) for n, s in artifact.options["shapes"].items()}
         try:
@@ -460,18 +447,6 @@ def _boundary(
 def _device_outputs(record: dict[str, Any]) -> list[str]:
     """The outputs the .tflite writes, in order: the model's, or a joined output's parts in its place."""
     return list(record.get("device_outputs") or [d["name"] for d in record["outputs"]])
-
-
-def _fit(a: np.ndarray, shape: Any, name: str) -> np.ndarray:
-    """A calibration sample at the built shape (a batch given at once is split into samples by the caller)."""
-    shape = tuple(int(d) for d in shape)
-    if a.shape == shape:
-        return a
-    if a.ndim == len(shape) and a.shape[1:] == shape[1:] and shape[0] == 1 and a.shape[0] >= 1:
-        return a[:1]
-    raise CompileError(
-        f"litert: calibration sample for input '{name}' has shape {list(a.shape)}, built at {list(shape)}"
-    )
 
 
 @contextlib.contextmanager

@@ -63,7 +63,7 @@ from ._onnx_ptq import correct_biases, mse_ranges
 from ._outputs import concat_outputs, device_outputs, join_outputs
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
 from .contract import Option
-from .shapes import primary_shapes
+from .shapes import device_specs, fit_sample, primary_shapes
 
 TOOLCHAIN = "rknn"
 FACTORY = "luodi.backends._rknn_child:load"
@@ -193,7 +193,7 @@ class RknnBackend(Backend):
                 raise CompileError("rknn:int8 needs calibration data: pass calibration= (CLI: --calibration)")
             for s in inputs:
                 arrays[f"calib:{s.name}"] = np.stack(
-                    [_fit(np.asarray(f[s.name], np.float32), shapes[s.name], s.name) for f in calibration]
+                    [fit_sample(np.asarray(f[s.name], np.float32), shapes[s.name], s.name, "rknn") for f in calibration]
                 )
             args["float_tensors"] = [str(t) for t in options.extra.get("float_tensors", [])]
         worker = _start_worker("rknn compile", {"platform": platform, "device": "simulator"})
@@ -228,7 +228,7 @@ class RknnBackend(Backend):
             record["joins"] = joins
         artifact = Artifact(self.name, options.precision, files, record)
         if options.int8_io and options.precision == "int8":
-            artifact.io = device_specs(artifact)
+            artifact.io = device_specs(artifact.options)
         _SESSIONS.put(_key(artifact), worker)  # the building session simulates: the next load here adopts it
         return artifact
 
@@ -324,31 +324,6 @@ def _session_args(
     }
 
 
-def _fit(a: np.ndarray, shape: Any, name: str) -> np.ndarray:
-    """A calibration sample at the built shape (a batch of them split by the caller is one sample each)."""
-    shape = tuple(int(d) for d in shape)
-    if a.shape == shape:
-        return a
-    if a.ndim == len(shape) and a.shape[1:] == shape[1:] and shape[0] == 1 and a.shape[0] >= 1:
-        return a[:1]
-    raise CompileError(f"rknn: calibration sample for input '{name}' has shape {list(a.shape)}, built at {list(shape)}")
-
-
-def device_specs(artifact: Artifact) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The int8 target's inputs and outputs as the board sees them: int8 with the toolkit's scale and zero point."""
-    params = artifact.options.get("device_io") or {}
-
-    def specs(key: str) -> list[TensorSpec]:
-        out = []
-        for d in artifact.options[key]:
-            s = TensorSpec.from_dict(d)
-            p = params.get(s.name)
-            out.append(TensorSpec(s.name, "int8", s.shape, p["scale"], p["zero_point"]) if p else s)
-        return out
-
-    return specs("inputs"), specs("outputs")
-
-
 def _key(artifact: Artifact) -> str:
     return hashlib.sha256(artifact.file("model.rknn")).hexdigest()
 
@@ -409,7 +384,7 @@ class RknnEngine(Engine):
         opts = artifact.options
         model_inputs = [TensorSpec.from_dict(d) for d in opts["inputs"]]
         model_outputs = [TensorSpec.from_dict(d) for d in opts["outputs"]]
-        ins, outs = device_specs(artifact) if opts.get("int8_io") else (model_inputs, model_outputs)
+        ins, outs = device_specs(artifact.options) if opts.get("int8_io") else (model_inputs, model_outputs)
         super().__init__(ins, outs)
         self.device = device
         self.built = {n: tuple(int(d) for d in s) for n, s in opts["shapes"].items()}

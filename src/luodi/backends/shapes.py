@@ -7,6 +7,9 @@ the model's inputs and derives the second set that keeps every free axis they va
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 
 from ..errors import CompileError
 from ..tensor import TensorSpec
@@ -73,3 +76,32 @@ def second_shapes(inputs: Sequence[TensorSpec], primary: Shapes, options: Compil
                 dims[axis], moved = other, True
         out[s.name] = tuple(dims)
     return out if moved else None
+
+
+def fit_sample(a: np.ndarray, shape: Any, name: str, backend: str) -> np.ndarray:
+    """A calibration sample at the shape a static-shape backend built (a batch given at once is split into samples
+    by the caller: a sample of a larger batch keeps its first row)."""
+    shape = tuple(int(d) for d in shape)
+    if a.shape == shape:
+        return a
+    if a.ndim == len(shape) and a.shape[1:] == shape[1:] and shape[0] == 1 and a.shape[0] >= 1:
+        return a[:1]
+    raise CompileError(
+        f"{backend}: calibration sample for input '{name}' has shape {list(a.shape)}, built at {list(shape)}"
+    )
+
+
+def device_specs(options: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """An int8 artifact's inputs and outputs as its device reads and writes them: integers with the scale and zero
+    point its quantiser chose (``options["device_io"]``), the model's own specs (``inputs``/``outputs``) elsewhere."""
+    params = options.get("device_io") or {}
+
+    def specs(key: str) -> list[TensorSpec]:
+        out = []
+        for d in options[key]:
+            s = TensorSpec.from_dict(d)
+            p = params.get(s.name)
+            out.append(TensorSpec(s.name, p.get("dtype", "int8"), s.shape, p["scale"], p["zero_point"]) if p else s)
+        return out
+
+    return specs("inputs"), specs("outputs")
