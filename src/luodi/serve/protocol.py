@@ -13,6 +13,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import ProtocolError
+
+try:  # luodi[serve] installs it; the standard library's json is the fallback and the judge of what orjson refuses
+    import orjson
+except ImportError:  # pragma: no cover - a server installed without the extra
+    orjson = None
 from ..tensor import TensorSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -77,6 +82,18 @@ _MAX_RANK = 32  # numpy's limit is 64; no model luodi serves has more than 8
 
 
 def _json(data: bytes | str, what: str) -> dict[str, Any]:
+    """The JSON object of a body. orjson decodes it (a 26 kB request of 3072 numbers: 0.14 ms against json's 0.77);
+    what orjson refuses (NaN and Infinity, which JSON lacks and the standard library takes; integers beyond 64
+    bits; invalid text) is decoded by the standard library, which also words the error a client gets."""
+    if orjson is not None:
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            if not isinstance(doc, dict):
+                raise ProtocolError(f"the {what} must be a JSON object, got {type(doc).__name__}")
+            return doc
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -207,7 +224,7 @@ def encode_infer_response(
     doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request.id is not None:
         doc["id"] = request.id
-    entries, chunks = [], []
+    entries, chunks, finite = [], [], True
     for want in wanted:
         if want.name not in outputs:
             raise ProtocolError(f"the model has no output '{want.name}'; its outputs are {list(outputs)}")
@@ -218,13 +235,26 @@ def encode_infer_response(
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
+            if array.dtype.kind == "f" and finite:
+                finite = bool(np.isfinite(array).all())
             entry["data"] = array.reshape(-1).tolist()
         entries.append(entry)
     doc["outputs"] = entries
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    header = _dumps(doc, finite)
     if not chunks:
         return header, None
     return b"".join([header, *chunks]), len(header)
+
+
+def _dumps(doc: dict[str, Any], finite: bool = True) -> bytes:
+    """Compact JSON: orjson's where every number is ``finite`` (it would write NaN and Infinity as null), else the
+    standard library's, which writes them as the NaN/Infinity tokens Python's JSON reader takes back."""
+    if orjson is not None and finite:
+        try:
+            return orjson.dumps(doc)
+        except (orjson.JSONEncodeError, TypeError):
+            pass
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def encode_infer_request(
