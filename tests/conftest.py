@@ -113,6 +113,23 @@ def cnn_package(tmp_path_factory: pytest.TempPathFactory, cnn_model: onnx.ModelP
 
 
 @pytest.fixture(scope="session")
+def fashion_cnn():
+    """The Fashion-MNIST CNN trained here for 0.2 epoch (seed 0, two torch threads), once per test run, with the
+    10k test split: ``(net, test_images, test_labels)``. Training is the dearest step of the int8 tests."""
+    pytest.importorskip("torch")
+    from luodi.zoo import fashion_mnist as fm
+
+    try:
+        test_images, test_labels = fm.load("test")
+    except luodi.MissingExtraError as exc:
+        pytest.skip(str(exc))
+    import torch
+
+    torch.set_num_threads(2)
+    return fm.train(epochs=0.2, seed=0), test_images, test_labels
+
+
+@pytest.fixture(scope="session")
 def effnet_source():
     """EfficientNet-Lite0 exported once per test run (torch export takes a few seconds)."""
     from luodi.zoo import efficientnet_lite0

@@ -17,16 +17,8 @@ INT8_TARGETS = ["onnxruntime:int8", "openvino:int8"]
 
 
 @pytest.fixture(scope="session")
-def fashion():
-    try:
-        test_images, test_labels = fm.load("test")
-    except luodi.MissingExtraError as exc:
-        pytest.skip(str(exc))
-    import torch
-
-    torch.set_num_threads(2)
-    net = fm.train(epochs=0.2, seed=0)
-    return net, test_images, test_labels
+def fashion(fashion_cnn):
+    return fashion_cnn
 
 
 @pytest.fixture(scope="session")

@@ -17,17 +17,12 @@ pytest.importorskip("nncf")
 
 
 @pytest.fixture(scope="module")
-def fashion():
-    try:
-        test_images, test_labels = fm.load("test")
-    except luodi.MissingExtraError as exc:
-        pytest.skip(str(exc))
+def fashion(fashion_cnn):
     import torch
 
     from luodi.frontends.torch import to_onnx
 
-    torch.set_num_threads(2)
-    net = fm.train(epochs=0.2, seed=0)
+    net, test_images, test_labels = fashion_cnn
     model = to_onnx(
         net, torch.from_numpy(fm.to_input(test_images[:2])), input_names=["images"], output_names=["logits"]
     )

@@ -248,8 +248,13 @@ class Backend:
             raise CompileError(
                 f"{self.name} has no precision '{options.precision}'; choose one of {list(self.precisions)}{note}"
             )
-        check_options(self.name, "compile", options.extra, self.compile_options)
+        self.check_compile_options(options.extra, options.precision)
         return self._compile(model, options)
+
+    def check_compile_options(self, extra: Mapping[str, Any], precision: str) -> None:
+        """The compile options' names and types (and, where a backend says more, their values and combinations):
+        ``luodi.compile`` calls this for every target before any work, so a typo costs no calibration."""
+        check_options(self.name, "compile", extra, self.compile_options)
 
     def load(self, artifact: Artifact, options: LoadOptions | None = None) -> Engine:
         """Device side: ``artifact`` loaded as an Engine. Checks the engine is installed and the engine options,

@@ -289,14 +289,20 @@ class OpenVinoBackend(Backend):
     def quantises_itself(self, extra: Mapping[str, Any]) -> bool:
         return extra.get("quantizer") == "nncf"
 
+    def check_compile_options(self, extra: Mapping[str, Any], precision: str) -> None:
+        super().check_compile_options(extra, precision)
+        quantizer = extra.get("quantizer", "luodi")
+        if quantizer not in _nncf.QUANTIZERS:
+            raise CompileError(f"openvino has no quantizer '{quantizer}'; choose one of {', '.join(_nncf.QUANTIZERS)}")
+        settings = [k for k in extra if k in _nncf.OPTIONS]
+        if settings and quantizer != "nncf":
+            raise CompileError(f"openvino option(s) {', '.join(settings)} need the option quantizer=nncf")
+        if quantizer == "nncf":
+            _nncf.check_settings(extra)
+
     def _compile(self, model: Any, options: CompileOptions) -> Artifact:
         ov = self.require()
         quantizer = options.extra.get("quantizer", "luodi")
-        if quantizer not in _nncf.QUANTIZERS:
-            raise CompileError(f"openvino has no quantizer '{quantizer}'; choose one of {', '.join(_nncf.QUANTIZERS)}")
-        settings = [k for k in options.extra if k in _nncf.OPTIONS]
-        if settings and quantizer != "nncf":
-            raise CompileError(f"openvino option(s) {', '.join(settings)} need the option quantizer=nncf")
         nncf_int8 = quantizer == "nncf" and options.precision == "int8"  # the other precisions do not quantise
         if nncf_int8 and options.int8_io:
             raise CompileError("openvino's quantizer 'nncf' keeps float inputs and outputs; drop --int8-io")

@@ -165,6 +165,8 @@ def compile(  # noqa: A001 - the field's word for it
     members: dict[str, bytes] = {}
     by_sha: dict[str, str] = {}
     extra = _target_options(target_options, backends)
+    for b, p in wanted:  # a misspelt or invalid option fails here, not after calibration and the other targets
+        backends[b].check_compile_options(extra.get(b, {}), p)
     run = CompileRun(wanted, backends, members, by_sha, verify, strict, steps, say, int8_io=int8_io, extra=extra)
     run.estimate = configs
     with steps:

@@ -11,7 +11,7 @@ import io
 import logging
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ class Calibration:
     input_means: dict[str, np.ndarray] | None = None
     # centred covariance of every Conv/Gemm's input features, for GPTQ weight rounding (rounding.py)
     input_covariances: dict[str, np.ndarray] | None = None
+    # each layer's GPTQ factor of its covariance, filled by the first quantisation that rounds it (rounding.py)
+    gptq_factors: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def summary(self) -> dict[str, Any]:
         return {"method": self.method, "samples": self.samples, "tensors": len(list(self.ranges.keys()))}

@@ -148,7 +148,7 @@ def _round(qdq: Any, model: Any, calibration: Calibration, policy: QuantPolicy) 
         return qdq  # asymmetric weights keep nearest rounding
     qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[w.dtype].tensor_type
     qmin, qmax = get_qmin_qmax_for_qType(qtype, reduce_range=w.bits == 7, symmetric=True)
-    return round_weights(qdq, model, calibration.input_covariances, int(qmin), int(qmax))[0]
+    return round_weights(qdq, model, calibration.input_covariances, int(qmin), int(qmax), calibration.gptq_factors)[0]
 
 
 def _quantize_static(

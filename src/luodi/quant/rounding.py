@@ -23,6 +23,7 @@ from .bias import LINEAR_OPS, _attr
 
 POSITIONS = 4096  # input positions (over a batch) sampled per layer and run for its covariance
 DAMP = 0.01  # of the mean diagonal, added to each covariance (GPTQ's dampening; keeps C invertible)
+BLOCK = 128  # columns rounded between two updates of the columns after them (GPTQ's lazy batch)
 
 
 def _patches(x: np.ndarray, node: Any, w_shape: Sequence[int]) -> np.ndarray | None:
@@ -101,29 +102,64 @@ def input_covariances(model: Any, runs: Sequence[dict[str, np.ndarray]]) -> dict
     return out
 
 
-def gptq_round(w: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, cov: np.ndarray) -> np.ndarray:
-    """Integers for ``w`` [G, O, d] (G groups sharing a covariance ``cov`` [G, d, d]) with per-row ``scale``
-    [G, O] in [qmin, qmax], chosen column by column with the remaining columns compensating (GPTQ)."""
-    g, _, d = w.shape
+def gptq_factor(cov: np.ndarray) -> np.ndarray:
+    """[G, d, d]: the upper Cholesky factor of the dampened covariance's inverse, which :func:`gptq_round` steps
+    through. It depends on the covariance alone, so a calibration keeps it (``Calibration.gptq_factors``) for
+    every quantisation of the same model (bias correction's second pass, each step of the fallback)."""
+    d = cov.shape[1]
     h = cov + DAMP * np.maximum(np.einsum("gii->g", cov) / d, 1e-12)[:, None, None] * np.eye(d)[None]
     dead = np.einsum("gii->gi", cov) <= 0  # features that never vary: any rounding error there is a constant
     h[dead[:, :, None] & np.eye(d, dtype=bool)[None]] = 1.0
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)  # upper Cholesky factor of C^-1
+    return np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)
+
+
+def gptq_round(
+    w: np.ndarray,
+    scale: np.ndarray,
+    qmin: int,
+    qmax: int,
+    cov: np.ndarray | None = None,
+    *,
+    factor: np.ndarray | None = None,
+    block: int = BLOCK,
+) -> np.ndarray:
+    """Integers for ``w`` [G, O, d] (G groups sharing a covariance ``cov`` [G, d, d], or its :func:`gptq_factor`)
+    with per-row ``scale`` [G, O] in [qmin, qmax], chosen column by column with the remaining columns compensating
+    (GPTQ). The compensation is applied within a block of columns as each is rounded and to the columns after the
+    block in one matrix product when the block is done (GPTQ's lazy batch update: the same result, a BLAS product
+    instead of a rank-one update of every later column per column)."""
+    hinv = gptq_factor(cov) if factor is None else factor
+    _, _, d = w.shape
     w = w.astype(np.float64).copy()
-    s = scale.astype(np.float64)[:, :, None]
+    s = scale.astype(np.float64)
     q = np.zeros(w.shape, dtype=np.int64)
-    for i in range(d):
-        col = w[:, :, i]
-        qi = np.clip(np.round(col / s[:, :, 0]), qmin, qmax)
-        q[:, :, i] = qi
-        err = (col - qi * s[:, :, 0]) / hinv[:, i, i][:, None]
-        w[:, :, i + 1 :] -= err[:, :, None] * hinv[:, None, i, i + 1 :]
+    for i1 in range(0, d, block):
+        i2 = min(i1 + block, d)
+        errors = np.empty(w.shape[:2] + (i2 - i1,))
+        for i in range(i1, i2):
+            col = w[:, :, i]
+            qi = np.clip(np.round(col / s), qmin, qmax)
+            q[:, :, i] = qi
+            err = (col - qi * s) / hinv[:, i, i][:, None]
+            w[:, :, i + 1 : i2] -= err[:, :, None] * hinv[:, None, i, i + 1 : i2]
+            errors[:, :, i - i1] = err
+        if i2 < d:
+            w[:, :, i2:] -= np.matmul(errors, hinv[:, i1:i2, i2:])
     return q
 
 
-def round_weights(qdq: Any, model: Any, covariances: dict[str, np.ndarray], qmin: int, qmax: int) -> tuple[Any, int]:
+def round_weights(
+    qdq: Any,
+    model: Any,
+    covariances: dict[str, np.ndarray],
+    qmin: int,
+    qmax: int,
+    factors: dict[str, np.ndarray] | None = None,
+) -> tuple[Any, int]:
     """A copy of ``qdq`` whose symmetric int8 Conv/Gemm weights are GPTQ-rounded from ``model``'s float weights
-    with the scales ``qdq`` already has; returns it and how many layers were re-rounded."""
+    with the scales ``qdq`` already has; returns it and how many layers were re-rounded. ``factors`` caches each
+    layer's :func:`gptq_factor` by node name across calls with the same ``covariances``."""
+    factors = {} if factors is None else factors
     import onnx
     from onnx import numpy_helper
 
@@ -160,9 +196,10 @@ def round_weights(qdq: Any, model: Any, covariances: dict[str, np.ndarray], qmin
         if not axis_ok or rows.shape[0] % groups or rows.shape[1] != cov.shape[1]:
             continue
         per_row = np.broadcast_to(scale.reshape(-1), (rows.shape[0],))
-        q = gptq_round(rows.reshape(groups, -1, rows.shape[1]), per_row.reshape(groups, -1), qmin, qmax, cov).reshape(
-            rows.shape
-        )
+        if node.name not in factors:
+            factors[node.name] = gptq_factor(cov)
+        w_groups, s_groups = rows.reshape(groups, -1, rows.shape[1]), per_row.reshape(groups, -1)
+        q = gptq_round(w_groups, s_groups, qmin, qmax, factor=factors[node.name]).reshape(rows.shape)
         if node.op_type == "Gemm" and not bool(_attr(node, "transB", 0)):
             q = q.T
         q = q.reshape(stored.shape).astype(stored.dtype)
