@@ -90,13 +90,7 @@ def test_nncf_options_are_checked(fashion, tmp_path):
         ({"quantizer": "aimet"}, "no quantizer 'aimet'"),
         ({"nncf_preset": "mixed"}, "need the option quantizer=nncf"),
     ]
+    # checked before any work: without calibration data the compile would otherwise stop for want of it
     for options, message in cases:
         with pytest.raises(luodi.LuodiError, match=message):
-            luodi.compile(
-                model,
-                tmp_path / "x.luodi",
-                ["openvino:int8"],
-                calibration=fm.to_input(images[:16]),
-                target_options={"openvino": options},
-                strict=True,
-            )
+            luodi.compile(model, tmp_path / "x.luodi", ["openvino:int8"], target_options={"openvino": options})
