@@ -50,6 +50,7 @@ def ptq_for(
         samples=samples,
         validation=validation,
         log=say,
+        trained_ranges=src.int8_ranges,
     )
 
 
