@@ -54,6 +54,7 @@ class QATConfig:
     target: str = "onnxruntime"
     ema: float = 0.01  # weight of each batch in the moving average of an activation's min/max
     seed: int = 0
+    train_mode: bool = True  # False: dropout (and drop-connect) stay off while fine-tuning
 
 
 @dataclass
@@ -176,8 +177,10 @@ def _calls(module: Any, example: tuple) -> list[tuple[str, Any, int, int]]:
     calls: list[tuple[str, Any, int, int]] = []
     alive: list[Any] = []  # the tensors stay referenced, so no id is reused during the trace
     handles = []
+    # leaves, and the layers QAT folds or quantises even where they hold a child (a padding Conv2d subclass)
+    layers = (torch.nn.modules.conv._ConvNd, torch.nn.Linear, torch.nn.modules.batchnorm._BatchNorm)
     for name, sub in module.named_modules():
-        if name and not list(sub.children()):
+        if name and (not list(sub.children()) or isinstance(sub, layers)):
 
             def hook(m: Any, args: tuple, out: Any, name: str = name) -> None:
                 first = args[0] if args else None
@@ -244,6 +247,15 @@ def _quantised_outputs(module: Any, example: tuple, policy: QuantPolicy) -> list
     return [name for name, m, _, out in calls if op(m) and not (op(m) in ("Conv", "Gemm") and out in fused)]
 
 
+def _hooks(names: list[str]) -> dict[str, list[int]]:
+    """Module name -> the indices into ``names`` of its calls (a module called twice, e.g. one ReLU6 instance
+    after two convs, quantises two tensors: one range each)."""
+    out: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        out.setdefault(name, []).append(i)
+    return out
+
+
 class _Quantiser:
     """The fake-quant hooks of one module: input, chosen outputs, and the weight parametrisations."""
 
@@ -254,7 +266,9 @@ class _Quantiser:
         self.module = module
         self.inputs = [_ActivationQuant(policy.activations, ema) for _ in example]
         names = _quantised_outputs(module, example, policy)
-        self.outputs = {n: _ActivationQuant(policy.activations, ema) for n in names}
+        self.outputs = [_ActivationQuant(policy.activations, ema) for _ in names]
+        self.names = names
+        self._count: dict[str, int] = {}
         self.weights = []
         for name, sub in module.named_modules():
             if isinstance(sub, (torch.nn.modules.conv._ConvNd, torch.nn.Linear)) and not isinstance(
@@ -263,14 +277,23 @@ class _Quantiser:
                 parametrize.register_parametrization(sub, "weight", _weight_quant(policy.weights))
                 self.weights.append(name)
         self._handles = [module.register_forward_pre_hook(self._pre)]
-        for name, q in self.outputs.items():
-            self._handles.append(module.get_submodule(name).register_forward_hook(lambda _m, _a, out, q=q: q(out)))
+        for name, calls in _hooks(names).items():
+            self._handles.append(module.get_submodule(name).register_forward_hook(self._post(name, calls)))
+
+    def _post(self, name: str, calls: list[int]) -> Callable[..., Any]:
+        def hook(_m: Any, _a: tuple, out: Any) -> Any:
+            k = self._count.get(name, 0)
+            self._count[name] = k + 1
+            return self.outputs[calls[k]](out) if k < len(calls) else out
+
+        return hook
 
     def _pre(self, _m: Any, args: tuple) -> tuple:
+        self._count = {}  # a new forward pass: every module's calls count from the first again
         return tuple(q(a) if i < len(self.inputs) else a for i, (q, a) in enumerate(zip(self.inputs, args)))
 
     def all(self) -> list[_ActivationQuant]:
-        return [*self.inputs, *self.outputs.values()]
+        return [*self.inputs, *self.outputs]
 
     def set(self, observing: bool, enabled: bool) -> None:
         for q in self.all():
@@ -393,7 +416,7 @@ def qat(
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=config.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     say(f"quantisation-aware fine-tuning for {policy.backend}'s int8 ({policy.summary()}): {steps} steps, {loss_kind}")
-    net.train()
+    net.train(config.train_mode)
     order, pos, losses = torch.randperm(n, generator=gen), 0, []
     for step in range(steps):
         if pos + bs > n:
