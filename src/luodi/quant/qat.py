@@ -404,7 +404,7 @@ def qat(
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     xs = torch.from_numpy(x)
-    ys = torch.from_numpy(np.asarray(y)) if y is not None else None
+    ys = torch.from_numpy(np.asarray(y, dtype=np.int64)) if y is not None else None
     n, bs = len(xs), min(config.batch_size, len(xs))
     # ranges first seen on up to 8 batches without quantisation (as torch.ao's observers start), then fine-tuning
     quant.set(observing=True, enabled=False)
