@@ -10,6 +10,8 @@ import luodi
 from luodi.quant import simulate
 from luodi.zoo import fashion_mnist as fm
 
+pytestmark = pytest.mark.slow  # see docs/testing.md: `make check` leaves these out
+
 torch = pytest.importorskip("torch")
 from luodi.quant.qat import QATConfig, qat  # noqa: E402
 

@@ -17,6 +17,7 @@ from .data import DATASETS, Feeds, batches, load_feeds
 from .opset import default_opset, for_quantisation
 from .policy import QuantPolicy, policy_of
 from .ptq import layers, prepare, quantizable_nodes, quantize
+from .qat import QATConfig
 from .sensitivity import (
     FallbackResult,
     LayerSensitivity,
@@ -252,6 +253,7 @@ __all__ = [
     "DEFAULT_MAX_DISAGREEMENT",
     "METHODS",
     "PTQ",
+    "QATConfig",
     "Calibration",
     "FallbackResult",
     "LayerSensitivity",
