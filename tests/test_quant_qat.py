@@ -68,7 +68,8 @@ def test_qat_ranges_reach_every_int8_target(data, tmp_path):
         input_names=["images"],
         output_names=["logits"],
         qat=config,
-        validation=x[1024:],
+        calib_samples=64,  # min-max ranges only for the tensors QAT did not see
+        validation=x[1024:1280],
         accuracy_budget="5%",
     )
     entry = pkg.find_target("onnxruntime", "int8")

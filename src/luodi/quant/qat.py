@@ -437,7 +437,7 @@ def qat(
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-        if step % 100 == 0 or step == steps - 1:
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
             say(f"qat step {step + 1}/{steps}: loss {losses[-1]:.4f}")
     net.eval()
     quant.set(observing=False, enabled=True)
