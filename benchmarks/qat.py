@@ -55,8 +55,8 @@ def lite0(args: argparse.Namespace, targets: list[str]) -> None:
 
     src = efficientnet_lite0()
     inputs, _ = specs_from_onnx(src.model)
+    # the module's own input (normalised), for fine-tuning; never a held-apart photo
     photos = np.concatenate([f["images"] for f in load_feeds("ai-benchmark", inputs, src.pipeline, 100)])
-    held = [f["images"] for f in load_feeds("imagenet-holdout", inputs, src.pipeline, None)]
     module = _pretrained_module()
     example = torch.zeros(1, 3, 224, 224)
     common = dict(
@@ -71,9 +71,11 @@ def lite0(args: argparse.Namespace, targets: list[str]) -> None:
     )
 
     def top1(pkg: luodi.Package, target: str) -> np.ndarray:
+        # through the package's own pipeline: its passes fold the normalisation, so the graph takes pixel values
+        held = load_feeds("imagenet-holdout", pkg.inputs, pkg.pipeline, what="validation")
         backend, precision = target.split(":")
         with luodi.Session(pkg.path, backend=backend, precision=precision) as s:
-            return np.array([int(s.run({"images": x})["logits"].argmax()) for x in held])
+            return np.array([int(s.run(f)["logits"].argmax()) for f in held])
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,7 +96,7 @@ def lite0(args: argparse.Namespace, targets: list[str]) -> None:
             rows.append(("QAT", t, float((top1(qat, t) == ref).mean())))
             print(t, qat.find_target(*t.split(":"))["quantization"]["calibration"])
     print(f"\nhost: {platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}")
-    print(f"EfficientNet-Lite0, top-1 agreement with fp32 on {len(held)} held-apart photos\n")
+    print(f"EfficientNet-Lite0, top-1 agreement with fp32 on {len(ref)} held-apart photos\n")
     print("| model | target | agreement |\n|---|---|---|")
     for what, t, agree in rows:
         print(f"| {what} | {t} | {agree:.1%} |")
