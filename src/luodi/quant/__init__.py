@@ -17,7 +17,7 @@ from .data import DATASETS, Feeds, batches, load_feeds
 from .opset import default_opset, for_quantisation
 from .policy import QuantPolicy, policy_of
 from .ptq import layers, prepare, quantizable_nodes, quantize
-from .qat import QATConfig
+from .qat import QATConfig, ranges_calibration, trained_policy
 from .sensitivity import (
     FallbackResult,
     LayerSensitivity,
@@ -125,8 +125,6 @@ class PTQ:
         (its weights were trained on the grid; moving them again would undo the training)."""
         policy = policy_of(backend)
         if self.trained_ranges:
-            from .qat import trained_policy
-
             policy = trained_policy(policy)
         return policy
 
@@ -137,8 +135,6 @@ class PTQ:
             self.say(f"calibrating ({method}) on {len(self.feeds)} samples")
             calib = calibrate(self.model, self.feeds, method, policy)
             if self.trained_ranges:
-                from .qat import ranges_calibration
-
                 calib = ranges_calibration(calib, self.trained_ranges)
                 self.say(f"{calib.trained} of {len(calib.ranges.keys())} activation ranges from QAT")
             self._calibrations[key] = calib
