@@ -25,6 +25,9 @@ class SourceModel:
     torch_program: bytes | Callable[[], bytes] | None = None
     """A ``torch.export`` program saved with ``torch.export.save`` (or a function making it on demand),
     when the model came from PyTorch."""
+    int8_ranges: dict[str, tuple[float, float]] | None = None
+    """Activation ranges by tensor name from quantisation-aware training (luodi.quant.qat): the int8 targets take
+    them instead of calibrating, and keep the weights' trained rounding."""
     models: dict[str, SourceModel] = field(default_factory=dict)
     """Further models of a multi-model pipeline (e.g. OCR's "cls" and "rec"), by the name the pipeline's
     graph calls them; this model is "main". Each is compiled for the same targets and verified alike."""

@@ -50,7 +50,20 @@ def ptq_for(
         samples=samples,
         validation=validation,
         log=say,
+        trained_ranges=_trained_ranges(src),
     )
+
+
+def _trained_ranges(src: SourceModel) -> dict[str, tuple[float, float]] | None:
+    """The QAT ranges of ``src`` that still hold after the graph passes: an input whose normalisation a pass folded
+    into the first Conv now takes pixel values, so its trained (normalised) range is dropped."""
+    from ..package.schema import FOLDED_NORMALIZATION
+
+    ranges = src.int8_ranges
+    folded = (src.pipeline or {}).get(FOLDED_NORMALIZATION)
+    if ranges and isinstance(folded, dict):
+        ranges = {k: v for k, v in ranges.items() if k != folded.get("input")}
+    return ranges
 
 
 def quantise_for(ptq: Any, backend: Any, max_disagreement: float | None, fallback: bool) -> tuple[Any, dict]:

@@ -17,6 +17,7 @@ from .data import DATASETS, Feeds, batches, load_feeds
 from .opset import default_opset, for_quantisation
 from .policy import QuantPolicy, policy_of
 from .ptq import layers, prepare, quantizable_nodes, quantize
+from .qat import QATConfig, ranges_calibration, trained_policy
 from .sensitivity import (
     FallbackResult,
     LayerSensitivity,
@@ -82,8 +83,12 @@ class PTQ:
         samples: int | None = None,
         validation: Any = None,
         log: Callable[[str], None] | None = None,
+        trained_ranges: dict[str, tuple[float, float]] | None = None,
     ) -> None:
         self.say = log or (lambda _m: None)
+        # activation ranges from quantisation-aware training (qat.py), by tensor name: they replace calibration
+        # where they exist, and the weights (already on the int8 grid) are rounded to nearest, uncorrected
+        self.trained_ranges = trained_ranges or None
         if method not in METHODS:
             raise InputError(f"unknown calibration method '{method}'; choose one of {', '.join(METHODS)}")
         self.method = method
@@ -115,11 +120,24 @@ class PTQ:
             self._prepared = prepare(self._source)
         return self._prepared
 
+    def policy_for(self, backend: Any) -> QuantPolicy:
+        """``backend``'s int8 policy; for a QAT model without bias correction and with nearest weight rounding
+        (its weights were trained on the grid; moving them again would undo the training)."""
+        policy = policy_of(backend)
+        if self.trained_ranges:
+            policy = trained_policy(policy)
+        return policy
+
     def calibration_for(self, policy: QuantPolicy) -> Calibration:
         key = (tuple(policy.ops), policy.activations, policy.bias_correction, policy.weight_rounding)
         if key not in self._calibrations:
-            self.say(f"calibrating ({self.method}) on {len(self.feeds)} samples")
-            self._calibrations[key] = calibrate(self.model, self.feeds, self.method, policy)
+            method = "minmax" if self.trained_ranges else self.method
+            self.say(f"calibrating ({method}) on {len(self.feeds)} samples")
+            calib = calibrate(self.model, self.feeds, method, policy)
+            if self.trained_ranges:
+                calib = ranges_calibration(calib, self.trained_ranges)
+                self.say(f"{calib.trained} of {len(calib.ranges.keys())} activation ranges from QAT")
+            self._calibrations[key] = calib
         return self._calibrations[key]
 
     def samples(self, which: str) -> list[Feeds]:
@@ -151,7 +169,7 @@ class PTQ:
         """Layers by the error each adds when it alone is quantised for ``backend``'s policy, most sensitive
         first, on the first ``limit`` validation samples; kept, so a later :meth:`for_backend` falls back in
         this order instead of ranking again."""
-        policy = policy_of(backend)
+        policy = self.policy_for(backend)
         ranking = sensitivity(self.model, self.calibration_for(policy), policy, self.tune_feeds[:limit])
         self._ranking[backend.name] = ranking
         return ranking
@@ -161,7 +179,7 @@ class PTQ:
     ) -> tuple[Any, dict[str, Any]]:
         """The QDQ graph for ``backend``'s policy and the manifest record: policy, calibration, agreement with
         the float model on the deployed engine and in simulation, and any layers kept in float."""
-        policy = policy_of(backend)
+        policy = self.policy_for(backend)
         calib = self.calibration_for(policy)
 
         def deployed(q: Any, which: str = "tune") -> list[dict[str, np.ndarray]]:
@@ -231,6 +249,7 @@ __all__ = [
     "DEFAULT_MAX_DISAGREEMENT",
     "METHODS",
     "PTQ",
+    "QATConfig",
     "Calibration",
     "FallbackResult",
     "LayerSensitivity",

@@ -42,11 +42,16 @@ class Calibration:
     input_means: dict[str, np.ndarray] | None = None
     # centred covariance of every Conv/Gemm's input features, for GPTQ weight rounding (rounding.py)
     input_covariances: dict[str, np.ndarray] | None = None
+    # how many of the ranges quantisation-aware training chose (method "qat", see qat.py); the rest are min-max
+    trained: int = 0
     # each layer's GPTQ factor of its covariance, filled by the first quantisation that rounds it (rounding.py)
     gptq_factors: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def summary(self) -> dict[str, Any]:
-        return {"method": self.method, "samples": self.samples, "tensors": len(list(self.ranges.keys()))}
+        out = {"method": self.method, "samples": self.samples, "tensors": len(list(self.ranges.keys()))}
+        if self.trained:
+            out["trained_ranges"] = self.trained
+        return out
 
 
 class _Reader:
