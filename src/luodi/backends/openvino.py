@@ -19,6 +19,9 @@ Precision is explicit, never the engine's default
     precision in ``OPTIMIZATION_CAPABILITIES``, or a compiled model whose hint came back different
     (a CPU without fp16 silently turns ``f16`` into ``bf16``), is a ``BackendUnavailableError``,
     so the compiler records the target as failed and ``backend="auto"`` skips it.
+    An int8 target's float layers (the fallback's, and operators without int8 kernels) run at the hint of
+    its ``float_precision`` compile option (fp32 by default; bf16/fp16; recorded in the artifact options):
+    the FakeQuantize layers stay int8 either way (measured with the performance counters).
 
 Load (device side)
     ``device``: ``"cpu"``, ``"gpu"`` / ``"gpu:N"`` (OpenVINO ``GPU`` / ``GPU.N``) or ``"npu"``;
