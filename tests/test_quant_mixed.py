@@ -114,7 +114,7 @@ def test_bf16_float_layers_in_the_package_load_as_bf16_around_int8_layers(tmp_pa
         out,
         targets=["openvino:int8"],
         calibration=_images(10, 1),
-        validation=_images(64, 2),
+        validation=_images(20, 2),
         accuracy_budget="0%",
         target_options={"openvino": {"float_precision": "bf16"}},
     )

@@ -65,7 +65,7 @@ def quantise_for(
     qdq, record = ptq.for_backend(backend, budget, allow_fallback=fallback, float_precision=float_precision)
     if not record["passed"]:
         floats = len(record["float_layers"])
-        raise VerificationError(
+        raise _with_record(record)(
             f"target {backend.name}:int8 {_agrees(record, record['validation']['samples'])} ("
             f"{record['validation']['data']}), below the {1 - budget:.2%} the budget {budget:.2%} allows"
             + (f", even with {floats} layers kept in {record.get('float_precision', 'fp32')}" if floats else "")
@@ -73,6 +73,18 @@ def quantise_for(
             + ("allow the fallback" if not fallback else "drop this int8 target")
         )
     return qdq, record
+
+
+def _with_record(record: dict[str, Any]) -> Callable[[str], VerificationError]:
+    """A VerificationError that carries the target's quantisation record (``exc.record``): the failed target's entry
+    keeps it, so the fallback's attempts and Pareto front are there to read when the budget was not met."""
+
+    def make(message: str) -> VerificationError:
+        exc = VerificationError(message)
+        exc.record = record  # type: ignore[attr-defined]
+        return exc
+
+    return make
 
 
 def _agrees(record: dict[str, Any], samples: int) -> str:

@@ -242,6 +242,8 @@ class CompileRun:
                     "status": "failed",
                     "reason": reason,
                 }
+                if isinstance(getattr(exc, "record", None), dict):  # the int8 gate's: what the fallback measured
+                    entry["quantization"] = exc.record
                 return entry, None
         entry = target_entry(backend, precision, artifact, job.prefix, self.members, self.by_sha)
         if quantization is not None and qdq is None:  # quantised by the engine's own toolkit: no QDQ graph
