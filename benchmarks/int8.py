@@ -4,8 +4,12 @@ Calibrates on the 100 ai-benchmark classification photos, measures agreement on 
 (luodi.quant.data.imagenet_holdout) and labelled top-1 on the 20 foolbox ImageNet pictures. Where the CPU runs
 them, OpenVINO's fp16 and bf16 targets are measured on the same set too: what 16-bit floats keep of the float
 model's top-1 is the yardstick for an 8-bit figure.
-Usage: python benchmarks/int8.py [--budget 1%] [--method minmax] [--no-fallback] [--option BACKEND.KEY=VALUE ...]
-(e.g. ``--option openvino.quantizer=nncf --option openvino.nncf_preset=mixed``: openvino:int8 quantised by NNCF).
+Usage: python benchmarks/int8.py [--budget 1%] [--method minmax] [--no-fallback] [--float-precision auto]
+[--option BACKEND.KEY=VALUE ...] (e.g. ``--option openvino.quantizer=nncf --option openvino.nncf_preset=mixed``:
+openvino:int8 quantised by NNCF). ``--float-precision`` is openvino's ``float_precision`` option: the precision the
+fallback keeps layers in (bf16, fp16, fp32, or auto: each the CPU runs, the fastest within the budget); every
+fallback's attempts (float layers, their precision, agreement on the tuning half, latency) and their Pareto front
+are printed after the table.
 """
 
 from __future__ import annotations
@@ -87,7 +91,10 @@ def main() -> None:
     ap.add_argument("--method", default="minmax")
     ap.add_argument("--no-fallback", action="store_true")
     ap.add_argument("--option", action="append", default=[], help="an engine's compile option, BACKEND.KEY=VALUE")
+    ap.add_argument("--float-precision", help="openvino:int8's float layers: fp32 (default), bf16, fp16 or auto")
     args = ap.parse_args()
+    if args.float_precision:
+        args.option.append(f"openvino.float_precision={args.float_precision}")
     targets = [f"{e}:{p}" for p in ("fp32", "int8") for e in ENGINES] + half_targets()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "effnet.luodi"
@@ -130,7 +137,8 @@ def main() -> None:
             ms = latency_ms(pkg, target, x)
             agree, snr = holdout_agreement(pkg, target, batched, reference)
             top1 = labelled_top1(pkg, target)
-            floats = len(entry.get("quantization", {}).get("float_layers", [])) if "int8" in target else ""
+            q = entry.get("quantization", {})
+            floats = f"{len(q['float_layers'])} {q.get('float_precision', 'fp32')}" if q.get("float_layers") else ""
             rows[target] = ms
             print(f"{target:20s} {ms:8.2f} {agree:22.2%} {snr:7.2f} {top1:>11d}/20  {floats}")
         best_fp32 = min(v for k, v in rows.items() if k.endswith("fp32"))
@@ -138,6 +146,29 @@ def main() -> None:
         int8 = [v for k, v in rows.items() if k.endswith("int8")]
         if int8:
             print(f"best int8 vs best fp32: {best_fp32 / min(int8):.2f}x faster")
+        for target in targets:
+            fallback_report(target, pkg.find_target(*target.split(":")))
+
+
+def fallback_report(target: str, entry: dict) -> None:
+    """The fallback's attempts and their Pareto front, as the package records them (agreement on the tuning half of
+    the held-apart photos, latency of one batch-1 picture on the engine during the compile)."""
+    decision = (entry.get("quantization") or {}).get("fallback")
+    if not decision:
+        return
+    print(
+        f"\n{target} fallback (budget {decision['budget']:.2%}, tuning half): chose {len(decision['float_nodes'])} "
+        f"float layers in {decision.get('float_precision', 'fp32')}, {decision['agreement']:.2%}, "
+        f"{decision.get('latency_ms')} ms, budget {'met' if decision['met'] else 'not met'}"
+    )
+    front = decision.get("pareto", [])
+    print(f"  {'float layers':>12s} {'precision':>9s} {'agreement':>9s} {'ms':>7s}  Pareto")
+    for step in sorted(decision["steps"], key=lambda s: (s["float_precision"], s["float_layers"])):
+        mark = "*" if step in front else ""
+        print(
+            f"  {step['float_layers']:12d} {step['float_precision']:>9s} {step['agreement']:9.2%} "
+            f"{step.get('latency_ms', float('nan')):7.2f}  {mark}"
+        )
 
 
 if __name__ == "__main__":

@@ -210,6 +210,11 @@ class Backend:
             version=str(getattr(mod, "__version__", "")),
         )
 
+    def int8_float_precisions(self) -> tuple[str, ...]:
+        """Besides fp32, the precisions in which the engine runs an int8 graph's float layers on this host (its
+        ``float_precision`` compile option): what the int8 fallback may keep layers in. None by default."""
+        return ()
+
     def quantises_itself(self, extra: Mapping[str, Any]) -> bool:
         """Whether an int8 target compiled with engine options ``extra`` is quantised by the engine's own toolkit
         (given the float graph and ``CompileOptions.calibration``) rather than from luodi's QDQ graph: the class's

@@ -19,6 +19,9 @@ Precision is explicit, never the engine's default
     precision in ``OPTIMIZATION_CAPABILITIES``, or a compiled model whose hint came back different
     (a CPU without fp16 silently turns ``f16`` into ``bf16``), is a ``BackendUnavailableError``,
     so the compiler records the target as failed and ``backend="auto"`` skips it.
+    An int8 target's float layers (the fallback's, and operators without int8 kernels) run at the hint of
+    its ``float_precision`` compile option (fp32 by default; bf16/fp16; recorded in the artifact options):
+    the FakeQuantize layers stay int8 either way (measured with the performance counters).
 
 Load (device side)
     ``device``: ``"cpu"``, ``"gpu"`` / ``"gpu:N"`` (OpenVINO ``GPU`` / ``GPU.N``) or ``"npu"``;
@@ -181,6 +184,20 @@ class OpenVinoEngine(Engine):
         self._model = None
 
 
+def _float_precision(precision: str, extra: Mapping[str, Any]) -> str:
+    """What the float layers of a target at ``precision`` run in: the precision itself, or for int8 the
+    ``float_precision`` option (fp32 unless given; "auto" is the fallback's to resolve, before compile)."""
+    asked = extra.get("float_precision")
+    if precision != "int8":  # the option is the int8 targets'; the float targets' precision is their own
+        return precision
+    if asked is None:
+        return "fp32"
+    if asked not in ("fp32", "bf16", "fp16"):
+        why = " ('auto' is resolved by the compile's int8 fallback)" if asked == "auto" else ""
+        raise CompileError(f"openvino's float_precision is 'fp32', 'bf16', 'fp16' or 'auto', not '{asked}'{why}")
+    return str(asked)
+
+
 def _read_hint(compiled: Any) -> str | None:
     try:
         return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
@@ -218,6 +235,13 @@ class OpenVinoBackend(Backend):
         "nncf_bias_correction": Option(str, "quantizer 'nncf': 'full' (the default), 'fast' (NNCF's default) or 'off'"),
         "nncf_subset_size": Option(int, "quantizer 'nncf': how many calibration samples NNCF uses (default all)"),
         "nncf_smooth_quant": Option((int, float), "quantizer 'nncf': SmoothQuant's alpha for convolutions (off)"),
+        "float_precision": Option(
+            str,
+            "an int8 target's float layers (those the fallback keeps out of int8, and operators without int8 "
+            "kernels): 'fp32' (the default), 'bf16' or 'fp16' (INFERENCE_PRECISION_HINT; the int8 layers stay "
+            "int8), or 'auto': the fallback tries each this CPU runs natively and keeps the fastest that meets the "
+            "budget. A package whose int8 target says bf16 loads only on a CPU with BF16",
+        ),
         "nncf_max_drop": Option(
             (int, float),
             "quantizer 'nncf': quantise with accuracy control, keeping layers in float until top-1 agreement with "
@@ -285,6 +309,12 @@ class OpenVinoBackend(Backend):
             return ()
         return tuple(p for p in self.precisions if _CAPABILITY[p] in caps)
 
+    def int8_float_precisions(self) -> tuple[str, ...]:
+        """Besides fp32, the precisions this host's CPU runs an int8 graph's float layers in natively (bf16 with
+        AVX512_BF16 or AMX; fp16 where the CPU lists FP16): the candidates of ``float_precision='auto'``."""
+        runs = self._precisions_on(self._core(), "CPU")
+        return tuple(p for p in ("bf16", "fp16") if p in runs)
+
     # -- compile ---------------------------------------------------------------------------------
     def quantises_itself(self, extra: Mapping[str, Any]) -> bool:
         return extra.get("quantizer") == "nncf"
@@ -304,6 +334,7 @@ class OpenVinoBackend(Backend):
         ov = self.require()
         quantizer = options.extra.get("quantizer", "luodi")
         nncf_int8 = quantizer == "nncf" and options.precision == "int8"  # the other precisions do not quantise
+        float_precision = _float_precision(options.precision, options.extra)
         if nncf_int8 and options.int8_io:
             raise CompileError("openvino's quantizer 'nncf' keeps float inputs and outputs; drop --int8-io")
         core = self._core()
@@ -326,7 +357,8 @@ class OpenVinoBackend(Backend):
         if nncf_int8:
             ov_model = _nncf.quantize(ov_model, options.calibration, options.extra)
         # Build it once on CPU so an operator the CPU plugin cannot run fails here, not at load.
-        hint = _HINT[options.precision] if options.precision in self._precisions_on(core, "CPU") else "f32"
+        runs = self._precisions_on(core, "CPU")
+        hint = _HINT[float_precision] if options.precision in runs and float_precision in runs else "f32"
         try:
             core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
         except Exception as exc:
@@ -338,11 +370,13 @@ class OpenVinoBackend(Backend):
             files = {"model.xml": xml.read_bytes(), "model.bin": xml.with_suffix(".bin").read_bytes()}
         opts = {
             "precision": options.precision,
-            "inference_precision_hint": _HINT[options.precision],
+            "inference_precision_hint": _HINT[float_precision],
             "performance_hint": "LATENCY",
             "inputs": onnx_inputs,
             "outputs": onnx_outputs,
         }
+        if options.precision == "int8":
+            opts["float_precision"] = float_precision
         if nncf_int8:
             opts["quantizer"] = {"name": "nncf", **_nncf.DEFAULTS, **_nncf.check_settings(options.extra)}
         return Artifact(self.name, options.precision, files, opts)
@@ -387,9 +421,21 @@ class OpenVinoBackend(Backend):
                 f"without {_CAPABILITY[precision]}; use a precision it has "
                 f"({', '.join(self._precisions_on(core, device)) or 'none'}) or another device"
             )
+        float_precision = str(artifact.options.get("float_precision", precision)) if precision == "int8" else precision
+        if float_precision not in _HINT:
+            raise ModelError(f"{artifact.target}: its float layers' precision '{float_precision}' is not OpenVINO's")
+        if float_precision not in ("fp32", "int8") and float_precision not in self._precisions_on(core, device):
+            raise BackendUnavailableError(
+                f"{self.name} cannot run {artifact.target} on {device} here: its float layers are "
+                f"{float_precision} (the package's float_precision) and the device lists optimisation "
+                f"capabilities {sorted(core.get_property(device, 'OPTIMIZATION_CAPABILITIES'))}, without "
+                f"{_CAPABILITY.get(float_precision, float_precision)}; compile the int8 target with "
+                "--option openvino.float_precision=fp32 for this device"
+            )
+        hint = _HINT[float_precision]
         extra = options.extra
         config: dict[str, Any] = {
-            "INFERENCE_PRECISION_HINT": _HINT[precision],
+            "INFERENCE_PRECISION_HINT": hint,
             "PERFORMANCE_HINT": str(extra.get("performance_hint", artifact.options.get("performance_hint", "LATENCY"))),
         }
         if options.threads:
@@ -410,9 +456,9 @@ class OpenVinoBackend(Backend):
                 f"{self.name} could not load {artifact.target} on {device}: {last_line(str(exc))}"
             ) from exc
         got = _read_hint(compiled)
-        if got is not None and got != _HINT[precision]:
+        if got is not None and got != hint:
             raise BackendUnavailableError(
-                f"{self.name} on {device} runs {artifact.target} in {got}, not the {_HINT[precision]} "
+                f"{self.name} on {device} runs {artifact.target} in {got}, not the {hint} "
                 f"it was asked for; use a precision the device supports natively"
             )
         names = {}

@@ -175,7 +175,9 @@ def compile(  # noqa: A001 - the field's word for it
                 run.ptq = ptq_for(
                     src, inputs, wanted, calibration, calib_method, calib_samples, validation, say, preprocess
                 )
-            run.quantise = lambda backend: quantise_for(run.ptq, backend, max_disagreement, fallback)
+            run.quantise = lambda backend, float_precision=None: quantise_for(
+                run.ptq, backend, max_disagreement, fallback, float_precision
+            )
             run.vendor = lambda backend, model, opts: vendor_quantise(
                 run.ptq, backend, model, opts, max_disagreement, fallback, say
             )

@@ -66,23 +66,38 @@ def _trained_ranges(src: SourceModel) -> dict[str, tuple[float, float]] | None:
     return ranges
 
 
-def quantise_for(ptq: Any, backend: Any, max_disagreement: float | None, fallback: bool) -> tuple[Any, dict]:
+def quantise_for(
+    ptq: Any, backend: Any, max_disagreement: float | None, fallback: bool, float_precision: str | None = None
+) -> tuple[Any, dict]:
     """The QDQ graph for ``backend`` and its record; the compile-time gate: a VerificationError for a target
-    outside the budget (recorded as failed, or with ``strict`` the end of the compile)."""
+    outside the budget (recorded as failed, or with ``strict`` the end of the compile). ``float_precision``: the
+    backend's option of that name, the precision(s) the fallback may keep layers in (luodi.quant.PTQ.for_backend)."""
     from ..quant import DEFAULT_MAX_DISAGREEMENT
 
     budget = DEFAULT_MAX_DISAGREEMENT if max_disagreement is None else max_disagreement
-    qdq, record = ptq.for_backend(backend, budget, allow_fallback=fallback)
+    qdq, record = ptq.for_backend(backend, budget, allow_fallback=fallback, float_precision=float_precision)
     if not record["passed"]:
         floats = len(record["float_layers"])
-        raise VerificationError(
+        raise _with_record(record)(
             f"target {backend.name}:int8 {_agrees(record, record['validation']['samples'])} ("
             f"{record['validation']['data']}), below the {1 - budget:.2%} the budget {budget:.2%} allows"
-            + (f", even with {floats} layers kept in float" if floats else "")
+            + (f", even with {floats} layers kept in {record.get('float_precision', 'fp32')}" if floats else "")
             + ". Loosen --accuracy-budget, try another --calib-method, or "
             + ("allow the fallback" if not fallback else "drop this int8 target")
         )
     return qdq, record
+
+
+def _with_record(record: dict[str, Any]) -> Callable[[str], VerificationError]:
+    """A VerificationError that carries the target's quantisation record (``exc.record``): the failed target's entry
+    keeps it, so the fallback's attempts and Pareto front are there to read when the budget was not met."""
+
+    def make(message: str) -> VerificationError:
+        exc = VerificationError(message)
+        exc.record = record  # type: ignore[attr-defined]
+        return exc
+
+    return make
 
 
 def _agrees(record: dict[str, Any], samples: int) -> str:

@@ -71,7 +71,7 @@ class CompileRun:
     steps: Progress
     say: Log
     ptq: Any = None
-    quantise: Callable[[Any], tuple[Any, dict]] | None = None
+    quantise: Callable[[Any, str | None], tuple[Any, dict]] | None = None
     vendor: Callable[[Any, Any, CompileOptions], tuple[Artifact, dict]] | None = None
     """For a backend that quantises itself: its int8 artifact and record (int8.vendor_quantise)."""
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -206,8 +206,10 @@ class CompileRun:
                 if vendor and self.ptq is not None and not job.prefix:  # its toolkit quantises, from our samples
                     options = {**options, "calibration": tuple(self.ptq.feeds), "int8_io": self.int8_io}
                 elif precision == "int8" and self.quantise is not None and not job.prefix:
-                    target_model, quantization = self.quantise(backend)
+                    target_model, quantization = self.quantise(backend, extra.get("float_precision"))
                     qdq = target_model
+                    if "float_precision" in extra:  # "auto" or a precision: the one the fallback's choice runs in
+                        extra = {**extra, "float_precision": quantization["float_precision"]}
                     if self.int8_io:
                         target_model, io = integer_boundary(qdq, job.inputs, job.outputs)
                         options = {**options, "inputs": tuple(io[0]), "outputs": tuple(io[1])}
@@ -240,6 +242,8 @@ class CompileRun:
                     "status": "failed",
                     "reason": reason,
                 }
+                if isinstance(getattr(exc, "record", None), dict):  # the int8 gate's: what the fallback measured
+                    entry["quantization"] = exc.record
                 return entry, None
         entry = target_entry(backend, precision, artifact, job.prefix, self.members, self.by_sha)
         if quantization is not None and qdq is None:  # quantised by the engine's own toolkit: no QDQ graph

@@ -55,14 +55,75 @@ def parse_budget(value: str | float | None) -> float | None:
     return frac
 
 
-def run_on(backend: Any, model: Any, feeds: Sequence[Feeds], precision: str = "int8") -> list[dict[str, np.ndarray]]:
+def run_on(
+    backend: Any, model: Any, feeds: Sequence[Feeds], precision: str = "int8", float_precision: str = "fp32"
+) -> list[dict[str, np.ndarray]]:
     """Compile ``model`` for ``backend`` in memory, load it and run ``feeds`` (batched where the batch is
-    symbolic): the deployed engine's outputs, the figure an int8 target is judged by."""
-    from ..backends import CompileOptions, run_once
+    symbolic): the deployed engine's outputs, the figure an int8 target is judged by. ``float_precision``: what
+    the int8 graph's float layers run in (the backend's ``float_precision`` option; "fp32" sets nothing)."""
+    from ..backends import run_once
     from .calibrate import _batch_is_symbolic
 
     runs = batches(feeds, 16) if _batch_is_symbolic(model) else list(feeds)
-    return run_once(backend, model, runs, CompileOptions(precision=precision))
+    return run_once(backend, model, runs, _options(precision, float_precision))
+
+
+def measure_on(
+    backend: Any,
+    model: Any,
+    feeds: Sequence[Feeds],
+    precision: str = "int8",
+    float_precision: str = "fp32",
+    timed_runs: int = 30,
+) -> tuple[list[dict[str, np.ndarray]], float | None]:
+    """:func:`run_on`'s outputs, and from the same engine the milliseconds of the fastest of ``timed_runs`` runs of
+    the first feed (after 3 warm-up runs; None with ``timed_runs=0``): the latency the fallback weighs against
+    agreement. The fastest, not the median: on a shared host the median of a few milliseconds moved 2-6x between
+    attempts that differ by one layer (EfficientNet-Lite0, 2 loaded cores); the least-disturbed run moves less."""
+    import time
+
+    from ..backends import open_engine
+    from .calibrate import _batch_is_symbolic
+
+    runs = batches(feeds, 16) if _batch_is_symbolic(model) else list(feeds)
+    with open_engine(backend, model, _options(precision, float_precision)) as engine:
+        outputs = [engine.run(f) for f in runs]
+        if not timed_runs or not feeds:
+            return outputs, None
+        for _ in range(3):
+            engine.run(feeds[0])
+        times = []
+        for _ in range(timed_runs):
+            t0 = time.perf_counter()
+            engine.run(feeds[0])
+            times.append(time.perf_counter() - t0)
+    return outputs, float(min(times) * 1e3)
+
+
+def _options(precision: str, float_precision: str) -> Any:
+    from ..backends import CompileOptions
+
+    extra = {"float_precision": float_precision} if float_precision != "fp32" else {}
+    return CompileOptions(precision=precision, extra=extra)
+
+
+def float_precisions(backend: Any, asked: str | None) -> tuple[str, ...]:
+    """The precisions the fallback may keep float layers in for ``backend``, from its ``float_precision`` option
+    (None: fp32 only; "auto": every one the engine runs natively on this host, then fp32)."""
+    if asked in (None, "fp32"):
+        return ("fp32",)
+    here = tuple(backend.int8_float_precisions())
+    if asked == "auto":
+        return (*here, "fp32")
+    if asked not in FLOAT_PRECISIONS:
+        raise InputError(
+            f"{backend.name}: float_precision '{asked}' is none of {', '.join(FLOAT_PRECISIONS)} or 'auto'"
+        )
+    return (asked,)
+
+
+#: What an int8 graph's float layers may run in, where the engine has it (the ``float_precision`` option).
+FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class PTQ:
@@ -175,21 +236,29 @@ class PTQ:
         return ranking
 
     def for_backend(
-        self, backend: Any, max_disagreement: float = DEFAULT_MAX_DISAGREEMENT, allow_fallback: bool = True
+        self,
+        backend: Any,
+        max_disagreement: float = DEFAULT_MAX_DISAGREEMENT,
+        allow_fallback: bool = True,
+        float_precision: str | None = None,
     ) -> tuple[Any, dict[str, Any]]:
         """The QDQ graph for ``backend``'s policy and the manifest record: policy, calibration, agreement with
-        the float model on the deployed engine and in simulation, and any layers kept in float."""
+        the float model on the deployed engine and in simulation, any layers kept in float and the precision they
+        run in. ``float_precision`` (the backend's option of that name): which precision(s) the fallback may keep
+        layers in, "fp32" (None), one the engine runs them in ("bf16" on openvino), or "auto" (every one this host
+        runs natively, and fp32): the fallback then keeps the fastest attempt that meets the budget."""
         policy = self.policy_for(backend)
         calib = self.calibration_for(policy)
+        candidates = float_precisions(backend, float_precision)
 
-        def deployed(q: Any, which: str = "tune") -> list[dict[str, np.ndarray]]:
-            return run_on(backend, q, self.samples(which))
+        def deployed(q: Any, precision: str = "fp32") -> tuple[list[dict[str, np.ndarray]], float | None]:
+            return measure_on(backend, q, self.tune_feeds, float_precision=precision)
 
         self.say(f"quantising for {backend.name} ({policy.summary()})")
         if allow_fallback:
             ranking = self._ranking.get(backend.name)
             qdq = quantize(self.model, calib, policy)
-            first = self.measure(self.float_outputs("tune"), first_output(deployed(qdq)))
+            first = self.measure(self.float_outputs("tune"), first_output(deployed(qdq)[0]))
             decision = None
             if first is not None and 1 - first > max_disagreement + 1e-12:
                 if ranking is None:
@@ -204,11 +273,13 @@ class PTQ:
                     deployed,
                     ranking,
                     measure=self.measure,
+                    float_precisions=candidates,
                 )
         else:
             qdq, decision = quantize(self.model, calib, policy), None
+        precision = decision.float_precision if decision else "fp32"
         ref = self.float_outputs("report")
-        got = first_output(deployed(qdq, "report"))
+        got = first_output(run_on(backend, qdq, self.report_feeds, float_precision=precision))
         sim = first_output(simulate(qdq, self.report_feeds))
         record = {
             "policy": policy.summary(),
@@ -222,6 +293,7 @@ class PTQ:
             "cosine": round(cosine(ref, got), 6),
             "opset": {"source": self.source_opset, "quantised": default_opset(qdq)},
             "float_layers": decision.float_nodes if decision else [],
+            "float_precision": precision,
             "fallback": decision.record() if decision else None,
         }
         agree = record["agreement"]
@@ -259,8 +331,10 @@ __all__ = [
     "cosine",
     "fallback",
     "first_output",
+    "float_precisions",
     "layers",
     "load_feeds",
+    "measure_on",
     "parse_budget",
     "policy_of",
     "prepare",

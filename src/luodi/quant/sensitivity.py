@@ -20,6 +20,8 @@ from .policy import QuantPolicy
 from .ptq import quantizable_nodes, quantize
 
 Runner = Callable[[Any], list[dict[str, np.ndarray]]]
+# (qdq model, its float layers' precision) -> (the engine's outputs, its ms per batch-1 run or None when not timed)
+PrecisionRunner = Callable[[Any, str], tuple[list[dict[str, np.ndarray]], float | None]]
 
 
 @dataclass(frozen=True)
@@ -33,13 +35,19 @@ class LayerSensitivity:
 
 @dataclass
 class FallbackResult:
-    """What the fallback decided: the nodes kept in float, and the agreement measured at each step."""
+    """What the fallback decided: the nodes kept in float, the precision they run in, and every point it measured.
+
+    ``steps`` are the attempts in order (float layers, their precision, agreement and, where timed, latency);
+    ``pareto`` the attempts no other attempt beats on both latency and agreement, fastest first."""
 
     budget: float
     float_nodes: list[str]
     agreement: float | None
     met: bool
     steps: list[dict[str, Any]] = field(default_factory=list)
+    float_precision: str = "fp32"
+    latency_ms: float | None = None
+    pareto: list[dict[str, Any]] = field(default_factory=list)
 
     def record(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,50 +122,84 @@ def fallback(
     policy: QuantPolicy,
     feeds: Sequence[Feeds],
     budget: float,
-    run: Runner,
+    run: PrecisionRunner,
     ranking: Sequence[LayerSensitivity] | None = None,
     max_float_fraction: float = 0.5,
     measure: Measure = top1,
+    float_precisions: Sequence[str] = ("fp32",),
 ) -> tuple[Any, FallbackResult]:
     """Keep the most sensitive layers in float until disagreement with float on ``feeds`` (by ``measure``: top-1
     for a classifier, boxes for a detector) is at most ``budget`` (a fraction, 0.01 = 1%) on the engine ``run``
-    drives (``run(qdq_model) -> outputs``).
+    drives (``run(qdq_model, float_precision) -> (outputs, ms)``: the float layers in ``float_precision``; ms, the
+    engine's latency per batch-1 run, or None when it is not timed).
 
-    Layers are added in order of sensitivity, doubling the count each step and then bisecting back, so a
-    60-layer model needs about a dozen engine runs, not sixty. Returns the QDQ model and the decision.
+    For each of ``float_precisions`` (e.g. "bf16" and "fp32" where the engine runs its float layers in either),
+    layers are added in order of sensitivity, doubling the count each step and then bisecting back, so a 60-layer
+    model needs about a dozen engine runs per precision, not sixty. Where ``run`` times the attempts, the choice is the
+    fastest attempt that meets the budget; otherwise the fewest float layers (the first precision's on a tie).
+    Returns the QDQ model and the decision, with the Pareto front (latency, agreement) of the timed attempts.
     """
     ref = first_output(simulate(model, feeds))
     ranking = list(ranking) if ranking is not None else sensitivity(model, calibration, policy, feeds)
     order = [s.node for s in ranking]
     limit = max(1, int(len(order) * max_float_fraction))
     steps: list[dict[str, Any]] = []
-    cache: dict[int, tuple[Any, float]] = {}
+    cache: dict[tuple[int, str], tuple[Any, dict[str, Any]]] = {}
 
-    def attempt(k: int) -> tuple[Any, float]:
-        if k not in cache:
+    def attempt(k: int, precision: str) -> dict[str, Any]:
+        precision = "fp32" if k == 0 else precision  # no float layer: the int8 graph as every engine runs it
+        if (k, precision) not in cache:
             q = quantize(model, calibration, policy, exclude=order[:k])
-            agree = measure(ref, first_output(run(q)))
+            outputs, ms = run(q, precision)
+            agree = measure(ref, first_output(outputs))
             agree = 1.0 if agree is None else agree
-            cache[k] = (q, agree)
-            steps.append({"float_layers": k, "agreement": round(agree, 6)})
-        return cache[k]
+            step = {"float_layers": k, "float_precision": precision, "agreement": round(agree, 6)}
+            if ms is not None:
+                step["latency_ms"] = round(ms, 3)
+            cache[k, precision] = (q, step)
+            steps.append(step)
+        return cache[k, precision][1]
 
-    def ok(k: int) -> bool:
-        return 1.0 - attempt(k)[1] <= budget + 1e-12
+    def ok(k: int, precision: str) -> bool:
+        return 1.0 - attempt(k, precision)["agreement"] <= budget + 1e-12
 
-    if ok(0):
-        return cache[0][0], FallbackResult(budget, [], cache[0][1], True, steps)
-    lo, hi = 0, 1
-    while not ok(hi):
-        if hi >= limit:
-            q, agree = cache[hi]
-            return q, FallbackResult(budget, order[:hi], agree, False, steps)
-        lo, hi = hi, min(limit, hi * 2)
-    while hi - lo > 1:  # agreement is not strictly monotone in k; this finds a small k that meets the budget
-        mid = (lo + hi) // 2
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid
-    q, agree = cache[hi]
-    return q, FallbackResult(budget, order[:hi], agree, True, steps)
+    if not ok(0, "fp32"):
+        for precision in float_precisions:
+            lo, hi = 0, 1
+            while not ok(hi, precision) and hi < limit:
+                lo, hi = hi, min(limit, hi * 2)
+            if not ok(hi, precision):
+                continue
+            while hi - lo > 1:  # agreement is not strictly monotone in k; this finds a small k that meets the budget
+                mid = (lo + hi) // 2
+                if ok(mid, precision):
+                    hi = mid
+                else:
+                    lo = mid
+    timed = all("latency_ms" in s for s in steps)
+    met = [s for s in steps if 1.0 - s["agreement"] <= budget + 1e-12]
+    if met:
+        key = (lambda s: (s["latency_ms"], s["float_layers"])) if timed else (lambda s: s["float_layers"])
+        best = min(met, key=key)
+    else:  # nothing met the budget: the closest attempt, the last one on a tie (the most float layers)
+        best = max(reversed(steps), key=lambda s: s["agreement"])
+    k, precision = best["float_layers"], best["float_precision"]
+    return cache[k, precision][0], FallbackResult(
+        budget,
+        order[:k],
+        best["agreement"],
+        bool(met),
+        steps,
+        precision,
+        best.get("latency_ms"),
+        pareto(steps) if timed else [],
+    )
+
+
+def pareto(steps: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The timed attempts that no other attempt beats on both latency (lower) and agreement (higher), fastest first."""
+    front: list[dict[str, Any]] = []
+    for s in sorted(steps, key=lambda s: (s["latency_ms"], -s["agreement"])):
+        if not front or s["agreement"] > front[-1]["agreement"]:
+            front.append(dict(s))
+    return front
