@@ -324,3 +324,37 @@ def test_json_log_lines_carry_each_records_own_time_and_fields() -> None:
     assert same["ts"] == "2026-11-30T00:53:20.750Z" and same["status"] == 200 and "model" not in same
     assert later["ts"] == "2026-11-30T00:54:21.250Z" and earlier["ts"] == "2026-11-29T23:53:20.250Z"
     assert line(t, thing=object())["thing"].startswith("<object")  # anything else as its str()
+
+
+def test_a_request_line_is_the_line_its_log_record_would_write() -> None:
+    """The server writes each request's line without making a log record (it is on the request path), the same
+    line the record would give; with a handler of the caller's own on the logger, the record is made as usual."""
+    import io
+    import logging
+
+    from luodi.serve.metrics import configure_logging, request_line
+
+    luodi_logger, serve_logger = logging.getLogger("luodi"), logging.getLogger("luodi.serve")
+    saved = luodi_logger.handlers[:], luodi_logger.level, luodi_logger.propagate
+    try:
+        configure_logging("info")
+        (handler,) = luodi_logger.handlers
+        out = io.StringIO()
+        handler.setStream(out)
+        fields = {"event": "infer", "model": "cnn", "version": "1", "status": 200, "total_ms": 0.5}
+        request_line(serve_logger, logging.INFO, "infer", fields)
+        serve_logger.log(logging.INFO, "infer", extra=fields)
+        request_line(serve_logger, logging.DEBUG, "infer", fields)  # below the level: nothing
+        direct, recorded = (json.loads(line) for line in out.getvalue().splitlines())
+        assert len(direct.pop("ts")) == len(recorded.pop("ts")) == len("2026-12-03T16:40:58.340Z")
+        assert direct == recorded and direct["model"] == "cnn" and direct["logger"] == "luodi.serve"
+        seen: list[logging.LogRecord] = []
+        mine = logging.Handler()
+        mine.emit = seen.append  # type: ignore[method-assign]
+        serve_logger.addHandler(mine)  # a handler of the caller's own: a record, which reaches both
+        request_line(serve_logger, logging.INFO, "infer", fields)
+        assert [r.model for r in seen] == ["cnn"]  # type: ignore[attr-defined]
+        assert json.loads(out.getvalue().splitlines()[-1])["model"] == "cnn" and len(out.getvalue().splitlines()) == 3
+    finally:
+        serve_logger.handlers[:] = []
+        luodi_logger.handlers[:], luodi_logger.level, luodi_logger.propagate = saved

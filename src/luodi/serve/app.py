@@ -34,7 +34,7 @@ from ..errors import (
 )
 from . import triton
 from .guard import Access, BodyTimeoutError, ClientGone, Guard, Limits, PayloadTooLargeError, UnauthorizedError
-from .metrics import Metrics
+from .metrics import Metrics, request_line
 from .protocol import HEADER_LENGTH, decode_infer_request, encode_infer_response, model_metadata
 from .repository import ModelRepository
 from .requests import INFER_SCHEMA, PREDICT_SCHEMA, decode_huge_json, raw_input, timeout_of
@@ -472,4 +472,4 @@ def _log_request(
         )
     if error:
         extra["error"] = error
-    log.log(logging.WARNING if status >= 500 else logging.INFO, route, extra=extra)
+    request_line(log, logging.WARNING if status >= 500 else logging.INFO, route, extra)
