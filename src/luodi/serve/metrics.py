@@ -137,7 +137,7 @@ class _JsonLines(logging.StreamHandler):
 def request_line(logger: logging.Logger, level: int, msg: str, fields: dict[str, Any]) -> None:
     """``logger.log(level, msg, extra=fields)``, written straight by luodi's own handler when that is all the
     logger's records would reach (no handler or filter of the caller's own): the same line, cheaper."""
-    if not logger.isEnabledFor(level):
+    if logger.disabled or not logger.isEnabledFor(level):
         return
     handler = _only_handler(logger, level)
     if handler is None:
