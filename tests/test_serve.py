@@ -360,3 +360,25 @@ def test_a_request_line_is_the_line_its_log_record_would_write() -> None:
     finally:
         serve_logger.handlers[:] = []
         luodi_logger.handlers[:], luodi_logger.level, luodi_logger.propagate = saved
+
+
+def test_json_bodies_decode_alike_through_orjson_and_the_standard_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    """orjson decodes request bodies; what it refuses (NaN, integers beyond 64 bits) the standard library decodes
+    as the server always has, and an answer holding NaN keeps the NaN token orjson would turn into null."""
+    from luodi.serve import protocol
+
+    assert protocol.orjson is not None  # luodi[serve] installs it
+    body = json.dumps({"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [0.1, -2.5, 3, 1e-7]}]})
+    fast = protocol.decode_infer_request(body.encode())
+    monkeypatch.setattr(protocol, "orjson", None)
+    slow = protocol.decode_infer_request(body.encode())
+    monkeypatch.undo()
+    assert np.array_equal(fast.inputs["x"], slow.inputs["x"]) and fast.inputs["x"].dtype == np.float32
+    nan = protocol.decode_infer_request(body.replace("3,", "NaN,").encode())  # orjson refuses NaN: json takes it
+    assert np.isnan(nan.inputs["x"][1, 0])
+    with pytest.raises(luodi.LuodiError, match="not valid JSON"):
+        protocol.decode_infer_request(b'{"inputs": [')
+    answer, _ = protocol.encode_infer_response("m", "1", {"y": np.array([np.nan, 1.5], np.float32)})
+    assert b"NaN" in answer and b"null" not in answer
+    finite, _ = protocol.encode_infer_response("m", "1", {"y": np.array([0.25, 1.5], np.float32)})
+    assert json.loads(finite)["outputs"][0]["data"] == [0.25, 1.5]
