@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import luodi
+from luodi.arguments import engine_options
 from luodi.quant.data import load_feeds
 from luodi.zoo.images import foolbox_imagenet
 
@@ -68,23 +69,6 @@ def holdout_agreement(pkg: luodi.Package, target: str, feeds: list, reference: n
     return float((got.argmax(1) == reference.argmax(1)).mean()), snr_db(reference, got)
 
 
-def target_options(given: list[str]) -> dict[str, dict[str, object]]:
-    """``openvino.quantizer=nncf`` -> {"openvino": {"quantizer": "nncf"}}; numbers are numbers."""
-    out: dict[str, dict[str, object]] = {}
-    for item in given:
-        key, _, value = item.partition("=")
-        backend, _, name = key.partition(".")
-        parsed: object = value
-        for cast in (int, float):
-            try:
-                parsed = cast(value)
-                break
-            except ValueError:
-                continue
-        out.setdefault(backend, {})[name] = parsed
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--budget", default="1%")
@@ -109,7 +93,7 @@ def main() -> None:
                 validation="imagenet-holdout",
                 accuracy_budget=args.budget,
                 fallback=not args.no_fallback,
-                target_options=target_options(args.option) or None,
+                target_options=engine_options(args.option),
                 log=lambda m: print(f"  [{time.perf_counter() - t0:6.1f}s] {m}", flush=True),
             )
         except luodi.VerificationError as exc:

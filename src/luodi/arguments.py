@@ -119,6 +119,26 @@ def per_input(option: str, items: Iterable[str], form: str, example: str) -> dic
     return given
 
 
+def engine_options(items: Iterable[str]) -> dict[str, dict[str, object]] | None:
+    """Repeated ``BACKEND.KEY=VALUE`` items of ``--option`` (``rknn.platform=rk3566``) as ``target_options``
+    ({"rknn": {"platform": "rk3566"}}), None when there are none; a value that reads as an int or float is one."""
+    out: dict[str, dict[str, object]] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        backend, dot, name = key.partition(".")
+        if not (eq and dot and backend and name):
+            raise InputError(f"--option takes BACKEND.KEY=VALUE, e.g. rknn.platform=rk3566; got '{item}'")
+        parsed: object = value
+        for cast in (int, float):
+            try:
+                parsed = cast(value)
+                break
+            except ValueError:
+                continue
+        out.setdefault(backend, {})[name] = parsed
+    return out or None
+
+
 def parse_target(backend: str, precision: str | None = None) -> tuple[str, str | None]:
     """``"openvino:int8"`` -> ``("openvino", "int8")``, the name the CLI's ``--target`` takes; a plain name is kept.
 

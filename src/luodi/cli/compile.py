@@ -155,7 +155,7 @@ def compile(
     error (nothing written; with --strict any failing target is one).
     """
     from .. import compiler
-    from ..arguments import per_input
+    from ..arguments import engine_options, per_input
     from ..arrays import load_npz
     from ..progress import Progress
 
@@ -185,7 +185,7 @@ def compile(
             preprocess=preprocess,
             fallback=not no_fallback,
             int8_io=int8_io,
-            target_options=_target_options(target_options),
+            target_options=engine_options(target_options),
             estimate=list(estimates) or None,
             progress=progress,
         )
@@ -325,24 +325,3 @@ def _print_passes(records: list[dict[str, Any]]) -> None:
     if not records:
         table.add_row("(none)", "", "", "", "the graph was compiled as given")
     out.print(table)
-
-
-def _target_options(given: tuple[str, ...]) -> dict[str, dict[str, object]] | None:
-    """``rknn.platform=rk3566`` -> {"rknn": {"platform": "rk3566"}}; a value that reads as an int or float is one."""
-    from ..errors import InputError
-
-    out: dict[str, dict[str, object]] = {}
-    for item in given:
-        key, eq, value = item.partition("=")
-        backend, dot, name = key.partition(".")
-        if not (eq and dot and backend and name):
-            raise InputError(f"--option takes BACKEND.KEY=VALUE, e.g. rknn.platform=rk3566; got '{item}'")
-        parsed: object = value
-        for cast in (int, float):
-            try:
-                parsed = cast(value)
-                break
-            except ValueError:
-                continue
-        out.setdefault(backend, {})[name] = parsed
-    return out or None
