@@ -275,6 +275,49 @@ def test_server_keeps_the_cyclic_collector_off_the_request_path() -> None:
         gc.set_threshold(*before)
 
 
+def test_a_lone_request_runs_on_the_event_loop_and_concurrent_ones_still_batch(
+    cnn_repo: Path, expected, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One request at a time (after the first, which times the model): each runs inline, with nothing handed to a
+    worker thread; requests in flight together go through the batcher and share engine calls."""
+    import asyncio
+    import logging
+
+    from luodi.serve import BatchConfig, ModelRepository, create_app
+    from luodi.serve.protocol import HEADER_LENGTH, decode_infer_response, encode_infer_request
+
+    # a bound a loaded test machine cannot miss (the default, 1 ms, is for the model's speed, not the mechanism)
+    app = create_app(ModelRepository(cnn_repo, defaults=BatchConfig(max_inline_ms=1000)))
+    xs = [_x(1, seed=i) for i in range(12)]
+    bodies = [encode_infer_request({"x": x}) for x in xs]
+
+    async def talk() -> list[httpx.Response]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://s") as client:
+
+                def post(i: int):
+                    body, n = bodies[i]
+                    return client.post("/v2/models/cnn/infer", content=body, headers={HEADER_LENGTH: str(n)})
+
+                one_by_one = [await post(i) for i in range(4)]
+                together = await asyncio.gather(*(post(i) for i in range(4, 12)))
+                return one_by_one + list(together)
+
+    with caplog.at_level(logging.INFO, logger="luodi.serve"):
+        answers = asyncio.run(talk())
+    for x, r in zip(xs, answers):
+        assert r.status_code == 200
+        y = decode_infer_response(r.content, r.headers[HEADER_LENGTH])["y"]
+        np.testing.assert_allclose(y, expected(x), rtol=1e-5, atol=1e-5)
+    lines = [r for r in caplog.records if getattr(r, "event", None) == "infer"]
+    assert len(lines) == 12
+    inline = [getattr(r, "inline", False) for r in lines]
+    assert inline[:4] == [False, True, True, True]  # the first measures the model; then no hand-off
+    assert not any(inline[4:])  # eight in flight together: the loop keeps decoding while a worker runs them
+    assert max(int(r.headers["luodi-batch-requests"]) for r in answers[4:]) > 1
+
+
 def test_app_options_that_ray_replicas_use_headers_and_a_readiness_gate(cnn_repo: Path, expected) -> None:
     # What `luodi serve --ray` adds to the same app: its node on every answer, ready only once every replica runs.
     import asyncio

@@ -166,6 +166,49 @@ def test_default_batching_runs_a_lone_request_at_once_and_joins_what_queued_mean
     assert batches == [1, 8]
 
 
+def test_a_quick_models_lone_request_runs_in_the_callers_thread_and_others_still_queue(scale_session) -> None:
+    """run_inline: once the model's lone runs are known to be quick, a request that finds nothing queued or running
+    runs in the calling thread (no hand-off); while a batch runs, or for a slow model, or with max_inline_ms 0,
+    it declines and the request queues as before."""
+    threads: list[str] = []
+    gate = threading.Event()
+    gate.set()
+
+    def run(feeds):  # the real engine, noting the thread it ran on; held while the gate is shut
+        threads.append(threading.current_thread().name)
+        gate.wait(10)
+        return scale_session.run(feeds)
+
+    x = np.ones((1, 2), np.float32)
+    batcher = Batcher(run, BatchConfig(max_batch_size=8, max_inline_ms=50), name="m")
+    try:
+        assert not batcher.inline_ok() and batcher.run_inline({"x": x}) is None  # no lone run measured yet
+        batcher.submit({"x": x}).future.result(timeout=10)
+        assert threads == ["luodi-batcher-m-0"] and batcher.inline_ok()
+        job = batcher.run_inline({"x": x})
+        assert job is not None and job.future.done() and threads[-1] == threading.current_thread().name
+        np.testing.assert_array_equal(job.future.result()["y"], 2 * x)
+        assert job.batch_size == 1 and job.requests == 1 and job.compute_s > 0
+        with pytest.raises(InputError, match="larger than the model's max_batch_size"):
+            batcher.run_inline({"x": np.ones((9, 2), np.float32)})
+        gate.clear()  # a batch runs on the worker: the next request must queue behind it, not run beside it
+        held = batcher.submit({"x": x})
+        while batcher.busy == 0:
+            time.sleep(0.001)
+        assert batcher.run_inline({"x": x}) is None
+        gate.set()
+        held.future.result(timeout=10)
+    finally:
+        gate.set()
+        batcher.close()
+    slow = Batcher(run, BatchConfig(max_batch_size=8, max_inline_ms=0))
+    try:
+        slow.submit({"x": x}).future.result(timeout=10)
+        assert slow.run_inline({"x": x}) is None  # 0: never inline
+    finally:
+        slow.close()
+
+
 def test_full_queue_is_refused_at_once_and_expired_requests_time_out(scale_session) -> None:
     gate = threading.Event()
 
@@ -206,3 +249,5 @@ def test_bad_settings_are_named() -> None:
         BatchConfig(max_batch_size=4, preferred_batch_sizes=(8,))
     with pytest.raises(InputError, match="max_queue_size"):
         BatchConfig(max_queue_size=0)
+    with pytest.raises(InputError, match="max_inline_ms"):
+        BatchConfig(max_inline_ms=-1)

@@ -1,7 +1,7 @@
 """The FastAPI application: KServe v2 HTTP routes, the pipeline route, the repository API, /metrics and the page.
 
 Routes are thin: decoding is luodi.serve.protocol, queueing luodi.serve.batcher, models luodi.serve.repository.
-The engine never runs on the event loop (the batcher's worker threads run it).
+The engine runs on the batcher's worker threads, except a quick model's lone request (Batcher.run_inline).
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ def create_app(
     state = {"shutting_down": False, "started": time.time()}
     every_replica = ready  # the route below is named ready
     huge_json = asyncio.Semaphore(1)
+    infers = [0]  # /infer requests in the server now (from before their body is read until answered)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -258,6 +259,13 @@ def create_app(
     # -- inference ------------------------------------------------------------------------------
     async def _infer(name: str, version: str | None, request: Request) -> Response:
         t0 = time.perf_counter()
+        infers[0] += 1
+        try:
+            return await _infer_one(name, version, request, t0)
+        finally:
+            infers[0] -= 1
+
+    async def _infer_one(name: str, version: str | None, request: Request, t0: float) -> Response:
         body = await request.body()  # the guard bounds its size and read time
         mv, job = None, None
         try:
@@ -271,11 +279,23 @@ def create_app(
                 else:
                     req = decode_infer_request(body, header_length)
                 timeout = timeout_of(req.parameters.get("timeout"), mv.config.timeout_s)
-                job = mv.submit(req.inputs, timeout)
-                try:
-                    outputs = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout)
-                except asyncio.TimeoutError:
-                    raise RequestTimeoutError(f"no answer within the request's timeout of {timeout:.3f} s") from None
+                # The only request in the server runs on the loop when its model is quick: nothing to batch it
+                # with, nothing else for the loop to do meanwhile. One turn of the loop first lets requests that
+                # arrived meanwhile start; with others in flight the loop keeps reading and decoding them while a
+                # worker thread runs the engine.
+                inline = infers[0] == 1 and mv.batcher.inline_ok()
+                if inline:
+                    await asyncio.sleep(0)
+                    inline = infers[0] == 1
+                job = mv.submit(req.inputs, timeout, inline=inline)
+                if job.future.done():
+                    outputs = job.future.result()
+                else:
+                    try:
+                        outputs = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout)
+                    except asyncio.TimeoutError:
+                        msg = f"no answer within the request's timeout of {timeout:.3f} s"
+                        raise RequestTimeoutError(msg) from None
                 data, json_length = encode_infer_response(name, mv.version, outputs, req)
         except Exception as exc:
             if mv is not None:
@@ -470,6 +490,8 @@ def _log_request(
         extra.update(
             batch=job.batch_size, queue_ms=round(1000 * job.queue_s, 3), compute_ms=round(1000 * job.compute_s, 3)
         )
+        if job.inline:
+            extra["inline"] = True
     if error:
         extra["error"] = error
     request_line(log, logging.WARNING if status >= 500 else logging.INFO, route, extra)

@@ -41,6 +41,10 @@ class BatchConfig:
     timeout_s: float = 30.0  # per request, queueing and computing together
     instances: int = 1  # worker threads, each running one batch at a time
     isolate: bool | None = None  # run the engine in a worker process (luodi.worker); None: the server's --isolate
+    # A request that finds nothing queued and nothing running skips the hand-off to a worker thread and back when
+    # the model's lone runs have lately taken under this long: the caller (the server's event loop) runs it.
+    # benchmarks/serve.py --tiny measures what the hand-off costs; 0 turns this off.
+    max_inline_ms: float = 1.0
 
     def __post_init__(self) -> None:
         bad = []
@@ -54,6 +58,8 @@ class BatchConfig:
             bad.append(f"timeout_s {self.timeout_s} <= 0")
         if self.instances < 1:
             bad.append(f"instances {self.instances} < 1")
+        if self.max_inline_ms < 0:
+            bad.append(f"max_inline_ms {self.max_inline_ms} < 0")
         if self.isolate not in (None, True, False):
             bad.append(f"isolate {self.isolate!r} is not true or false")
         if any(p < 1 or p > max(self.max_batch_size, 1) for p in self.preferred_batch_sizes):
@@ -79,6 +85,7 @@ class Job:
     output_s: float = 0.0  # splitting the batch's outputs back into requests
     batch_size: int = 0  # rows of the engine call it shared
     requests: int = 0  # requests that shared it
+    inline: bool = False  # run by its caller's thread (Batcher.run_inline), not by a worker
 
 
 class Batcher:
@@ -107,6 +114,7 @@ class Batcher:
         self._closed = False
         self._busy = 0
         self._compute_ema = 0.0  # seconds per batch, for Retry-After
+        self._lone_ema = math.inf  # seconds per engine call of one request alone, for run_inline
         self._workers = [
             threading.Thread(target=self._work, name=f"luodi-batcher-{name}-{i}", daemon=True)
             for i in range(config.instances)
@@ -126,17 +134,7 @@ class Batcher:
 
     def submit(self, feeds: Feeds, timeout_s: float | None = None) -> Job:
         """Queue one request; its ``future`` gives the outputs. A full queue raises OverloadedError at once."""
-        size = 1
-        if self.batchable:
-            size = core.rows_of(feeds)
-            if size > self.config.max_batch_size:
-                raise InputError(
-                    f"a request of batch {size} is larger than the model's max_batch_size "
-                    f"{self.config.max_batch_size}; split it into smaller requests"
-                )
-            key: tuple = core.shape_key(feeds)
-        else:
-            key = (object(),)  # never equal to another request's key: runs alone
+        size, key = self._size_key(feeds)
         now = time.perf_counter()
         job = Job(feeds, size, key, now + (timeout_s or self.config.timeout_s), enqueued=now)
         with self._cond:
@@ -149,6 +147,50 @@ class Batcher:
                 )
             self._queue.append(job)
             self._cond.notify()
+        return job
+
+    def _size_key(self, feeds: Feeds) -> tuple[int, tuple]:
+        """A request's rows and the key of the requests it may share a batch with."""
+        if not self.batchable:
+            return 1, (object(),)  # never equal to another request's key: runs alone
+        size = core.rows_of(feeds)
+        if size > self.config.max_batch_size:
+            raise InputError(
+                f"a request of batch {size} is larger than the model's max_batch_size "
+                f"{self.config.max_batch_size}; split it into smaller requests"
+            )
+        return size, core.shape_key(feeds)
+
+    def inline_ok(self) -> bool:
+        """Whether run_inline would run a request now: nothing queued or running, the model's lone runs quick, and
+        no queue delay asked for (a lone request waits that long for partners)."""
+        cfg = self.config
+        return (
+            self._lone_ema * 1000 < cfg.max_inline_ms
+            and not cfg.max_queue_delay_ms
+            and not self._queue
+            and not self._busy
+        )
+
+    def run_inline(self, feeds: Feeds, timeout_s: float | None = None) -> Job | None:
+        """Run one request in the calling thread when nothing is queued or running and the model's lone runs have
+        lately been shorter than ``config.max_inline_ms``; else None (``submit`` it). The job comes back done."""
+        if not self.inline_ok():
+            return None
+        with self._cond:
+            if self._queue or self._busy or self._closed:
+                return None
+            self._busy += 1
+        try:
+            size, key = self._size_key(feeds)
+            now = time.perf_counter()
+            job = Job(feeds, size, key, now + (timeout_s or self.config.timeout_s), enqueued=now, inline=True)
+            self._execute([job])
+        finally:
+            with self._cond:
+                self._busy -= 1
+                if self._queue:  # queued meanwhile by another thread: a worker takes it now
+                    self._cond.notify()
         return job
 
     def close(self, drain: bool = True, timeout_s: float | None = None) -> None:
@@ -241,6 +283,8 @@ class Batcher:
         t1 = time.perf_counter()
         compute = t1 - t0
         self._compute_ema = compute if not self._compute_ema else 0.8 * self._compute_ema + 0.2 * compute
+        if len(live) == 1:
+            self._lone_ema = compute if self._lone_ema == math.inf else 0.8 * self._lone_ema + 0.2 * compute
         try:  # a lone request gets its outputs whole, batch axis or not
             parts: list[Feeds] | LuodiError = core.split(outputs, rows) if len(live) > 1 else [outputs]
         except LuodiError as exc:

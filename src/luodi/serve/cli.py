@@ -22,6 +22,14 @@ import click
     help="how long the oldest request waits for others (0: an idle worker takes what is queued at once)",
 )
 @click.option("--preferred-batch-size", "preferred", multiple=True, type=int, help="a preferred batch size (repeat)")
+@click.option(
+    "--max-inline-ms",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="a lone request (nothing else in the server) runs on the event loop, without the hand-off to a worker "
+    "thread, when its model's lone runs take under this long (0: never)",
+)
 @click.option("--max-queue-size", default=256, show_default=True, help="queued requests per model before 503")
 @click.option("--timeout-s", default=30.0, show_default=True, help="per-request timeout")
 @click.option("--instances", default=1, show_default=True, help="worker threads (engine runs in parallel) per model")
@@ -96,6 +104,7 @@ def serve(
     max_batch_size: int,
     max_queue_delay_ms: float,
     preferred: tuple[int, ...],
+    max_inline_ms: float,
     max_queue_size: int,
     timeout_s: float,
     instances: int,
@@ -137,6 +146,7 @@ def serve(
         max_batch_size=max_batch_size,
         max_queue_delay_ms=max_queue_delay_ms,
         preferred_batch_sizes=preferred,
+        max_inline_ms=max_inline_ms,
         max_queue_size=max_queue_size,
         timeout_s=timeout_s,
         instances=instances,

@@ -63,11 +63,14 @@ class ModelVersion:
         """Raise an InputError naming the input when ``feeds`` does not fit the model (before it joins a batch)."""
         check_feeds(self.session, self.name, feeds)
 
-    def submit(self, feeds: Feeds, timeout_s: float | None = None) -> Job:
-        """Check ``feeds`` (the only check they get) and queue them; the job's future gives the outputs."""
+    def submit(self, feeds: Feeds, timeout_s: float | None = None, *, inline: bool = False) -> Job:
+        """Check ``feeds`` (the only check they get) and queue them; the job's future gives the outputs.
+
+        ``inline``: run them in the calling thread instead when the batcher would run them alone at once anyway
+        and the model is quick (Batcher.run_inline); the job then comes back done."""
         self.check(feeds)
         feeds = {n: np.ascontiguousarray(a) for n, a in feeds.items()}  # what engines read; a no-op when it is
-        return self.batcher.submit(feeds, timeout_s)
+        return (inline and self.batcher.run_inline(feeds, timeout_s)) or self.batcher.submit(feeds, timeout_s)
 
     def predict(self, raw: Any, timeout_s: float | None = None, **options: Any) -> tuple[Any, Job | None]:
         """Run the package's pipeline on ``raw`` (e.g. image bytes), the model calls going through the batcher.
