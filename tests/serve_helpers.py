@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -48,11 +49,26 @@ class Server:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
+    def events(self) -> list[str]:
+        """The ``event`` of each JSON line of the server's log, in order (lines without one are left out)."""
+        return log_events(self.log())
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=30)
         self._log.close()
+
+
+def log_events(text: str) -> list[str]:
+    """The ``event`` field of each JSON line in ``text`` (other lines, and lines without one, are left out)."""
+    found = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            doc = json.loads(line)
+            if isinstance(doc, dict) and "event" in doc:
+                found.append(doc["event"])
+    return found
 
 
 @contextlib.contextmanager
