@@ -252,13 +252,15 @@ class PTQ:
         candidates = float_precisions(backend, float_precision)
 
         def deployed(q: Any, precision: str = "fp32") -> tuple[list[dict[str, np.ndarray]], float | None]:
-            return measure_on(backend, q, self.tune_feeds, float_precision=precision)
+            # timed (30 batch-1 runs each) only where the fallback weighs one precision's latency against another's
+            timed_runs = 30 if len(candidates) > 1 else 0
+            return measure_on(backend, q, self.tune_feeds, float_precision=precision, timed_runs=timed_runs)
 
         self.say(f"quantising for {backend.name} ({policy.summary()})")
         if allow_fallback:
             ranking = self._ranking.get(backend.name)
             qdq = quantize(self.model, calib, policy)
-            first = self.measure(self.float_outputs("tune"), first_output(deployed(qdq)[0]))
+            first = self.measure(self.float_outputs("tune"), first_output(run_on(backend, qdq, self.tune_feeds)))
             decision = None
             if first is not None and 1 - first > max_disagreement + 1e-12:
                 if ranking is None:
