@@ -94,6 +94,46 @@ def test_qat_ranges_reach_every_int8_target(data, tmp_path):
     assert abs((deployed == y[1024:]).mean() - (fp32 == y[1024:]).mean()) <= 0.02
 
 
+def test_qat_ranges_reach_a_target_its_toolkit_quantises(data, tmp_path):
+    """rknn:int8 is quantised by rknn-toolkit2 from the float graph: between its calibration and its quantisation
+    each tensor QAT trained gets the trained range in the toolkit's config (the rest luodi's MSE ranges), the range
+    onnxruntime:int8's QuantizeLinear holds for the same tensor."""
+    import platform
+
+    import onnx
+    import yaml
+    from onnx import numpy_helper
+
+    from luodi import toolchain as tc
+
+    if platform.machine() != "x86_64" or not tc.status("rknn").ok:
+        pytest.skip("the rknn toolchain is not installed here: luodi toolchain install rknn (make test does)")
+    x, y = data
+    pkg = luodi.export(
+        _tiny(x, y),
+        torch.from_numpy(x[:2]),
+        tmp_path / "qat-rknn.luodi",
+        targets=["onnxruntime", "onnxruntime:int8", "rknn:int8"],
+        input_names=["images"],
+        output_names=["logits"],
+        qat=QATConfig(data=(x[:1024], y[:1024]), epochs=1, lr=1e-3),
+        calib_samples=64,
+        validation=x[1024:1280],
+        accuracy_budget="5%",
+    )
+    entry = pkg.find_target("rknn", "int8")
+    assert entry["status"] == "verified", entry.get("error")
+    assert entry["options"]["trained_ranges"] >= 1
+    relu = "/2/Relu_output_0"
+    cfg = yaml.safe_load(pkg.read(entry["files"]["model.quantization.cfg"]))["quantize_parameters"][relu]
+    qdq = onnx.load_model_from_string(pkg.read(pkg.find_target("onnxruntime", "int8")["quantization"]["model"]))
+    consts = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    q = next(n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == relu)
+    scale, zero = float(consts[q.input[1]]), int(consts[q.input[2]])
+    assert cfg["min"][0] == pytest.approx(-zero * scale, abs=1e-5)  # QAT's (lo, hi): zero at -lo / scale
+    assert cfg["max"][0] == pytest.approx((255 - zero) * scale, rel=1e-3)
+
+
 def test_qat_refuses_bad_data():
     net = torch.nn.Sequential(torch.nn.Linear(4, 2))
     with pytest.raises(luodi.InputError, match="labels"):

@@ -7,6 +7,7 @@ measured by running the float graph with onnxruntime on the compile's calibratio
   conv(E[x], W_q - W) with E[x] the layer's mean input (as luodi.quant.bias does on ONNX graphs, as the litert
   backend does on .tflite files). The toolkit then rounds the weights the same way (the bias is not in their
   scale), and the constant offset that rounded weights leave in each channel is gone.
+- ``given_ranges``: ranges trained by QAT for the toolkit's tensors, tied groups kept tied.
 - ``mse_ranges``: each intermediate activation's int8 range chosen by ``_ptq.mse_range`` on its histogram over the
   calibration samples, instead of the toolkit's min and max. The histogram spans the range the toolkit calibrated
   (values beyond fall in the end bins): where the toolkit fused an activation into the layer before it (Conv +
@@ -80,6 +81,27 @@ def mse_ranges(
         if hist.sum():
             chosen = mse_range(hist, np.linspace(lo, hi, BINS + 1), lo, hi)
             out.update({m: chosen for m in members})
+    return out
+
+
+def given_ranges(
+    model: bytes, calibrated: dict[str, tuple[float, float]], given: dict[str, tuple[float, float]]
+) -> dict[str, tuple[float, float]]:
+    """The tensors of ``calibrated`` (name -> the toolkit's (min, max)) that get a range of ``given`` (e.g. trained by
+    QAT), not the model's inputs or outputs: a group the toolkit tied (the same range) gets its first given member's
+    range on every member, so that it stays tied."""
+    import onnx
+
+    graph = onnx.ModelProto.FromString(model)
+    ends = {v.name for v in graph.graph.input} | {v.name for v in graph.graph.output}
+    groups: dict[tuple[float, float], list[str]] = {}
+    for t, r in calibrated.items():
+        groups.setdefault((float(r[0]), float(r[1])), []).append(t)
+    out = {}
+    for members in groups.values():
+        found = next((given[m] for m in members if m in given), None)
+        if found is not None and not any(m in ends for m in members):
+            out.update({m: (float(found[0]), float(found[1])) for m in members})
     return out
 
 

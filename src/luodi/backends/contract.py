@@ -96,6 +96,9 @@ class CompileOptions:
     toolkit): the calibration samples, feed dicts of float arrays through the model's pipeline."""
     int8_io: bool = False
     """For such a target: make the model's inputs and outputs the integers the device sees (set ``Artifact.io``)."""
+    int8_ranges: Mapping[str, tuple[float, float]] | None = None
+    """For such a target: the (min, max) that quantisation-aware fine-tuning (luodi.quant.qat) trained for tensors of
+    the graph, by name; a backend whose toolkit takes activation ranges gives these tensors these ranges."""
 
     def io(self, model: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
         """The model's input and output specs: the compiler's, computed once, else read from ``model``'s graph."""

@@ -59,7 +59,7 @@ import numpy as np
 from ..errors import BackendError, CompileError, InputError, ShapeError
 from ..tensor import TensorSpec
 from ._int8 import VENDOR_W8A8
-from ._onnx_ptq import correct_biases, mse_ranges
+from ._onnx_ptq import correct_biases, given_ranges, mse_ranges
 from ._outputs import concat_outputs, device_outputs, join_outputs
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions
 from .contract import Option
@@ -198,8 +198,9 @@ class RknnBackend(Backend):
             args["float_tensors"] = [str(t) for t in options.extra.get("float_tensors", [])]
         worker = _start_worker("rknn compile", {"platform": platform, "device": "simulator"})
         try:
-            if options.precision == "int8" and (ranges == "luodi" or bias):
-                header, out = _build_luodi(worker, args, arrays, data, ranges == "luodi", bias)
+            trained = dict(options.int8_ranges or {}) if options.precision == "int8" else {}
+            if options.precision == "int8" and (ranges == "luodi" or bias or trained):
+                header, out = _build_luodi(worker, args, arrays, data, ranges == "luodi", bias, trained)
             else:
                 header, out = worker.call("build", args, arrays)
         except BaseException:
@@ -221,6 +222,7 @@ class RknnBackend(Backend):
             record["algorithm"] = algorithm
             record["ranges"] = ranges
             record["luodi_ranges"] = int(header.get("ranges_set") or 0)  # tensors given luodi's range
+            record["trained_ranges"] = int(header.get("trained_ranges") or 0)  # ... of them QAT's
             record["bias_correction"] = bias
             record["corrected_layers"] = int(header.get("corrected_layers") or 0)
             record["int8_io"] = options.int8_io  # the engine then reads and writes the device's integers
@@ -257,12 +259,19 @@ class RknnBackend(Backend):
 
 
 def _build_luodi(
-    worker: Any, args: dict[str, Any], arrays: dict[str, np.ndarray], data: bytes, ranges: bool, bias: bool
+    worker: Any,
+    args: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    data: bytes,
+    ranges: bool,
+    bias: bool,
+    trained: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[dict, dict]:
     """int8 with what luodi adds (luodi.backends._onnx_ptq), on the float graph over the calibration samples: the
     graph the toolkit calibrates has its biases corrected for the toolkit's weight rounding (``bias``); between the
     toolkit's calibration (step 1) and its quantisation (step 2), each intermediate activation's range is replaced
-    by its MSE-optimal one (``ranges``). The model's inputs and outputs keep the toolkit's ranges (their int8 I/O)."""
+    by its MSE-optimal one (``ranges``), or by the one QAT trained for it (``trained``: CompileOptions.int8_ranges).
+    The model's inputs and outputs keep the toolkit's ranges (their int8 I/O)."""
     names = args["inputs"]
     stacks = [arrays[f"calib:{n}"] for n in names]
     feeds = [{n: stack[i] for n, stack in zip(names, stacks)} for i in range(len(stacks[0]))]
@@ -270,15 +279,20 @@ def _build_luodi(
     if bias:
         data, corrected = correct_biases(data, feeds)
         arrays = {**arrays, "model": np.frombuffer(data, np.uint8)}
-    if not ranges:
+    qat: dict[str, tuple[float, float]] = {}
+    if not ranges and not trained:
         header, out = worker.call("build", args, arrays)
     else:
-        calibrated = worker.call("calibrate", args, arrays)[0]["ranges"]
-        chosen = mse_ranges(data, feeds, {t: (float(v[0]), float(v[1])) for t, v in calibrated.items()})
+        found = worker.call("calibrate", args, arrays)[0]["ranges"]
+        calibrated = {t: (float(v[0]), float(v[1])) for t, v in found.items()}
+        chosen = mse_ranges(data, feeds, calibrated) if ranges else {}
+        qat = given_ranges(data, calibrated, trained or {})
+        chosen.update(qat)
         header, out = worker.call(
             "build", {**args, "calibrated": True, "ranges": {t: [lo, hi] for t, (lo, hi) in chosen.items()}}, {}
         )
     header["corrected_layers"] = corrected
+    header["trained_ranges"] = len(qat)
     return header, out
 
 

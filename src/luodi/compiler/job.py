@@ -204,7 +204,12 @@ class CompileRun:
                 extra = self.extra.get(backend.name, {})
                 vendor = precision == "int8" and backend.quantises_itself(extra)
                 if vendor and self.ptq is not None and not job.prefix:  # its toolkit quantises, from our samples
-                    options = {**options, "calibration": tuple(self.ptq.feeds), "int8_io": self.int8_io}
+                    options = {
+                        **options,
+                        "calibration": tuple(self.ptq.feeds),
+                        "int8_io": self.int8_io,
+                        "int8_ranges": self.ptq.trained_ranges,
+                    }
                 elif precision == "int8" and self.quantise is not None and not job.prefix:
                     target_model, quantization = self.quantise(backend, extra.get("float_precision"))
                     qdq = target_model
