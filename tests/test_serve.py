@@ -318,6 +318,33 @@ def test_a_lone_request_runs_on_the_event_loop_and_concurrent_ones_still_batch(
     assert max(int(r.headers["luodi-batch-requests"]) for r in answers[4:]) > 1
 
 
+def test_an_engine_in_a_worker_process_never_runs_on_the_event_loop(
+    cnn_repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--isolate: a call may wait for a crashed worker's restart, so even a lone request of a quick model goes through
+    the batcher's thread."""
+    import asyncio
+    import logging
+
+    from luodi.serve import BatchConfig, ModelRepository, create_app
+    from luodi.serve.protocol import HEADER_LENGTH, encode_infer_request
+
+    app = create_app(ModelRepository(cnn_repo, defaults=BatchConfig(max_inline_ms=1000, isolate=True)))
+    body, n = encode_infer_request({"x": _x(1)})
+
+    async def talk() -> list[int]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://s") as client:
+                post = lambda: client.post("/v2/models/cnn/infer", content=body, headers={HEADER_LENGTH: str(n)})  # noqa: E731
+                return [(await post()).status_code for _ in range(4)]
+
+    with caplog.at_level(logging.INFO, logger="luodi.serve"):
+        assert asyncio.run(talk()) == [200] * 4
+    lines = [r for r in caplog.records if getattr(r, "event", None) == "infer"]
+    assert len(lines) == 4 and not any(getattr(r, "inline", False) for r in lines)
+
+
 def test_app_options_that_ray_replicas_use_headers_and_a_readiness_gate(cnn_repo: Path, expected) -> None:
     # What `luodi serve --ray` adds to the same app: its node on every answer, ready only once every replica runs.
     import asyncio

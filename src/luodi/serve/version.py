@@ -67,9 +67,11 @@ class ModelVersion:
         """Check ``feeds`` (the only check they get) and queue them; the job's future gives the outputs.
 
         ``inline``: run them in the calling thread instead when the batcher would run them alone at once anyway
-        and the model is quick (Batcher.run_inline); the job then comes back done."""
+        and the model is quick (Batcher.run_inline); the job then comes back done. Never for an engine in a worker
+        process: a call there may wait for a crashed worker's restart, which must not hold the caller's loop."""
         self.check(feeds)
         feeds = {n: np.ascontiguousarray(a) for n, a in feeds.items()}  # what engines read; a no-op when it is
+        inline = inline and self.session.worker is None
         return (inline and self.batcher.run_inline(feeds, timeout_s)) or self.batcher.submit(feeds, timeout_s)
 
     def predict(self, raw: Any, timeout_s: float | None = None, **options: Any) -> tuple[Any, Job | None]:
