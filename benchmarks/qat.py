@@ -66,10 +66,8 @@ def ranges_used(pkg: luodi.Package, target: str) -> Any:
     """What the target's record says about the ranges it quantised with: luodi's calibration record, or for a target
     its toolkit quantised the count of tensors given QAT's ranges (rknn's ``trained_ranges``)."""
     entry = pkg.find_target(*target.split(":"))
-    record = entry.get("quantization") or {}
-    if "calibration" in record:
-        return record["calibration"]
-    return {k: v for k, v in entry.get("options", {}).items() if "range" in k}
+    calibration = (entry.get("quantization") or {}).get("calibration", {})
+    return {**calibration, **{k: v for k, v in entry.get("options", {}).items() if "range" in k}}
 
 
 def lite0(args: argparse.Namespace, targets: list[str]) -> None:
