@@ -73,7 +73,17 @@ from ..tensor import TensorSpec
 from . import _mnn_convert
 from ._int8 import VENDOR_W8A8
 from ._mnn_convert import MODEL_FILE
-from ._mnn_quant import DEFAULT_METHOD, FEATURE_METHODS, WEIGHT_METHODS, check_methods, write_calibration
+from ._mnn_quant import (
+    DEFAULT_METHOD,
+    DEFAULT_RANGES,
+    FEATURE_METHODS,
+    RANGES,
+    WEIGHT_METHODS,
+    check_methods,
+    stacked_samples,
+    write_calibration,
+    write_samples,
+)
 from ._unfold import unfold_input_normalization
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, Option, memory_file
 from .shapes import primary_shapes
@@ -270,9 +280,15 @@ class MnnBackend(Backend):
         "activations": {"dtype": "int8", "symmetric": True},
         "rounding": "half_away_from_zero",
         "ops": ["Conv", "Gemm", "MatMul"],
-        "notes": "MNN's quantiser (KL by default), approximated for the sensitivity ranking only",
+        "notes": "luodi's MSE ranges in MNN's converter (or MNN's quantiser), approximated for the sensitivity ranking",
     }
     compile_options = {
+        "ranges": Option(
+            str,
+            "mnn:int8: luodi (the default: luodi's MSE activation ranges, measured on MNN's float model and written "
+            "into MNN's compression-params file for its converter) or mnn (MNN's own quantiser, with method and "
+            "weight_method; setting either chooses it)",
+        ),
         "method": Option(str, f"mnn:int8's activation calibration, one of MNN's {', '.join(FEATURE_METHODS)} (KL)"),
         "weight_method": Option(str, f"mnn:int8's weight quantisation, one of {', '.join(WEIGHT_METHODS)} (MAX_ABS)"),
     }
@@ -316,12 +332,18 @@ class MnnBackend(Backend):
             unfolded = unfold_input_normalization(model, dict(options.input_normalization or {}))
             if unfolded is not model:
                 model, opts["normalization_unfolded"] = unfolded, True
-            opts["quantiser"] = {
-                "method": options.extra.get("method", DEFAULT_METHOD),
-                "weight_method": options.extra.get("weight_method", "MAX_ABS"),
-                "samples": len(options.calibration),
-            }
-        data = _mnn_convert.convert(model, {**opts, "representative": bool(options.shapes)}, calibrate)
+            if _ranges(options) == "mnn":
+                opts["quantiser"] = {
+                    "method": options.extra.get("method", DEFAULT_METHOD),
+                    "weight_method": options.extra.get("weight_method", "MAX_ABS"),
+                    "samples": len(options.calibration),
+                }
+            else:
+                opts["quantiser"] = {"ranges": "luodi", "method": "mse", "samples": len(options.calibration)}
+        quantised: dict[str, Any] = {}
+        data = _mnn_convert.convert(model, {**opts, "representative": bool(options.shapes)}, calibrate, quantised)
+        if "layers" in quantised:
+            opts["quantiser"]["layers"] = quantised["layers"]
         return Artifact(self.name, options.precision, {MODEL_FILE: data}, opts)
 
     @staticmethod
@@ -335,6 +357,9 @@ class MnnBackend(Backend):
         samples = [dict(f) for f in options.calibration or ()]
         if not samples:
             raise CompileError("mnn:int8 needs calibration data: pass calibration= (CLI: --calibration)")
+        if _ranges(options) == "luodi":
+            stacked_samples(inputs, samples)  # refused before any conversion, as below
+            return lambda workdir: write_samples(workdir, inputs, samples)
         feature = options.extra.get("method", DEFAULT_METHOD)
         weight = options.extra.get("weight_method", "MAX_ABS")
         check_methods(feature, weight)
@@ -386,6 +411,21 @@ class MnnBackend(Backend):
             detail = (log[0].strip().splitlines() or [""])[-1] if log else ""
             raise CompileError(f"mnn could not load {artifact.target}: {error} {detail}".strip())
         return MnnEngine(module, runtime, inputs, outputs)
+
+
+def _ranges(options: CompileOptions) -> str:
+    """mnn:int8's route (_mnn_quant.py): ``ranges``, else "mnn" when MNN's quantiser's own options are set, else
+    luodi's ranges."""
+    given = options.extra.get("ranges")
+    if given is None:
+        return "mnn" if {"method", "weight_method"} & set(options.extra) else DEFAULT_RANGES
+    if given not in RANGES:
+        raise CompileError(f"mnn:int8 ranges {given!r} is not one of {', '.join(RANGES)}")
+    if given == "luodi" and {"method", "weight_method"} & set(options.extra):
+        raise CompileError(
+            "mnn:int8: method and weight_method are options of MNN's quantiser (ranges=mnn), not of ranges=luodi"
+        )
+    return str(given)
 
 
 _NOISE = re.compile(r"The device supports:|^\s*$")
