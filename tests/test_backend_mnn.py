@@ -254,7 +254,13 @@ def test_int8_default_gives_luodis_ranges_to_mnns_converter(cnn_model):
     artifact, engine = _mnn_int8(cnn_model, _calibration(8))
     # the route taken: MNN's converter given luodi's ranges in a compression-params file, the test CNN's one Conv and
     # one Gemm quantised by it
-    assert artifact.options["quantiser"] == {"ranges": "luodi", "method": "mse", "samples": 8, "layers": 2}
+    assert artifact.options["quantiser"] == {
+        "ranges": "luodi",
+        "method": "mse",
+        "samples": 8,
+        "bias_corrected_layers": 2,
+        "layers": 2,
+    }
     x = np.random.default_rng(5).random((3, 3, 16, 16), dtype=np.float32)
     ref = _ort(cnn_model).run(None, {"x": x})[0]
     got = engine.run({"x": x})["y"]

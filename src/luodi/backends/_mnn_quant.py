@@ -13,7 +13,10 @@ Two routes, chosen by compile option ``ranges``:
   that the ranges are the tensors MNN quantises (after its fusions: a Conv + Relu's output is the Relu's). Two
   conversions: ONNX -> float .mnn, then .mnn -> int8 .mnn with the file, because MNN 3.6.1's converter applies the
   file before it loads the weights it keeps aside while converting (MatMul/Gemm weights of 64k values or more),
-  and such a layer would be written without weights ("no quantized weight data" at run time).
+  and such a layer would be written without weights ("no quantized weight data" at run time). Before that, with
+  ``bias_correction`` (true by default), each Conv's and Gemm's bias in the ONNX graph is less the mean output
+  error of its weights as those scales round them (luodi.backends._onnx_ptq.correct_biases with
+  ``rounded_symmetric``, the mean inputs measured with onnxruntime on the calibration samples).
 - ``mnn``: MNN's quantiser (below), with its ``method`` and ``weight_method``; setting either of those options
   chooses this route. Measured (docs/performance.md): on the Fashion-MNIST CNN its default KL clips the model's
   input at +-0.81 (the dark background's mode; the input spans -0.81..2.02), which alone costs 1.9 points of

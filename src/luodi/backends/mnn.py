@@ -14,12 +14,15 @@ Precisions, as measured with the MNN 3.6.1 x86-64 wheel on an AVX-512 (incl. AVX
   the weight rounding alone (about 6e-2 on EfficientNet-Lite0 logits, within the fp16 tolerance).
   On ARMv8.2 devices "low" also computes in fp16.
 - ``bf16`` is not offered: this wheel's CPU backend has no bf16 kernels, ``Low_BF16`` runs fp32.
-- ``int8``: MNN's own post-training quantisation (luodi.backends._mnn_quant: the ``mnnquant`` function of MNN's
-  ``_tools`` extension, never the telemetry-sending command), calibrated on the compile's calibration samples
-  (``calibrates_itself``) and judged like every int8 target: top-1 agreement with the float model on the
-  validation samples, run on MNN. Symmetric int8: per-tensor activations, per-channel convolution weights.
-  Compile options ``method`` (KL by default, EMA, ADMM) and ``weight_method`` (MAX_ABS, ADMM). The boundary
-  stays float (MNN quantises inside the model). One image-like input only (MNN's quantiser feeds images).
+- ``int8``: MNN's int8 model, built by MNN's converter from luodi's activation ranges (compile option ``ranges``,
+  ``luodi`` by default: MSE-optimal ranges measured on MNN's float model, written into MNN's compression-params
+  file; biases corrected for the int8 weights' mean error, option ``bias_correction``) or by MNN's own
+  post-training quantiser (``ranges=mnn``, options ``method``: KL by default, EMA, ADMM, and ``weight_method``:
+  MAX_ABS, ADMM; the ``mnnquant`` function of MNN's ``_tools`` extension, never the telemetry-sending command);
+  see luodi.backends._mnn_quant. Calibrated on the compile's calibration samples (``calibrates_itself``) and
+  judged like every int8 target: top-1 agreement with the float model on the validation samples, run on MNN.
+  Symmetric int8: per-tensor activations, per-channel convolution weights. The boundary stays float (MNN
+  quantises inside the model). One float input only.
 
 int64: MNN's converter turns int64 tensors into int32, and pymnn read an int64 input buffer as int32 pairs
 (``[1, 2, 3, 4]`` as ``[1, 0, 2, 0]``). int64 inputs are narrowed to int32 at the boundary after a range check
@@ -84,6 +87,7 @@ from ._mnn_quant import (
     write_calibration,
     write_samples,
 )
+from ._onnx_ptq import correct_biases, rounded_symmetric
 from ._unfold import unfold_input_normalization
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, Option, memory_file
 from .shapes import primary_shapes
@@ -289,6 +293,11 @@ class MnnBackend(Backend):
             "into MNN's compression-params file for its converter) or mnn (MNN's own quantiser, with method and "
             "weight_method; setting either chooses it)",
         ),
+        "bias_correction": Option(
+            (bool, str),
+            "mnn:int8 with ranges=luodi: correct each Conv's and Gemm's bias for the mean output error of its int8 "
+            "weights, measured over the calibration samples (default true)",
+        ),
         "method": Option(str, f"mnn:int8's activation calibration, one of MNN's {', '.join(FEATURE_METHODS)} (KL)"),
         "weight_method": Option(str, f"mnn:int8's weight quantisation, one of {', '.join(WEIGHT_METHODS)} (MAX_ABS)"),
     }
@@ -340,6 +349,9 @@ class MnnBackend(Backend):
                 }
             else:
                 opts["quantiser"] = {"ranges": "luodi", "method": "mse", "samples": len(options.calibration)}
+                if _bias_correction(options):
+                    model, fixed = _corrected_biases(model, inputs[0].name, options.calibration)
+                    opts["quantiser"]["bias_corrected_layers"] = fixed
         quantised: dict[str, Any] = {}
         data = _mnn_convert.convert(model, {**opts, "representative": bool(options.shapes)}, calibrate, quantised)
         if "layers" in quantised:
@@ -411,6 +423,26 @@ class MnnBackend(Backend):
             detail = (log[0].strip().splitlines() or [""])[-1] if log else ""
             raise CompileError(f"mnn could not load {artifact.target}: {error} {detail}".strip())
         return MnnEngine(module, runtime, inputs, outputs)
+
+
+def _bias_correction(options: CompileOptions) -> bool:
+    value = options.extra.get("bias_correction", True)
+    if isinstance(value, str):  # from the command line: --option mnn.bias_correction=false
+        if value.lower() not in ("true", "false"):
+            raise CompileError(f"mnn bias_correction must be true or false, not '{value}'")
+        return value.lower() == "true"
+    return bool(value)
+
+
+def _corrected_biases(model: Any, name: str, calibration: Any) -> tuple[Any, int]:
+    """``model`` with each Conv's and Gemm's bias less the mean output error of its weights as MNN's converter rounds
+    them with luodi's scales (symmetric per channel, max-abs), measured on the calibration samples with onnxruntime
+    (luodi.backends._onnx_ptq, as for rknn); and how many layers were corrected."""
+    import onnx
+
+    feeds = [{name: np.asarray(f[name], np.float32)} for f in calibration]
+    data, fixed = correct_biases(model.SerializeToString(), feeds, rounded_symmetric)
+    return (onnx.ModelProto.FromString(data), fixed) if fixed else (model, 0)
 
 
 def _ranges(options: CompileOptions) -> str:
