@@ -257,17 +257,22 @@ def test_int8_default_gives_luodis_ranges_to_mnns_converter(cnn_model):
     assert artifact.options["quantiser"] == {
         "ranges": "luodi",
         "method": "mse",
+        "activations": "symmetric",
         "samples": 8,
         "bias_corrected_layers": 2,
         "layers": 2,
     }
+    asymmetric, engine8 = _mnn_int8(cnn_model, _calibration(8), activations="asymmetric")  # zero points
+    assert asymmetric.options["quantiser"]["activations"] == "asymmetric"
+    assert asymmetric.options["quantiser"]["layers"] == 2 and asymmetric.files != artifact.files
     x = np.random.default_rng(5).random((3, 3, 16, 16), dtype=np.float32)
     ref = _ort(cnn_model).run(None, {"x": x})[0]
-    got = engine.run({"x": x})["y"]
-    engine.close()
-    assert np.abs(got - ref).max() > 1e-3  # int8 ...
-    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
-    assert cos.min() > 0.99 and (got.argmax(1) == ref.argmax(1)).all()  # ... close to the float model
+    for e in (engine, engine8):
+        got = e.run({"x": x})["y"]
+        e.close()
+        assert np.abs(got - ref).max() > 1e-3  # int8 ...
+        cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+        assert cos.min() > 0.99 and (got.argmax(1) == ref.argmax(1)).all()  # ... close to the float model
     with pytest.raises(luodi.CompileError, match="options of MNN's quantiser"):
         _mnn_int8(cnn_model, _calibration(2), ranges="luodi", method="EMA")
     with pytest.raises(luodi.CompileError, match="ranges 'kl' is not one of luodi, mnn"):

@@ -18,7 +18,16 @@ import numpy as np
 
 from ..errors import BackendError
 from ._mnn_convert import MODEL_FILE, QUANTISED_FILE
-from ._mnn_quant import COMPRESSION_FILE, CONFIG_FILE, SAMPLES_FILE, compression_params, conv_layers, measure_scales
+from ._mnn_quant import (
+    COMPRESSION_FILE,
+    CONFIG_FILE,
+    SAMPLES_FILE,
+    asymmetric_tensors,
+    compression_params,
+    conv_layers,
+    measure_scales,
+    quantised_layers,
+)
 from .contract import Artifact, LoadOptions
 from .mnn import MnnBackend, _captured_output, _engine_said, _import_mnn
 from .probe import limit_memory
@@ -95,7 +104,7 @@ def main() -> None:
 def _quantise_with_luodi_ranges(tools: Any, work: Path, source: str, dst: str, config: dict[str, Any]) -> int:
     """Ranges "luodi" (_mnn_quant.py): the float model's layers from MNN's JSON dump, their tensors' scales measured
     by running it on the samples, then MNN's converter again, .mnn to .mnn, with the compression-params file.
-    Returns how many layers the file quantises; a ValueError when MNN's converter finds none of them."""
+    Returns how many layers the int8 model has quantised with the file's scales; a ValueError when none."""
     dump = work / "float.json"
     tools.mnnconvert(["mnnconvert", "-f", "MNN", "--modelFile", source, "--JsonFile", str(dump)])
     layers = conv_layers(json.loads(dump.read_text()))
@@ -115,9 +124,16 @@ def _quantise_with_luodi_ranges(tools: Any, work: Path, source: str, dst: str, c
             raise ValueError(f"MNN's float model gave {len(outs)} of the {len(tensors)} tensors to calibrate")
         return [np.array((F.convert(v, F.NCHW) if v.data_format == F.NC4HW4 else v).read()) for v in outs]
 
-    scales = measure_scales(run, samples, tensors)
-    params = compression_params(layers, scales, str(MNN.version()))
+    asymmetric = set() if config.get("symmetric", True) else asymmetric_tensors(layers)
+    scales = measure_scales(run, samples, tensors, asymmetric)
+    params = compression_params(layers, scales, str(MNN.version()), asymmetric)
     (work / COMPRESSION_FILE).write_text(json.dumps(params))
     argv = ["mnnconvert", "-f", "MNN", "--modelFile", source, "--MNNModel", dst, "--bizCode", "luodi"]
     tools.mnnconvert([*argv, "--compressionParamsFile", str(work / COMPRESSION_FILE)])
-    return len(layers)
+    # what the converter made of the file: it skips a layer it cannot match without a word
+    tools.mnnconvert(["mnnconvert", "-f", "MNN", "--modelFile", dst, "--JsonFile", str(dump)])
+    done = quantised_layers(json.loads(dump.read_text()))
+    dump.unlink()
+    if not done:
+        raise ValueError(f"MNN's converter quantised none of the {len(layers)} layers of the compression-params file")
+    return done

@@ -84,6 +84,11 @@ CONFIG_FILE = "quant.json"
 SAMPLES_FILE = "samples.npy"  # ranges "luodi": the calibration samples of the one input, stacked
 COMPRESSION_FILE = "compression.json"  # ranges "luodi": MNN's compression-params file luodi writes
 QUANTISED_OPS = ("Convolution", "ConvolutionDepthwise")
+ZERO_POINT_OPS = ("Convolution", "ConvolutionDepthwise", "Pooling", "BinaryOp", "Eltwise")
+"""With ``activations=asymmetric``, a layer's output takes a zero point only where it reaches these alone (through
+poolings): on the Fashion-MNIST CNN the second Conv's output, which reaches the Gemm through MaxPool, Flatten and
+Reshape, lost 11 dB of logits SNR with a zero point (33 -> 22 dB) whatever the other tensors' settings, although
+every other tensor took one without loss (measured one at a time; MNN 3.6.1, x86 AVX-512)."""
 LEVELS = 254  # symmetric int8 as MNN clamps it: -127..127
 
 
@@ -117,11 +122,13 @@ def stacked_samples(inputs: list[TensorSpec], samples: list[dict[str, Any]]) -> 
     return np.stack(arrays)
 
 
-def write_samples(workdir: Path, inputs: list[TensorSpec], samples: list[dict[str, Any]]) -> dict[str, Any]:
+def write_samples(
+    workdir: Path, inputs: list[TensorSpec], samples: list[dict[str, Any]], symmetric: bool = True
+) -> dict[str, Any]:
     """Ranges "luodi": the samples into ``workdir/samples.npy`` for the conversion child, which measures the ranges
     on MNN's float model (measure_scales); the config the child reads."""
     np.save(workdir / SAMPLES_FILE, stacked_samples(inputs, samples))
-    return {"ranges": "luodi", "input": inputs[0].name}
+    return {"ranges": "luodi", "input": inputs[0].name, "symmetric": symmetric}
 
 
 def write_calibration(
@@ -163,11 +170,26 @@ def write_calibration(
 def conv_layers(net: dict[str, Any]) -> list[dict[str, Any]]:
     """The layers MNN's converter quantises from a compression-params file, from the float model as MNN's JSON dump
     (``mnnconvert -f MNN --JsonFile``) gives it: each Convolution/ConvolutionDepthwise of the main graph with one
-    input and float weights, as ``{"op", "input", "output", "weight_scales"}`` (per output channel, max-abs / 127;
-    1 for an all-zero channel)."""
+    input and float weights, as ``{"op", "input", "output", "weight_scales", "plain"}`` (weight scales per output
+    channel, max-abs / 127, 1 for an all-zero channel; ``plain``: the output reaches only convolutions, poolings and
+    element-wise ops, through poolings, so that it may take a zero point, see ``ZERO_POINT_OPS``)."""
     names = net.get("tensorName") or []
+    ops = net.get("oplists") or []
+    consumers: dict[int, list[dict[str, Any]]] = {}
+    for op in ops:
+        for i in op.get("inputIndexes") or []:
+            consumers.setdefault(i, []).append(op)
+
+    def plain(index: int, depth: int = 0) -> bool:
+        users = consumers.get(index, [])
+        return depth < 8 and all(
+            u.get("type") in ZERO_POINT_OPS
+            and (u.get("type") != "Pooling" or all(plain(o, depth + 1) for o in u.get("outputIndexes") or []))
+            for u in users
+        )
+
     layers = []
-    for op in net.get("oplists") or []:
+    for op in ops:
         if op.get("type") not in QUANTISED_OPS:
             continue
         ins, outs = op.get("inputIndexes") or [], op.get("outputIndexes") or []
@@ -178,43 +200,86 @@ def conv_layers(net: dict[str, Any]) -> list[dict[str, Any]]:
         peak = np.abs(np.asarray(weight, np.float32)).reshape(count, -1).max(1)
         scales = np.where(peak > 0, peak / 127.0, 1.0)
         layers.append(
-            {"op": op["name"], "input": names[ins[0]], "output": names[outs[0]], "weight_scales": scales.tolist()}
+            {
+                "op": op["name"],
+                "input": names[ins[0]],
+                "output": names[outs[0]],
+                "weight_scales": scales.tolist(),
+                "plain": bool(consumers.get(outs[0])) and plain(outs[0]),
+            }
         )
     return layers
 
 
-def measure_scales(run: Any, samples: np.ndarray, tensors: list[str]) -> dict[str, float]:
-    """Each tensor's symmetric int8 scale: the MSE-optimal clipping of its values over ``samples`` (each run alone
-    as a batch of one; ``run(x)`` gives the tensors' values in ``tensors``' order), divided by 127. Two passes: the
-    peaks, then the histograms between them."""
+def quantised_layers(net: dict[str, Any]) -> int:
+    """How many convolutions of a model (MNN's JSON dump) hold int8 weights with an input scale, as MNN's converter
+    writes them from a compression-params file."""
+    return sum(
+        1
+        for op in net.get("oplists") or []
+        if op.get("type") in QUANTISED_OPS and ((op.get("main") or {}).get("quanParameter") or {}).get("scaleIn")
+    )
+
+
+def asymmetric_tensors(layers: list[dict[str, Any]]) -> set[str]:
+    """With asymmetric activations, the tensors that take a zero point: every layer's input, and its output where
+    that is ``plain``; a tensor that is also another layer's output that is not plain stays symmetric."""
+    held = {layer["output"] for layer in layers if not layer["plain"]}
+    return {t for layer in layers for t in (layer["input"], layer["output"]) if t not in held}
+
+
+def measure_scales(
+    run: Any, samples: np.ndarray, tensors: list[str], asymmetric: set[str] = frozenset()
+) -> dict[str, tuple[float, int]]:
+    """Each tensor's int8 ``(scale, zero point)``: the MSE-optimal clipping of its values over ``samples`` (each run
+    alone as a batch of one; ``run(x)`` gives the tensors' values in ``tensors``' order). Symmetric: -127..127
+    about zero (zero point 0); those in ``asymmetric``: 255 steps from the low end to the high end with zero exact
+    (-128..127, zero point where 0.0 falls). Two passes: the extremes, then the histograms between them."""
     from ._ptq import BINS, histogram, mse_range
 
-    peaks = dict.fromkeys(tensors, 0.0)
+    lows, highs = dict.fromkeys(tensors, 0.0), dict.fromkeys(tensors, 0.0)
     for x in samples:
         for t, v in zip(tensors, run(x[None])):
-            peaks[t] = max(peaks[t], float(np.abs(v).max()) if v.size else 0.0)
-    hists = {t: np.zeros(BINS) for t in tensors if peaks[t] > 0}
+            if v.size:
+                lows[t], highs[t] = min(lows[t], float(v.min())), max(highs[t], float(v.max()))
+    for t in tensors:
+        if t not in asymmetric:
+            lows[t], highs[t] = -max(-lows[t], highs[t]), max(-lows[t], highs[t])
+    hists = {t: np.zeros(BINS) for t in tensors if highs[t] > lows[t]}
     for x in samples:
         for t, v in zip(tensors, run(x[None])):
             if t in hists:
-                hists[t] += histogram(v, -peaks[t], peaks[t])
-    scales = {}
+                hists[t] += histogram(v, lows[t], highs[t])
+    out = {}
     for t in tensors:
         if t not in hists:
-            scales[t] = 1.0  # a tensor that is zero on every sample: any scale holds it exactly
+            out[t] = (1.0, 0)  # a tensor that is zero on every sample: any scale holds it exactly
             continue
-        edges = np.linspace(-peaks[t], peaks[t], BINS + 1)
-        _, hi = mse_range(hists[t], edges, -peaks[t], peaks[t], LEVELS, symmetric=True)
-        scales[t] = hi / 127.0
-    return scales
+        edges = np.linspace(lows[t], highs[t], BINS + 1)
+        symmetric = t not in asymmetric
+        lo, hi = mse_range(hists[t], edges, lows[t], highs[t], LEVELS if symmetric else 255, symmetric)
+        if symmetric:
+            out[t] = (hi / 127.0, 0)
+        else:
+            scale = (hi - lo) / 255.0
+            out[t] = (scale, int(np.clip(np.round(-lo / scale) - 128, -128, 127)))
+    return out
 
 
-def compression_params(layers: list[dict[str, Any]], scales: dict[str, float], version: str) -> dict[str, Any]:
+def compression_params(
+    layers: list[dict[str, Any]],
+    scales: dict[str, tuple[float, int]],
+    version: str,
+    asymmetric: set[str] = frozenset(),
+) -> dict[str, Any]:
     """MNN's compression-params file (MNN_compression.proto's Pipeline, as JSON) that makes its converter quantise
-    ``layers`` with these weight scales and tensor ``scales``: symmetric, clamped to -127..127 like MNN's own."""
+    ``layers`` with these weight scales and tensor ``(scale, zero point)``s; weights symmetric, -127..127 like MNN's
+    own, activations so too but those in ``asymmetric``, -128..127 with their zero points."""
 
-    def tensor(name: str, values: list[float]) -> dict[str, Any]:
-        return {"name": name, "bits": 8, "scales": values, "clampMin": -127, "clampMax": 127}
+    def tensor(name: str) -> dict[str, Any]:
+        scale, zero = scales[name]
+        low = -128 if name in asymmetric else -127
+        return {"name": name, "bits": 8, "scales": [scale], "zeroPoint": zero, "clampMin": low, "clampMax": 127}
 
     return {
         "version": version,
@@ -225,9 +290,17 @@ def compression_params(layers: list[dict[str, Any]], scales: dict[str, float], v
                     "layer": [
                         {
                             "opName": layer["op"],
-                            "input": [{**tensor(layer["input"], [scales[layer["input"]]]), "zeroPoint": 0}],
-                            "weight": [tensor(layer["op"], layer["weight_scales"])],
-                            "output": [{**tensor(layer["output"], [scales[layer["output"]]]), "zeroPoint": 0}],
+                            "input": [tensor(layer["input"])],
+                            "weight": [
+                                {
+                                    "name": layer["op"],
+                                    "bits": 8,
+                                    "scales": layer["weight_scales"],
+                                    "clampMin": -127,
+                                    "clampMax": 127,
+                                }
+                            ],
+                            "output": [tensor(layer["output"])],
                         }
                         for layer in layers
                     ]

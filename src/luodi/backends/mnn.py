@@ -293,6 +293,11 @@ class MnnBackend(Backend):
             "into MNN's compression-params file for its converter) or mnn (MNN's own quantiser, with method and "
             "weight_method; setting either chooses it)",
         ),
+        "activations": Option(
+            str,
+            "mnn:int8 with ranges=luodi: symmetric (the default: -127..127 about zero, as MNN's own quantiser) or "
+            "asymmetric (a zero point, 255 steps over each tensor's range; see docs/performance.md)",
+        ),
         "bias_correction": Option(
             (bool, str),
             "mnn:int8 with ranges=luodi: correct each Conv's and Gemm's bias for the mean output error of its int8 "
@@ -348,7 +353,12 @@ class MnnBackend(Backend):
                     "samples": len(options.calibration),
                 }
             else:
-                opts["quantiser"] = {"ranges": "luodi", "method": "mse", "samples": len(options.calibration)}
+                opts["quantiser"] = {
+                    "ranges": "luodi",
+                    "method": "mse",
+                    "activations": _activations(options),
+                    "samples": len(options.calibration),
+                }
                 if _bias_correction(options):
                     model, fixed = _corrected_biases(model, inputs[0].name, options.calibration)
                     opts["quantiser"]["bias_corrected_layers"] = fixed
@@ -371,7 +381,8 @@ class MnnBackend(Backend):
             raise CompileError("mnn:int8 needs calibration data: pass calibration= (CLI: --calibration)")
         if _ranges(options) == "luodi":
             stacked_samples(inputs, samples)  # refused before any conversion, as below
-            return lambda workdir: write_samples(workdir, inputs, samples)
+            symmetric = _activations(options) == "symmetric"
+            return lambda workdir: write_samples(workdir, inputs, samples, symmetric)
         feature = options.extra.get("method", DEFAULT_METHOD)
         weight = options.extra.get("weight_method", "MAX_ABS")
         check_methods(feature, weight)
@@ -423,6 +434,13 @@ class MnnBackend(Backend):
             detail = (log[0].strip().splitlines() or [""])[-1] if log else ""
             raise CompileError(f"mnn could not load {artifact.target}: {error} {detail}".strip())
         return MnnEngine(module, runtime, inputs, outputs)
+
+
+def _activations(options: CompileOptions) -> str:
+    value = options.extra.get("activations", "symmetric")
+    if value not in ("asymmetric", "symmetric"):
+        raise CompileError(f"mnn activations must be asymmetric or symmetric, not '{value}'")
+    return str(value)
 
 
 def _bias_correction(options: CompileOptions) -> bool:
