@@ -16,14 +16,16 @@ Two routes, chosen by compile option ``ranges``:
   and such a layer would be written without weights ("no quantized weight data" at run time). Before that, with
   ``bias_correction`` (true by default), each Conv's and Gemm's bias in the ONNX graph is less the mean output
   error of its weights as those scales round them (luodi.backends._onnx_ptq.correct_biases with
-  ``rounded_symmetric``, the mean inputs measured with onnxruntime on the calibration samples).
+  ``rounded_symmetric``, the mean inputs measured with onnxruntime on the calibration samples). Compile option
+  ``activations=asymmetric``: tensors take a zero point (255 steps over their range; MNN's int8 kernels take
+  zero points), except a layer's output that reaches other ops than convolutions, poolings and element-wise ops
+  (ZERO_POINT_OPS). EfficientNet-Lite0: 91.1% top-1 agreement with fp32 symmetric, 92.3% asymmetric;
+  Fashion-MNIST CNN -0.02 and -0.01 points (docs/performance.md).
 - ``mnn``: MNN's quantiser (below), with its ``method`` and ``weight_method``; setting either of those options
   chooses this route. Measured (docs/performance.md): on the Fashion-MNIST CNN its default KL clips the model's
   input at +-0.81 (the dark background's mode; the input spans -0.81..2.02), which alone costs 1.9 points of
   accuracy (KL's input scale with max-abs scales elsewhere: 87.70%; max-abs input with KL's other scales: 89.47%,
   fp32 89.56%).
-
-MNN's quantiser:
 
 MNN's quantiser is the ``mnnquant`` function of its ``_tools`` C extension (the library behind the ``mnnquant``
 command), called in the conversion child (luodi.backends._mnn_child) as ``_tools.mnnquant(["mnnquant", SRC, DST,
