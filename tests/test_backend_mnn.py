@@ -250,7 +250,7 @@ def _mnn_int8(model: onnx.ModelProto, calibration: list[dict[str, np.ndarray]], 
     return artifact, backend.load(artifact, LoadOptions(threads=1))
 
 
-def test_int8_default_gives_luodis_ranges_to_mnns_converter(cnn_model):
+def test_int8_default_gives_luodis_ranges_to_mnns_converter(cnn_model, tmp_path):
     artifact, engine = _mnn_int8(cnn_model, _calibration(8))
     # the route taken: MNN's converter given luodi's ranges in a compression-params file, the test CNN's one Conv and
     # one Gemm quantised by it
@@ -277,6 +277,15 @@ def test_int8_default_gives_luodis_ranges_to_mnns_converter(cnn_model):
         _mnn_int8(cnn_model, _calibration(2), ranges="luodi", method="EMA")
     with pytest.raises(luodi.CompileError, match="ranges 'kl' is not one of luodi, mnn"):
         _mnn_int8(cnn_model, _calibration(2), ranges="kl")
+    with pytest.raises(luodi.CompileError, match="options of ranges=luodi, not of ranges=mnn"):  # before any work
+        luodi.compile(
+            cnn_model,
+            tmp_path / "m.luodi",
+            ["mnn:int8"],
+            calibration=_calibration(2),
+            target_options={"mnn": {"ranges": "mnn", "activations": "asymmetric"}},
+        )
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow

@@ -58,7 +58,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -346,7 +346,7 @@ class MnnBackend(Backend):
             unfolded = unfold_input_normalization(model, dict(options.input_normalization or {}))
             if unfolded is not model:
                 model, opts["normalization_unfolded"] = unfolded, True
-            if _ranges(options) == "mnn":
+            if _ranges(options.extra) == "mnn":
                 opts["quantiser"] = {
                     "method": options.extra.get("method", DEFAULT_METHOD),
                     "weight_method": options.extra.get("weight_method", "MAX_ABS"),
@@ -356,10 +356,10 @@ class MnnBackend(Backend):
                 opts["quantiser"] = {
                     "ranges": "luodi",
                     "method": "mse",
-                    "activations": _activations(options),
+                    "activations": _activations(options.extra),
                     "samples": len(options.calibration),
                 }
-                if _bias_correction(options):
+                if _bias_correction(options.extra):
                     model, fixed = _corrected_biases(model, inputs[0].name, options.calibration)
                     opts["quantiser"]["bias_corrected_layers"] = fixed
         quantised: dict[str, Any] = {}
@@ -379,15 +379,23 @@ class MnnBackend(Backend):
         samples = [dict(f) for f in options.calibration or ()]
         if not samples:
             raise CompileError("mnn:int8 needs calibration data: pass calibration= (CLI: --calibration)")
-        if _ranges(options) == "luodi":
+        if _ranges(options.extra) == "luodi":
             stacked_samples(inputs, samples)  # refused before any conversion, as below
-            symmetric = _activations(options) == "symmetric"
+            symmetric = _activations(options.extra) == "symmetric"
             return lambda workdir: write_samples(workdir, inputs, samples, symmetric)
         feature = options.extra.get("method", DEFAULT_METHOD)
         weight = options.extra.get("weight_method", "MAX_ABS")
         check_methods(feature, weight)
         pixels = bool(inputs) and (options.input_normalization or {}).get("input") == inputs[0].name
         return lambda workdir: write_calibration(workdir, inputs, samples, pixels, feature, weight)
+
+    def check_compile_options(self, extra: Mapping[str, Any], precision: str) -> None:
+        super().check_compile_options(extra, precision)
+        if _ranges(extra) == "luodi":
+            _activations(extra)
+            _bias_correction(extra)
+        else:
+            check_methods(extra.get("method", DEFAULT_METHOD), extra.get("weight_method", "MAX_ABS"))
 
     def validate(self, artifact: Artifact) -> None:
         data = artifact.files.get(MODEL_FILE)
@@ -436,15 +444,15 @@ class MnnBackend(Backend):
         return MnnEngine(module, runtime, inputs, outputs)
 
 
-def _activations(options: CompileOptions) -> str:
-    value = options.extra.get("activations", "symmetric")
+def _activations(extra: Mapping[str, Any]) -> str:
+    value = extra.get("activations", "symmetric")
     if value not in ("asymmetric", "symmetric"):
         raise CompileError(f"mnn activations must be asymmetric or symmetric, not '{value}'")
     return str(value)
 
 
-def _bias_correction(options: CompileOptions) -> bool:
-    value = options.extra.get("bias_correction", True)
+def _bias_correction(extra: Mapping[str, Any]) -> bool:
+    value = extra.get("bias_correction", True)
     if isinstance(value, str):  # from the command line: --option mnn.bias_correction=false
         if value.lower() not in ("true", "false"):
             raise CompileError(f"mnn bias_correction must be true or false, not '{value}'")
@@ -463,18 +471,20 @@ def _corrected_biases(model: Any, name: str, calibration: Any) -> tuple[Any, int
     return (onnx.ModelProto.FromString(data), fixed) if fixed else (model, 0)
 
 
-def _ranges(options: CompileOptions) -> str:
+def _ranges(extra: Mapping[str, Any]) -> str:
     """mnn:int8's route (_mnn_quant.py): ``ranges``, else "mnn" when MNN's quantiser's own options are set, else
-    luodi's ranges."""
-    given = options.extra.get("ranges")
+    luodi's ranges; a CompileError for an option of the other route."""
+    given = extra.get("ranges")
     if given is None:
-        return "mnn" if {"method", "weight_method"} & set(options.extra) else DEFAULT_RANGES
+        given = "mnn" if {"method", "weight_method"} & set(extra) else DEFAULT_RANGES
     if given not in RANGES:
         raise CompileError(f"mnn:int8 ranges {given!r} is not one of {', '.join(RANGES)}")
-    if given == "luodi" and {"method", "weight_method"} & set(options.extra):
+    if given == "luodi" and {"method", "weight_method"} & set(extra):
         raise CompileError(
             "mnn:int8: method and weight_method are options of MNN's quantiser (ranges=mnn), not of ranges=luodi"
         )
+    if given == "mnn" and {"activations", "bias_correction"} & set(extra):
+        raise CompileError("mnn:int8: activations and bias_correction are options of ranges=luodi, not of ranges=mnn")
     return str(given)
 
 
