@@ -21,8 +21,8 @@ Precisions, as measured with the MNN 3.6.1 x86-64 wheel on an AVX-512 (incl. AVX
   MAX_ABS, ADMM; the ``mnnquant`` function of MNN's ``_tools`` extension, never the telemetry-sending command);
   see luodi.backends._mnn_quant. Calibrated on the compile's calibration samples (``calibrates_itself``) and
   judged like every int8 target: top-1 agreement with the float model on the validation samples, run on MNN.
-  Symmetric int8: per-tensor activations, per-channel convolution weights. The boundary stays float (MNN
-  quantises inside the model). One float input only.
+  Symmetric int8: per-tensor activations (with zero points under ``activations=asymmetric``), per-channel
+  convolution weights. The boundary stays float (MNN quantises inside the model). One float input only.
 
 int64: MNN's converter turns int64 tensors into int32, and pymnn read an int64 input buffer as int32 pairs
 (``[1, 2, 3, 4]`` as ``[1, 0, 2, 0]``). int64 inputs are narrowed to int32 at the boundary after a range check
