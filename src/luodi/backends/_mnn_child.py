@@ -12,14 +12,24 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import BackendError
 from ._mnn_convert import MODEL_FILE, QUANTISED_FILE
-from ._mnn_quant import CONFIG_FILE
+from ._mnn_quant import (
+    COMPRESSION_FILE,
+    CONFIG_FILE,
+    SAMPLES_FILE,
+    asymmetric_tensors,
+    compression_params,
+    conv_layers,
+    measure_scales,
+    quantised_layers,
+)
 from .contract import Artifact, LoadOptions
-from .mnn import MnnBackend, _captured_output, _engine_said
+from .mnn import MnnBackend, _captured_output, _engine_said, _import_mnn
 from .probe import limit_memory
 
 
@@ -48,8 +58,13 @@ def main() -> None:
     if opts.get("quantise"):  # mnn:int8: MNN's own calibration on the samples in work/calib (_mnn_quant.py)
         stage.write_text("quantise")
         source, dst = dst, str(work / QUANTISED_FILE)
+        config = json.loads((work / CONFIG_FILE).read_text())
         try:
-            _tools.mnnquant(["mnnquant", source, dst, str(work / CONFIG_FILE)])  # the C function, one argument list
+            if config.get("ranges") == "luodi":
+                layers = _quantise_with_luodi_ranges(_tools, work, source, dst, config)
+                (work / "quantised.json").write_text(json.dumps({"layers": layers}))
+            else:  # MNN's quantiser: the C function, one argument list
+                _tools.mnnquant(["mnnquant", source, dst, str(work / CONFIG_FILE)])
         except Exception as exc:  # noqa: BLE001 - the extension raises bare exceptions
             result.write_text(json.dumps({"status": "quantise-failed", "error": str(exc)}))
             return
@@ -84,3 +99,41 @@ def main() -> None:
     status = {"status": "ok"} if error is None else {"status": "run-failed", "error": error}
     status["representative"] = bool(opts.get("representative"))
     result.write_text(json.dumps(status))
+
+
+def _quantise_with_luodi_ranges(tools: Any, work: Path, source: str, dst: str, config: dict[str, Any]) -> int:
+    """Ranges "luodi" (_mnn_quant.py): the float model's layers from MNN's JSON dump, their tensors' scales measured
+    by running it on the samples, then MNN's converter again, .mnn to .mnn, with the compression-params file.
+    Returns how many layers the int8 model has quantised with the file's scales; a ValueError when none."""
+    dump = work / "float.json"
+    tools.mnnconvert(["mnnconvert", "-f", "MNN", "--modelFile", source, "--JsonFile", str(dump)])
+    layers = conv_layers(json.loads(dump.read_text()))
+    dump.unlink()
+    if not layers:
+        raise ValueError("the model has no convolution or Gemm MNN quantises")
+    tensors = sorted({t for layer in layers for t in (layer["input"], layer["output"])})
+    samples = np.load(work / SAMPLES_FILE)
+    MNN, nn, F = _import_mnn()
+    runtime = nn.create_runtime_manager(({"backend": "CPU", "precision": "high", "numThread": 1},))
+    module = nn.load_module_from_file(source, [config["input"]], tensors, runtime_manager=runtime, shape_mutable=True)
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        x = np.ascontiguousarray(x, np.float32)
+        outs = module.forward([F.const(x, x.shape, F.NCHW, F.float)])
+        if len(outs) != len(tensors):
+            raise ValueError(f"MNN's float model gave {len(outs)} of the {len(tensors)} tensors to calibrate")
+        return [np.array((F.convert(v, F.NCHW) if v.data_format == F.NC4HW4 else v).read()) for v in outs]
+
+    asymmetric = set() if config.get("symmetric", True) else asymmetric_tensors(layers)
+    scales = measure_scales(run, samples, tensors, asymmetric)
+    params = compression_params(layers, scales, str(MNN.version()), asymmetric)
+    (work / COMPRESSION_FILE).write_text(json.dumps(params))
+    argv = ["mnnconvert", "-f", "MNN", "--modelFile", source, "--MNNModel", dst, "--bizCode", "luodi"]
+    tools.mnnconvert([*argv, "--compressionParamsFile", str(work / COMPRESSION_FILE)])
+    # what the converter made of the file: it skips a layer it cannot match without a word
+    tools.mnnconvert(["mnnconvert", "-f", "MNN", "--modelFile", dst, "--JsonFile", str(dump)])
+    done = quantised_layers(json.loads(dump.read_text()))
+    dump.unlink()
+    if not done:
+        raise ValueError(f"MNN's converter quantised none of the {len(layers)} layers of the compression-params file")
+    return done

@@ -33,24 +33,34 @@ _NOT_SUPPORTED = re.compile(r"These Op Not Support:\s*(.*)")
 _POOLS = {"MaxPool", "AveragePool", "LpPool"}
 
 
-def convert(model: Any, job: dict[str, Any], calibrate: Callable[[Path], dict[str, Any]] | None = None) -> bytes:
+def convert(
+    model: Any,
+    job: dict[str, Any],
+    calibrate: Callable[[Path], dict[str, Any]] | None = None,
+    quantised: dict[str, Any] | None = None,
+) -> bytes:
     """The .mnn bytes of ``model`` converted with ``job``'s settings (fp16_weights, trial_shapes, inputs, outputs...),
     proven to run once at ``job["trial_shapes"]``; UnsupportedOpError/CompileError saying why not. With
-    ``calibrate`` (mnn:int8), it writes the calibration data into the work folder and returns MNN's quantiser
-    config, and the model is quantised by MNN between the conversion and the run."""
+    ``calibrate`` (mnn:int8), it writes the calibration data into the work folder and returns the quantisation
+    config (_mnn_quant.py), and the model is quantised between the conversion and the run; with luodi's ranges,
+    ``quantised`` (when given) gets ``layers``, how many layers the compression-params file quantised."""
     with tempfile.TemporaryDirectory(prefix="luodi-mnn-") as tmp:
         onnx_io.save(_legalised(model), Path(tmp, "model.onnx"))  # + model.onnx.data over 2 GB
         if calibrate is not None:
             Path(tmp, CONFIG_FILE).write_text(json.dumps(calibrate(Path(tmp))))
             job = {**job, "quantise": True}
         Path(tmp, "job.json").write_text(json.dumps(job))
-        return _convert_and_probe_in_child(tmp, model)
+        data = _convert_and_probe_in_child(tmp, model)
+        report = Path(tmp, "quantised.json")
+        if quantised is not None and report.exists():
+            quantised.update(json.loads(report.read_text()))
+        return data
 
 
 _CHILD_TIMEOUT_S = 300
 _STAGES = {
     "convert": "converting the ONNX graph",
-    "quantise": "quantising with MNN's calibration (its mnnquant library function)",
+    "quantise": "quantising (MNN's converter with luodi's ranges, or its mnnquant library function)",
     "load": "loading the converted model",
     "run": "running the converted model once on zeros/ones",
 }
@@ -88,7 +98,13 @@ def _convert_and_probe_in_child(workdir: str, model: Any) -> bytes:
             sig = f"signal {-proc.returncode}"
         hint = " (probably out of memory)" if sig == "SIGKILL" or "bad_alloc" in text else ""
         if stage == "quantise":  # the float model converted and ran: the quantiser itself died
-            method = json.loads(Path(workdir, CONFIG_FILE).read_text()).get("feature_quantize_method")
+            config = json.loads(Path(workdir, CONFIG_FILE).read_text())
+            if config.get("ranges") == "luodi":
+                raise CompileError(
+                    f"mnn crashed with {sig}{hint} quantising with luodi's ranges (its converter given a "
+                    "compression-params file; the float model converted): try compile option ranges=mnn"
+                )
+            method = config.get("feature_quantize_method")
             raise CompileError(
                 f"mnn's quantiser crashed with {sig}{hint} calibrating with method {method} (the float model "
                 "converted): try compile option method=EMA or KL (MNN's ADMM dies of heap corruption on some graphs)"

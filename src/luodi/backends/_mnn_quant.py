@@ -1,4 +1,31 @@
-"""mnn:int8: MNN's own post-training quantisation, fed the compile's calibration samples.
+"""mnn:int8: MNN's int8, with luodi's activation ranges (the default) or MNN's own post-training quantisation.
+
+Two routes, chosen by compile option ``ranges``:
+
+- ``luodi`` (the default): luodi measures each quantised layer's input and output range on MNN's own float model and
+  hands them to MNN's converter in a compression-params file (MNN_compression.proto as JSON, the format MNN's
+  ``mnncompress`` PTQ/QAT tools write; ``_tools.mnnconvert`` with ``--compressionParamsFile``), which builds the
+  int8 model (the converter's FullQuantAndCoding: int8 weights with the given per-channel scales, int8 tensors with
+  the given scales). Per layer (each MNN ``Convolution``/``ConvolutionDepthwise`` with one input, Gemm included as
+  MNN turns it into a 1x1 convolution): weight scales max-abs / 127 per output channel; every input and output
+  tensor one symmetric scale, the MSE-optimal clipping of its value histogram over the calibration samples
+  (luodi.backends._ptq.mse_range, 254 steps), measured by running the float .mnn with those tensors as outputs, so
+  that the ranges are the tensors MNN quantises (after its fusions: a Conv + Relu's output is the Relu's). Two
+  conversions: ONNX -> float .mnn, then .mnn -> int8 .mnn with the file, because MNN 3.6.1's converter applies the
+  file before it loads the weights it keeps aside while converting (MatMul/Gemm weights of 64k values or more),
+  and such a layer would be written without weights ("no quantized weight data" at run time). Before that, with
+  ``bias_correction`` (true by default), each Conv's and Gemm's bias in the ONNX graph is less the mean output
+  error of its weights as those scales round them (luodi.backends._onnx_ptq.correct_biases with
+  ``rounded_symmetric``, the mean inputs measured with onnxruntime on the calibration samples). Compile option
+  ``activations=asymmetric``: tensors take a zero point (255 steps over their range; MNN's int8 kernels take
+  zero points), except a layer's output that reaches other ops than convolutions, poolings and element-wise ops
+  (ZERO_POINT_OPS). EfficientNet-Lite0: 91.1% top-1 agreement with fp32 symmetric, 92.3% asymmetric;
+  Fashion-MNIST CNN -0.02 and -0.01 points (docs/performance.md).
+- ``mnn``: MNN's quantiser (below), with its ``method`` and ``weight_method``; setting either of those options
+  chooses this route. Measured (docs/performance.md): on the Fashion-MNIST CNN its default KL clips the model's
+  input at +-0.81 (the dark background's mode; the input spans -0.81..2.02), which alone costs 1.9 points of
+  accuracy (KL's input scale with max-abs scales elsewhere: 87.70%; max-abs input with KL's other scales: 89.47%,
+  fp32 89.56%).
 
 MNN's quantiser is the ``mnnquant`` function of its ``_tools`` C extension (the library behind the ``mnnquant``
 command), called in the conversion child (luodi.backends._mnn_child) as ``_tools.mnnquant(["mnnquant", SRC, DST,
@@ -46,6 +73,8 @@ import numpy as np
 from ..errors import CompileError
 from ..tensor import TensorSpec
 
+RANGES = ("luodi", "mnn")
+DEFAULT_RANGES = "luodi"
 FEATURE_METHODS = ("KL", "EMA", "ADMM")
 DEFAULT_METHOD = "KL"
 EMA_BATCH_BYTES = 64 << 20
@@ -54,6 +83,15 @@ larger set goes in batches of this size (MNN then drops the samples of a last, p
 WEIGHT_METHODS = ("MAX_ABS", "ADMM")
 CALIB_DIR = "calib"
 CONFIG_FILE = "quant.json"
+SAMPLES_FILE = "samples.npy"  # ranges "luodi": the calibration samples of the one input, stacked
+COMPRESSION_FILE = "compression.json"  # ranges "luodi": MNN's compression-params file luodi writes
+QUANTISED_OPS = ("Convolution", "ConvolutionDepthwise")
+ZERO_POINT_OPS = ("Convolution", "ConvolutionDepthwise", "Pooling", "BinaryOp", "Eltwise")
+"""With ``activations=asymmetric``, a layer's output takes a zero point only where it reaches these alone (through
+poolings): on the Fashion-MNIST CNN the second Conv's output, which reaches the Gemm through MaxPool, Flatten and
+Reshape, lost 11 dB of logits SNR with a zero point (33 -> 22 dB) whatever the other tensors' settings, although
+every other tensor took one without loss (measured one at a time; MNN 3.6.1, x86 AVX-512)."""
+LEVELS = 254  # symmetric int8 as MNN clamps it: -127..127
 
 
 def check_methods(feature: str, weight: str) -> None:
@@ -63,18 +101,9 @@ def check_methods(feature: str, weight: str) -> None:
         raise CompileError(f"mnn:int8 weight_method {weight!r} is not one of MNN's: {', '.join(WEIGHT_METHODS)}")
 
 
-def write_calibration(
-    workdir: Path,
-    inputs: list[TensorSpec],
-    samples: list[dict[str, Any]],
-    pixels: bool,
-    feature: str = DEFAULT_METHOD,
-    weight: str = "MAX_ABS",
-) -> dict[str, Any]:
-    """Write ``samples`` (feed dicts through the model's pipeline) into ``workdir/calib`` as MNN's quantiser reads
-    them, and return its JSON config (the caller writes it next to the model). ``pixels``: the model's input takes
-    8-bit pixel values (its normalisation was folded in), so the images are the values themselves."""
-    check_methods(feature, weight)
+def stacked_samples(inputs: list[TensorSpec], samples: list[dict[str, Any]]) -> np.ndarray:
+    """The calibration samples of the model's one float input, stacked (N x the sample shape); a CompileError for
+    what neither route can calibrate (several inputs, an integer input, no samples, samples of several shapes)."""
     if len(inputs) != 1:
         raise CompileError(
             f"mnn:int8: MNN's quantiser calibrates models with one input; this model has {len(inputs)} "
@@ -92,17 +121,42 @@ def write_calibration(
             f"mnn:int8: calibration samples for input {spec.name} come in several shapes ({sorted(shapes)}); MNN's "
             "quantiser takes one"
         )
-    shape = arrays[0].shape
+    return np.stack(arrays)
+
+
+def write_samples(
+    workdir: Path, inputs: list[TensorSpec], samples: list[dict[str, Any]], symmetric: bool = True
+) -> dict[str, Any]:
+    """Ranges "luodi": the samples into ``workdir/samples.npy`` for the conversion child, which measures the ranges
+    on MNN's float model (measure_scales); the config the child reads."""
+    np.save(workdir / SAMPLES_FILE, stacked_samples(inputs, samples))
+    return {"ranges": "luodi", "input": inputs[0].name, "symmetric": symmetric}
+
+
+def write_calibration(
+    workdir: Path,
+    inputs: list[TensorSpec],
+    samples: list[dict[str, Any]],
+    pixels: bool,
+    feature: str = DEFAULT_METHOD,
+    weight: str = "MAX_ABS",
+) -> dict[str, Any]:
+    """Ranges "mnn": write ``samples`` (feed dicts through the model's pipeline) into ``workdir/calib`` as MNN's
+    quantiser reads them, and return its JSON config (the caller writes it next to the model). ``pixels``: the
+    model's input takes 8-bit pixel values (its normalisation was folded in), so the images are the values
+    themselves."""
+    check_methods(feature, weight)
+    data = stacked_samples(inputs, samples)
+    spec, shape = inputs[0], data.shape[1:]
     folder = workdir / CALIB_DIR
-    folder.mkdir()
     config: dict[str, Any] = {
         "path": f"{folder}/",  # MNN joins the folder and each file name without a separator
-        "used_sample_num": len(arrays),
+        "used_sample_num": len(data),
         "feature_quantize_method": feature,
         "weight_quantize_method": weight,
         # EMA keeps a moving average of each tensor's per-batch range: one batch of every sample makes it the
         # samples' global range (batches of 1 averaged it narrower than the data), within a memory bound
-        "batch_size": max(1, min(len(arrays), EMA_BATCH_BYTES // max(arrays[0].nbytes, 1))) if feature == "EMA" else 1,
+        "batch_size": max(1, min(len(data), EMA_BATCH_BYTES // max(data[0].nbytes, 1))) if feature == "EMA" else 1,
         "quant_bits": 8,
     }
     if len(shape) != 3 or shape[0] not in (1, 3):
@@ -110,8 +164,152 @@ def write_calibration(
             f"mnn:int8: MNN's quantiser calibrates an image input (N x 1 or 3 x H x W) here; input {spec.name} has "
             f"samples of shape {[1, *shape]}: choose another int8 target, e.g. onnxruntime:int8"
         )
-    config.update(_write_images(folder, np.stack(arrays), pixels))
+    folder.mkdir()
+    config.update(_write_images(folder, data, pixels))
     return config
+
+
+def conv_layers(net: dict[str, Any]) -> list[dict[str, Any]]:
+    """The layers MNN's converter quantises from a compression-params file, from the float model as MNN's JSON dump
+    (``mnnconvert -f MNN --JsonFile``) gives it: each Convolution/ConvolutionDepthwise of the main graph with one
+    input and float weights, as ``{"op", "input", "output", "weight_scales", "plain"}`` (weight scales per output
+    channel, max-abs / 127, 1 for an all-zero channel; ``plain``: the output reaches only convolutions, poolings and
+    element-wise ops, through poolings, so that it may take a zero point, see ``ZERO_POINT_OPS``)."""
+    names = net.get("tensorName") or []
+    ops = net.get("oplists") or []
+    consumers: dict[int, list[dict[str, Any]]] = {}
+    for op in ops:
+        for i in op.get("inputIndexes") or []:
+            consumers.setdefault(i, []).append(op)
+
+    def plain(index: int, depth: int = 0) -> bool:
+        users = consumers.get(index, [])
+        return depth < 8 and all(
+            u.get("type") in ZERO_POINT_OPS
+            and (u.get("type") != "Pooling" or all(plain(o, depth + 1) for o in u.get("outputIndexes") or []))
+            for u in users
+        )
+
+    layers = []
+    for op in ops:
+        if op.get("type") not in QUANTISED_OPS:
+            continue
+        ins, outs = op.get("inputIndexes") or [], op.get("outputIndexes") or []
+        conv = op.get("main") or {}
+        weight, count = conv.get("weight") or [], (conv.get("common") or {}).get("outputCount") or 0
+        if len(ins) != 1 or len(outs) != 1 or not weight or not count or len(weight) % count:
+            continue
+        peak = np.abs(np.asarray(weight, np.float32)).reshape(count, -1).max(1)
+        scales = np.where(peak > 0, peak / 127.0, 1.0)
+        layers.append(
+            {
+                "op": op["name"],
+                "input": names[ins[0]],
+                "output": names[outs[0]],
+                "weight_scales": scales.tolist(),
+                "plain": bool(consumers.get(outs[0])) and plain(outs[0]),
+            }
+        )
+    return layers
+
+
+def quantised_layers(net: dict[str, Any]) -> int:
+    """How many convolutions of a model (MNN's JSON dump) hold int8 weights with an input scale, as MNN's converter
+    writes them from a compression-params file."""
+    return sum(
+        1
+        for op in net.get("oplists") or []
+        if op.get("type") in QUANTISED_OPS and ((op.get("main") or {}).get("quanParameter") or {}).get("scaleIn")
+    )
+
+
+def asymmetric_tensors(layers: list[dict[str, Any]]) -> set[str]:
+    """With asymmetric activations, the tensors that take a zero point: every layer's input, and its output where
+    that is ``plain``; a tensor that is also another layer's output that is not plain stays symmetric."""
+    held = {layer["output"] for layer in layers if not layer["plain"]}
+    return {t for layer in layers for t in (layer["input"], layer["output"]) if t not in held}
+
+
+def measure_scales(
+    run: Any, samples: np.ndarray, tensors: list[str], asymmetric: set[str] = frozenset()
+) -> dict[str, tuple[float, int]]:
+    """Each tensor's int8 ``(scale, zero point)``: the MSE-optimal clipping of its values over ``samples`` (each run
+    alone as a batch of one; ``run(x)`` gives the tensors' values in ``tensors``' order). Symmetric: -127..127
+    about zero (zero point 0); those in ``asymmetric``: 255 steps from the low end to the high end with zero exact
+    (-128..127, zero point where 0.0 falls). Two passes: the extremes, then the histograms between them."""
+    from ._ptq import BINS, histogram, mse_range
+
+    lows, highs = dict.fromkeys(tensors, 0.0), dict.fromkeys(tensors, 0.0)
+    for x in samples:
+        for t, v in zip(tensors, run(x[None])):
+            if v.size:
+                lows[t], highs[t] = min(lows[t], float(v.min())), max(highs[t], float(v.max()))
+    for t in tensors:
+        if t not in asymmetric:
+            lows[t], highs[t] = -max(-lows[t], highs[t]), max(-lows[t], highs[t])
+    hists = {t: np.zeros(BINS) for t in tensors if highs[t] > lows[t]}
+    for x in samples:
+        for t, v in zip(tensors, run(x[None])):
+            if t in hists:
+                hists[t] += histogram(v, lows[t], highs[t])
+    out = {}
+    for t in tensors:
+        if t not in hists:
+            out[t] = (1.0, 0)  # a tensor that is zero on every sample: any scale holds it exactly
+            continue
+        edges = np.linspace(lows[t], highs[t], BINS + 1)
+        symmetric = t not in asymmetric
+        lo, hi = mse_range(hists[t], edges, lows[t], highs[t], LEVELS if symmetric else 255, symmetric)
+        if symmetric:
+            out[t] = (hi / 127.0, 0)
+        else:
+            scale = (hi - lo) / 255.0
+            out[t] = (scale, int(np.clip(np.round(-lo / scale) - 128, -128, 127)))
+    return out
+
+
+def compression_params(
+    layers: list[dict[str, Any]],
+    scales: dict[str, tuple[float, int]],
+    version: str,
+    asymmetric: set[str] = frozenset(),
+) -> dict[str, Any]:
+    """MNN's compression-params file (MNN_compression.proto's Pipeline, as JSON) that makes its converter quantise
+    ``layers`` with these weight scales and tensor ``(scale, zero point)``s; weights symmetric, -127..127 like MNN's
+    own, activations so too but those in ``asymmetric``, -128..127 with their zero points."""
+
+    def tensor(name: str) -> dict[str, Any]:
+        scale, zero = scales[name]
+        low = -128 if name in asymmetric else -127
+        return {"name": name, "bits": 8, "scales": [scale], "zeroPoint": zero, "clampMin": low, "clampMax": 127}
+
+    return {
+        "version": version,
+        "algo": [
+            {
+                "type": "QUANTIZE",
+                "quantParams": {
+                    "layer": [
+                        {
+                            "opName": layer["op"],
+                            "input": [tensor(layer["input"])],
+                            "weight": [
+                                {
+                                    "name": layer["op"],
+                                    "bits": 8,
+                                    "scales": layer["weight_scales"],
+                                    "clampMin": -127,
+                                    "clampMax": 127,
+                                }
+                            ],
+                            "output": [tensor(layer["output"])],
+                        }
+                        for layer in layers
+                    ]
+                },
+            }
+        ],
+    }
 
 
 def _split(name: str, samples: list[dict[str, Any]]) -> list[np.ndarray]:

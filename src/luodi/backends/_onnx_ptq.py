@@ -1,5 +1,6 @@
 """What luodi adds to the int8 quantisation of a toolkit that calibrates an ONNX graph itself (rknn-toolkit2), both
-measured by running the float graph with onnxruntime on the compile's calibration samples (rknn.py calls these):
+measured by running the float graph with onnxruntime on the compile's calibration samples (rknn.py calls these;
+mnn.py calls ``correct_biases`` with ``rounded_symmetric``, MNN's int8 weights as luodi's scales make them):
 
 - ``correct_biases``: the graph the toolkit is given, each Conv's and Gemm's float bias less the mean output error of
   its weights as the toolkit will round them (per output channel, asymmetric, 255 steps between the channel's min and
@@ -19,7 +20,7 @@ It must not import luodi.quant (a layer above).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -118,9 +119,23 @@ def _rounded(w: np.ndarray) -> np.ndarray:
     return (np.clip(np.round(w / scale) + zero, -128, 127) - zero) * scale
 
 
-def correct_biases(model: bytes, feeds: Sequence[dict[str, np.ndarray]]) -> tuple[bytes, int]:
+def rounded_symmetric(w: np.ndarray) -> np.ndarray:
+    """``w`` as symmetric per-output-channel int8 weights give it back: max-abs / 127 steps, -127..127, halves away
+    from zero (MNN's converter with a compression-params file, given these scales by luodi.backends._mnn_quant)."""
+    rows = w.reshape(w.shape[0], -1)
+    peak = np.abs(rows).max(1)
+    scale = np.where(peak > 0, peak / 127.0, 1.0).reshape((-1,) + (1,) * (w.ndim - 1))
+    q = w / scale
+    return np.clip(np.sign(q) * np.floor(np.abs(q) + 0.5), -127, 127) * scale
+
+
+def correct_biases(
+    model: bytes, feeds: Sequence[dict[str, np.ndarray]], rounded: Callable[[np.ndarray], np.ndarray] | None = None
+) -> tuple[bytes, int]:
     """The graph with each Conv's and Gemm's (``transB``) constant bias less the mean output error of its weights as
-    the toolkit rounds them, the mean input measured over ``feeds``; returns it and how many layers were corrected."""
+    the toolkit rounds them (``rounded``: rknn-toolkit2's asymmetric rounding unless given), the mean input measured
+    over ``feeds``; returns it and how many layers were corrected."""
+    rounded = rounded or _rounded
     import onnx
     from onnx import numpy_helper
 
@@ -152,7 +167,7 @@ def correct_biases(model: bytes, feeds: Sequence[dict[str, np.ndarray]]) -> tupl
             continue
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
         x = means[node.input[0]] / len(feeds)
-        corr = _mean_error(w, _rounded(w) - w, x, node.op_type, attrs)
+        corr = _mean_error(w, rounded(w) - w, x, node.op_type, attrs)
         b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
         if corr is None or corr.shape != b.shape:
             continue

@@ -14,12 +14,15 @@ Precisions, as measured with the MNN 3.6.1 x86-64 wheel on an AVX-512 (incl. AVX
   the weight rounding alone (about 6e-2 on EfficientNet-Lite0 logits, within the fp16 tolerance).
   On ARMv8.2 devices "low" also computes in fp16.
 - ``bf16`` is not offered: this wheel's CPU backend has no bf16 kernels, ``Low_BF16`` runs fp32.
-- ``int8``: MNN's own post-training quantisation (luodi.backends._mnn_quant: the ``mnnquant`` function of MNN's
-  ``_tools`` extension, never the telemetry-sending command), calibrated on the compile's calibration samples
-  (``calibrates_itself``) and judged like every int8 target: top-1 agreement with the float model on the
-  validation samples, run on MNN. Symmetric int8: per-tensor activations, per-channel convolution weights.
-  Compile options ``method`` (KL by default, EMA, ADMM) and ``weight_method`` (MAX_ABS, ADMM). The boundary
-  stays float (MNN quantises inside the model). One image-like input only (MNN's quantiser feeds images).
+- ``int8``: MNN's int8 model, built by MNN's converter from luodi's activation ranges (compile option ``ranges``,
+  ``luodi`` by default: MSE-optimal ranges measured on MNN's float model, written into MNN's compression-params
+  file; biases corrected for the int8 weights' mean error, option ``bias_correction``) or by MNN's own
+  post-training quantiser (``ranges=mnn``, options ``method``: KL by default, EMA, ADMM, and ``weight_method``:
+  MAX_ABS, ADMM; the ``mnnquant`` function of MNN's ``_tools`` extension, never the telemetry-sending command);
+  see luodi.backends._mnn_quant. Calibrated on the compile's calibration samples (``calibrates_itself``) and
+  judged like every int8 target: top-1 agreement with the float model on the validation samples, run on MNN.
+  Symmetric int8: per-tensor activations (with zero points under ``activations=asymmetric``), per-channel
+  convolution weights. The boundary stays float (MNN quantises inside the model). One float input only.
 
 int64: MNN's converter turns int64 tensors into int32, and pymnn read an int64 input buffer as int32 pairs
 (``[1, 2, 3, 4]`` as ``[1, 0, 2, 0]``). int64 inputs are narrowed to int32 at the boundary after a range check
@@ -55,7 +58,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +76,18 @@ from ..tensor import TensorSpec
 from . import _mnn_convert
 from ._int8 import VENDOR_W8A8
 from ._mnn_convert import MODEL_FILE
-from ._mnn_quant import DEFAULT_METHOD, FEATURE_METHODS, WEIGHT_METHODS, check_methods, write_calibration
+from ._mnn_quant import (
+    DEFAULT_METHOD,
+    DEFAULT_RANGES,
+    FEATURE_METHODS,
+    RANGES,
+    WEIGHT_METHODS,
+    check_methods,
+    stacked_samples,
+    write_calibration,
+    write_samples,
+)
+from ._onnx_ptq import correct_biases, rounded_symmetric
 from ._unfold import unfold_input_normalization
 from .base import Artifact, Availability, Backend, CompileOptions, Engine, LoadOptions, Option, memory_file
 from .shapes import primary_shapes
@@ -270,9 +284,25 @@ class MnnBackend(Backend):
         "activations": {"dtype": "int8", "symmetric": True},
         "rounding": "half_away_from_zero",
         "ops": ["Conv", "Gemm", "MatMul"],
-        "notes": "MNN's quantiser (KL by default), approximated for the sensitivity ranking only",
+        "notes": "luodi's MSE ranges in MNN's converter (or MNN's quantiser), approximated for the sensitivity ranking",
     }
     compile_options = {
+        "ranges": Option(
+            str,
+            "mnn:int8: luodi (the default: luodi's MSE activation ranges, measured on MNN's float model and written "
+            "into MNN's compression-params file for its converter) or mnn (MNN's own quantiser, with method and "
+            "weight_method; setting either chooses it)",
+        ),
+        "activations": Option(
+            str,
+            "mnn:int8 with ranges=luodi: symmetric (the default: -127..127 about zero, as MNN's own quantiser) or "
+            "asymmetric (a zero point, 255 steps over each tensor's range; see docs/performance.md)",
+        ),
+        "bias_correction": Option(
+            (bool, str),
+            "mnn:int8 with ranges=luodi: correct each Conv's and Gemm's bias for the mean output error of its int8 "
+            "weights, measured over the calibration samples (default true)",
+        ),
         "method": Option(str, f"mnn:int8's activation calibration, one of MNN's {', '.join(FEATURE_METHODS)} (KL)"),
         "weight_method": Option(str, f"mnn:int8's weight quantisation, one of {', '.join(WEIGHT_METHODS)} (MAX_ABS)"),
     }
@@ -316,12 +346,26 @@ class MnnBackend(Backend):
             unfolded = unfold_input_normalization(model, dict(options.input_normalization or {}))
             if unfolded is not model:
                 model, opts["normalization_unfolded"] = unfolded, True
-            opts["quantiser"] = {
-                "method": options.extra.get("method", DEFAULT_METHOD),
-                "weight_method": options.extra.get("weight_method", "MAX_ABS"),
-                "samples": len(options.calibration),
-            }
-        data = _mnn_convert.convert(model, {**opts, "representative": bool(options.shapes)}, calibrate)
+            if _ranges(options.extra) == "mnn":
+                opts["quantiser"] = {
+                    "method": options.extra.get("method", DEFAULT_METHOD),
+                    "weight_method": options.extra.get("weight_method", "MAX_ABS"),
+                    "samples": len(options.calibration),
+                }
+            else:
+                opts["quantiser"] = {
+                    "ranges": "luodi",
+                    "method": "mse",
+                    "activations": _activations(options.extra),
+                    "samples": len(options.calibration),
+                }
+                if _bias_correction(options.extra):
+                    model, fixed = _corrected_biases(model, inputs[0].name, options.calibration)
+                    opts["quantiser"]["bias_corrected_layers"] = fixed
+        quantised: dict[str, Any] = {}
+        data = _mnn_convert.convert(model, {**opts, "representative": bool(options.shapes)}, calibrate, quantised)
+        if "layers" in quantised:
+            opts["quantiser"]["layers"] = quantised["layers"]
         return Artifact(self.name, options.precision, {MODEL_FILE: data}, opts)
 
     @staticmethod
@@ -335,11 +379,23 @@ class MnnBackend(Backend):
         samples = [dict(f) for f in options.calibration or ()]
         if not samples:
             raise CompileError("mnn:int8 needs calibration data: pass calibration= (CLI: --calibration)")
+        if _ranges(options.extra) == "luodi":
+            stacked_samples(inputs, samples)  # refused before any conversion, as below
+            symmetric = _activations(options.extra) == "symmetric"
+            return lambda workdir: write_samples(workdir, inputs, samples, symmetric)
         feature = options.extra.get("method", DEFAULT_METHOD)
         weight = options.extra.get("weight_method", "MAX_ABS")
         check_methods(feature, weight)
         pixels = bool(inputs) and (options.input_normalization or {}).get("input") == inputs[0].name
         return lambda workdir: write_calibration(workdir, inputs, samples, pixels, feature, weight)
+
+    def check_compile_options(self, extra: Mapping[str, Any], precision: str) -> None:
+        super().check_compile_options(extra, precision)
+        if _ranges(extra) == "luodi":
+            _activations(extra)
+            _bias_correction(extra)
+        else:
+            check_methods(extra.get("method", DEFAULT_METHOD), extra.get("weight_method", "MAX_ABS"))
 
     def validate(self, artifact: Artifact) -> None:
         data = artifact.files.get(MODEL_FILE)
@@ -386,6 +442,50 @@ class MnnBackend(Backend):
             detail = (log[0].strip().splitlines() or [""])[-1] if log else ""
             raise CompileError(f"mnn could not load {artifact.target}: {error} {detail}".strip())
         return MnnEngine(module, runtime, inputs, outputs)
+
+
+def _activations(extra: Mapping[str, Any]) -> str:
+    value = extra.get("activations", "symmetric")
+    if value not in ("asymmetric", "symmetric"):
+        raise CompileError(f"mnn activations must be asymmetric or symmetric, not '{value}'")
+    return str(value)
+
+
+def _bias_correction(extra: Mapping[str, Any]) -> bool:
+    value = extra.get("bias_correction", True)
+    if isinstance(value, str):  # from the command line: --option mnn.bias_correction=false
+        if value.lower() not in ("true", "false"):
+            raise CompileError(f"mnn bias_correction must be true or false, not '{value}'")
+        return value.lower() == "true"
+    return bool(value)
+
+
+def _corrected_biases(model: Any, name: str, calibration: Any) -> tuple[Any, int]:
+    """``model`` with each Conv's and Gemm's bias less the mean output error of its weights as MNN's converter rounds
+    them with luodi's scales (symmetric per channel, max-abs), measured on the calibration samples with onnxruntime
+    (luodi.backends._onnx_ptq, as for rknn); and how many layers were corrected."""
+    import onnx
+
+    feeds = [{name: np.asarray(f[name], np.float32)} for f in calibration]
+    data, fixed = correct_biases(model.SerializeToString(), feeds, rounded_symmetric)
+    return (onnx.ModelProto.FromString(data), fixed) if fixed else (model, 0)
+
+
+def _ranges(extra: Mapping[str, Any]) -> str:
+    """mnn:int8's route (_mnn_quant.py): ``ranges``, else "mnn" when MNN's quantiser's own options are set, else
+    luodi's ranges; a CompileError for an option of the other route."""
+    given = extra.get("ranges")
+    if given is None:
+        given = "mnn" if {"method", "weight_method"} & set(extra) else DEFAULT_RANGES
+    if given not in RANGES:
+        raise CompileError(f"mnn:int8 ranges {given!r} is not one of {', '.join(RANGES)}")
+    if given == "luodi" and {"method", "weight_method"} & set(extra):
+        raise CompileError(
+            "mnn:int8: method and weight_method are options of MNN's quantiser (ranges=mnn), not of ranges=luodi"
+        )
+    if given == "mnn" and {"activations", "bias_correction"} & set(extra):
+        raise CompileError("mnn:int8: activations and bias_correction are options of ranges=luodi, not of ranges=mnn")
+    return str(given)
 
 
 _NOISE = re.compile(r"The device supports:|^\s*$")
