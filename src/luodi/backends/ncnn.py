@@ -277,9 +277,11 @@ class NcnnBackend(Backend):
     int8_policy = {
         **VENDOR_W8A8,
         "activations": {"dtype": "int8", "symmetric": True},
+        "bias_correction": True,
         "rounding": "half_away_from_zero",
         "ops": ["Conv", "Gemm", "MatMul"],
-        "notes": "ncnn's int8 (max-abs scales, weights quantised at load), approximated for the sensitivity ranking",
+        "notes": "ncnn's int8 (luodi's MSE input scales and bias correction, weights quantised at load), approximated "
+        "for the sensitivity ranking",
     }
     devices = ("cpu",)
     module = "ncnn"
