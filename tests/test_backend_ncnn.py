@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import luodi
 from luodi.backends import CompileOptions, LoadOptions, get_backend
@@ -243,7 +243,8 @@ def test_int8_is_written_verified_and_runs_in_int8(tmp_path, cnn_model):
 def test_int8_scales_sit_after_each_layers_weights(cnn_model):
     backend = get_backend("ncnn")
     fp32 = backend.compile(cnn_model, CompileOptions())
-    int8 = backend.compile(cnn_model, CompileOptions(precision="int8", calibration=tuple(_calibration(8))))
+    old = {"ranges": "maxabs", "bias_correction": False}  # ncnn2table's max-abs, pnnx's biases: the layout alone
+    int8 = backend.compile(cnn_model, CompileOptions(precision="int8", calibration=tuple(_calibration(8)), extra=old))
     text = int8.files["model.param"].decode()
     assert " 8=2" in next(ln for ln in text.splitlines() if ln.startswith("Convolution"))
     assert " 8=2" in next(ln for ln in text.splitlines() if ln.startswith("InnerProduct"))
@@ -258,6 +259,93 @@ def test_int8_scales_sit_after_each_layers_weights(cnn_model):
     assert np.frombuffer(b, np.float32, 1, conv_end + 32)[0] == np.float32(127 / max(np.abs(r).max() for r in rows))
     with pytest.raises(luodi.NotApplicableError, match="keeps float inputs and outputs"):
         backend.compile(cnn_model, CompileOptions(precision="int8", calibration=tuple(_calibration(2)), int8_io=True))
+
+
+def _conv_pair(w1: np.ndarray, w2: np.ndarray, hw: int) -> onnx.ModelProto:
+    """Conv(w1, 1x1, zero bias) -> Relu ``r`` -> Conv(w2, 1x1, zero bias) ``y``: two int8 layers, ``r`` the second's
+    input (not a model input)."""
+    b1, b2 = np.zeros(w1.shape[0], np.float32), np.zeros(w2.shape[0], np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="conv2"),
+    ]
+    return tiny_model(nodes, [vi("x", ["n", w1.shape[1], hw, hw])], [vi("y", ["n", w2.shape[0], hw, hw])], inits)
+
+
+def _int8_error(model, calibration, x, **extra) -> tuple[np.ndarray, bytes, dict]:
+    """ncnn:int8's output minus onnxruntime's on ``x``, the int8 model.bin and the compile's int8 record."""
+    backend = get_backend("ncnn")
+    art = backend.compile(model, CompileOptions(precision="int8", calibration=tuple(calibration), extra=extra))
+    engine = backend.load(art, LoadOptions(threads=1))
+    try:
+        got = engine.run({"x": x})["y"]
+    finally:
+        engine.close()
+    return got - ort_run(model, {"x": x})[0], art.files["model.bin"], art.options["int8"]
+
+
+def test_int8_mse_ranges_clip_an_outlier_that_max_abs_spreads_over_every_step():
+    """One calibration pixel of 8 among 16 pictures of 128 x 128 pixels in [0, 1) stretches max |r| (the second
+    Conv's input) 8 times; the default MSE threshold clips those 8 values for finer steps on the 2 million others
+    (it pays once clipping costs less than the rounding noise of every value), and inputs without the outlier lose
+    less. The model's input keeps max |x|, the outlier's, for both."""
+    rng = np.random.default_rng(0)
+    w1, w2 = np.abs(rng.standard_normal((8, 3, 1, 1))).astype(np.float32), rng.standard_normal((4, 8, 1, 1))
+    model = _conv_pair(w1, w2.astype(np.float32), 128)
+    calibration = [{"x": rng.random((1, 3, 128, 128), dtype=np.float32)} for _ in range(16)]
+    calibration[0]["x"][0, :, 0, 0] = 8.0
+    x = rng.random((2, 3, 128, 128), dtype=np.float32)
+    err_max, bin_max, rec_max = _int8_error(model, calibration, x, ranges="maxabs", bias_correction=False)
+    err_mse, bin_mse, rec_mse = _int8_error(model, calibration, x, bias_correction="false")  # mse: the default
+    assert rec_max["ranges"] == "maxabs" and rec_mse["ranges"] == "mse" and rec_mse["corrected_layers"] == 0
+    # .bin: conv1 = tag, 24 weights, 8 biases, 8 weight scales, its input's scale; conv2 = tag, 32, 4, 4, its input's
+    at1, at2 = 4 + 4 * (24 + 8 + 8), 4 + 4 * (24 + 8 + 8 + 1) + 4 + 4 * (32 + 4 + 4)
+    scale = lambda b, at: float(np.frombuffer(b, np.float32, 1, at)[0])  # noqa: E731
+    assert scale(bin_mse, at1) == scale(bin_max, at1) == np.float32(127 / 8)  # the model's input: max |x|, kept
+    r_peak = max(float(np.maximum(0, np.einsum("oc,nchw->nohw", w1[:, :, 0, 0], f["x"])).max()) for f in calibration)
+    np.testing.assert_allclose(scale(bin_max, at2), 127 / r_peak, rtol=1e-5)  # maxabs: the outlier's
+    assert scale(bin_mse, at2) > 3 * scale(bin_max, at2)  # mse: a third of it or less (measured: 1/4.4)
+    assert np.sqrt(np.mean(err_mse**2)) < 0.7 * np.sqrt(np.mean(err_max**2))  # measured 0.101 against 0.205
+
+
+def test_int8_bias_correction_removes_the_mean_error_of_ncnns_rounded_weights():
+    """Each output channel weighs input 0 by 1 and 63 others by 0.45 of a step of its int8 scale (127 / max |w|, so
+    1/127): ncnn rounds those to zero at load, so every output would be off by -63 x 0.45 / 127 x the mean input.
+    The corrected bias (the default) is b - sum((w_q - w) E[x]) exactly, and ncnn's output has no offset left."""
+    w = np.full((2, 64, 1, 1), 0.45 / 127, np.float32)
+    w[:, 0] = 1.0
+    rng = np.random.default_rng(0)
+    calibration = [{"x": (0.9 + 0.1 * rng.random((1, 64, 4, 4))).astype(np.float32)} for _ in range(16)]
+    x = (0.9 + 0.1 * rng.random((1, 64, 4, 4))).astype(np.float32)
+    b = np.zeros(2, np.float32)
+    model = tiny_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"])],
+        [vi("x", ["n", 64, 4, 4])],
+        [vi("y", ["n", 2, 4, 4])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    err, weights, record = _int8_error(model, calibration, x)  # corrected: the default
+    assert record["bias_correction"] is True and record["corrected_layers"] == 1
+    mean_x = np.mean([f["x"][0].mean((1, 2)) for f in calibration], axis=0)
+    offset = w[:, 1:, 0, 0].astype(np.float64) @ mean_x[1:]  # -(w_q - w) E[x]: w_q is 1 on input 0, 0 elsewhere
+    assert offset.min() > 0.2  # what the rounding loses: 63 x 0.45 / 127 x 0.95
+    np.testing.assert_allclose(np.frombuffer(weights, np.float32, 2, 4 + 4 * 128), offset, rtol=1e-5)  # b = 0 + it
+    assert abs(err.mean()) < 0.1 * offset.min()  # and ncnn's output has lost it
+
+
+def test_int8_options_are_checked_before_any_work(cnn_model, tmp_path):
+    backend = get_backend("ncnn")
+    for extra, match in (
+        ({"ranges": "kl"}, "ranges must be one of mse, percentile, maxabs"),
+        ({"bias_correction": "no"}, "true or false"),
+    ):
+        with pytest.raises(luodi.CompileError, match=match):
+            backend.check_compile_options(extra, "int8")
+        with pytest.raises(luodi.CompileError, match=match):  # before calibration data is even looked for
+            luodi.compile(cnn_model, tmp_path / "x.luodi", ["ncnn:int8"], target_options={"ncnn": extra})
+    backend.check_compile_options({"ranges": "maxabs", "bias_correction": "false"}, "int8")
 
 
 @pytest.mark.slow

@@ -277,9 +277,11 @@ class NcnnBackend(Backend):
     int8_policy = {
         **VENDOR_W8A8,
         "activations": {"dtype": "int8", "symmetric": True},
+        "bias_correction": True,
         "rounding": "half_away_from_zero",
         "ops": ["Conv", "Gemm", "MatMul"],
-        "notes": "ncnn's int8 (max-abs scales, weights quantised at load), approximated for the sensitivity ranking",
+        "notes": "ncnn's int8 (luodi's MSE input scales and bias correction, weights quantised at load), approximated "
+        "for the sensitivity ranking",
     }
     devices = ("cpu",)
     module = "ncnn"
@@ -288,7 +290,22 @@ class NcnnBackend(Backend):
     compile_options: ClassVar[Mapping[str, Option]] = {
         "input_shapes": Option(dict, "shapes (input name -> list of ints) pnnx traces at when no shape sets are given"),
         "pnnx_timeout": Option((int, float), f"how many seconds pnnx may take (default {_pnnx.TIMEOUT_S})"),
+        "ranges": Option(
+            str,
+            "int8: how each int8 layer's input scale is calibrated: mse (default: the symmetric threshold with the "
+            "least expected squared error on the blob's histogram), percentile (99.999th of |x|) or maxabs "
+            "(max |x|, ncnn2table's max-abs, the behaviour before); the model's inputs keep max |x|",
+        ),
+        "bias_correction": Option(
+            (bool, str),
+            "int8: correct each int8 layer's bias for the mean output error of its weights as ncnn rounds them at "
+            "load, measured over the calibration samples (default true; false: ncnn's weights alone)",
+        ),
     }
+
+    def check_compile_options(self, extra: Mapping[str, Any], precision: str) -> None:
+        super().check_compile_options(extra, precision)
+        _int8_settings(extra)
 
     def available(self) -> Availability:
         base = super().available()
@@ -358,18 +375,33 @@ class NcnnBackend(Backend):
             Path(path).write_bytes(param)
             log = _ncnn_int8.read_log(ncnn, path, weights)
         _ncnn_int8.place(layers, log, weights)
+        ranges, bias = _int8_settings(options.extra)
+        model_inputs = frozenset(d["blob"] for d in artifact.options["inputs"])
         net = _load_net(ncnn, param, weights, fp32.options["precision_flags"], None)
         try:
-            blobs = [la["bottom"] for la in layers]
-            peaks = _ncnn_int8.calibrate(ncnn, net, artifact.options["inputs"], samples, blobs)
+            blobs = list(dict.fromkeys(la["bottom"] for la in layers))
+            thresholds, _, means = _ncnn_int8.calibrate(
+                ncnn, net, artifact.options["inputs"], samples, blobs, ranges, model_inputs, bias
+            )
         finally:
             net.clear()
-        artifact.files[_PARAM], artifact.files[_BIN] = _ncnn_int8.rewrite(text, weights, layers, peaks)
+        corrections = _ncnn_int8.corrected_biases(layers, means) if bias else {}
+        artifact.files[_PARAM], artifact.files[_BIN] = _ncnn_int8.rewrite(
+            text, weights, layers, thresholds, corrections
+        )
+        how = {
+            "mse": "the symmetric threshold with the least expected squared error on the blob's histogram of |x|",
+            "percentile": f"the {_ncnn_int8.PERCENTILE}th percentile of |x|",
+            "maxabs": "max |x| (ncnn2table's max-abs)",
+        }[ranges]
         artifact.options["int8"] = {
-            "layers": sum(1 for la in layers if peaks.get(la["bottom"], 0) > 0),
+            "layers": sum(1 for la in layers if thresholds.get(la["bottom"], 0) > 0),
             "of": len(layers),
-            "activation_scales": "127 / max |x| over the calibration samples (ncnn2table's max-abs), by ncnn",
+            "ranges": ranges,
+            "activation_scales": f"127 / {how} over the calibration samples, by ncnn; the model's inputs: max |x|",
             "weight_scales": "127 / max |w| per output channel (ncnn2int8's); ncnn quantises the weights at load",
+            "bias_correction": bias,
+            "corrected_layers": len(corrections),
             "samples": len(samples),
         }
 
@@ -418,6 +450,19 @@ class NcnnBackend(Backend):
         self.validate(artifact)
         net = _load_net(ncnn, artifact.files[_PARAM], artifact.files[_BIN], flags, options.threads, artifact.in_memory)
         return NcnnEngine(ncnn, net, artifact.options)
+
+
+def _int8_settings(extra: Mapping[str, Any]) -> tuple[str, bool]:
+    """The int8 options ``ranges`` and ``bias_correction`` (a CompileError for a value ncnn:int8 does not take)."""
+    ranges = extra.get("ranges", _ncnn_int8.RANGES[0])
+    if ranges not in _ncnn_int8.RANGES:
+        raise CompileError(f"ncnn ranges must be one of {', '.join(_ncnn_int8.RANGES)}, not '{ranges}'")
+    bias = extra.get("bias_correction", True)
+    if isinstance(bias, str):  # from the command line: --option ncnn.bias_correction=false
+        if bias.lower() not in ("true", "false"):
+            raise CompileError(f"ncnn bias_correction must be true or false, not '{bias}'")
+        bias = bias.lower() == "true"
+    return ranges, bool(bias)
 
 
 def _dist_version(dist: str) -> str:
