@@ -318,6 +318,54 @@ def test_a_lone_request_runs_on_the_event_loop_and_concurrent_ones_still_batch(
     assert max(int(r.headers["luodi-batch-requests"]) for r in answers[4:]) > 1
 
 
+def test_luodi_serve_runs_a_lone_request_inline_and_honours_the_requests_in_flight(
+    cnn_repo: Path, tmp_path: Path, expected, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real server runs requests sent one at a time on the event loop (``"inline": true`` in their log lines);
+    the route reads how many requests are in from the scope extension luodi's HTTP protocol sets: with another
+    one in flight it hands the request to the batcher."""
+    import asyncio
+
+    from luodi.serve import BatchConfig, ModelRepository, create_app
+    from luodi.serve.guard import REQUESTS_IN_FLIGHT
+    from luodi.serve.protocol import HEADER_LENGTH, decode_infer_response, encode_infer_request
+
+    body, n = encode_infer_request({"x": _x(1)})
+    headers = {HEADER_LENGTH: str(n)}
+    with running(cnn_repo, "--poll-s", "0", "--max-inline-ms", "1000", log=tmp_path / "server.log") as srv:
+        for _ in range(4):
+            r = httpx.post(f"{srv.base}/v2/models/cnn/infer", content=body, headers=headers, timeout=30)
+            y = decode_infer_response(r.content, r.headers[HEADER_LENGTH])["y"]
+            np.testing.assert_allclose(y, expected(_x(1)), rtol=1e-5, atol=1e-5)
+        lines = [json.loads(line) for line in srv.log().splitlines() if line.startswith("{")]
+    inline = [doc.get("inline", False) for doc in lines if doc.get("event") == "infer"]
+    assert inline == [False, True, True, True]  # the first times the model
+
+    in_flight: set = {object()}  # as the protocol's set of request tasks: this request alone, then with another
+    app = create_app(ModelRepository(cnn_repo, defaults=BatchConfig(max_inline_ms=1000)))
+
+    async def with_extension(scope, receive, send):
+        scope.setdefault("extensions", {})[REQUESTS_IN_FLIGHT] = in_flight
+        await app(scope, receive, send)
+
+    async def talk() -> list[str]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=with_extension)
+            async with httpx.AsyncClient(transport=transport, base_url="http://s") as client:
+                await client.post("/v2/models/cnn/infer", content=body, headers=headers)  # times the model
+                alone = await client.post("/v2/models/cnn/infer", content=body, headers=headers)
+                in_flight.add(object())
+                crowded = await client.post("/v2/models/cnn/infer", content=body, headers=headers)
+                return [alone.status_code, crowded.status_code]
+
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="luodi.serve"):
+        assert asyncio.run(talk()) == [200, 200]
+    inline = [getattr(r, "inline", False) for r in caplog.records if getattr(r, "event", None) == "infer"]
+    assert inline == [False, True, False]
+
+
 def test_an_engine_in_a_worker_process_never_runs_on_the_event_loop(
     cnn_repo: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

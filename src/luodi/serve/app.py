@@ -33,7 +33,16 @@ from ..errors import (
     RequestTimeoutError,
 )
 from . import triton
-from .guard import Access, BodyTimeoutError, ClientGone, Guard, Limits, PayloadTooLargeError, UnauthorizedError
+from .guard import (
+    REQUESTS_IN_FLIGHT,
+    Access,
+    BodyTimeoutError,
+    ClientGone,
+    Guard,
+    Limits,
+    PayloadTooLargeError,
+    UnauthorizedError,
+)
 from .metrics import Metrics, request_line
 from .protocol import HEADER_LENGTH, decode_infer_request, encode_infer_response, model_metadata
 from .repository import ModelRepository
@@ -280,13 +289,18 @@ def create_app(
                     req = decode_infer_request(body, header_length)
                 timeout = timeout_of(req.parameters.get("timeout"), mv.config.timeout_s)
                 # The only request in the server runs on the loop when its model is quick: nothing to batch it
-                # with, nothing else for the loop to do meanwhile. One turn of the loop first lets requests that
-                # arrived meanwhile start; with others in flight the loop keeps reading and decoding them while a
-                # worker thread runs the engine.
+                # with, nothing else for the loop to do meanwhile; with others in flight the loop keeps reading and
+                # decoding them while a worker thread runs the engine. Under `luodi serve` the HTTP protocol says
+                # how many requests are in (their headers read); elsewhere one turn of the loop lets requests that
+                # arrived meanwhile start before this one counts them.
                 inline = infers[0] == 1 and mv.batcher.inline_ok()
                 if inline:
-                    await asyncio.sleep(0)
-                    inline = infers[0] == 1
+                    in_flight = request.scope.get("extensions", {}).get(REQUESTS_IN_FLIGHT)
+                    if in_flight is not None:
+                        inline = len(in_flight) == 1
+                    else:
+                        await asyncio.sleep(0)
+                        inline = infers[0] == 1
                 job = mv.submit(req.inputs, timeout, inline=inline)
                 if job.future.done():
                     outputs = job.future.result()

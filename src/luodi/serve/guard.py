@@ -68,6 +68,9 @@ class Access:
 
 _HEADERS, _BODY, _UNTIMED = 0, 1, 2  # what a connection is waiting for, in the protocol's watchdog
 _BODY_DEADLINE = "luodi.body_deadline"  # a scope extension: the HTTP protocol below times the body itself
+# A scope extension: the server's requests in flight (uvicorn's set of request tasks, this one's included, from the
+# moment a request's headers are in), so a route can tell that it is alone without yielding to the loop to find out.
+REQUESTS_IN_FLIGHT = "luodi.requests_in_flight"
 
 # Routes a load balancer or orchestrator probes, and the page (static HTML that asks for the key): never behind
 # the key, as they say nothing about the models.
@@ -237,7 +240,7 @@ def guarded_http_protocol(limits: Limits) -> Any:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self.scope["extensions"] = {_BODY_DEADLINE: {}}
+            self.scope["extensions"] = {_BODY_DEADLINE: {}, REQUESTS_IN_FLIGHT: self.tasks}
             self._header_bytes = 0
             self._enter(_HEADERS)
 
