@@ -293,7 +293,7 @@ def create_app(
                 # decoding them while a worker thread runs the engine. Under `luodi serve` the HTTP protocol says
                 # how many requests are in (their headers read); elsewhere one turn of the loop lets requests that
                 # arrived meanwhile start before this one counts them.
-                inline = infers[0] == 1 and mv.batcher.inline_ok()
+                inline = infers[0] == 1 and mv.batcher.inline_ok(req.inputs)
                 if inline:
                     in_flight = request.scope.get("extensions", {}).get(REQUESTS_IN_FLIGHT)
                     if in_flight is not None:

@@ -88,6 +88,13 @@ class Job:
     inline: bool = False  # run by its caller's thread (Batcher.run_inline), not by a worker
 
 
+_LONE_SHAPES = 64  # input shape sets whose lone run time a batcher keeps
+
+
+def _shapes(feeds: Feeds) -> tuple:
+    return tuple((n, a.shape, a.dtype.str) for n, a in feeds.items())
+
+
 class Batcher:
     """A bounded queue for one model and ``config.instances`` worker threads that run ``run`` on joined batches.
 
@@ -114,7 +121,9 @@ class Batcher:
         self._closed = False
         self._busy = 0
         self._compute_ema = 0.0  # seconds per batch, for Retry-After
-        self._lone_ema = math.inf  # seconds per engine call of one request alone, for run_inline
+        # seconds per engine call of one request alone, by its inputs' shapes and dtypes (for run_inline: a request
+        # of shapes not yet run alone, e.g. a far larger image, is never run inline on a guess)
+        self._lone: dict[tuple, float] = {}
         self._workers = [
             threading.Thread(target=self._work, name=f"luodi-batcher-{name}-{i}", daemon=True)
             for i in range(config.instances)
@@ -161,36 +170,30 @@ class Batcher:
             )
         return size, core.shape_key(feeds)
 
-    def inline_ok(self) -> bool:
-        """Whether run_inline would run a request now: nothing queued or running, the model's lone runs quick, and
-        no queue delay asked for (a lone request waits that long for partners)."""
+    def inline_ok(self, feeds: Feeds) -> bool:
+        """Whether run_inline would run ``feeds`` now: nothing queued or running, lone runs of these very shapes
+        quick lately, and no queue delay asked for (a lone request waits that long for partners)."""
         cfg = self.config
-        return (
-            self._lone_ema * 1000 < cfg.max_inline_ms
-            and not cfg.max_queue_delay_ms
-            and not self._queue
-            and not self._busy
-        )
+        lone = self._lone.get(_shapes(feeds), math.inf)
+        return lone * 1000 < cfg.max_inline_ms and not cfg.max_queue_delay_ms and not self._queue and not self._busy
 
     def run_inline(self, feeds: Feeds, timeout_s: float | None = None) -> Job | None:
         """Run one request in the calling thread when nothing is queued or running and the model's lone runs have
         lately been shorter than ``config.max_inline_ms``; else None (``submit`` it). The job comes back done."""
-        if not self.inline_ok():
+        if not self.inline_ok(feeds):
             return None
         with self._cond:
             if self._queue or self._busy or self._closed:
                 return None
             self._busy += 1
+        release = self._releaser()  # and a worker takes what another thread queued meanwhile
         try:
             size, key = self._size_key(feeds)
             now = time.perf_counter()
             job = Job(feeds, size, key, now + (timeout_s or self.config.timeout_s), enqueued=now, inline=True)
-            self._execute([job])
+            self._execute([job], release)
         finally:
-            with self._cond:
-                self._busy -= 1
-                if self._queue:  # queued meanwhile by another thread: a worker takes it now
-                    self._cond.notify()
+            release()
         return job
 
     def close(self, drain: bool = True, timeout_s: float | None = None) -> None:
@@ -221,11 +224,27 @@ class Batcher:
                 if batch:
                     self._busy += 1
             if batch:
+                release = self._releaser()
                 try:
-                    self._execute(batch)
+                    self._execute(batch, release)
                 finally:
-                    with self._cond:
-                        self._busy -= 1
+                    release()
+
+    def _releaser(self) -> Callable[[], None]:
+        """Once called (again: nothing), a running batch no longer counts as busy, and a worker takes what queued
+        meanwhile. _execute calls it before it hands out the outputs, so that a caller who has its answer finds
+        the batcher idle (run_inline)."""
+        held = [True]
+
+        def release() -> None:
+            if held[0]:
+                held[0] = False
+                with self._cond:
+                    self._busy -= 1
+                    if self._queue:
+                        self._cond.notify()
+
+        return release
 
     def _take(self) -> list[Job]:
         """With the lock held: the next batch, waiting up to the delay for same-shaped requests to join."""
@@ -256,7 +275,7 @@ class Batcher:
             self._queue.remove(job)
         return batch
 
-    def _execute(self, batch: list[Job]) -> None:
+    def _execute(self, batch: list[Job], release: Callable[[], None]) -> None:
         now = time.perf_counter()
         live = []
         for job in batch:
@@ -277,6 +296,7 @@ class Batcher:
         try:
             outputs = self._run(feeds)
         except BaseException as exc:  # the engine's failure goes to every caller of the batch
+            release()
             for job in live:
                 job.future.set_exception(exc)
             return
@@ -284,7 +304,10 @@ class Batcher:
         compute = t1 - t0
         self._compute_ema = compute if not self._compute_ema else 0.8 * self._compute_ema + 0.2 * compute
         if len(live) == 1:
-            self._lone_ema = compute if self._lone_ema == math.inf else 0.8 * self._lone_ema + 0.2 * compute
+            shapes, lone = _shapes(live[0].feeds), self._lone
+            if shapes not in lone and len(lone) >= _LONE_SHAPES:
+                lone.clear()  # many shapes: start over rather than grow without bound
+            lone[shapes] = 0.8 * lone[shapes] + 0.2 * compute if shapes in lone else compute
         try:  # a lone request gets its outputs whole, batch axis or not
             parts: list[Feeds] | LuodiError = core.split(outputs, rows) if len(live) > 1 else [outputs]
         except LuodiError as exc:
@@ -292,6 +315,7 @@ class Batcher:
         joined, split = t0 - t_join, time.perf_counter() - t1
         if self._on_batch is not None:
             self._on_batch(total, compute, joined, split)
+        release()
         for i, job in enumerate(live):
             job.queue_s, job.compute_s, job.batch_size, job.requests = t_join - job.enqueued, compute, total, len(live)
             job.input_s, job.output_s = joined, split
