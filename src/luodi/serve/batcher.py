@@ -92,7 +92,7 @@ _LONE_SHAPES = 64  # input shape sets whose lone run time a batcher keeps
 
 
 def _shapes(feeds: Feeds) -> tuple:
-    return tuple((n, a.shape, a.dtype.str) for n, a in feeds.items())
+    return tuple((n, a.shape, a.dtype) for n, a in feeds.items())
 
 
 class Batcher:
