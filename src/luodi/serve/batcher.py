@@ -42,7 +42,7 @@ class BatchConfig:
     instances: int = 1  # worker threads, each running one batch at a time
     isolate: bool | None = None  # run the engine in a worker process (luodi.worker); None: the server's --isolate
     # A request that finds nothing queued and nothing running skips the hand-off to a worker thread and back when
-    # the model's lone runs have lately taken under this long: the caller (the server's event loop) runs it.
+    # lone runs of its input shapes have lately taken under this long: the caller (the server's event loop) runs it.
     # benchmarks/serve.py --tiny measures what the hand-off costs; 0 turns this off.
     max_inline_ms: float = 1.0
 
@@ -178,8 +178,8 @@ class Batcher:
         return lone * 1000 < cfg.max_inline_ms and not cfg.max_queue_delay_ms and not self._queue and not self._busy
 
     def run_inline(self, feeds: Feeds, timeout_s: float | None = None) -> Job | None:
-        """Run one request in the calling thread when nothing is queued or running and the model's lone runs have
-        lately been shorter than ``config.max_inline_ms``; else None (``submit`` it). The job comes back done."""
+        """Run one request in the calling thread when nothing is queued or running and lone runs of its input shapes
+        have lately been shorter than ``config.max_inline_ms``; else None (``submit`` it). The job comes back done."""
         if not self.inline_ok(feeds):
             return None
         with self._cond:
