@@ -56,11 +56,9 @@ def mse_ranges(
     import onnx
 
     graph = onnx.ModelProto.FromString(model)
-    ends = {v.name for v in graph.graph.input} | {v.name for v in graph.graph.output}
+    ends = _ends(graph)
     produced = {o for n in graph.graph.node for o in n.output}
-    groups: dict[tuple[float, float], list[str]] = {}
-    for t, r in calibrated.items():
-        groups.setdefault((float(r[0]), float(r[1])), []).append(t)
+    groups = _tied(calibrated)
     wanted = [
         t
         for (lo, hi), members in groups.items()
@@ -93,17 +91,26 @@ def given_ranges(
     range on every member, so that it stays tied."""
     import onnx
 
-    graph = onnx.ModelProto.FromString(model)
-    ends = {v.name for v in graph.graph.input} | {v.name for v in graph.graph.output}
-    groups: dict[tuple[float, float], list[str]] = {}
-    for t, r in calibrated.items():
-        groups.setdefault((float(r[0]), float(r[1])), []).append(t)
+    ends = _ends(onnx.ModelProto.FromString(model))
     out = {}
-    for members in groups.values():
+    for members in _tied(calibrated).values():
         found = next((given[m] for m in members if m in given), None)
         if found is not None and not any(m in ends for m in members):
             out.update({m: (float(found[0]), float(found[1])) for m in members})
     return out
+
+
+def _ends(graph: Any) -> set[str]:
+    """The names of the graph's inputs and outputs (their ranges are the toolkit's: the int8 I/O)."""
+    return {v.name for v in graph.graph.input} | {v.name for v in graph.graph.output}
+
+
+def _tied(calibrated: dict[str, tuple[float, float]]) -> dict[tuple[float, float], list[str]]:
+    """The toolkit's tensors grouped by their range: tensors it gave the very same range are tied."""
+    groups: dict[tuple[float, float], list[str]] = {}
+    for t, r in calibrated.items():
+        groups.setdefault((float(r[0]), float(r[1])), []).append(t)
+    return groups
 
 
 def _rounded(w: np.ndarray) -> np.ndarray:
