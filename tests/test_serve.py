@@ -318,6 +318,50 @@ def test_a_lone_request_runs_on_the_event_loop_and_concurrent_ones_still_batch(
     assert max(int(r.headers["luodi-batch-requests"]) for r in answers[4:]) > 1
 
 
+def test_the_infer_routes_are_plain_asgi_and_fastapis_own_answer_the_same(cnn_repo: Path, expected) -> None:
+    """Every infer request goes to luodi's plain ASGI routes (ahead of the rest); FastAPI's infer routes, kept for
+    the OpenAPI schema, give the same answers, errors included, through the same code when called."""
+    import asyncio
+
+    from fastapi import FastAPI
+    from fastapi.routing import APIRoute
+
+    from luodi.serve import ModelRepository, create_app
+    from luodi.serve.protocol import HEADER_LENGTH, decode_infer_response, encode_infer_request
+
+    app = create_app(ModelRepository(cnn_repo))
+    first_two = app.router.routes[:2]
+    assert [r.path for r in first_two] == ["/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"]
+    assert not any(isinstance(r, APIRoute) for r in first_two)
+    schema_routes = [r for r in app.router.routes if isinstance(r, APIRoute) and r.path.endswith("/infer")]
+    assert len(schema_routes) == 2 and "/v2/models/{name}/infer" in app.openapi()["paths"]
+    body, n = encode_infer_request({"x": _x(2)})
+
+    async def talk(asgi) -> list[httpx.Response]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=asgi)
+            async with httpx.AsyncClient(transport=transport, base_url="http://s") as client:
+                headers = {HEADER_LENGTH: str(n)}
+                return [
+                    await client.post("/v2/models/cnn/infer", content=body, headers=headers),
+                    await client.post("/v2/models/cnn/versions/1/infer", content=body, headers=headers),
+                    await client.post("/v2/models/cnn/infer", content=b'{"inputs": 3}'),
+                    await client.post("/v2/models/nope/infer", content=body, headers=headers),
+                ]
+
+    only_fastapis = FastAPI()
+    only_fastapis.router.routes[:] = schema_routes
+    served, fastapis = asyncio.run(talk(app)), asyncio.run(talk(only_fastapis))
+    for r in (served, fastapis):
+        for ok in r[:2]:
+            assert ok.status_code == 200 and ok.headers["luodi-batch-requests"] == "1"
+            y = decode_infer_response(ok.content, ok.headers[HEADER_LENGTH])["y"]
+            np.testing.assert_allclose(y, expected(_x(2)), rtol=1e-5, atol=1e-5)
+        assert r[2].status_code == 400 and "'inputs' list" in r[2].json()["error"]
+        assert r[3].status_code == 404 and "nope" in r[3].json()["error"]
+    assert [r.content for r in served] == [r.content for r in fastapis]
+
+
 def test_luodi_serve_runs_a_lone_request_inline_and_honours_the_requests_in_flight(
     cnn_repo: Path, tmp_path: Path, expected, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -20,6 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.routing import Route
 
 from .._version import __version__
 from ..errors import (
@@ -91,6 +93,70 @@ def error_response(exc: BaseException) -> JSONResponse:
     if isinstance(exc, (PayloadTooLargeError, BodyTimeoutError)):
         headers["Connection"] = "close"  # the rest of the body is not worth reading
     return JSONResponse({"error": message}, status_code=status_of(exc), headers=headers or None)
+
+
+_HEADER_LENGTH = HEADER_LENGTH.lower().encode()
+
+
+def _header(scope: dict, name: bytes) -> str | None:
+    """The value of request header ``name`` (lower case), or None: what ``Request.headers.get`` gives, without
+    building the Headers object."""
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _read_body(receive: Any) -> bytes:
+    """The whole request body, as ``Request.body()`` reads it (ClientDisconnect if the client hangs up)."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            chunk = message.get("body", b"")
+            if not message.get("more_body", False):
+                return b"".join([*chunks, chunk]) if chunks else chunk
+            chunks.append(chunk)
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+
+
+class _Answer:
+    """An infer route's answer as its two ASGI messages (status, raw headers, body)."""
+
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    @classmethod
+    def of(cls, response: Response) -> _Answer:
+        return cls(response.status_code, response.raw_headers, bytes(response.body))
+
+    async def send(self, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+    def response(self) -> Response:
+        """The same answer as a Response, for a FastAPI route."""
+        response = Response(self.body, status_code=self.status)
+        response.raw_headers = self.headers
+        return response
+
+
+class _InferRoute(Route):
+    """A POST route whose endpoint is a plain ASGI callable: Starlette would wrap a function as a Request handler."""
+
+    def __init__(self, path: str, handler: Callable[[dict, Any, Any], Any]) -> None:
+        super().__init__(path, _HandlerObject(handler), methods=["POST"], include_in_schema=False)
+
+
+class _HandlerObject:
+    def __init__(self, handler: Callable[[dict, Any, Any], Any]) -> None:
+        self._handler = handler
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        await self._handler(scope, receive, send)
 
 
 def validation_message(exc: RequestValidationError) -> str:
@@ -266,20 +332,22 @@ def create_app(
         return await _ready(name, version)
 
     # -- inference ------------------------------------------------------------------------------
-    async def _infer(name: str, version: str | None, request: Request) -> Response:
+    # The infer routes are served by plain ASGI handlers (_InferRoute, ahead of every other route): no Request or
+    # Response object, no dependency solving, the answer sent as two ASGI messages. FastAPI's routes below stay for
+    # the OpenAPI schema and the docs pages, and would answer the same through _infer if they were reached.
+    async def _infer(name: str, version: str | None, scope: dict, body: bytes) -> _Answer:
         t0 = time.perf_counter()
         infers[0] += 1
         try:
-            return await _infer_one(name, version, request, t0)
+            return await _infer_one(name, version, scope, body, t0)
         finally:
             infers[0] -= 1
 
-    async def _infer_one(name: str, version: str | None, request: Request, t0: float) -> Response:
-        body = await request.body()  # the guard bounds its size and read time
+    async def _infer_one(name: str, version: str | None, scope: dict, body: bytes, t0: float) -> _Answer:
         mv, job = None, None
         try:
             with repository.acquire(name, version) as mv:
-                header_length = request.headers.get(HEADER_LENGTH)
+                header_length = _header(scope, _HEADER_LENGTH)
                 if header_length is None and len(body) > _HUGE_JSON:
                     async with huge_json:
                         req = await run_in_threadpool(decode_huge_json, body)
@@ -295,7 +363,7 @@ def create_app(
                 # arrived meanwhile start before this one counts them.
                 inline = infers[0] == 1 and mv.batcher.inline_ok(req.inputs)
                 if inline:
-                    in_flight = request.scope.get("extensions", {}).get(REQUESTS_IN_FLIGHT)
+                    in_flight = scope.get("extensions", {}).get(REQUESTS_IN_FLIGHT)
                     if in_flight is not None:
                         inline = len(in_flight) == 1
                     else:
@@ -315,22 +383,29 @@ def create_app(
             if mv is not None:
                 mv.observe(False, time.perf_counter() - t0, job, type(exc).__name__)
             _log_request(name, mv.version if mv else version, status_of(exc), t0, job, str(exc))
-            return error_response(exc)
+            return _Answer.of(error_response(exc))
         mv.observe(True, time.perf_counter() - t0, job)
         _log_request(name, mv.version, 200, t0, job)
-        joined = {"luodi-batch-requests": str(job.requests)}  # how many requests shared this one's engine call
+        # luodi-batch-requests: how many requests shared this one's engine call
+        headers = [(b"content-length", b"%d" % len(data)), (b"luodi-batch-requests", b"%d" % job.requests)]
         if json_length is None:
-            return Response(data, media_type="application/json", headers=joined)
-        headers = {HEADER_LENGTH: str(json_length), **joined}
-        return Response(data, media_type="application/octet-stream", headers=headers)
+            headers.append((b"content-type", b"application/json"))
+        else:
+            headers += [(b"content-type", b"application/octet-stream"), (_HEADER_LENGTH, b"%d" % json_length)]
+        return _Answer(200, headers, data)
+
+    async def infer_asgi(scope: dict, receive: Any, send: Any) -> None:
+        params = scope["path_params"]
+        answer = await _infer(params["name"], params.get("version"), scope, await _read_body(receive))
+        await answer.send(send)
 
     @app.post("/v2/models/{name}/infer", tags=["inference"], openapi_extra=INFER_SCHEMA)
     async def infer(name: str, request: Request) -> Response:
-        return await _infer(name, None, request)
+        return (await _infer(name, None, request.scope, await request.body())).response()
 
     @app.post("/v2/models/{name}/versions/{version}/infer", tags=["inference"], openapi_extra=INFER_SCHEMA)
     async def infer_version(name: str, version: str, request: Request) -> Response:
-        return await _infer(name, version, request)
+        return (await _infer(name, version, request.scope, await request.body())).response()
 
     async def _predict(name: str, version: str | None, request: Request, k: int | None) -> Response:
         t0 = time.perf_counter()
@@ -398,9 +473,10 @@ def create_app(
     async def index_page() -> HTMLResponse:
         return HTMLResponse(page)
 
-    # The router tries the routes in order and nearly every request is an infer: those first (no other route's
-    # path ends in /infer, so none is shadowed; the stable sort keeps every other route's order).
-    app.router.routes.sort(key=lambda route: not getattr(route, "path", "").endswith("/infer"))
+    # The router tries the routes in order and nearly every request is an infer: its plain ASGI routes first (no
+    # other route's path ends in /infer, so none is shadowed but FastAPI's own infer routes, kept for the schema).
+    infer_paths = [r.path for r in app.router.routes if getattr(r, "path", "").endswith("/infer")]
+    app.router.routes[:0] = [_InferRoute(path, infer_asgi) for path in infer_paths]
     return app
 
 
