@@ -760,3 +760,84 @@ def test_a_fifo_or_a_huge_thread_count_in_the_repository_does_not_hang_the_loade
     finally:
         if not started.is_alive():
             r.close()
+
+
+def test_a_request_sent_on_an_idle_connection_while_the_loop_stalled_is_answered() -> None:
+    """uvloop (libuv) runs due timers before it reads the sockets again when the loop stalled inside an I/O callback
+    (a large body's decode holding the GIL): uvicorn's keep-alive timer then closed an idle connection whose next
+    request had already arrived, and the client got no answer. luodi's protocol looks again once the loop has read
+    what came in. Reproduced with uvicorn on uvloop, a 0.5 s keep-alive and one connection stalling the loop 0.8 s
+    in its data_received while another sends its next request on time."""
+    import asyncio
+    import threading
+
+    import uvicorn
+
+    from luodi.serve.guard import Limits, guarded_http_protocol
+
+    pytest.importorskip("uvloop")
+    base = guarded_http_protocol(Limits())
+
+    class StallingProtocol(base):  # the stall: this connection's bytes hold the loop inside an I/O callback
+        def data_received(self, data: bytes) -> None:
+            if b"x-stall" in data:
+                time.sleep(0.8)
+            super().data_received(data)
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    number = port.getsockname()[1]
+    port.close()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=number,
+        http=StallingProtocol,
+        loop="uvloop",
+        timeout_keep_alive=0.5,
+        log_level="warning",
+        lifespan="off",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+        def answer(sock: socket.socket) -> bytes:
+            got = b""
+            while not got.endswith(b"ok"):
+                try:
+                    chunk = sock.recv(4096)
+                except ConnectionResetError:
+                    return got
+                if not chunk:
+                    return got  # closed without (the rest of) an answer
+                got += chunk
+            return got
+
+        with (
+            socket.create_connection(("127.0.0.1", number)) as idle,
+            socket.create_connection(("127.0.0.1", number)) as staller,
+        ):
+            idle.settimeout(10)
+            idle.sendall(request)
+            assert answer(idle).startswith(b"HTTP/1.1 200")  # its keep-alive timer now runs out in 0.5 s
+            time.sleep(0.1)
+            staller.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nx-stall: 1\r\n\r\n")  # the loop stalls 0.8 s
+            time.sleep(0.2)
+            idle.sendall(request)  # on time: 0.3 s into the 0.5 s keep-alive
+            assert answer(idle).startswith(b"HTTP/1.1 200"), "the idle connection was closed under its request"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    asyncio.set_event_loop_policy(None)

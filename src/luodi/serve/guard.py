@@ -67,6 +67,7 @@ class Access:
 
 
 _HEADERS, _BODY, _UNTIMED = 0, 1, 2  # what a connection is waiting for, in the protocol's watchdog
+_KEEP_ALIVE_LATE_S = 0.05  # a keep-alive timer this late means the loop stalled (see timeout_keep_alive_handler)
 _BODY_DEADLINE = "luodi.body_deadline"  # a scope extension: the HTTP protocol below times the body itself
 # A scope extension: the server's requests in flight (uvicorn's set of request tasks, this one's included, from the
 # moment a request's headers are in), so a route can tell that it is alone without yielding to the loop to find out.
@@ -237,6 +238,18 @@ def guarded_http_protocol(limits: Limits) -> Any:
             super().connection_made(transport)
             self._enter(_HEADERS)
             self._watchdog = self.loop.call_later(header_timeout_s, self._watch)
+
+        def timeout_keep_alive_handler(self) -> None:
+            # uvicorn closes a keep-alive connection when it has been idle timeout_keep_alive seconds. Under uvloop
+            # (libuv) a loop that stalled inside an I/O callback (a large body's decode holding the GIL) runs its due
+            # timers before it reads the sockets again, so a request the client sent in time on this connection
+            # found it closed without an answer. A timer that fires late therefore looks again once the loop has
+            # read what came in (data_received cancels the look, as it cancels the timer).
+            timer = self.timeout_keep_alive_task
+            if timer is not None and self.loop.time() - timer.when() > _KEEP_ALIVE_LATE_S:
+                self.timeout_keep_alive_task = self.loop.call_later(0.001, self.timeout_keep_alive_handler)
+                return
+            super().timeout_keep_alive_handler()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
