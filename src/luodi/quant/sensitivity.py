@@ -55,8 +55,9 @@ class FallbackResult:
 
 def simulate(model: Any, feeds: Sequence[Feeds], batch: int = 16) -> list[dict[str, np.ndarray]]:
     """Run ``model`` (float or QDQ) on onnxruntime with every graph optimisation off: Q/DQ stay float ops, so a
-    QDQ graph is fake-quantised exactly as written (the "simulated" figure). Even ORT's basic level is not used:
-    measured on EfficientNet-Lite0 with one conv kept in float, it changed the logits' SNR from 18.8 to 12.3 dB."""
+    QDQ graph is fake-quantised exactly as written (the "simulated" figure). Even ORT's basic level is not used: its
+    WeightBiasQuantization quantises a float layer fed by a DequantizeLinear (EfficientNet-Lite0 with one conv kept
+    in float: logits' SNR 18.8 -> 12.3 dB); luodi's onnxruntime engine turns that one off (backends/onnxruntime.py)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
