@@ -74,6 +74,13 @@ def main() -> None:
     ap.add_argument("--budget", default="1%")
     ap.add_argument("--method", default="minmax")
     ap.add_argument("--no-fallback", action="store_true")
+    ap.add_argument(
+        "--validation",
+        default="imagenet-holdout",
+        help="what the fallback tunes on and the gate checks (split in halves): imagenet-holdout (the default, so "
+        "the table's agreement shares photos with the tuning), or ai-benchmark (the calibration photos: the 169 "
+        "held-apart photos of the table stay unseen)",
+    )
     ap.add_argument("--option", action="append", default=[], help="an engine's compile option, BACKEND.KEY=VALUE")
     ap.add_argument("--float-precision", help="openvino:int8's float layers: fp32 (default), bf16, fp16 or auto")
     args = ap.parse_args()
@@ -90,7 +97,7 @@ def main() -> None:
                 targets,
                 calibration="ai-benchmark",
                 calib_method=args.method,
-                validation="imagenet-holdout",
+                validation=args.validation,
                 accuracy_budget=args.budget,
                 fallback=not args.no_fallback,
                 target_options=engine_options(args.option),
